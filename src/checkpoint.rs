@@ -1,0 +1,205 @@
+//! The run directory: `config.json`, `ckpt/` (TensorFlow V2 checkpoints with a `checkpoint`
+//! state file, as `tf.train.CheckpointManager` keeps them), `metrics.csv`. Every file is written
+//! to a temporary name and renamed into place.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, ensure, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::data::{Shuffle, Vocab};
+use crate::device::DeviceChoice;
+use crate::graph::Runner;
+use crate::model::ModelConfig;
+use crate::optim::AdamConfig;
+
+/// Checkpoints kept in `ckpt/`.
+pub const KEEP_CHECKPOINTS: usize = 3;
+
+/// Training hyperparameters, as given.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainSettings {
+    pub epochs: u64,
+    pub max_steps: Option<u64>,
+    pub block_size: usize,
+    pub batch_size: usize,
+    pub adam: AdamConfig,
+    pub shuffle: Shuffle,
+    pub seed: u64,
+    pub device: DeviceChoice,
+}
+
+/// Where the training text came from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DataInfo {
+    pub source: String,
+    pub sha256: String,
+}
+
+/// `config.json`: everything needed to rebuild and use the run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunConfig {
+    pub model: ModelConfig,
+    pub train: TrainSettings,
+    /// One-character strings in id order.
+    pub vocab: Vec<String>,
+    pub data: DataInfo,
+    pub steps_done: u64,
+    pub epochs_done: u64,
+    pub minigpt_version: String,
+}
+
+impl RunConfig {
+    pub fn vocab(&self) -> Result<Vocab> {
+        let vocab = Vocab::from_strings(&self.vocab)?;
+        ensure!(
+            vocab.len() as u64 == self.model.vocab_size,
+            "config.json: vocabulary has {} characters but model.vocab_size is {}",
+            vocab.len(),
+            self.model.vocab_size
+        );
+        Ok(vocab)
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same folder and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).with_context(|| format!("writing {}", path.display()))?;
+    std::io::Write::write_all(&mut tmp, bytes).with_context(|| format!("writing {}", path.display()))?;
+    tmp.as_file().sync_all().ok();
+    set_readable(tmp.as_file())?;
+    tmp.persist(path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// Temporary files are created private (0600); a finished file gets the usual 0644.
+pub fn set_readable(file: &fs::File) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        file.set_permissions(fs::Permissions::from_mode(0o644))?;
+    }
+    let _ = file;
+    Ok(())
+}
+
+pub struct RunDir {
+    pub path: PathBuf,
+}
+
+impl RunDir {
+    /// Creates a new run directory; refuses one that already holds a run.
+    pub fn create(path: &Path) -> Result<Self> {
+        let dir = Self { path: path.to_path_buf() };
+        ensure!(
+            !dir.config_path().exists(),
+            "{} already holds a run: choose another --out (or delete it)",
+            path.display()
+        );
+        fs::create_dir_all(dir.ckpt_dir()).with_context(|| format!("creating run directory {}", path.display()))?;
+        Ok(dir)
+    }
+
+    /// Opens an existing run directory.
+    pub fn open(path: &Path) -> Result<Self> {
+        let dir = Self { path: path.to_path_buf() };
+        ensure!(path.is_dir(), "{} is not a run directory (it does not exist)", path.display());
+        ensure!(dir.config_path().is_file(), "{} is not a run directory (no config.json)", path.display());
+        Ok(dir)
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.path.join("config.json")
+    }
+
+    pub fn ckpt_dir(&self) -> PathBuf {
+        self.path.join("ckpt")
+    }
+
+    pub fn metrics_path(&self) -> PathBuf {
+        self.path.join("metrics.csv")
+    }
+
+    pub fn read_config(&self) -> Result<RunConfig> {
+        let path = self.config_path();
+        let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let config: RunConfig = serde_json::from_str(&text).with_context(|| format!("{} is not a valid run config", path.display()))?;
+        config.model.validate().with_context(|| format!("{}", path.display()))?;
+        config.vocab().with_context(|| format!("{}", path.display()))?;
+        Ok(config)
+    }
+
+    pub fn write_config(&self, config: &RunConfig) -> Result<()> {
+        let mut json = serde_json::to_string_pretty(config)?;
+        json.push('\n');
+        write_atomic(&self.config_path(), json.as_bytes())
+    }
+
+    /// The newest checkpoint's prefix, from `ckpt/checkpoint`.
+    pub fn latest_checkpoint(&self) -> Result<PathBuf> {
+        let state = self.ckpt_dir().join("checkpoint");
+        let text = fs::read_to_string(&state)
+            .with_context(|| format!("{} has no checkpoint (reading {})", self.path.display(), state.display()))?;
+        let Some(name) = checkpoint_paths(&text).pop() else {
+            bail!("{} names no checkpoint", state.display());
+        };
+        let prefix = self.ckpt_dir().join(name);
+        let index = with_suffix(&prefix, ".index");
+        ensure!(index.is_file(), "checkpoint {} is missing ({} does not exist)", prefix.display(), index.display());
+        Ok(prefix)
+    }
+
+    /// Saves `ckpt/ckpt-<step>`, makes it the latest, and deletes all but the newest
+    /// [`KEEP_CHECKPOINTS`]. The state file changes only after the new checkpoint is complete.
+    pub fn save_checkpoint(&self, runner: &Runner, step: u64) -> Result<PathBuf> {
+        let name = format!("ckpt-{step}");
+        let prefix = self.ckpt_dir().join(&name);
+        runner.save(path_str(&prefix)?)?;
+        let state = self.ckpt_dir().join("checkpoint");
+        let mut kept = fs::read_to_string(&state).map(|t| checkpoint_paths(&t)).unwrap_or_default();
+        kept.retain(|n| n != &name);
+        kept.push(name.clone());
+        let dropped: Vec<String> = kept.drain(..kept.len().saturating_sub(KEEP_CHECKPOINTS)).collect();
+        let mut text = format!("model_checkpoint_path: {name:?}\n");
+        for n in &kept {
+            text.push_str(&format!("all_model_checkpoint_paths: {n:?}\n"));
+        }
+        write_atomic(&state, text.as_bytes())?;
+        for n in dropped {
+            remove_checkpoint_files(&self.ckpt_dir(), &n);
+        }
+        Ok(prefix)
+    }
+}
+
+/// Paths listed in a `checkpoint` state file, oldest first.
+fn checkpoint_paths(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("all_model_checkpoint_paths:"))
+        .map(|v| v.trim().trim_matches('"').to_string())
+        .collect()
+}
+
+fn remove_checkpoint_files(dir: &Path, name: &str) {
+    if let Ok(entries) = fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            let file = entry.file_name();
+            let file = file.to_string_lossy();
+            if file.strip_prefix(name).is_some_and(|rest| rest.starts_with('.')) {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+    }
+}
+
+fn with_suffix(prefix: &Path, suffix: &str) -> PathBuf {
+    let mut s = prefix.as_os_str().to_owned();
+    s.push(suffix);
+    PathBuf::from(s)
+}
+
+pub fn path_str(path: &Path) -> Result<&str> {
+    path.to_str().with_context(|| format!("path {} is not valid UTF-8", path.display()))
+}

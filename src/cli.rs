@@ -1,0 +1,277 @@
+//! Command-line interface: clap types, validation into configs, dispatch.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{ensure, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::checkpoint::{RunDir, TrainSettings};
+use crate::data::{self, Shuffle, Vocab, NOTEBOOK_SHUFFLE_BUFFER};
+use crate::device::{self, DeviceChoice};
+use crate::graph::GraphOptions;
+use crate::model::{Arch, ModelConfig};
+use crate::optim::AdamConfig;
+use crate::sample::{self, SamplerConfig};
+use crate::train::{self, TrainConfig};
+
+#[derive(Parser, Debug)]
+#[command(name = "minigpt", version, about = "Train and sample a character-level GPT on TensorFlow, from Rust")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// List the devices TensorFlow sees.
+    Devices,
+    /// Train a model; write checkpoints, metrics and config to a run directory.
+    Train(TrainArgs),
+    /// Sample text from a run directory.
+    Generate(GenerateArgs),
+    /// Print the validation loss of a run.
+    Eval(EvalArgs),
+    /// Write the text GraphDef of a model's training graph.
+    Graph(GraphArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ShuffleArg {
+    /// tf.data's shuffle(10000) of the notebook: local shuffling.
+    Buffer,
+    /// A full permutation of the windows each epoch.
+    Global,
+    /// Windows in order.
+    None,
+}
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// Corpus: a path or an http(s) URL (downloaded once into the cache).
+    #[arg(long, env = "MINIGPT_DATA", default_value = data::TINY_SHAKESPEARE_URL, hide_env_values = true)]
+    pub data: String,
+    /// Run directory to create.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, value_enum, default_value_t = Arch::Bigram)]
+    pub model: Arch,
+    /// Passes over the training data.
+    #[arg(long, default_value_t = 3)]
+    pub epochs: u64,
+    /// Stop after this many steps in all (whichever of this and --epochs ends first).
+    #[arg(long)]
+    pub max_steps: Option<u64>,
+    /// Characters per training window.
+    #[arg(long, default_value_t = 64)]
+    pub block_size: usize,
+    /// Windows per batch.
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// Embedding width.
+    #[arg(long, default_value_t = 128)]
+    pub embedding_dim: u64,
+    /// Adam's learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    /// Seed of every random source (initial weights, shuffling).
+    #[arg(long, default_value_t = 1337)]
+    pub seed: u64,
+    /// How windows are shuffled each epoch.
+    #[arg(long, value_enum, default_value_t = ShuffleArg::Buffer)]
+    pub shuffle: ShuffleArg,
+    /// Print the loss every this many steps.
+    #[arg(long, default_value_t = 100)]
+    pub log_every: u64,
+    /// Validation batches at each epoch's end (default: every validation window).
+    #[arg(long)]
+    pub eval_batches: Option<usize>,
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    pub device: DeviceChoice,
+    /// Print only the summary.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+impl TrainArgs {
+    /// Validates the raw flags into a [`TrainConfig`].
+    pub fn to_config(&self) -> Result<TrainConfig> {
+        ensure!(self.block_size > 0, "--block-size must be at least 1");
+        ensure!(self.batch_size > 0, "--batch-size must be at least 1");
+        ensure!(self.embedding_dim > 0, "--embedding-dim must be at least 1");
+        ensure!(self.epochs > 0, "--epochs must be at least 1");
+        ensure!(self.max_steps != Some(0), "--max-steps must be at least 1");
+        ensure!(self.log_every > 0, "--log-every must be at least 1");
+        ensure!(self.eval_batches != Some(0), "--eval-batches must be at least 1");
+        ensure!(self.lr > 0.0 && self.lr.is_finite(), "--lr must be a positive number");
+        let shuffle = match self.shuffle {
+            ShuffleArg::Buffer => Shuffle::Buffer(NOTEBOOK_SHUFFLE_BUFFER),
+            ShuffleArg::Global => Shuffle::Global,
+            ShuffleArg::None => Shuffle::None,
+        };
+        Ok(TrainConfig {
+            model: ModelConfig { arch: self.model, vocab_size: 0, n_embd: self.embedding_dim },
+            settings: TrainSettings {
+                epochs: self.epochs,
+                max_steps: self.max_steps,
+                block_size: self.block_size,
+                batch_size: self.batch_size,
+                adam: AdamConfig { learning_rate: self.lr, ..AdamConfig::default() },
+                shuffle,
+                seed: self.seed,
+                device: self.device,
+            },
+            log_every: self.log_every,
+            eval_batches: self.eval_batches,
+            quiet: self.quiet,
+        })
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    /// Run directory to sample from.
+    #[arg(long)]
+    pub run: PathBuf,
+    /// Text to continue.
+    #[arg(long)]
+    pub prompt: String,
+    /// Characters to generate.
+    #[arg(long, default_value_t = 200)]
+    pub chars: usize,
+    /// Divides the logits: below 1 is more conservative, above 1 more random.
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f32,
+    /// Sample only among the k most likely characters.
+    #[arg(long)]
+    pub top_k: Option<u32>,
+    /// Seed of the sampler; the same seed gives the same text.
+    #[arg(long, default_value_t = 1337)]
+    pub seed: u64,
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    pub device: DeviceChoice,
+}
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    /// Run directory to evaluate.
+    #[arg(long)]
+    pub run: PathBuf,
+    /// Corpus (default: the run's own).
+    #[arg(long)]
+    pub data: Option<String>,
+    /// `val`, or `all` to add the training split's loss.
+    #[arg(long, value_enum, default_value_t = Split::Val)]
+    pub split: Split,
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    pub device: DeviceChoice,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Split {
+    Val,
+    All,
+}
+
+#[derive(Args, Debug)]
+pub struct GraphArgs {
+    #[arg(long, value_enum, default_value_t = Arch::Bigram)]
+    pub model: Arch,
+    /// Folder to write `<model>.pbtxt` into.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Vocabulary size (Tiny Shakespeare's: 65).
+    #[arg(long, default_value_t = 65)]
+    pub vocab_size: u64,
+    #[arg(long, default_value_t = 128)]
+    pub embedding_dim: u64,
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Devices => devices(),
+        Command::Train(args) => train_cmd(&args),
+        Command::Generate(args) => generate(&args),
+        Command::Eval(args) => eval(&args),
+        Command::Graph(args) => graph(&args),
+    }
+}
+
+fn devices() -> Result<()> {
+    let devices = device::list_devices()?;
+    for d in &devices {
+        println!("{:<28} {:<5} {:>8.1} MiB", d.name, d.kind, d.memory_bytes as f64 / (1 << 20) as f64);
+    }
+    println!("Num GPUs Available:  {}", device::gpu_count(&devices));
+    Ok(())
+}
+
+fn train_cmd(args: &TrainArgs) -> Result<()> {
+    let cfg = args.to_config()?;
+    let corpus = data::load_corpus(&args.data)?;
+    let summary = train::train(&cfg, &corpus, &args.out)?;
+    println!(
+        "trained {} steps in {:.1} s ({:.0} steps/s): last loss {:.4}, val loss {:.4}; run saved to {}",
+        summary.steps,
+        summary.seconds,
+        summary.steps as f64 / summary.seconds,
+        summary.last_loss,
+        summary.val_loss,
+        args.out.display()
+    );
+    Ok(())
+}
+
+fn generate(args: &GenerateArgs) -> Result<()> {
+    let dir = RunDir::open(&args.run)?;
+    ensure!(args.temperature > 0.0 && args.temperature.is_finite(), "--temperature must be a positive number");
+    ensure!(args.top_k != Some(0), "--top-k must be at least 1");
+    let opts = GraphOptions { sampler: Some(SamplerConfig { top_k: args.top_k }), ..GraphOptions::new(args.seed as i64) };
+    let (config, runner) = train::load_run(&dir, opts, args.device)?;
+    let vocab = config.vocab()?;
+    if let Some(k) = args.top_k {
+        ensure!(k as usize <= vocab.len(), "--top-k {k} exceeds the vocabulary size {}", vocab.len());
+    }
+    let prompt = vocab.encode(&args.prompt).context("the prompt cannot be encoded")?;
+    let mut out = std::io::stdout().lock();
+    write!(out, "{}", args.prompt)?;
+    out.flush()?;
+    sample::generate(&runner, &prompt, args.chars, args.temperature, |id| {
+        write!(out, "{}", vocab.decode(&[id]))?;
+        Ok(out.flush()?)
+    })?;
+    writeln!(out)?;
+    Ok(())
+}
+
+fn eval(args: &EvalArgs) -> Result<()> {
+    let dir = RunDir::open(&args.run)?;
+    let (config, runner) = train::load_run(&dir, GraphOptions::new(config_seed()), args.device)?;
+    let vocab: Vocab = config.vocab()?;
+    let source = args.data.clone().unwrap_or_else(|| config.data.source.clone());
+    let corpus = data::load_corpus(&source)?;
+    let encoded = vocab.encode(&corpus.text).context("the corpus does not fit the run's vocabulary")?;
+    let (train_data, val_data) = data::split(&encoded);
+    let block = config.train.block_size;
+    let val = train::evaluate(&runner, val_data, block, None, 0)?;
+    println!("val_loss: {val:.6}");
+    println!("val_perplexity: {:.6}", val.exp());
+    if args.split == Split::All {
+        let tr = train::evaluate(&runner, train_data, block, None, 0)?;
+        println!("train_loss: {tr:.6}");
+        println!("train_perplexity: {:.6}", tr.exp());
+    }
+    Ok(())
+}
+
+/// Evaluation draws nothing at random; any seed builds the same graph.
+fn config_seed() -> i64 {
+    1337
+}
+
+fn graph(args: &GraphArgs) -> Result<()> {
+    let model = ModelConfig { arch: args.model, vocab_size: args.vocab_size, n_embd: args.embedding_dim };
+    let path = crate::write_graph(&model, &args.out)?;
+    println!("wrote {}", path.display());
+    Ok(())
+}

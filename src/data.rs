@@ -1,0 +1,452 @@
+//! The corpus (a file, or a URL downloaded once into a SHA-256-checked cache), the character
+//! vocabulary, the notebook's 90/10 split, and its window → shuffle → batch pipeline.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, ensure, Context, Result};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use sha2::{Digest, Sha256};
+
+/// Where the notebook's corpus lives (the same text as the `tiny_shakespeare` dataset).
+pub const TINY_SHAKESPEARE_URL: &str =
+    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt";
+/// SHA-256 of that corpus: 1,115,394 characters, 65 distinct.
+pub const TINY_SHAKESPEARE_SHA256: &str =
+    "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed";
+/// The notebook's `shuffle(10000)`.
+pub const NOTEBOOK_SHUFFLE_BUFFER: usize = 10_000;
+
+/// A loaded corpus and where it came from.
+#[derive(Debug, Clone)]
+pub struct Corpus {
+    pub text: String,
+    /// The path or URL it was read from.
+    pub source: String,
+    /// SHA-256 of its bytes, hex.
+    pub sha256: String,
+}
+
+/// The `--data` default: `$MINIGPT_DATA`, else the Tiny Shakespeare URL.
+pub fn default_source() -> String {
+    std::env::var("MINIGPT_DATA").unwrap_or_else(|_| TINY_SHAKESPEARE_URL.to_string())
+}
+
+/// Loads a corpus from a path or an `http(s)://` URL (downloaded through the cache).
+pub fn load_corpus(source: &str) -> Result<Corpus> {
+    let path = if is_url(source) {
+        let expected = (source == TINY_SHAKESPEARE_URL).then_some(TINY_SHAKESPEARE_SHA256);
+        fetch_cached(source, expected, &cache_dir()?)?
+    } else {
+        PathBuf::from(source)
+    };
+    let bytes = fs::read(&path).with_context(|| format!("reading corpus {}", path.display()))?;
+    let sha256 = sha256_hex(&bytes);
+    let text = String::from_utf8(bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "corpus {} is not valid UTF-8 (first bad byte at offset {})",
+            path.display(),
+            e.utf8_error().valid_up_to()
+        )
+    })?;
+    ensure!(!text.is_empty(), "corpus {} is empty", path.display());
+    Ok(Corpus { text, source: source.to_string(), sha256 })
+}
+
+pub fn is_url(source: &str) -> bool {
+    source.starts_with("http://") || source.starts_with("https://")
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// The download cache: `$MINIGPT_CACHE`, else `$XDG_CACHE_HOME/minigpt`, else `~/.cache/minigpt`.
+pub fn cache_dir() -> Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("MINIGPT_CACHE") {
+        return Ok(PathBuf::from(dir));
+    }
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
+        return Ok(PathBuf::from(dir).join("minigpt"));
+    }
+    match std::env::var_os("HOME") {
+        Some(home) => Ok(PathBuf::from(home).join(".cache/minigpt")),
+        None => bail!("no cache folder: set MINIGPT_CACHE or HOME"),
+    }
+}
+
+/// Returns the cached copy of `url`, downloading it first if needed. The download goes to a
+/// temporary file in the cache folder and is renamed into place only when complete and, if
+/// `expected_sha256` is given, verified; a cached copy is reused with no network access.
+pub fn fetch_cached(url: &str, expected_sha256: Option<&str>, cache: &Path) -> Result<PathBuf> {
+    let name = url.rsplit('/').next().filter(|n| !n.is_empty()).unwrap_or("download");
+    let key = &sha256_hex(url.as_bytes())[..16];
+    let path = cache.join(format!("{key}-{name}"));
+    if path.exists() {
+        if let Some(want) = expected_sha256 {
+            let got = sha256_hex(&fs::read(&path).with_context(|| format!("reading {}", path.display()))?);
+            ensure!(
+                got == want,
+                "cached {} has SHA-256 {got}, expected {want}: delete it to download again",
+                path.display()
+            );
+        }
+        return Ok(path);
+    }
+    fs::create_dir_all(cache).with_context(|| format!("creating cache folder {}", cache.display()))?;
+    let mut response = reqwest::blocking::Client::builder()
+        .timeout(std::time::Duration::from_secs(300))
+        .build()?
+        .get(url)
+        .send()
+        .with_context(|| format!("downloading {url}"))?;
+    ensure!(response.status().is_success(), "downloading {url}: HTTP {}", response.status());
+    let mut tmp = tempfile::NamedTempFile::new_in(cache)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = response.read(&mut buf).with_context(|| format!("downloading {url}"))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        tmp.write_all(&buf[..n])?;
+    }
+    let got = hex::encode(hasher.finalize());
+    if let Some(want) = expected_sha256 {
+        ensure!(got == want, "downloaded {url} has SHA-256 {got}, expected {want}");
+    }
+    crate::checkpoint::set_readable(tmp.as_file())?;
+    tmp.persist(&path).with_context(|| format!("saving {}", path.display()))?;
+    Ok(path)
+}
+
+/// Raised when text holds characters the vocabulary lacks.
+#[derive(Debug, thiserror::Error)]
+#[error("characters not in the vocabulary: {}", .0.iter().map(|c| format!("{c:?}")).collect::<Vec<_>>().join(", "))]
+pub struct UnknownChars(pub Vec<char>);
+
+/// The notebook's character vocabulary: `sorted(set(text))`, ids in that order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Vocab {
+    chars: Vec<char>,
+    index: HashMap<char, i32>,
+}
+
+impl Vocab {
+    pub fn from_text(text: &str) -> Self {
+        let mut chars: Vec<char> = text.chars().collect();
+        chars.sort_unstable();
+        chars.dedup();
+        Self::from_sorted(chars)
+    }
+
+    /// A vocabulary in the given id order (as stored in a run or a SavedModel).
+    pub fn from_chars(chars: Vec<char>) -> Result<Self> {
+        ensure!(!chars.is_empty(), "the vocabulary is empty");
+        let vocab = Self::from_sorted(chars);
+        ensure!(vocab.index.len() == vocab.chars.len(), "the vocabulary repeats a character");
+        Ok(vocab)
+    }
+
+    fn from_sorted(chars: Vec<char>) -> Self {
+        let index = chars.iter().enumerate().map(|(i, &c)| (c, i as i32)).collect();
+        Self { chars, index }
+    }
+
+    pub fn len(&self) -> usize {
+        self.chars.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.chars.is_empty()
+    }
+
+    pub fn chars(&self) -> &[char] {
+        &self.chars
+    }
+
+    /// The vocabulary as one-character strings, the JSON form used on disk.
+    pub fn to_strings(&self) -> Vec<String> {
+        self.chars.iter().map(|c| c.to_string()).collect()
+    }
+
+    pub fn from_strings(strings: &[String]) -> Result<Self> {
+        let chars = strings
+            .iter()
+            .map(|s| {
+                let mut it = s.chars();
+                match (it.next(), it.next()) {
+                    (Some(c), None) => Ok(c),
+                    _ => bail!("vocabulary entry {s:?} is not a single character"),
+                }
+            })
+            .collect::<Result<Vec<char>>>()?;
+        Self::from_chars(chars)
+    }
+
+    pub fn encode(&self, text: &str) -> Result<Vec<i32>, UnknownChars> {
+        let mut unknown: Vec<char> = Vec::new();
+        let ids = text
+            .chars()
+            .map(|c| match self.index.get(&c) {
+                Some(&i) => i,
+                None => {
+                    if !unknown.contains(&c) {
+                        unknown.push(c);
+                    }
+                    -1
+                }
+            })
+            .collect();
+        if unknown.is_empty() {
+            Ok(ids)
+        } else {
+            Err(UnknownChars(unknown))
+        }
+    }
+
+    /// Ids outside the vocabulary decode to U+FFFD.
+    pub fn decode(&self, ids: &[i32]) -> String {
+        ids.iter()
+            .map(|&i| usize::try_from(i).ok().and_then(|i| self.chars.get(i)).copied().unwrap_or('\u{FFFD}'))
+            .collect()
+    }
+}
+
+/// The notebook's split: `split_idx = int(0.9 * len(encoded))`.
+pub fn split(encoded: &[i32]) -> (&[i32], &[i32]) {
+    let split_idx = (0.9 * encoded.len() as f64) as usize;
+    encoded.split_at(split_idx)
+}
+
+/// How window starts are ordered within an epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Shuffle {
+    /// tf.data's `shuffle(buffer)`: local shuffling, as the notebook does (buffer 10000).
+    Buffer(usize),
+    /// A full random permutation of all windows each epoch.
+    Global,
+    /// In order, as `window(..., shift=1)` produces them.
+    None,
+}
+
+/// Number of windows of `block_size + 1` tokens with shift 1 (tf.data's `drop_remainder=True`).
+pub fn num_windows(data_len: usize, block_size: usize) -> usize {
+    data_len.saturating_sub(block_size)
+}
+
+/// The RNG of one epoch: a function of the seed and the epoch only, so any epoch can be replayed.
+fn epoch_rng(seed: u64, epoch: u64) -> ChaCha8Rng {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(epoch);
+    rng
+}
+
+/// The window starts of one epoch, in the order the shuffle emits them.
+pub struct WindowOrder {
+    next_input: usize,
+    n_windows: usize,
+    kind: OrderKind,
+}
+
+enum OrderKind {
+    InOrder,
+    Permuted(Vec<u32>),
+    Buffered { buffer: Vec<u32>, capacity: usize, rng: ChaCha8Rng },
+}
+
+impl WindowOrder {
+    pub fn new(n_windows: usize, shuffle: Shuffle, seed: u64, epoch: u64) -> Self {
+        let mut rng = epoch_rng(seed, epoch);
+        let kind = match shuffle {
+            Shuffle::None => OrderKind::InOrder,
+            Shuffle::Global => {
+                let mut perm: Vec<u32> = (0..n_windows as u32).collect();
+                for i in (1..perm.len()).rev() {
+                    perm.swap(i, rng.random_range(0..=i));
+                }
+                OrderKind::Permuted(perm)
+            }
+            Shuffle::Buffer(capacity) => {
+                OrderKind::Buffered { buffer: Vec::with_capacity(capacity.min(n_windows)), capacity, rng }
+            }
+        };
+        Self { next_input: 0, n_windows, kind }
+    }
+}
+
+impl Iterator for WindowOrder {
+    type Item = usize;
+
+    /// tf.data's shuffle: keep the buffer full; emit a uniformly chosen slot and refill that
+    /// slot with the next input element; once the input ends, drain the buffer at random.
+    fn next(&mut self) -> Option<usize> {
+        match &mut self.kind {
+            OrderKind::InOrder | OrderKind::Permuted(_) if self.next_input >= self.n_windows => None,
+            OrderKind::InOrder => {
+                self.next_input += 1;
+                Some(self.next_input - 1)
+            }
+            OrderKind::Permuted(perm) => {
+                self.next_input += 1;
+                Some(perm[self.next_input - 1] as usize)
+            }
+            OrderKind::Buffered { buffer, capacity, rng } => {
+                while buffer.len() < *capacity && self.next_input < self.n_windows {
+                    buffer.push(self.next_input as u32);
+                    self.next_input += 1;
+                }
+                if buffer.is_empty() {
+                    return None;
+                }
+                let slot = rng.random_range(0..buffer.len());
+                let out = buffer[slot] as usize;
+                if self.next_input < self.n_windows {
+                    buffer[slot] = self.next_input as u32;
+                    self.next_input += 1;
+                } else {
+                    buffer.swap_remove(slot);
+                }
+                Some(out)
+            }
+        }
+    }
+}
+
+/// One epoch of `(x, y)` batches: `x = window[:-1]`, `y = window[1:]`, `batch_size` windows each,
+/// the last partial batch dropped.
+pub struct Batches<'a> {
+    data: &'a [i32],
+    block_size: usize,
+    batch_size: usize,
+    order: WindowOrder,
+}
+
+impl<'a> Batches<'a> {
+    pub fn new(data: &'a [i32], block_size: usize, batch_size: usize, shuffle: Shuffle, seed: u64, epoch: u64) -> Self {
+        let order = WindowOrder::new(num_windows(data.len(), block_size), shuffle, seed, epoch);
+        Self { data, block_size, batch_size, order }
+    }
+
+    /// Batches in one epoch.
+    pub fn len(data_len: usize, block_size: usize, batch_size: usize) -> usize {
+        num_windows(data_len, block_size) / batch_size
+    }
+
+    /// Writes the next batch into `x` and `y` (each `[batch_size * block_size]`, row-major
+    /// `[B, T]`); false at the end of the epoch.
+    pub fn fill(&mut self, x: &mut [i32], y: &mut [i32]) -> bool {
+        let t = self.block_size;
+        debug_assert!(x.len() == self.batch_size * t && y.len() == x.len());
+        for b in 0..self.batch_size {
+            let Some(start) = self.order.next() else { return false };
+            x[b * t..(b + 1) * t].copy_from_slice(&self.data[start..start + t]);
+            y[b * t..(b + 1) * t].copy_from_slice(&self.data[start + 1..start + t + 1]);
+        }
+        true
+    }
+
+    /// Skips `n` batches (used to replay an epoch's position).
+    pub fn skip(&mut self, n: usize) {
+        for _ in 0..n * self.batch_size {
+            if self.order.next().is_none() {
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub fn corpus_path() -> PathBuf {
+        std::env::var_os("MINIGPT_DATA").map(PathBuf::from).unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/tinyshakespeare.txt")
+        })
+    }
+
+    #[test]
+    fn tiny_shakespeare_has_the_expected_shape() {
+        let corpus = load_corpus(corpus_path().to_str().unwrap()).unwrap();
+        assert_eq!(corpus.sha256, TINY_SHAKESPEARE_SHA256);
+        assert_eq!(corpus.text.chars().count(), 1_115_394);
+        let vocab = Vocab::from_text(&corpus.text);
+        assert_eq!(vocab.len(), 65);
+        assert_eq!(vocab.chars()[0], '\n');
+        assert_eq!(vocab.chars()[1], ' ');
+        let encoded = vocab.encode(&corpus.text).unwrap();
+        let (train, val) = split(&encoded);
+        assert_eq!((train.len(), val.len()), (1_003_854, 111_540));
+        assert_eq!(Batches::len(train.len(), 64, 32), 31_368);
+    }
+
+    #[test]
+    fn vocab_round_trips_any_unicode() {
+        let text = "héllo wörld — 你好, 🦀!\n";
+        let vocab = Vocab::from_text(text);
+        let ids = vocab.encode(text).unwrap();
+        assert_eq!(vocab.decode(&ids), text);
+        let mut sorted = vocab.chars().to_vec();
+        sorted.sort();
+        assert_eq!(sorted, vocab.chars());
+        let err = vocab.encode("hello, Zürich?").unwrap_err();
+        assert_eq!(err.0, vec!['Z', 'ü', 'c', '?']);
+        assert_eq!(Vocab::from_strings(&vocab.to_strings()).unwrap(), vocab);
+    }
+
+    #[test]
+    fn split_is_int_of_nine_tenths() {
+        let data: Vec<i32> = (0..1001).collect();
+        let (a, b) = split(&data);
+        assert_eq!((a.len(), b.len()), (900, 101));
+    }
+
+    fn epoch_windows(n: usize, shuffle: Shuffle, epoch: u64) -> Vec<usize> {
+        WindowOrder::new(n, shuffle, 7, epoch).collect()
+    }
+
+    #[test]
+    fn every_shuffle_visits_each_window_once() {
+        for shuffle in [Shuffle::None, Shuffle::Global, Shuffle::Buffer(10), Shuffle::Buffer(1000), Shuffle::Buffer(1)] {
+            let mut got = epoch_windows(537, shuffle, 0);
+            got.sort();
+            assert_eq!(got, (0..537).collect::<Vec<_>>(), "{shuffle:?}");
+        }
+        assert_eq!(epoch_windows(5, Shuffle::Buffer(1), 0), vec![0, 1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn buffer_shuffle_is_local_seeded_and_new_each_epoch() {
+        let a = epoch_windows(50_000, Shuffle::Buffer(100), 0);
+        assert_eq!(a, epoch_windows(50_000, Shuffle::Buffer(100), 0));
+        assert_ne!(a, epoch_windows(50_000, Shuffle::Buffer(100), 1));
+        // An element leaves the buffer at or after it enters: position i holds a window < i + 100.
+        assert!(a.iter().enumerate().all(|(i, &w)| w < i + 100));
+    }
+
+    #[test]
+    fn targets_are_inputs_shifted_by_one() {
+        let data: Vec<i32> = (0..100).collect();
+        let (t, bs) = (8, 4);
+        let mut batches = Batches::new(&data, t, bs, Shuffle::Global, 1, 0);
+        let (mut x, mut y) = (vec![0; t * bs], vec![0; t * bs]);
+        let mut n = 0;
+        while batches.fill(&mut x, &mut y) {
+            for row in 0..bs {
+                let xs = &x[row * t..(row + 1) * t];
+                let ys = &y[row * t..(row + 1) * t];
+                assert!(xs.windows(2).all(|w| w[1] == w[0] + 1));
+                assert!(xs.iter().zip(ys).all(|(a, b)| *b == a + 1));
+            }
+            n += 1;
+        }
+        assert_eq!(n, Batches::len(data.len(), t, bs)); // 92 windows -> 23 batches
+        assert_eq!(n, 23);
+    }
+}

@@ -1,0 +1,278 @@
+//! The whole graph of a run, built once: the model's forward pass, the loss, its gradients
+//! (the `GradientTape` equivalent), Adam, initialisation, weight feeds, checkpoint save/restore
+//! and, for generation, the sampler; plus the session that runs it.
+
+use anyhow::{ensure, Context, Result};
+use tensorflow::{
+    ops, DataType, Graph, Operation, Output, Scope, Session, SessionRunArgs, Tensor, TensorType,
+};
+
+use crate::model::{LanguageModel, ModelConfig};
+use crate::optim::{Adam, AdamConfig};
+use crate::sample::{Sampler, SamplerConfig};
+use crate::tfx::{self, SessionConfig, Var};
+
+/// How to build a [`ModelGraph`].
+#[derive(Debug, Clone)]
+pub struct GraphOptions {
+    pub dtype: DataType,
+    /// Graph seed: fixes the initial weights.
+    pub seed: i64,
+    pub adam: AdamConfig,
+    /// TensorFlow device for every op (e.g. `/device:GPU:0`); `None` lets TensorFlow place them.
+    pub device: Option<String>,
+    /// Adds the sampling ops.
+    pub sampler: Option<SamplerConfig>,
+}
+
+impl GraphOptions {
+    pub fn new(seed: i64) -> Self {
+        Self { dtype: DataType::Float, seed, adam: AdamConfig::default(), device: None, sampler: None }
+    }
+}
+
+pub struct ModelGraph {
+    /// The root scope, which owns the graph.
+    pub scope: Scope,
+    pub model: Box<dyn LanguageModel>,
+    pub dtype: DataType,
+    /// `x`: [B, T] int32 placeholder.
+    pub tokens: Operation,
+    /// `y`: [B, T] int32 placeholder.
+    pub targets: Operation,
+    /// [B, T, V]
+    pub logits: Output,
+    /// Mean sparse categorical cross-entropy over all B·T positions.
+    pub loss: Output,
+    /// d loss / d variable, in `model.variables()` order.
+    pub grads: Vec<Output>,
+    pub optimizer: Adam,
+    /// One Adam step (fetch `loss` with it to get the pre-step loss, as Keras' train_step).
+    pub train_op: Operation,
+    /// Initialises every variable.
+    pub init: Operation,
+    /// For each model variable, a placeholder `<name>/value` and the op assigning it.
+    pub setters: Vec<(Operation, Operation)>,
+    /// String scalar placeholder naming the checkpoint prefix for `save` and `restore`.
+    pub ckpt_prefix: Operation,
+    pub save: Operation,
+    pub restore: Operation,
+    pub sampler: Option<Sampler>,
+}
+
+impl ModelGraph {
+    pub fn build(cfg: &ModelConfig, opts: &GraphOptions) -> Result<Self> {
+        cfg.validate()?;
+        Self::build_graph(cfg, opts).context("building the TensorFlow graph")
+    }
+
+    fn build_graph(cfg: &ModelConfig, opts: &GraphOptions) -> tensorflow::Result<Self> {
+        let root = Scope::new_root_scope();
+        let mut placed = root.with_device(opts.device.as_deref().unwrap_or(""));
+        let scope = &mut placed;
+        let dtype = opts.dtype;
+        let model = cfg.build(dtype, opts.seed, scope)?;
+        let vars = model.variables();
+
+        let tokens = tfx::placeholder("x", DataType::Int32, &[-1, -1], scope)?;
+        let targets = tfx::placeholder("y", DataType::Int32, &[-1, -1], scope)?;
+        let logits = model.forward(tokens.clone().into(), scope)?; // [B, T, V]
+        let (loss, grads) = loss_and_grads(logits.clone(), targets.clone().into(), &vars, cfg.vocab_size, scope)?;
+
+        let optimizer = Adam::new(&vars, &opts.adam, dtype, scope)?;
+        let train_op = optimizer.apply(&vars, &grads, &opts.adam, dtype, &mut scope.with_op_name("train_step"))?;
+
+        let all_vars: Vec<Var> = vars.iter().cloned().chain(optimizer.variables()).collect();
+        let inits: Vec<Operation> = all_vars.iter().map(|v| v.initializer.clone()).collect();
+        let init = tfx::group("init", &inits, scope)?;
+
+        let mut setters = Vec::with_capacity(vars.len());
+        for var in &vars {
+            let dims: Vec<i64> = var.shape.iter().map(|&d| d as i64).collect();
+            let value = tfx::placeholder(&format!("{}/value", var.name), var.dtype, &dims, scope)?;
+            let assign = ops::assign_variable_op(var.handle.clone(), value.clone(), &mut scope.with_op_name(&format!("{}/set", var.name)))?;
+            setters.push((value, assign));
+        }
+
+        let (ckpt_prefix, save, restore) = checkpoint_ops(&all_vars, scope)?;
+        let sampler = match &opts.sampler {
+            Some(s) => Some(Sampler::build(model.as_ref(), s, opts.seed, scope)?),
+            None => None,
+        };
+        Ok(Self {
+            scope: root,
+            model,
+            dtype,
+            tokens,
+            targets,
+            logits,
+            loss,
+            grads,
+            optimizer,
+            train_op,
+            init,
+            setters,
+            ckpt_prefix,
+            save,
+            restore,
+            sampler,
+        })
+    }
+
+    pub fn graph(&self) -> impl std::ops::Deref<Target = Graph> + '_ {
+        self.scope.graph()
+    }
+
+    /// Every variable a checkpoint holds: the model's, then Adam's slots and step count.
+    pub fn checkpoint_variables(&self) -> Vec<Var> {
+        self.model.variables().into_iter().chain(self.optimizer.variables()).collect()
+    }
+}
+
+/// Mean sparse categorical cross-entropy and its gradients.
+///
+/// The C++ gradient registry has no gradient for `SparseSoftmaxCrossEntropyWithLogits`, and the
+/// crate's `add_gradients` frees its `dx` array before TensorFlow reads it (so an upstream
+/// gradient cannot be passed). The loss is therefore the dense
+/// `SoftmaxCrossEntropyWithLogits` on one-hot labels, which has a registered gradient and gives
+/// the same per-token loss (logsumexp − logit of the label) and gradient (softmax − onehot).
+fn loss_and_grads(
+    logits: Output,
+    targets: Output,
+    vars: &[Var],
+    vocab_size: u64,
+    scope: &mut Scope,
+) -> tensorflow::Result<(Output, Vec<Output>)> {
+    let scope = &mut scope.new_sub_scope("loss");
+    let dtype = logits.operation.get_attr_type("T")?;
+    let shape = tfx::shape_const(&[-1, vocab_size as i64], scope)?;
+    let logits_2d = ops::reshape(logits, shape, scope)?; // [N, V]
+    let flat = tfx::shape_const(&[-1], scope)?;
+    let labels = ops::reshape(targets, flat, scope)?; // [N]
+    let depth = ops::constant(vocab_size as i32, scope)?;
+    let on = tfx::scalar(dtype, 1.0, scope)?;
+    let off = tfx::scalar(dtype, 0.0, scope)?;
+    let onehot = ops::one_hot(labels, depth, on, off, scope)?; // [N, V]
+    let xent = ops::softmax_cross_entropy_with_logits(logits_2d, onehot, scope)?; // [N], [N, V]
+    let axis = tfx::shape_const(&[0], scope)?;
+    let loss: Output = ops::mean(xent.output(0), axis, &mut scope.with_op_name("loss"))?.into(); // []
+    let handles: Vec<Output> = vars.iter().map(|v| v.handle.clone()).collect();
+    let grads = scope.graph_mut().add_gradients(Some("gradients"), &[loss.clone()], &handles, None)?;
+    let grads = grads
+        .into_iter()
+        .zip(vars)
+        .map(|(g, v)| g.ok_or_else(|| tensorflow::Status::new_set_lossy(tensorflow::Code::Internal, &format!("no gradient reaches {}", v.name))))
+        .collect::<tensorflow::Result<Vec<_>>>()?;
+    Ok((loss, grads))
+}
+
+/// `SaveV2` and `RestoreV2` of every variable, by name, at a fed prefix.
+fn checkpoint_ops(vars: &[Var], scope: &mut Scope) -> tensorflow::Result<(Operation, Operation, Operation)> {
+    let prefix = tfx::placeholder("checkpoint/prefix", DataType::String, &[], scope)?;
+    let names: Vec<String> = vars.iter().map(|v| v.name.clone()).collect();
+    let dtypes: Vec<DataType> = vars.iter().map(|v| v.dtype).collect();
+    let mut reads = Vec::with_capacity(vars.len());
+    for v in vars {
+        reads.push(v.read(&mut scope.with_op_name(&format!("save/read/{}", v.name)))?);
+    }
+    let save = tfx::save_v2(prefix.clone().into(), &names, &reads, scope)?;
+    let restored = tfx::restore_v2(prefix.clone().into(), &names, &dtypes, scope)?;
+    let mut assigns = Vec::with_capacity(vars.len());
+    for (i, v) in vars.iter().enumerate() {
+        assigns.push(ops::assign_variable_op(
+            v.handle.clone(),
+            restored.output(i),
+            &mut scope.with_op_name(&format!("restore/assign/{}", v.name)),
+        )?);
+    }
+    let restore = tfx::group("restore/all", &assigns, scope)?;
+    Ok((prefix, save, restore))
+}
+
+/// A [`ModelGraph`] with its session.
+pub struct Runner {
+    pub g: ModelGraph,
+    pub session: Session,
+}
+
+impl Runner {
+    pub fn new(g: ModelGraph, config: SessionConfig) -> Result<Self> {
+        let session = Session::new(&config.session_options()?, &g.graph()).context("creating the TensorFlow session")?;
+        Ok(Self { g, session })
+    }
+
+    /// Runs the initialisers (fresh weights, zero slots).
+    pub fn init(&self) -> Result<()> {
+        let mut args = SessionRunArgs::new();
+        args.add_target(&self.g.init);
+        self.session.run(&mut args).context("initialising variables")
+    }
+
+    /// One Adam step on the batch; returns the loss before the step.
+    pub fn train_step<T: TensorType + Copy>(&self, x: &Tensor<i32>, y: &Tensor<i32>) -> Result<T> {
+        let mut args = SessionRunArgs::new();
+        args.add_feed(&self.g.tokens, 0, x);
+        args.add_feed(&self.g.targets, 0, y);
+        args.add_target(&self.g.train_op);
+        let loss = args.request_fetch(&self.g.loss.operation, self.g.loss.index);
+        self.session.run(&mut args).context("running the train step")?;
+        Ok(args.fetch::<T>(loss)?[0])
+    }
+
+    /// Mean loss on a batch, without training.
+    pub fn loss<T: TensorType + Copy>(&self, x: &Tensor<i32>, y: &Tensor<i32>) -> Result<T> {
+        Ok(self.fetch_with_batch::<T>(&[self.g.loss.clone()], x, y)?.remove(0)[0])
+    }
+
+    /// Fetches `outputs` with the batch fed.
+    pub fn fetch_with_batch<T: TensorType>(&self, outputs: &[Output], x: &Tensor<i32>, y: &Tensor<i32>) -> Result<Vec<Tensor<T>>> {
+        let mut args = SessionRunArgs::new();
+        args.add_feed(&self.g.tokens, 0, x);
+        args.add_feed(&self.g.targets, 0, y);
+        let tokens: Vec<_> = outputs.iter().map(|o| args.request_fetch(&o.operation, o.index)).collect();
+        self.session.run(&mut args).context("running the graph")?;
+        tokens.into_iter().map(|t| Ok(args.fetch::<T>(t)?)).collect()
+    }
+
+    /// Current values of the given variables.
+    pub fn read<T: TensorType>(&self, vars: &[Var]) -> Result<Vec<Tensor<T>>> {
+        let mut args = SessionRunArgs::new();
+        let mut reads = Vec::with_capacity(vars.len());
+        // The checkpoint's save op reads every variable; reuse those reads by name.
+        for v in vars {
+            let op = self.g.graph().operation_by_name_required(&format!("save/read/{}", v.name))?;
+            reads.push(args.request_fetch(&op, 0));
+        }
+        self.session.run(&mut args).context("reading variables")?;
+        reads.into_iter().map(|t| Ok(args.fetch::<T>(t)?)).collect()
+    }
+
+    /// Sets the model's variables (in `model.variables()` order).
+    pub fn set_weights<T: TensorType>(&self, values: &[Tensor<T>]) -> Result<()> {
+        ensure!(values.len() == self.g.setters.len(), "expected {} weight tensors, got {}", self.g.setters.len(), values.len());
+        let mut args = SessionRunArgs::new();
+        for ((value, assign), t) in self.g.setters.iter().zip(values) {
+            args.add_feed(value, 0, t);
+            args.add_target(assign);
+        }
+        self.session.run(&mut args).context("setting weights")
+    }
+
+    /// Writes every variable to the V2 checkpoint `prefix` (`prefix.index`, `prefix.data-*`).
+    pub fn save(&self, prefix: &str) -> Result<()> {
+        self.run_checkpoint_op(&self.g.save, prefix).with_context(|| format!("saving checkpoint {prefix}"))
+    }
+
+    /// Restores every variable from the V2 checkpoint `prefix`.
+    pub fn restore(&self, prefix: &str) -> Result<()> {
+        self.run_checkpoint_op(&self.g.restore, prefix).with_context(|| format!("restoring checkpoint {prefix}"))
+    }
+
+    fn run_checkpoint_op(&self, op: &Operation, prefix: &str) -> Result<()> {
+        let prefix = Tensor::from(prefix.to_string());
+        let mut args = SessionRunArgs::new();
+        args.add_feed(&self.g.ckpt_prefix, 0, &prefix);
+        args.add_target(op);
+        Ok(self.session.run(&mut args)?)
+    }
+}

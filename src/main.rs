@@ -1,0 +1,20 @@
+//! The `minigpt` command: parse, run, print any error as one line, exit non-zero.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    // Silence TensorFlow's C++ logging unless the user asked for it; it reads this lazily.
+    if std::env::var_os("TF_CPP_MIN_LOG_LEVEL").is_none() {
+        std::env::set_var("TF_CPP_MIN_LOG_LEVEL", "2");
+    }
+    let cli = minigpt::cli::Cli::parse();
+    match minigpt::cli::run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

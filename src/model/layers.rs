@@ -1,0 +1,70 @@
+//! Keras-equivalent layers as graph builders: parameters are made once by `new`, applied by
+//! `apply`. Variable names follow Keras (`<layer>/embeddings`, `<layer>/kernel`, `<layer>/bias`).
+
+use tensorflow::{ops, DataType, Output, Scope};
+
+use crate::tfx::{self, Var};
+
+/// `uniform(-limit, limit)` of `shape`, seeded (`seed` is the graph seed, `seed2` the op's).
+pub fn uniform_init(
+    limit: f64,
+    shape: &[u64],
+    dtype: DataType,
+    (seed, seed2): (i64, i64),
+    scope: &mut Scope,
+) -> tensorflow::Result<Output> {
+    let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+    let dims = tfx::shape_const(&dims, scope)?;
+    let u = ops::RandomUniform::new().dtype(dtype).seed(seed).seed2(seed2).build(dims, scope)?; // [0, 1)
+    let width = tfx::scalar(dtype, 2.0 * limit, scope)?;
+    let scaled = ops::mul(u, width, scope)?;
+    let offset = tfx::scalar(dtype, limit, scope)?;
+    Ok(ops::sub(scaled, offset, scope)?.into())
+}
+
+/// `layers.Embedding(vocab_size, n_embd)`: initializer `uniform(-0.05, 0.05)`.
+pub struct Embedding {
+    pub embeddings: Var, // [V, C]
+}
+
+impl Embedding {
+    pub fn new(name: &str, vocab_size: u64, n_embd: u64, dtype: DataType, seeds: (i64, i64), scope: &mut Scope) -> tensorflow::Result<Self> {
+        let shape = [vocab_size, n_embd];
+        let init = uniform_init(0.05, &shape, dtype, seeds, &mut scope.new_sub_scope(&format!("{name}/init")))?;
+        Ok(Self { embeddings: Var::new(&format!("{name}/embeddings"), dtype, &shape, init, scope)? })
+    }
+
+    /// ids: [...] int32 -> [..., C]. A read of the variable then `GatherV2`, whose gradient the
+    /// C++ registry has (`ResourceGather`'s it lacks).
+    pub fn apply(&self, ids: Output, scope: &mut Scope) -> tensorflow::Result<Output> {
+        let table = self.embeddings.read(scope)?; // [V, C]
+        let axis = ops::constant(0i32, scope)?;
+        Ok(ops::gather_v2(table, ids, axis, scope)?.into())
+    }
+}
+
+/// `layers.Dense(n_out)`: kernel `glorot_uniform`, bias zeros.
+pub struct Dense {
+    pub kernel: Var, // [n_in, n_out]
+    pub bias: Var,   // [n_out]
+}
+
+impl Dense {
+    pub fn new(name: &str, n_in: u64, n_out: u64, dtype: DataType, seeds: (i64, i64), scope: &mut Scope) -> tensorflow::Result<Self> {
+        let limit = (6.0 / (n_in + n_out) as f64).sqrt();
+        let shape = [n_in, n_out];
+        let init = uniform_init(limit, &shape, dtype, seeds, &mut scope.new_sub_scope(&format!("{name}/init")))?;
+        let kernel = Var::new(&format!("{name}/kernel"), dtype, &shape, init, scope)?;
+        let zeros = tfx::zeros(dtype, &[n_out], &mut scope.new_sub_scope(&format!("{name}/bias_init")))?;
+        let bias = Var::new(&format!("{name}/bias"), dtype, &[n_out], zeros, scope)?;
+        Ok(Self { kernel, bias })
+    }
+
+    /// x: [N, n_in] -> [N, n_out]
+    pub fn apply(&self, x: Output, scope: &mut Scope) -> tensorflow::Result<Output> {
+        let w = self.kernel.read(scope)?; // [n_in, n_out]
+        let xw = ops::mat_mul(x, w, scope)?; // [N, n_out]
+        let b = self.bias.read(scope)?; // [n_out]
+        Ok(ops::bias_add(xw, b, scope)?.into())
+    }
+}

@@ -1,0 +1,214 @@
+//! Small graph-building helpers the `tensorflow` crate lacks: resource variables, list-input
+//! ops, constants, session options and the text form of a graph.
+
+use std::ffi::c_char;
+
+use tensorflow_sys as tf_sys;
+
+use tensorflow::{
+    ops, DataType, Graph, Operation, Output, Scope, SessionOptions, Shape, Status, Tensor,
+    TensorType,
+};
+
+/// A resource variable (`VarHandleOp`), as Keras and `tf.Variable` make them.
+#[derive(Debug, Clone)]
+pub struct Var {
+    /// The variable's name: its op name, shared name and checkpoint key, e.g. `dense/kernel`.
+    pub name: String,
+    pub handle: Output,
+    pub dtype: DataType,
+    pub shape: Vec<u64>,
+    /// Assigns the initial value.
+    pub initializer: Operation,
+}
+
+impl Var {
+    /// Creates the variable `name` (absolute, not prefixed by the scope) initialised by `init`.
+    pub fn new(name: &str, dtype: DataType, shape: &[u64], init: Output, scope: &mut Scope) -> tensorflow::Result<Var> {
+        let tf_shape = Shape::from(Some(shape.iter().map(|&d| Some(d as i64)).collect::<Vec<_>>()));
+        let handle = ops::VarHandleOp::new()
+            .dtype(dtype)
+            .shape(tf_shape)
+            .shared_name(name)
+            .build(&mut scope.with_op_name(name))?;
+        let initializer =
+            ops::assign_variable_op(handle.clone(), init, &mut scope.with_op_name(&format!("{name}/Assign")))?;
+        Ok(Var { name: name.to_string(), handle: handle.into(), dtype, shape: shape.to_vec(), initializer })
+    }
+
+    /// A zero-initialised variable shaped like `self` (an optimizer slot).
+    pub fn zeros_like(&self, name: &str, scope: &mut Scope) -> tensorflow::Result<Var> {
+        let zeros = zeros(self.dtype, &self.shape, &mut scope.with_op_name(&format!("{name}/Initializer")))?;
+        Var::new(name, self.dtype, &self.shape, zeros, scope)
+    }
+
+    /// `ReadVariableOp`: the variable's current value.
+    pub fn read(&self, scope: &mut Scope) -> tensorflow::Result<Output> {
+        Ok(ops::ReadVariableOp::new().dtype(self.dtype).build(self.handle.clone(), scope)?.into())
+    }
+
+    pub fn num_elements(&self) -> u64 {
+        self.shape.iter().product()
+    }
+}
+
+/// A constant `[n]` int32 shape tensor.
+pub fn shape_const(dims: &[i64], scope: &mut Scope) -> tensorflow::Result<Output> {
+    let dims: Vec<i32> = dims.iter().map(|&d| d as i32).collect();
+    let t = Tensor::new(&[dims.len() as u64]).with_values(&dims)?;
+    Ok(ops::constant(t, scope)?.into())
+}
+
+/// A constant tensor of `dtype` filled with zeros.
+pub fn zeros(dtype: DataType, shape: &[u64], scope: &mut Scope) -> tensorflow::Result<Output> {
+    let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+    let dims = shape_const(&dims, scope)?;
+    let zero = scalar(dtype, 0.0, scope)?;
+    Ok(ops::fill(dims, zero, scope)?.into())
+}
+
+/// A float scalar constant of `dtype` (float or double).
+pub fn scalar(dtype: DataType, value: f64, scope: &mut Scope) -> tensorflow::Result<Output> {
+    Ok(match dtype {
+        DataType::Double => ops::constant(value, scope)?,
+        _ => ops::constant(value as f32, scope)?,
+    }
+    .into())
+}
+
+/// A constant of any tensor type.
+pub fn constant<T: TensorType>(values: &[T], dims: &[u64], scope: &mut Scope) -> tensorflow::Result<Output> {
+    Ok(ops::constant(Tensor::new(dims).with_values(values)?, scope)?.into())
+}
+
+/// A placeholder with a name, dtype and shape (`-1` for unknown dimensions).
+pub fn placeholder(name: &str, dtype: DataType, dims: &[i64], scope: &mut Scope) -> tensorflow::Result<Operation> {
+    let shape = Shape::from(Some(dims.iter().map(|&d| (d >= 0).then_some(d)).collect::<Vec<_>>()));
+    ops::Placeholder::new().dtype(dtype).shape(shape).build(&mut scope.with_op_name(name))
+}
+
+/// A scalar `PlaceholderWithDefault`: `default` unless fed.
+pub fn scalar_with_default(name: &str, default: Output, scope: &mut Scope) -> tensorflow::Result<Output> {
+    Ok(ops::PlaceholderWithDefault::new()
+        .shape(Shape::from(Some(vec![])))
+        .build(default, &mut scope.with_op_name(name))?
+        .into())
+}
+
+/// Groups operations under one `NoOp` target.
+pub fn group(name: &str, deps: &[Operation], scope: &mut Scope) -> tensorflow::Result<Operation> {
+    let mut s = scope.with_op_name(name).with_control_dependencies(deps);
+    ops::no_op(&mut s)
+}
+
+/// `ConcatV2` of `values` along `axis` (the crate's generated builder cannot take a list input).
+pub fn concat(values: &[Output], axis: i32, scope: &mut Scope) -> tensorflow::Result<Output> {
+    let axis = ops::constant(axis, scope)?;
+    let name = scope.get_unique_name_for_op("concat");
+    let mut graph = scope.graph_mut();
+    let mut nd = graph.new_operation("ConcatV2", &name)?;
+    nd.add_input_list(values);
+    nd.add_input(axis);
+    Ok(nd.finish()?.into())
+}
+
+/// `SaveV2` of `tensors` under `names` at the string scalar `prefix` (the crate's generated
+/// builder cannot take a list input).
+pub fn save_v2(prefix: Output, names: &[String], tensors: &[Output], scope: &mut Scope) -> tensorflow::Result<Operation> {
+    let n = names.len() as u64;
+    let names_t = constant(names, &[n], &mut scope.with_op_name("save/tensor_names"))?;
+    let slices = constant(&vec![String::new(); names.len()], &[n], &mut scope.with_op_name("save/shape_and_slices"))?;
+    let mut graph = scope.graph_mut();
+    let mut nd = graph.new_operation("SaveV2", "save/SaveV2")?;
+    nd.add_input(prefix);
+    nd.add_input(names_t);
+    nd.add_input(slices);
+    nd.add_input_list(tensors);
+    nd.finish()
+}
+
+/// `RestoreV2` of `names` (with `dtypes`) from the string scalar `prefix`.
+pub fn restore_v2(prefix: Output, names: &[String], dtypes: &[DataType], scope: &mut Scope) -> tensorflow::Result<Operation> {
+    let n = names.len() as u64;
+    let names_t = constant(names, &[n], &mut scope.with_op_name("restore/tensor_names"))?;
+    let slices = constant(&vec![String::new(); names.len()], &[n], &mut scope.with_op_name("restore/shape_and_slices"))?;
+    ops::RestoreV2::new().dtypes(dtypes.to_vec()).build(prefix, names_t, slices, &mut scope.with_op_name("restore/RestoreV2"))
+}
+
+/// Threading and placement settings, encoded as the `ConfigProto` TensorFlow expects.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SessionConfig {
+    /// Threads inside one op (0: TensorFlow's choice, all cores).
+    pub intra_op_threads: u32,
+    /// Ops run in parallel (0: TensorFlow's choice).
+    pub inter_op_threads: u32,
+    /// Let ops without a kernel on the requested device run elsewhere.
+    pub allow_soft_placement: bool,
+}
+
+impl SessionConfig {
+    /// The `ConfigProto` wire bytes (fields 2, 5 and 7 are varints).
+    pub fn to_proto(self) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (field, value) in [
+            (2u8, self.intra_op_threads as u64),
+            (5, self.inter_op_threads as u64),
+            (7, self.allow_soft_placement as u64),
+        ] {
+            if value != 0 {
+                out.push(field << 3);
+                let mut v = value;
+                while v >= 0x80 {
+                    out.push((v as u8) | 0x80);
+                    v >>= 7;
+                }
+                out.push(v as u8);
+            }
+        }
+        out
+    }
+
+    pub fn session_options(self) -> tensorflow::Result<SessionOptions> {
+        let mut options = SessionOptions::new();
+        options.set_config(&self.to_proto())?;
+        Ok(options)
+    }
+}
+
+extern "C" {
+    // From TensorFlow's c_api_experimental.h; exported by the library but not bound by tensorflow-sys.
+    fn TF_GraphDebugString(graph: *mut tf_sys::TF_Graph, len: *mut usize) -> *mut c_char;
+}
+
+/// The graph as a text-format `GraphDef` (TensorFlow's own printer).
+pub fn graph_text(graph: &Graph) -> Result<String, Status> {
+    let bytes = graph.graph_def()?;
+    // SAFETY: every object made here is deleted before returning; the debug string is malloc'ed
+    // by TensorFlow and freed with free().
+    unsafe {
+        let status = tf_sys::TF_NewStatus();
+        let raw = tf_sys::TF_NewGraph();
+        let buffer = tf_sys::TF_NewBufferFromString(bytes.as_ptr() as *const _, bytes.len());
+        let options = tf_sys::TF_NewImportGraphDefOptions();
+        tf_sys::TF_GraphImportGraphDef(raw, buffer, options, status);
+        let ok = tf_sys::TF_GetCode(status) == tf_sys::TF_OK;
+        let text = if ok {
+            let mut len = 0usize;
+            let ptr = TF_GraphDebugString(raw, &mut len);
+            let text = String::from_utf8_lossy(std::slice::from_raw_parts(ptr as *const u8, len))
+                .lines()
+                // Newer protobuf marks debug output with a first line that is not text format.
+                .filter(|l| !l.starts_with("goo.gle/debugonly"))
+                .fold(String::new(), |acc, l| acc + l + "\n");
+            libc::free(ptr as *mut _);
+            Some(text)
+        } else {
+            None
+        };
+        tf_sys::TF_DeleteImportGraphDefOptions(options);
+        tf_sys::TF_DeleteBuffer(buffer);
+        tf_sys::TF_DeleteGraph(raw);
+        tf_sys::TF_DeleteStatus(status);
+        text.ok_or_else(|| Status::new_set_lossy(tensorflow::Code::Internal, "could not re-import the graph"))
+    }
+}
