@@ -131,11 +131,12 @@ impl ModelGraph {
 
 /// Mean sparse categorical cross-entropy and its gradients.
 ///
-/// The C++ gradient registry has no gradient for `SparseSoftmaxCrossEntropyWithLogits`, and the
-/// crate's `add_gradients` frees its `dx` array before TensorFlow reads it (so an upstream
-/// gradient cannot be passed). The loss is therefore the dense
-/// `SoftmaxCrossEntropyWithLogits` on one-hot labels, which has a registered gradient and gives
-/// the same per-token loss (logsumexp − logit of the label) and gradient (softmax − onehot).
+/// The C++ gradient registry has no gradient for `SparseSoftmaxCrossEntropyWithLogits`, but the
+/// op's second output is d(per-token loss)/d(logits) = softmax − onehot; times 1/N it is
+/// d(mean loss)/d(logits), exactly as Python's gradient of the op computes it. (The crate's
+/// `add_gradients` frees its `dx` array before TensorFlow reads it, so that upstream gradient
+/// cannot be passed directly.) It is passed through a surrogate
+/// `Σ logits · stop_gradient(dlogits)`, whose gradient at the logits is `dlogits` exactly.
 fn loss_and_grads(
     logits: Output,
     targets: Output,
@@ -149,15 +150,21 @@ fn loss_and_grads(
     let logits_2d = ops::reshape(logits, shape, scope)?; // [N, V]
     let flat = tfx::shape_const(&[-1], scope)?;
     let labels = ops::reshape(targets, flat, scope)?; // [N]
-    let depth = ops::constant(vocab_size as i32, scope)?;
-    let on = tfx::scalar(dtype, 1.0, scope)?;
-    let off = tfx::scalar(dtype, 0.0, scope)?;
-    let onehot = ops::one_hot(labels, depth, on, off, scope)?; // [N, V]
-    let xent = ops::softmax_cross_entropy_with_logits(logits_2d, onehot, scope)?; // [N], [N, V]
+    let xent = ops::sparse_softmax_cross_entropy_with_logits(logits_2d.clone(), labels.clone(), scope)?; // [N], [N, V]
     let axis = tfx::shape_const(&[0], scope)?;
     let loss: Output = ops::mean(xent.output(0), axis, &mut scope.with_op_name("loss"))?.into(); // []
+
+    let n = ops::size(labels, scope)?;
+    let n = ops::Cast::new().DstT(dtype).build(n, scope)?;
+    let one = tfx::scalar(dtype, 1.0, scope)?;
+    let inv_n = ops::real_div(one, n, scope)?; // 1/N
+    let dlogits = ops::mul(xent.output(1), inv_n, scope)?; // [N, V]
+    let dlogits = ops::stop_gradient(dlogits, scope)?;
+    let surrogate = ops::mul(logits_2d, dlogits, scope)?; // [N, V]
+    let axes = tfx::shape_const(&[0, 1], scope)?;
+    let surrogate: Output = ops::sum(surrogate, axes, &mut scope.with_op_name("surrogate"))?.into(); // []
     let handles: Vec<Output> = vars.iter().map(|v| v.handle.clone()).collect();
-    let grads = scope.graph_mut().add_gradients(Some("gradients"), &[loss.clone()], &handles, None)?;
+    let grads = scope.graph_mut().add_gradients(Some("gradients"), &[surrogate], &handles, None)?;
     let grads = grads
         .into_iter()
         .zip(vars)

@@ -13,7 +13,9 @@ fn main() -> ExitCode {
     match minigpt::cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // TensorFlow's messages can span lines (`\n\t [[{{node ...}}]]`): keep one line.
+            let message = format!("{e:#}");
+            eprintln!("error: {}", message.split_whitespace().collect::<Vec<_>>().join(" "));
             ExitCode::FAILURE
         }
     }

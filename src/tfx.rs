@@ -197,8 +197,8 @@ pub fn graph_text(graph: &Graph) -> Result<String, Status> {
             let ptr = TF_GraphDebugString(raw, &mut len);
             let text = String::from_utf8_lossy(std::slice::from_raw_parts(ptr as *const u8, len))
                 .lines()
-                // Newer protobuf marks debug output with a first line that is not text format.
-                .filter(|l| !l.starts_with("goo.gle/debugonly"))
+                // Newer protobuf marks debug output with a first line (varying) that is not text format.
+                .filter(|l| !l.starts_with("goo.gle/debug"))
                 .fold(String::new(), |acc, l| acc + l + "\n");
             libc::free(ptr as *mut _);
             Some(text)

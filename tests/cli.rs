@@ -1,0 +1,150 @@
+//! The command line end to end: a short run, reproducibility, generation, and every kind of bad
+//! input giving one clear error line and a non-zero exit.
+
+mod common;
+
+use std::path::Path;
+
+use common::{last_stderr_line, minigpt};
+
+/// A small corpus made from the start of Tiny Shakespeare.
+fn small_corpus(dir: &Path) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(common::corpus_path()).unwrap();
+    let path = dir.join("small.txt");
+    std::fs::write(&path, &text[..60_000]).unwrap();
+    path
+}
+
+fn train(corpus: &Path, out: &Path, steps: u32, extra: &[&str]) -> std::process::Output {
+    minigpt()
+        .arg("train")
+        .arg("--data")
+        .arg(corpus)
+        .arg("--out")
+        .arg(out)
+        .args(["--max-steps", &steps.to_string(), "--eval-batches", "4"])
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+fn losses(stdout: &[u8]) -> Vec<String> {
+    String::from_utf8_lossy(stdout).lines().filter(|l| l.starts_with("Step ")).map(str::to_string).collect()
+}
+
+#[test]
+fn train_then_generate_and_eval() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = small_corpus(tmp.path());
+    let run = tmp.path().join("run");
+    let out = train(&corpus, &run, 120, &["--log-every", "20"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("Epoch 1"), "{stdout}");
+    let steps = losses(&out.stdout);
+    assert_eq!(steps.len(), 6, "{stdout}");
+    let first: f64 = steps[0].rsplit(' ').next().unwrap().parse().unwrap();
+    let last: f64 = steps[5].rsplit(' ').next().unwrap().parse().unwrap();
+    assert!((first - (65f64).ln()).abs() < 0.3, "initial loss {first} is not near ln(vocab)");
+    assert!(last < first - 0.5, "loss did not fall: {first} -> {last}");
+    for file in ["config.json", "metrics.csv", "ckpt/checkpoint", "ckpt/ckpt-120.index"] {
+        assert!(run.join(file).is_file(), "{file} missing");
+    }
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["steps_done"], 120);
+    assert_eq!(config["train"]["block_size"], 64);
+
+    let gen = |seed: &str| {
+        minigpt()
+            .args(["generate", "--prompt", "To be, or not to be", "--chars", "80", "--seed", seed])
+            .arg("--run")
+            .arg(&run)
+            .output()
+            .unwrap()
+    };
+    let a = gen("7");
+    assert!(a.status.success(), "{}", String::from_utf8_lossy(&a.stderr));
+    let text = String::from_utf8(a.stdout.clone()).unwrap();
+    assert!(text.starts_with("To be, or not to be"));
+    assert_eq!(text.trim_end_matches('\n').chars().count(), 19 + 80);
+    assert_eq!(gen("7").stdout, a.stdout, "same seed, same text");
+    assert_ne!(gen("8").stdout, a.stdout, "another seed, another text");
+
+    let eval = minigpt().arg("eval").arg("--run").arg(&run).output().unwrap();
+    assert!(eval.status.success(), "{}", String::from_utf8_lossy(&eval.stderr));
+    let eval = String::from_utf8(eval.stdout).unwrap();
+    let val: f64 = eval.lines().next().unwrap().strip_prefix("val_loss: ").unwrap().parse().unwrap();
+    assert!(val > 1.0 && val < 4.0, "{eval}");
+    assert!(eval.contains("val_perplexity: "));
+}
+
+#[test]
+fn same_seed_same_losses_bit_for_bit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = small_corpus(tmp.path());
+    let a = train(&corpus, &tmp.path().join("a"), 40, &["--log-every", "1"]);
+    let b = train(&corpus, &tmp.path().join("b"), 40, &["--log-every", "1"]);
+    let c = train(&corpus, &tmp.path().join("c"), 40, &["--log-every", "1", "--seed", "2"]);
+    assert!(a.status.success() && b.status.success() && c.status.success());
+    let metrics = |run: &str| std::fs::read_to_string(tmp.path().join(run).join("metrics.csv")).unwrap();
+    assert_eq!(losses(&a.stdout), losses(&b.stdout));
+    assert_eq!(metrics("a"), metrics("b"), "full-precision losses differ");
+    assert_ne!(metrics("a"), metrics("c"));
+}
+
+/// Runs minigpt and checks it fails with one `error:` line containing `needle`.
+fn fails_with(args: &[&str], needle: &str) {
+    let out = minigpt().args(args).output().unwrap();
+    assert!(!out.status.success(), "{args:?} succeeded");
+    let line = last_stderr_line(&out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(line.starts_with("error: ") && line.contains(needle), "{args:?}: {stderr}");
+    assert!(!stderr.contains("panicked") && !stderr.contains("RUST_BACKTRACE"), "{stderr}");
+}
+
+#[test]
+fn bad_input_gives_one_clear_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = |name: &str| tmp.path().join(name).to_str().unwrap().to_string();
+    std::fs::write(p("empty.txt"), "").unwrap();
+    std::fs::write(p("short.txt"), "To be, or not to be").unwrap();
+    std::fs::write(p("binary.txt"), [b'a', 0xff, 0xfe, b'b']).unwrap();
+    let out = p("out");
+    fails_with(&["train", "--data", &p("missing.txt"), "--out", &out], "reading corpus");
+    fails_with(&["train", "--data", &p("empty.txt"), "--out", &out], "is empty");
+    fails_with(&["train", "--data", &p("short.txt"), "--out", &out], "too short");
+    fails_with(&["train", "--data", &p("binary.txt"), "--out", &out], "not valid UTF-8");
+    fails_with(&["train", "--data", &p("short.txt"), "--out", &out, "--batch-size", "0"], "--batch-size");
+    fails_with(&["train", "--data", &p("short.txt"), "--out", &out, "--block-size", "0"], "--block-size");
+    fails_with(&["train", "--data", &p("short.txt"), "--out", &out, "--lr=-1"], "--lr");
+    fails_with(&["generate", "--run", &p("no-such-run"), "--prompt", "hi"], "not a run directory");
+    fails_with(&["eval", "--run", &p("no-such-run")], "not a run directory");
+
+    // A real run, then damage it in several ways.
+    let corpus = small_corpus(tmp.path());
+    let run = tmp.path().join("run");
+    assert!(train(&corpus, &run, 5, &[]).status.success());
+    let run_s = run.to_str().unwrap();
+    fails_with(&["generate", "--run", run_s, "--prompt", "Grüße, 世界"], "'ü', 'ß', '世', '界'");
+    fails_with(&["generate", "--run", run_s, "--prompt", ""], "prompt is empty");
+    fails_with(&["generate", "--run", run_s, "--prompt", "To", "--temperature", "0"], "--temperature");
+    fails_with(&["train", "--data", corpus.to_str().unwrap(), "--out", run_s], "already holds a run");
+
+    let ckpt = run.join("ckpt/ckpt-5.data-00000-of-00001");
+    let good = std::fs::read(&ckpt).unwrap();
+    std::fs::write(&ckpt, &good[..good.len() / 2]).unwrap();
+    fails_with(&["generate", "--run", run_s, "--prompt", "To"], "damaged checkpoint");
+    std::fs::remove_file(run.join("ckpt/ckpt-5.index")).unwrap();
+    fails_with(&["generate", "--run", run_s, "--prompt", "To"], "missing");
+    std::fs::write(run.join("config.json"), "{ not json").unwrap();
+    fails_with(&["generate", "--run", run_s, "--prompt", "To"], "not a valid run config");
+}
+
+#[test]
+fn devices_prints_the_notebook_line() {
+    let out = minigpt().arg("devices").output().unwrap();
+    assert!(out.status.success());
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(stdout.contains("CPU:0"), "{stdout}");
+    assert!(stdout.lines().any(|l| l.starts_with("Num GPUs Available: ")), "{stdout}");
+}

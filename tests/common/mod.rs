@@ -1,0 +1,44 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+/// The Tiny Shakespeare copy the tests use: `$MINIGPT_DATA`, else `../shared/data`.
+pub fn corpus_path() -> PathBuf {
+    std::env::var_os("MINIGPT_DATA").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/tinyshakespeare.txt")
+    })
+}
+
+/// The `minigpt` binary with TensorFlow's logging silenced.
+pub fn minigpt() -> assert_cmd::Command {
+    let mut cmd = assert_cmd::Command::cargo_bin("minigpt").unwrap();
+    cmd.env("TF_CPP_MIN_LOG_LEVEL", "2").env_remove("MINIGPT_DATA");
+    cmd
+}
+
+/// Asserts `got` ≈ `want` elementwise (|Δ| ≤ atol + rtol·|want|), naming the worst index.
+pub fn assert_close(what: &str, got: &[f64], want: &[f64], atol: f64, rtol: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths differ");
+    let (mut worst, mut worst_i, mut max_abs) = (0.0f64, 0usize, 0.0f64);
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let d = (g - w).abs();
+        max_abs = max_abs.max(d);
+        let excess = d - (atol + rtol * w.abs());
+        if excess > worst || (i == 0 && excess > 0.0) {
+            worst = excess;
+            worst_i = i;
+        }
+    }
+    assert!(
+        worst <= 0.0,
+        "{what}: index {worst_i}: got {}, want {} (max |Δ| {max_abs:e}, atol {atol:e}, rtol {rtol:e})",
+        got[worst_i],
+        want[worst_i]
+    );
+}
+
+/// The last line of a command's stderr (TensorFlow may print start-up lines before it).
+pub fn last_stderr_line(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stderr).lines().last().unwrap_or("").to_string()
+}

@@ -1,0 +1,105 @@
+//! The downloader against a real HTTP server on 127.0.0.1: a good download, the cache hit with the
+//! server gone, a wrong hash, a 404, and a connection cut mid-body. No partial file may remain.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::path::Path;
+use std::thread::JoinHandle;
+
+use minigpt::data::{fetch_cached, sha256_hex};
+
+const BODY: &str = "First Citizen:\nBefore we proceed any further, hear me speak.\n";
+
+/// Serves one connection per response, in order, then stops listening.
+fn serve(responses: Vec<Vec<u8>>) -> (String, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let handle = std::thread::spawn(move || {
+        for response in responses {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut line = String::new();
+            while reader.read_line(&mut line).unwrap() > 0 && line != "\r\n" {
+                line.clear();
+            }
+            let _ = stream.write_all(&response);
+        } // dropping the stream closes the connection; dropping the listener stops the server
+    });
+    (base, handle)
+}
+
+fn ok_response(body: &str) -> Vec<u8> {
+    format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).into_bytes()
+}
+
+fn files_in(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir).map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect()).unwrap_or_default()
+}
+
+#[test]
+fn downloads_once_then_reuses_the_cache_offline() {
+    let cache = tempfile::tempdir().unwrap();
+    let (base, server) = serve(vec![ok_response(BODY)]);
+    let url = format!("{base}/input.txt");
+    let hash = sha256_hex(BODY.as_bytes());
+    let path = fetch_cached(&url, Some(&hash), cache.path()).unwrap();
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), BODY);
+    assert_eq!(files_in(cache.path()).len(), 1);
+    server.join().unwrap(); // the server is gone now
+    let again = fetch_cached(&url, Some(&hash), cache.path()).unwrap();
+    assert_eq!(again, path);
+    assert_eq!(std::fs::read_to_string(&again).unwrap(), BODY);
+}
+
+#[test]
+fn the_cli_downloads_a_url_corpus_into_minigpt_cache() {
+    let cache = tempfile::tempdir().unwrap();
+    let run = tempfile::tempdir().unwrap();
+    let text = BODY.repeat(40);
+    let (base, server) = serve(vec![ok_response(&text)]);
+    common::minigpt()
+        .args(["train", "--data", &format!("{base}/corpus.txt"), "--block-size", "8", "--batch-size", "4", "--max-steps", "3", "-q"])
+        .arg("--out")
+        .arg(run.path().join("r"))
+        .env("MINIGPT_CACHE", cache.path())
+        .assert()
+        .success();
+    server.join().unwrap();
+    let files = files_in(cache.path());
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert!(files[0].ends_with("-corpus.txt"));
+}
+
+#[test]
+fn a_wrong_hash_is_refused_and_nothing_is_cached() {
+    let cache = tempfile::tempdir().unwrap();
+    let (base, server) = serve(vec![ok_response(BODY)]);
+    let err = fetch_cached(&format!("{base}/input.txt"), Some(&"0".repeat(64)), cache.path()).unwrap_err();
+    assert!(format!("{err:#}").contains("SHA-256"), "{err:#}");
+    assert!(files_in(cache.path()).is_empty(), "{:?}", files_in(cache.path()));
+    server.join().unwrap();
+}
+
+#[test]
+fn a_404_is_an_error_naming_the_status() {
+    let cache = tempfile::tempdir().unwrap();
+    let (base, server) = serve(vec![b"HTTP/1.1 404 Not Found\r\nContent-Length: 9\r\nConnection: close\r\n\r\nnot found".to_vec()]);
+    let err = fetch_cached(&format!("{base}/missing.txt"), None, cache.path()).unwrap_err();
+    assert!(format!("{err:#}").contains("404"), "{err:#}");
+    assert!(files_in(cache.path()).is_empty());
+    server.join().unwrap();
+}
+
+#[test]
+fn a_connection_cut_mid_body_leaves_no_partial_file() {
+    let cache = tempfile::tempdir().unwrap();
+    let mut cut = b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\nConnection: close\r\n\r\n".to_vec();
+    cut.extend_from_slice(&BODY.as_bytes()[..20]);
+    let (base, server) = serve(vec![cut]);
+    let err = fetch_cached(&format!("{base}/input.txt"), None, cache.path()).unwrap_err();
+    assert!(format!("{err:#}").contains("downloading"), "{err:#}");
+    assert!(files_in(cache.path()).is_empty(), "{:?}", files_in(cache.path()));
+    server.join().unwrap();
+}
