@@ -1,0 +1,72 @@
+//! A run's checkpoint is a TensorFlow V2 checkpoint that Python's `tf.train.load_checkpoint` reads
+//! by name, with the values minigpt holds.
+
+mod common;
+
+use std::process::Command;
+
+use minigpt::checkpoint::RunDir;
+use minigpt::device::DeviceChoice;
+use minigpt::graph::GraphOptions;
+
+const PYTHON: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/python");
+
+#[test]
+fn python_reads_the_checkpoint() {
+    assert!(std::path::Path::new(PYTHON).exists(), "no {PYTHON}: run `make setup`");
+    let tmp = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(common::corpus_path()).unwrap();
+    std::fs::write(tmp.path().join("small.txt"), &text[..30_000]).unwrap();
+    let run = tmp.path().join("run");
+    let status = common::minigpt()
+        .args(["train", "--max-steps", "7", "--eval-batches", "1", "-q", "--data"])
+        .arg(tmp.path().join("small.txt"))
+        .arg("--out")
+        .arg(&run)
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+
+    let dir = RunDir::open(&run).unwrap();
+    let (_, runner) = minigpt::train::load_run(&dir, GraphOptions::new(1), DeviceChoice::Cpu).unwrap();
+    let vars = runner.g.model.variables();
+    let values: Vec<tensorflow::Tensor<f32>> = runner.read(&vars).unwrap();
+
+    let script = r#"
+import sys, numpy as np, tensorflow as tf
+path = tf.train.latest_checkpoint(sys.argv[1])
+reader = tf.train.load_checkpoint(path)
+shapes = reader.get_variable_to_shape_map()
+print(path.rsplit("/", 1)[-1])
+print(int(reader.get_tensor("optimizer/iterations")))
+for name in sys.argv[2:]:
+    v = reader.get_tensor(name).astype(np.float64).ravel()
+    print(name, list(shapes[name]), repr(float(v.sum())), repr(float(v[0])))
+"#;
+    let names: Vec<&str> = vars.iter().map(|v| v.name.as_str()).collect();
+    let out = Command::new(PYTHON)
+        .env("TF_CPP_MIN_LOG_LEVEL", "3")
+        .arg("-c")
+        .arg(script)
+        .arg(run.join("ckpt"))
+        .args(&names)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let mut lines = stdout.lines();
+    assert_eq!(lines.next(), Some("ckpt-7"));
+    assert_eq!(lines.next(), Some("7"));
+    for (var, value) in vars.iter().zip(&values) {
+        let line = lines.next().unwrap();
+        let sum: f64 = value.iter().map(|&v| v as f64).sum();
+        let fields: Vec<&str> = line.split(' ').collect();
+        assert_eq!(fields[0], var.name);
+        let shape: Vec<String> = var.shape.iter().map(|d| d.to_string()).collect();
+        assert_eq!(line.split('[').nth(1).unwrap().split(']').next().unwrap(), shape.join(", "));
+        let py_sum: f64 = fields[fields.len() - 2].parse().unwrap();
+        let py_first: f64 = fields[fields.len() - 1].parse().unwrap();
+        assert_eq!(py_first, value[0] as f64, "{line}");
+        assert!((py_sum - sum).abs() <= 1e-9 * sum.abs().max(1.0), "{line}: Rust sum {sum}");
+    }
+}
