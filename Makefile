@@ -9,7 +9,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 VENV_STAMP := $(VENV)/.installed
-TF_LIB := .tf/lib/libtensorflow.so
+# A regular file (make would judge the symlinks by the wheel's old timestamps).
+TF_LIB := .tf/lib/tensorflow.pc
 BIN := target/release/minigpt
 RUN ?= runs/notebook-$(shell date +%Y%m%d-%H%M%S)
 export TF_CPP_MIN_LOG_LEVEL ?= 2

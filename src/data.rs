@@ -350,15 +350,6 @@ impl<'a> Batches<'a> {
         }
         true
     }
-
-    /// Skips `n` batches (used to replay an epoch's position).
-    pub fn skip(&mut self, n: usize) {
-        for _ in 0..n * self.batch_size {
-            if self.order.next().is_none() {
-                return;
-            }
-        }
-    }
 }
 
 #[cfg(test)]

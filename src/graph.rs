@@ -228,7 +228,7 @@ impl Runner {
 
     /// Mean loss on a batch, without training.
     pub fn loss<T: TensorType + Copy>(&self, x: &Tensor<i32>, y: &Tensor<i32>) -> Result<T> {
-        Ok(self.fetch_with_batch::<T>(&[self.g.loss.clone()], x, y)?.remove(0)[0])
+        Ok(self.fetch_with_batch::<T>(std::slice::from_ref(&self.g.loss), x, y)?.remove(0)[0])
     }
 
     /// Fetches `outputs` with the batch fed.

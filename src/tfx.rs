@@ -46,10 +46,6 @@ impl Var {
     pub fn read(&self, scope: &mut Scope) -> tensorflow::Result<Output> {
         Ok(ops::ReadVariableOp::new().dtype(self.dtype).build(self.handle.clone(), scope)?.into())
     }
-
-    pub fn num_elements(&self) -> u64 {
-        self.shape.iter().product()
-    }
 }
 
 /// A constant `[n]` int32 shape tensor.

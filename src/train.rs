@@ -106,7 +106,7 @@ pub fn train(cfg: &TrainConfig, corpus: &Corpus, out: &Path) -> Result<TrainSumm
                 bail!("the loss became {loss} at step {global_step}; the last checkpoint is left as it was");
             }
             last_loss = loss;
-            if step % cfg.log_every == 0 {
+            if step.is_multiple_of(cfg.log_every) {
                 if !cfg.quiet {
                     writeln!(stdout, "Step {step}: Loss {loss:.4}")?;
                 }

@@ -48,7 +48,7 @@ fn two_steps_follow_keras_adam() {
             common::assert_close(&format!("{name}/m after step {t}"), &to_f64(&got_m[i]), &m[i], 1e-9, 1e-5);
             common::assert_close(&format!("{name}/v after step {t}"), &to_f64(&got_v[i]), &v2[i], 1e-12, 1e-5);
         }
-        let iterations: Vec<Tensor<i64>> = runner.read(&[runner.g.optimizer.iterations.clone()]).unwrap();
+        let iterations: Vec<Tensor<i64>> = runner.read(std::slice::from_ref(&runner.g.optimizer.iterations)).unwrap();
         assert_eq!(iterations[0][0], t as i64);
     }
 }
