@@ -1,6 +1,7 @@
 # minigpt — every target does the set-up it needs and is safe to run again.
 #   make train   set up, build, train the notebook's configuration, print a sample
 #   make test    set up, run every test
+#   make parity  set up, compare minigpt with the notebook under Python TensorFlow, print a table
 #
 # The TensorFlow C library comes from the pinned pip wheel. For NVIDIA GPUs:
 #   make TF_PACKAGE='tensorflow[and-cuda]==2.21.0' train
@@ -15,7 +16,7 @@ BIN := target/release/minigpt
 RUN ?= runs/notebook-$(shell date +%Y%m%d-%H%M%S)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: setup build train test clean-tf
+.PHONY: setup build train test parity clean-tf
 
 setup: $(TF_LIB)
 
@@ -47,6 +48,9 @@ train: build
 
 test: setup
 	cargo test
+
+parity: setup
+	cargo run --quiet --example parity
 
 clean-tf:
 	rm -rf .tf $(VENV)

@@ -37,12 +37,7 @@ pub fn default_source() -> String {
 
 /// Loads a corpus from a path or an `http(s)://` URL (downloaded through the cache).
 pub fn load_corpus(source: &str) -> Result<Corpus> {
-    let path = if is_url(source) {
-        let expected = (source == TINY_SHAKESPEARE_URL).then_some(TINY_SHAKESPEARE_SHA256);
-        fetch_cached(source, expected, &cache_dir()?)?
-    } else {
-        PathBuf::from(source)
-    };
+    let path = local_path(source)?;
     let bytes = fs::read(&path).with_context(|| format!("reading corpus {}", path.display()))?;
     let sha256 = sha256_hex(&bytes);
     let text = String::from_utf8(bytes).map_err(|e| {
@@ -54,6 +49,16 @@ pub fn load_corpus(source: &str) -> Result<Corpus> {
     })?;
     ensure!(!text.is_empty(), "corpus {} is empty", path.display());
     Ok(Corpus { text, source: source.to_string(), sha256 })
+}
+
+/// The local file behind a path or URL: a URL is downloaded into the cache first.
+pub fn local_path(source: &str) -> Result<PathBuf> {
+    if is_url(source) {
+        let expected = (source == TINY_SHAKESPEARE_URL).then_some(TINY_SHAKESPEARE_SHA256);
+        fetch_cached(source, expected, &cache_dir()?)
+    } else {
+        Ok(PathBuf::from(source))
+    }
 }
 
 pub fn is_url(source: &str) -> bool {

@@ -7,7 +7,7 @@ use tensorflow::{
     ops, DataType, Graph, Operation, Output, Scope, Session, SessionRunArgs, Tensor, TensorType,
 };
 
-use crate::model::{LanguageModel, ModelConfig};
+use crate::model::{Forward, LanguageModel, ModelConfig};
 use crate::optim::{Adam, AdamConfig};
 use crate::sample::{Sampler, SamplerConfig};
 use crate::tfx::{self, SessionConfig, Var};
@@ -76,11 +76,12 @@ impl ModelGraph {
 
         let tokens = tfx::placeholder("x", DataType::Int32, &[-1, -1], scope)?;
         let targets = tfx::placeholder("y", DataType::Int32, &[-1, -1], scope)?;
-        let logits = model.forward(tokens.clone().into(), scope)?; // [B, T, V]
-        let (loss, grads) = loss_and_grads(logits.clone(), targets.clone().into(), &vars, cfg.vocab_size, scope)?;
+        let forward = model.forward(tokens.clone().into(), scope)?;
+        let logits = forward.logits.clone(); // [B, T, V]
+        let (loss, grads, squares) = loss_and_grads(&forward, targets.clone().into(), &vars, cfg.vocab_size, scope)?;
 
         let optimizer = Adam::new(&vars, &opts.adam, dtype, scope)?;
-        let train_op = optimizer.apply(&vars, &grads, &opts.adam, dtype, &mut scope.with_op_name("train_step"))?;
+        let train_op = optimizer.apply(&vars, &grads, &squares, &opts.adam, dtype, &mut scope.with_op_name("train_step"))?;
 
         let all_vars: Vec<Var> = vars.iter().cloned().chain(optimizer.variables()).collect();
         let inits: Vec<Operation> = all_vars.iter().map(|v| v.initializer.clone()).collect();
@@ -129,7 +130,8 @@ impl ModelGraph {
     }
 }
 
-/// Mean sparse categorical cross-entropy and its gradients.
+/// Mean sparse categorical cross-entropy, its gradients, and for each embedding table the sum of
+/// its per-lookup gradient rows squared (what Keras' Adam squares; see [`Adam::apply`]).
 ///
 /// The C++ gradient registry has no gradient for `SparseSoftmaxCrossEntropyWithLogits`, but the
 /// op's second output is d(per-token loss)/d(logits) = softmax − onehot; times 1/N it is
@@ -138,12 +140,13 @@ impl ModelGraph {
 /// cannot be passed directly.) It is passed through a surrogate
 /// `Σ logits · stop_gradient(dlogits)`, whose gradient at the logits is `dlogits` exactly.
 fn loss_and_grads(
-    logits: Output,
+    forward: &Forward,
     targets: Output,
     vars: &[Var],
     vocab_size: u64,
     scope: &mut Scope,
-) -> tensorflow::Result<(Output, Vec<Output>)> {
+) -> tensorflow::Result<(Output, Vec<Output>, Vec<Option<Output>>)> {
+    let logits = forward.logits.clone();
     let scope = &mut scope.new_sub_scope("loss");
     let dtype = logits.operation.get_attr_type("T")?;
     let shape = tfx::shape_const(&[-1, vocab_size as i64], scope)?;
@@ -163,14 +166,34 @@ fn loss_and_grads(
     let surrogate = ops::mul(logits_2d, dlogits, scope)?; // [N, V]
     let axes = tfx::shape_const(&[0, 1], scope)?;
     let surrogate: Output = ops::sum(surrogate, axes, &mut scope.with_op_name("surrogate"))?.into(); // []
-    let handles: Vec<Output> = vars.iter().map(|v| v.handle.clone()).collect();
-    let grads = scope.graph_mut().add_gradients(Some("gradients"), &[surrogate], &handles, None)?;
-    let grads = grads
+    let mut xs: Vec<Output> = vars.iter().map(|v| v.handle.clone()).collect();
+    xs.extend(forward.lookups.iter().map(|l| l.rows.clone()));
+    let names = vars.iter().map(|v| v.name.as_str()).chain(forward.lookups.iter().map(|l| l.var.as_str()));
+    let grads = scope.graph_mut().add_gradients(Some("gradients"), &[surrogate], &xs, None)?;
+    let mut grads = grads
         .into_iter()
-        .zip(vars)
-        .map(|(g, v)| g.ok_or_else(|| tensorflow::Status::new_set_lossy(tensorflow::Code::Internal, &format!("no gradient reaches {}", v.name))))
+        .zip(names)
+        .map(|(g, name)| g.ok_or_else(|| tensorflow::Status::new_set_lossy(tensorflow::Code::Internal, &format!("no gradient reaches {name}"))))
         .collect::<tensorflow::Result<Vec<_>>>()?;
-    Ok((loss, grads))
+    let row_grads = grads.split_off(vars.len());
+
+    let mut squares: Vec<Option<Output>> = vec![None; vars.len()];
+    let scope = &mut scope.new_sub_scope("lookup_squares");
+    for (lookup, d_rows) in forward.lookups.iter().zip(row_grads) {
+        let i = vars.iter().position(|v| v.name == lookup.var).ok_or_else(|| {
+            tensorflow::Status::new_set_lossy(tensorflow::Code::Internal, &format!("lookup of unknown variable {}", lookup.var))
+        })?;
+        let (rows, width) = (vars[i].shape[0] as i64, vars[i].shape[1] as i64);
+        let d_rows = ops::reshape(d_rows, tfx::shape_const(&[-1, width], scope)?, scope)?; // [N, C]
+        let ids = ops::reshape(lookup.ids.clone(), tfx::shape_const(&[-1], scope)?, scope)?; // [N]
+        let num = ops::constant(rows as i32, scope)?;
+        let sum = ops::unsorted_segment_sum(ops::square(d_rows, scope)?, ids, num, scope)?; // [V, C]
+        squares[i] = Some(match squares[i].take() {
+            Some(prev) => ops::add_v2(prev, sum, scope)?.into(),
+            None => sum.into(),
+        });
+    }
+    Ok((loss, grads, squares))
 }
 
 /// `SaveV2` and `RestoreV2` of every variable, by name, at a fed prefix.

@@ -10,6 +10,7 @@ pub mod device;
 pub mod graph;
 pub mod model;
 pub mod optim;
+pub mod parity;
 pub mod sample;
 pub mod tfx;
 pub mod train;

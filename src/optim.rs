@@ -43,35 +43,57 @@ impl Adam {
         Ok(Self { m, v, iterations, learning_rate })
     }
 
-    /// One Adam step on every variable, then `iterations += 1`. Keras' rule, with t = iterations + 1:
-    /// `m += (g - m)(1 - β1); v += (g² - v)(1 - β2); var -= lr·√(1-β2ᵗ)/(1-β1ᵗ) · m / (√v + ε)`,
-    /// which `ResourceApplyAdam` computes given β1ᵗ and β2ᵗ.
-    pub fn apply(&self, vars: &[Var], grads: &[Output], cfg: &AdamConfig, dtype: DataType, scope: &mut Scope) -> tensorflow::Result<Operation> {
+    /// One Adam step on every variable, then `iterations += 1`: Keras 3's `Adam.update_step`, op
+    /// for op in the same order and with the same float32 constants, so that the notebook's
+    /// numbers come out (`ResourceApplyAdam` rounds `1 - β` differently). With t = iterations + 1:
+    /// `α = lr·√(1-β2ᵗ)/(1-β1ᵗ); m += (g - m)(1 - β1); v += (g² - v)(1 - β2); var -= mα / (√v + ε)`.
+    ///
+    /// `squares[i]`, when given, replaces `g²` for variable `i`: Keras receives an embedding's
+    /// gradient as `IndexedSlices` with one row per lookup and squares those rows before summing
+    /// duplicates, so its `v` grows by Σ(per-lookup row)², not (Σ rows)².
+    pub fn apply(
+        &self,
+        vars: &[Var],
+        grads: &[Output],
+        squares: &[Option<Output>],
+        cfg: &AdamConfig,
+        dtype: DataType,
+        scope: &mut Scope,
+    ) -> tensorflow::Result<Operation> {
         let scope = &mut scope.new_sub_scope("adam");
         let step = self.iterations.read(scope)?;
-        let one = ops::constant(1i64, scope)?;
-        let t = ops::add_v2(step, one, scope)?;
+        let one_step = ops::constant(1i64, scope)?;
+        let t = ops::add_v2(step, one_step, scope)?;
         let t = ops::Cast::new().DstT(dtype).build(t, scope)?; // float t
-        let beta_1 = tfx::scalar(dtype, cfg.beta_1, scope)?;
-        let beta_2 = tfx::scalar(dtype, cfg.beta_2, scope)?;
+        let beta_1_power = ops::pow(tfx::scalar(dtype, cfg.beta_1, scope)?, t.clone(), scope)?;
+        let beta_2_power = ops::pow(tfx::scalar(dtype, cfg.beta_2, scope)?, t, scope)?;
+        let one = tfx::scalar(dtype, 1.0, scope)?;
+        let root = ops::sqrt(ops::sub(one.clone(), beta_2_power, scope)?, scope)?;
+        let lr_root = ops::mul(self.learning_rate.clone(), root, scope)?;
+        let alpha = ops::real_div(lr_root, ops::sub(one, beta_1_power, scope)?, scope)?;
+        // Python computes `1 - beta` in float64 before TensorFlow rounds it to float32.
+        let keep_1 = tfx::scalar(dtype, 1.0 - cfg.beta_1, scope)?;
+        let keep_2 = tfx::scalar(dtype, 1.0 - cfg.beta_2, scope)?;
         let epsilon = tfx::scalar(dtype, cfg.epsilon, scope)?;
-        let beta_1_power = ops::pow(beta_1.clone(), t.clone(), scope)?;
-        let beta_2_power = ops::pow(beta_2.clone(), t, scope)?;
         let mut updates = Vec::with_capacity(vars.len());
         for (i, (var, grad)) in vars.iter().zip(grads).enumerate() {
-            updates.push(ops::resource_apply_adam(
-                var.handle.clone(),
-                self.m[i].handle.clone(),
-                self.v[i].handle.clone(),
-                beta_1_power.clone(),
-                beta_2_power.clone(),
-                self.learning_rate.clone(),
-                beta_1.clone(),
-                beta_2.clone(),
-                epsilon.clone(),
-                grad.clone(),
+            let (m, v) = (&self.m[i], &self.v[i]);
+            let m_old = m.read(scope)?;
+            let m_new = ops::add_v2(m_old.clone(), ops::mul(ops::sub(grad.clone(), m_old, scope)?, keep_1.clone(), scope)?, scope)?;
+            let g2: Output = match squares.get(i).cloned().flatten() {
+                Some(s) => s,
+                None => ops::square(grad.clone(), scope)?.into(),
+            };
+            let v_old = v.read(scope)?;
+            let v_new = ops::add_v2(v_old.clone(), ops::mul(ops::sub(g2, v_old, scope)?, keep_2.clone(), scope)?, scope)?;
+            let step = ops::real_div(
+                ops::mul(m_new.clone(), alpha.clone(), scope)?,
+                ops::add_v2(ops::sqrt(v_new.clone(), scope)?, epsilon.clone(), scope)?,
                 scope,
-            )?);
+            )?;
+            updates.push(ops::assign_variable_op(m.handle.clone(), m_new, scope)?);
+            updates.push(ops::assign_variable_op(v.handle.clone(), v_new, scope)?);
+            updates.push(ops::assign_sub_variable_op(var.handle.clone(), step, scope)?);
         }
         let one = ops::constant(1i64, scope)?;
         let increment = ops::assign_add_variable_op(

@@ -29,7 +29,7 @@ impl Sampler {
         let context = tfx::placeholder("sample/context", DataType::Int32, &[1, -1], scope)?;
         let one = ops::constant(1.0f32, scope)?;
         let temperature = tfx::scalar_with_default("sample/temperature", one.into(), scope)?;
-        let logits = model.forward(context.clone().into(), scope)?; // [1, L, V]
+        let logits = model.forward(context.clone().into(), scope)?.logits; // [1, L, V]
         // logits[:, -1, :]
         let begin = tfx::constant(&[0i32, -1, 0], &[3], scope)?;
         let end = tfx::constant(&[0i32, 0, 0], &[3], scope)?;

@@ -22,7 +22,9 @@ fn two_steps_follow_keras_adam() {
     let vars = runner.g.model.variables();
     let AdamConfig { learning_rate: lr, beta_1: b1, beta_2: b2, epsilon: eps } = AdamConfig::default();
     assert_eq!((lr, b1, b2, eps), (1e-3, 0.9, 0.999, 1e-7));
-    // The graph holds the hyperparameters as float32 constants, as Keras does.
+    // The graph holds the hyperparameters as float32 constants, as Keras does; Python computes
+    // `1 - beta` in float64 first.
+    let (keep_1, keep_2) = ((1.0 - b1) as f32 as f64, (1.0 - b2) as f32 as f64);
     let [lr, b1, b2, eps] = [lr, b1, b2, eps].map(|h| h as f32 as f64);
 
     let mut w: Vec<Vec<f64>> = runner.read::<f32>(&vars).unwrap().iter().map(to_f64).collect();
@@ -30,12 +32,30 @@ fn two_steps_follow_keras_adam() {
     let mut v2 = m.clone();
     for t in 1..=2 {
         let g: Vec<Vec<f64>> = runner.fetch_with_batch::<f32>(&runner.g.grads, &x, &y).unwrap().iter().map(to_f64).collect();
+        // What Adam squares: g² for the dense layer; for the embedding, Keras' IndexedSlices rows
+        // (one per lookup, d loss/d row = dlogits · kernelᵀ) squared, then summed per token.
+        let mut sq: Vec<Vec<f64>> = g.iter().map(|gi| gi.iter().map(|v| v * v).collect()).collect();
+        let logits = to_f64(&runner.fetch_with_batch::<f32>(std::slice::from_ref(&runner.g.logits), &x, &y).unwrap()[0]);
+        let (vocab, width, n) = (11, 6, x.len());
+        sq[0] = vec![0.0; vocab * width];
+        for pos in 0..n {
+            let row = &logits[pos * vocab..(pos + 1) * vocab];
+            let max = row.iter().cloned().fold(f64::MIN, f64::max);
+            let z: f64 = row.iter().map(|l| (l - max).exp()).sum();
+            let dlogits: Vec<f64> = (0..vocab)
+                .map(|k| ((row[k] - max).exp() / z - if k as i32 == y[pos] { 1.0 } else { 0.0 }) / n as f64)
+                .collect();
+            for c in 0..width {
+                let d: f64 = (0..vocab).map(|k| dlogits[k] * w[1][c * vocab + k]).sum();
+                sq[0][x[pos] as usize * width + c] += d * d;
+            }
+        }
         let _: f32 = runner.train_step(&x, &y).unwrap();
         let alpha = lr * (1.0 - b2.powi(t)).sqrt() / (1.0 - b1.powi(t));
         for i in 0..vars.len() {
             for j in 0..w[i].len() {
-                m[i][j] += (g[i][j] - m[i][j]) * (1.0 - b1);
-                v2[i][j] += (g[i][j] * g[i][j] - v2[i][j]) * (1.0 - b2);
+                m[i][j] += (g[i][j] - m[i][j]) * keep_1;
+                v2[i][j] += (sq[i][j] - v2[i][j]) * keep_2;
                 w[i][j] -= alpha * m[i][j] / (v2[i][j].sqrt() + eps);
             }
         }

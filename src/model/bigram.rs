@@ -4,7 +4,7 @@
 use tensorflow::{ops, DataType, Output, Scope};
 
 use super::layers::{Dense, Embedding};
-use super::LanguageModel;
+use super::{Forward, LanguageModel};
 use crate::tfx::{self, Var};
 
 pub struct Bigram {
@@ -24,16 +24,17 @@ impl Bigram {
 
 impl LanguageModel for Bigram {
     /// tokens: [B, T] int32 -> logits [B, T, V]
-    fn forward(&self, tokens: Output, scope: &mut Scope) -> tensorflow::Result<Output> {
+    fn forward(&self, tokens: Output, scope: &mut Scope) -> tensorflow::Result<Forward> {
         let scope = &mut scope.new_sub_scope("mini_gpt");
-        let x = self.embedding.apply(tokens.clone(), scope)?; // [B, T, C]
+        let lookup = self.embedding.apply(tokens.clone(), scope)?;
+        let x = lookup.rows.clone(); // [B, T, C]
         let flat = tfx::shape_const(&[-1, self.n_embd as i64], scope)?;
         let x = ops::reshape(x, flat, scope)?; // [B*T, C]
         let logits = self.dense.apply(x.into(), scope)?; // [B*T, V]
         let bt = ops::shape(tokens, scope)?; // [2] = (B, T)
         let v = tfx::shape_const(&[self.vocab_size as i64], scope)?;
         let shape = tfx::concat(&[bt.into(), v], 0, scope)?; // (B, T, V)
-        Ok(ops::reshape(logits, shape, scope)?.into())
+        Ok(Forward { logits: ops::reshape(logits, shape, scope)?.into(), lookups: vec![lookup] })
     }
 
     fn variables(&self) -> Vec<Var> {

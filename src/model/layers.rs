@@ -3,6 +3,7 @@
 
 use tensorflow::{ops, DataType, Output, Scope};
 
+use super::Lookup;
 use crate::tfx::{self, Var};
 
 /// `uniform(-limit, limit)` of `shape`, seeded (`seed` is the graph seed, `seed2` the op's).
@@ -34,12 +35,13 @@ impl Embedding {
         Ok(Self { embeddings: Var::new(&format!("{name}/embeddings"), dtype, &shape, init, scope)? })
     }
 
-    /// ids: [...] int32 -> [..., C]. A read of the variable then `GatherV2`, whose gradient the
-    /// C++ registry has (`ResourceGather`'s it lacks).
-    pub fn apply(&self, ids: Output, scope: &mut Scope) -> tensorflow::Result<Output> {
+    /// ids: [...] int32 -> rows [..., C]. A read of the variable then `GatherV2`, whose gradient
+    /// the C++ registry has (`ResourceGather`'s it lacks).
+    pub fn apply(&self, ids: Output, scope: &mut Scope) -> tensorflow::Result<Lookup> {
         let table = self.embeddings.read(scope)?; // [V, C]
         let axis = ops::constant(0i32, scope)?;
-        Ok(ops::gather_v2(table, ids, axis, scope)?.into())
+        let rows = ops::gather_v2(table, ids.clone(), axis, scope)?.into();
+        Ok(Lookup { var: self.embeddings.name.clone(), ids, rows })
     }
 }
 

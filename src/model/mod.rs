@@ -9,10 +9,29 @@ use tensorflow::{DataType, Output, Scope};
 
 use crate::tfx::Var;
 
+/// An embedding lookup made by a forward pass: `rows = table[ids]`.
+#[derive(Debug, Clone)]
+pub struct Lookup {
+    /// The looked-up variable's name.
+    pub var: String,
+    /// [...] int32
+    pub ids: Output,
+    /// [..., C]
+    pub rows: Output,
+}
+
+/// A forward pass: the logits and the embedding lookups on the way (Keras' gradients of
+/// embeddings are per-lookup `IndexedSlices`, which its Adam treats differently; see `optim`).
+pub struct Forward {
+    /// [B, T, V]
+    pub logits: Output,
+    pub lookups: Vec<Lookup>,
+}
+
 /// What every architecture offers the trainer and the sampler.
 pub trait LanguageModel {
     /// tokens: [B, T] int32 -> logits [B, T, V]
-    fn forward(&self, tokens: Output, scope: &mut Scope) -> tensorflow::Result<Output>;
+    fn forward(&self, tokens: Output, scope: &mut Scope) -> tensorflow::Result<Forward>;
     /// Trainable variables, in a fixed order (optimizer, initialisation, checkpoints).
     fn variables(&self) -> Vec<Var>;
     /// How many trailing tokens the next token's logits depend on (`None`: all of them).

@@ -1,0 +1,350 @@
+//! Parity with the notebook: minigpt's own graph against what Python TensorFlow computed with the
+//! notebook's code. `python_export/make_fixtures.py` writes the fixtures (its docstring describes
+//! the folder); [`check`] loads the same initial weights into minigpt's graph, feeds the same
+//! batches and returns one [`Check`] per quantity.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, ensure, Context, Result};
+use ndarray::ArrayD;
+use ndarray_npy::{ReadableElement, ReadNpyExt};
+use serde::Deserialize;
+use tensorflow::{Tensor, TensorType};
+
+use crate::data::{self, Batches, Corpus, Shuffle, Vocab, NOTEBOOK_SHUFFLE_BUFFER};
+use crate::graph::{GraphOptions, ModelGraph, Runner};
+use crate::model::{Arch, ModelConfig};
+use crate::sample::{self, SamplerConfig};
+use crate::tfx::SessionConfig;
+
+/// One compared quantity: `diff` is the measured difference, passing when `diff ≤ tolerance`.
+#[derive(Debug, Clone)]
+pub struct Check {
+    pub quantity: String,
+    pub diff: f64,
+    pub tolerance: f64,
+    /// How `diff` is measured, e.g. "max |Δ|".
+    pub measure: &'static str,
+}
+
+impl Check {
+    pub fn passed(&self) -> bool {
+        self.diff <= self.tolerance // false for NaN
+    }
+}
+
+/// The checks as a table: quantity, measure, difference, tolerance, PASS/FAIL.
+pub struct Table<'a>(pub &'a [Check]);
+
+impl fmt::Display for Table<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let width = self.0.iter().map(|c| c.quantity.len()).max().unwrap_or(8).max(8);
+        writeln!(f, "{:<width$}  {:<22}  {:>10}  {:>9}  result", "quantity", "measure", "difference", "tolerance")?;
+        for c in self.0 {
+            let result = if c.passed() { "PASS" } else { "FAIL" };
+            writeln!(f, "{:<width$}  {:<22}  {:>10.3e}  {:>9.0e}  {result}", c.quantity, c.measure, c.diff, c.tolerance)?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs `python_export/make_fixtures.py` from the repository `root` with `python`, writing to `out`.
+pub fn make_fixtures(python: &Path, root: &Path, corpus: &Path, out: &Path) -> Result<()> {
+    let script = root.join("python_export/make_fixtures.py");
+    let status = Command::new(python)
+        .arg(&script)
+        .arg("--data")
+        .arg(corpus)
+        .arg("--out")
+        .arg(out)
+        .env("TF_CPP_MIN_LOG_LEVEL", "2")
+        .stdout(std::process::Stdio::null())
+        .status()
+        .with_context(|| format!("running {} {}", python.display(), script.display()))?;
+    ensure!(status.success(), "{} failed ({status})", script.display());
+    Ok(())
+}
+
+#[derive(Deserialize)]
+struct Manifest {
+    seed: i64,
+    data_sha256: String,
+    block_size: usize,
+    batch_size: usize,
+    embedding_dim: u64,
+    vocab: Vec<String>,
+    steps: usize,
+    batch0_loss: f64,
+    step_losses: Vec<f64>,
+    generate: Generated,
+    curve_steps: usize,
+}
+
+#[derive(Deserialize)]
+struct Generated {
+    seed: i64,
+    prompt: String,
+    chars: usize,
+    text: String,
+}
+
+/// The fixtures folder.
+struct Fixtures(PathBuf);
+
+impl Fixtures {
+    fn array<T: ReadableElement>(&self, rel: &str) -> Result<ArrayD<T>> {
+        let path = self.0.join(rel);
+        let file = std::fs::File::open(&path).with_context(|| format!("opening fixture {}", path.display()))?;
+        ArrayD::<T>::read_npy(file).with_context(|| format!("reading fixture {}", path.display()))
+    }
+
+    fn tensor<T: ReadableElement + TensorType>(&self, rel: &str) -> Result<Tensor<T>> {
+        let a = self.array::<T>(rel)?;
+        let dims: Vec<u64> = a.shape().iter().map(|&d| d as u64).collect();
+        Ok(Tensor::new(&dims).with_values(&a.iter().cloned().collect::<Vec<_>>())?)
+    }
+
+    /// `<folder>/<var>.npy` (or `<var>.<suffix>.npy`) for each variable name.
+    fn vars(&self, folder: &str, names: &[String], suffix: &str) -> Result<Vec<Tensor<f32>>> {
+        names.iter().map(|n| self.tensor(&format!("{folder}/{}{suffix}.npy", n.replace('/', ".")))).collect()
+    }
+}
+
+/// Runs every check against the fixtures in `dir`, made from `corpus`.
+pub fn check(dir: &Path, corpus: &Corpus) -> Result<Vec<Check>> {
+    let fx = Fixtures(dir.to_path_buf());
+    let manifest_path = dir.join("manifest.json");
+    let manifest: Manifest = serde_json::from_slice(
+        &std::fs::read(&manifest_path).with_context(|| format!("reading {}", manifest_path.display()))?,
+    )
+    .with_context(|| format!("parsing {}", manifest_path.display()))?;
+    let m = &manifest;
+    ensure!(
+        m.data_sha256 == corpus.sha256,
+        "the fixtures in {} were made from another corpus (SHA-256 {}, this one {})",
+        dir.display(),
+        m.data_sha256,
+        corpus.sha256
+    );
+    let vocab = Vocab::from_strings(&m.vocab)?;
+    let cfg = ModelConfig { arch: Arch::Bigram, vocab_size: vocab.len() as u64, n_embd: m.embedding_dim };
+    let opts = GraphOptions { sampler: Some(SamplerConfig::default()), ..GraphOptions::new(m.generate.seed) };
+    let new_runner = || -> Result<Runner> {
+        let runner = Runner::new(ModelGraph::build(&cfg, &opts)?, SessionConfig::default())?;
+        runner.init()?;
+        Ok(runner)
+    };
+    let runner = new_runner()?;
+    let names: Vec<String> = runner.g.model.variables().iter().map(|v| v.name.clone()).collect();
+    let init = fx.vars("init", &names, "")?;
+    runner.set_weights(&init)?;
+    let mut checks = Vec::new();
+
+    // Forward pass, loss and gradients on batch 0.
+    let bx = fx.array::<i32>("batches/x.npy")?;
+    let by = fx.array::<i32>("batches/y.npy")?;
+    ensure!(bx.shape() == [m.steps, m.batch_size, m.block_size], "batches/x.npy has shape {:?}", bx.shape());
+    let batch = |i: usize| -> Result<(Tensor<i32>, Tensor<i32>)> {
+        let dims = [m.batch_size as u64, m.block_size as u64];
+        let x: Vec<i32> = bx.index_axis(ndarray::Axis(0), i).iter().cloned().collect();
+        let y: Vec<i32> = by.index_axis(ndarray::Axis(0), i).iter().cloned().collect();
+        Ok((Tensor::new(&dims).with_values(&x)?, Tensor::new(&dims).with_values(&y)?))
+    };
+    let (x0, y0) = batch(0)?;
+    let mut fetches = vec![runner.g.logits.clone(), runner.g.loss.clone()];
+    fetches.extend(runner.g.grads.iter().cloned());
+    let got: Vec<Tensor<f32>> = runner.fetch_with_batch(&fetches, &x0, &y0)?;
+    checks.push(max_abs("logits, batch 0", &got[0], &fx.array::<f32>("batch0/logits.npy")?, 1e-5)?);
+    checks.push(Check {
+        quantity: "loss, batch 0".into(),
+        diff: (got[1][0] as f64 - m.batch0_loss).abs() / m.batch0_loss.abs(),
+        tolerance: 1e-6,
+        measure: "|Δ| / |loss|",
+    });
+    for (i, name) in names.iter().enumerate() {
+        let want = fx.array::<f32>(&format!("batch0/grad/{}.npy", name.replace('/', ".")))?;
+        checks.push(max_rel(&format!("gradient {name}"), &got[2 + i], &want, 1e-6)?);
+    }
+
+    // Adam steps on the given batches.
+    let mut losses = Vec::with_capacity(m.steps);
+    for i in 0..m.steps {
+        let (x, y) = batch(i)?;
+        losses.push(runner.train_step::<f32>(&x, &y)? as f64);
+        if i == 0 || i + 1 == m.steps {
+            checks.extend(compare_state(&runner, &fx, &names, i + 1)?);
+        }
+    }
+    checks.push(max_abs_slice(&format!("train_step losses, {} steps", m.steps), &losses, &m.step_losses, 1e-5));
+
+    // Generation from the trained weights with the notebook's seed and prompt.
+    let prompt = vocab.encode(&m.generate.prompt).map_err(|e| anyhow::anyhow!("prompt: {e}"))?;
+    let ids = sample::generate(&runner, &prompt, m.generate.chars, 1.0, |_| Ok(()))?;
+    let text = format!("{}{}", m.generate.prompt, vocab.decode(&ids));
+    checks.push(Check {
+        quantity: format!("generate_text, {} characters", m.generate.chars),
+        diff: differing_chars(&text, &m.generate.text) as f64,
+        tolerance: 0.0,
+        measure: "characters differing",
+    });
+
+    let encoded = vocab.encode(&corpus.text).map_err(|e| anyhow::anyhow!("corpus: {e}"))?;
+    let (train, val) = data::split(&encoded);
+    checks.extend(check_pipeline(&fx, m, train, val)?);
+    checks.push(check_curve(&fx, m, train, new_runner()?, &init)?);
+    Ok(checks)
+}
+
+/// Weights and Adam's m and v after `step` steps.
+fn compare_state(runner: &Runner, fx: &Fixtures, names: &[String], step: usize) -> Result<Vec<Check>> {
+    let adam = &runner.g.optimizer;
+    let weights = runner.read::<f32>(&runner.g.model.variables())?;
+    let m = runner.read::<f32>(&adam.m)?;
+    let v = runner.read::<f32>(&adam.v)?;
+    let mut checks = Vec::new();
+    for (suffix, got, label) in [("", &weights, ""), (".m", &m, " Adam m"), (".v", &v, " Adam v")] {
+        let want = fx.vars(&format!("step{step}"), names, suffix)?;
+        for (i, name) in names.iter().enumerate() {
+            let want = ArrayD::from_shape_vec(want[i].dims().iter().map(|&d| d as usize).collect::<Vec<_>>(), want[i].to_vec())?;
+            checks.push(max_rel(&format!("step {step}: {name}{label}"), &got[i], &want, 1e-5)?);
+        }
+    }
+    Ok(checks)
+}
+
+/// The input pipeline: in text order batch for batch, and one shuffled epoch as a multiset.
+fn check_pipeline(fx: &Fixtures, m: &Manifest, train: &[i32], val: &[i32]) -> Result<Vec<Check>> {
+    let (t, b) = (m.block_size, m.batch_size);
+    let mut checks = Vec::new();
+
+    let (nx, ny) = (fx.array::<i32>("none/x.npy")?, fx.array::<i32>("none/y.npy")?);
+    let mut batches = Batches::new(train, t, b, Shuffle::None, 0, 0);
+    let (mut x, mut y) = (vec![0; b * t], vec![0; b * t]);
+    let mut differing = 0usize;
+    for i in 0..nx.shape()[0] {
+        ensure!(batches.fill(&mut x, &mut y), "minigpt ran out of batches at {i}");
+        let want_x = nx.index_axis(ndarray::Axis(0), i);
+        let want_y = ny.index_axis(ndarray::Axis(0), i);
+        differing += x.iter().zip(want_x.iter()).filter(|(a, b)| a != b).count();
+        differing += y.iter().zip(want_y.iter()).filter(|(a, b)| a != b).count();
+    }
+    checks.push(Check {
+        quantity: format!("batches, no shuffle, first {}", nx.shape()[0]),
+        diff: differing as f64,
+        tolerance: 0.0,
+        measure: "elements differing",
+    });
+
+    // One shuffled epoch over the first 20000 validation characters: the same windows.
+    let (sx, sy) = (fx.array::<i32>("shuffled/x.npy")?, fx.array::<i32>("shuffled/y.npy")?);
+    let part = &val[..20_000.min(val.len())];
+    let windows = |xs: &[i32], ys: &[i32]| -> Vec<Vec<i32>> {
+        xs.chunks(t).zip(ys.chunks(t)).map(|(x, y)| x.iter().cloned().chain([y[t - 1]]).collect()).collect()
+    };
+    let mut theirs = Vec::new();
+    for (x, y) in sx.as_slice().context("shuffled/x.npy")?.chunks(b * t).zip(sy.as_slice().context("shuffled/y.npy")?.chunks(b * t)) {
+        ensure!(x[1..t] == y[..t - 1], "shuffled fixture: y is not x shifted");
+        theirs.extend(windows(x, y));
+    }
+    let mut ours = Vec::new();
+    let mut batches = Batches::new(part, t, b, Shuffle::Buffer(NOTEBOOK_SHUFFLE_BUFFER), m.seed as u64, 0);
+    while batches.fill(&mut x, &mut y) {
+        ours.extend(windows(&x, &y));
+    }
+    let text_order: Vec<Vec<i32>> = part.windows(t + 1).take(ours.len()).map(<[i32]>::to_vec).collect();
+    ensure!(ours != text_order, "minigpt's shuffled epoch came out in text order");
+    theirs.sort();
+    ours.sort();
+    checks.push(Check {
+        quantity: format!("shuffled epoch, {} windows", theirs.len()),
+        diff: multiset_difference(&ours, &theirs) as f64,
+        tolerance: 0.0,
+        measure: "windows not shared",
+    });
+    Ok(checks)
+}
+
+/// The notebook's loop for `curve_steps` steps, windows in text order, from the initial weights.
+fn check_curve(fx: &Fixtures, m: &Manifest, train: &[i32], runner: Runner, init: &[Tensor<f32>]) -> Result<Check> {
+    let want = fx.array::<f32>("curve/losses.npy")?;
+    runner.set_weights(init)?;
+    let (t, b) = (m.block_size, m.batch_size);
+    let mut batches = Batches::new(train, t, b, Shuffle::None, 0, 0);
+    let mut x = Tensor::<i32>::new(&[b as u64, t as u64]);
+    let mut y = Tensor::<i32>::new(&[b as u64, t as u64]);
+    let mut logged = Vec::new();
+    for step in 0..m.curve_steps {
+        if !batches.fill(&mut x, &mut y) {
+            bail!("the training split ran out of batches at step {step}");
+        }
+        let loss = runner.train_step::<f32>(&x, &y)?;
+        if step % 100 == 0 {
+            logged.push(loss as f64);
+        }
+    }
+    let want: Vec<f64> = want.iter().map(|&v| v as f64).collect();
+    Ok(max_abs_slice(&format!("loss every 100 steps, {} steps", m.curve_steps), &logged, &want, 1e-3))
+}
+
+fn differing_chars(a: &str, b: &str) -> usize {
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    a.iter().zip(&b).filter(|(x, y)| x != y).count() + a.len().abs_diff(b.len())
+}
+
+/// Elements of either sorted list not matched in the other.
+fn multiset_difference<T: Ord>(a: &[T], b: &[T]) -> usize {
+    let (mut i, mut j, mut unmatched) = (0, 0, 0);
+    while i < a.len() && j < b.len() {
+        match a[i].cmp(&b[j]) {
+            std::cmp::Ordering::Equal => (i, j) = (i + 1, j + 1),
+            std::cmp::Ordering::Less => (i, unmatched) = (i + 1, unmatched + 1),
+            std::cmp::Ordering::Greater => (j, unmatched) = (j + 1, unmatched + 1),
+        }
+    }
+    unmatched + (a.len() - i) + (b.len() - j)
+}
+
+fn same_shape(quantity: &str, got: &Tensor<f32>, want: &ArrayD<f32>) -> Result<()> {
+    let dims: Vec<usize> = got.dims().iter().map(|&d| d as usize).collect();
+    ensure!(dims == want.shape(), "{quantity}: minigpt's shape {dims:?}, the notebook's {:?}", want.shape());
+    Ok(())
+}
+
+/// max |Δ|, NaN if any difference is NaN.
+fn max_diff(got: &[f32], want: impl Iterator<Item = f32>) -> f64 {
+    let mut max = 0.0f64;
+    for (&g, w) in got.iter().zip(want) {
+        let d = (g as f64 - w as f64).abs();
+        if d.is_nan() {
+            return f64::NAN;
+        }
+        max = max.max(d);
+    }
+    max
+}
+
+/// max |Δ|.
+fn max_abs(quantity: &str, got: &Tensor<f32>, want: &ArrayD<f32>, tolerance: f64) -> Result<Check> {
+    same_shape(quantity, got, want)?;
+    Ok(Check { quantity: quantity.into(), diff: max_diff(got, want.iter().cloned()), tolerance, measure: "max |Δ|" })
+}
+
+/// max |Δ| / max |reference|.
+fn max_rel(quantity: &str, got: &Tensor<f32>, want: &ArrayD<f32>, tolerance: f64) -> Result<Check> {
+    same_shape(quantity, got, want)?;
+    let scale = want.iter().fold(0.0f64, |a, &w| a.max((w as f64).abs()));
+    let diff = max_diff(got, want.iter().cloned());
+    let diff = if scale > 0.0 { diff / scale } else { diff };
+    Ok(Check { quantity: quantity.into(), diff, tolerance, measure: "max |Δ| / max |ref|" })
+}
+
+fn max_abs_slice(quantity: &str, got: &[f64], want: &[f64], tolerance: f64) -> Check {
+    let diff = if got.len() != want.len() {
+        f64::INFINITY
+    } else {
+        got.iter().zip(want).map(|(g, w)| (g - w).abs()).fold(0.0, f64::max)
+    };
+    Check { quantity: quantity.into(), diff, tolerance, measure: "max |Δ|" }
+}

@@ -1,0 +1,26 @@
+//! Parity with the notebook: fixtures made by `python_export/make_fixtures.py` under the pinned
+//! Python TensorFlow (`.venv`, or `$MINIGPT_PYTHON`), compared with minigpt's own graph.
+//! `make parity` prints the same checks as a table.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use minigpt::{data, parity};
+
+#[test]
+fn minigpt_computes_what_the_notebook_computes() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let python = std::env::var_os("MINIGPT_PYTHON").map(PathBuf::from).unwrap_or_else(|| root.join(".venv/bin/python"));
+    assert!(python.exists(), "{} not found: run `make setup` first", python.display());
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("parity-fixtures");
+    let _ = std::fs::remove_dir_all(&out);
+    let corpus_path = common::corpus_path();
+    parity::make_fixtures(&python, root, &corpus_path, &out).unwrap();
+    let corpus = data::load_corpus(corpus_path.to_str().unwrap()).unwrap();
+    let checks = parity::check(&out, &corpus).unwrap();
+    let table = parity::Table(&checks).to_string();
+    println!("{table}");
+    assert!(checks.len() >= 28, "too few checks:\n{table}");
+    assert!(checks.iter().all(|c| c.passed()), "parity failed:\n{table}");
+}
