@@ -14,7 +14,9 @@ Layout of DIR:
   batch0/logits.npy             [32, 64, vocab] on batches[0] from the initial weights
   batch0/grad/<var>.npy         d loss / d var on batches[0] (the embedding's IndexedSlices made dense)
   step1/, step100/              after 1 and STEPS train_step calls: <var>.npy, <var>.m.npy, <var>.v.npy
-  none/x.npy, y.npy             the first 200 batches of the pipeline without shuffle (train split)
+  none/x.npy, y.npy             the first 200 batches of the pipeline without shuffle (train split);
+                                the manifest's `none_val` has the count and SHA-256 of all the
+                                validation split's batches (x then y of each, int32 little-endian)
   shuffled/x.npy, y.npy         one shuffled epoch of the pipeline over the first 20000 characters
                                 of the validation split (19936 windows: 623 whole batches)
   curve/losses.npy              [20] loss at steps 0, 100, ..., 1900 of `train` over 2000 steps,
@@ -157,6 +159,12 @@ def main():
     nx, ny = take(nb.make_dataset(nb.train_data, None), 200)
     save(out, "none/x.npy", nx)
     save(out, "none/y.npy", ny)
+    digest, count = hashlib.sha256(), 0
+    for x, y in nb.make_dataset(nb.val_data, None):
+        digest.update(x.numpy().astype("<i4").tobytes())
+        digest.update(y.numpy().astype("<i4").tobytes())
+        count += 1
+    manifest["none_val"] = {"batches": count, "sha256": digest.hexdigest()}
     sx, sy = take(nb.make_dataset(nb.val_data[:20000]))
     save(out, "shuffled/x.npy", sx)
     save(out, "shuffled/y.npy", sy)

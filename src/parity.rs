@@ -11,6 +11,7 @@ use anyhow::{bail, ensure, Context, Result};
 use ndarray::ArrayD;
 use ndarray_npy::{ReadableElement, ReadNpyExt};
 use serde::Deserialize;
+use sha2::{Digest as _, Sha256};
 use tensorflow::{Tensor, TensorType};
 
 use crate::data::{self, Batches, Corpus, Shuffle, Vocab, NOTEBOOK_SHUFFLE_BUFFER};
@@ -79,7 +80,14 @@ struct Manifest {
     batch0_loss: f64,
     step_losses: Vec<f64>,
     generate: Generated,
+    none_val: Digest,
     curve_steps: usize,
+}
+
+#[derive(Deserialize)]
+struct Digest {
+    batches: usize,
+    sha256: String,
 }
 
 #[derive(Deserialize)]
@@ -235,6 +243,24 @@ fn check_pipeline(fx: &Fixtures, m: &Manifest, train: &[i32], val: &[i32]) -> Re
         diff: differing as f64,
         tolerance: 0.0,
         measure: "elements differing",
+    });
+
+    // The whole validation split in text order, by digest.
+    let mut digest = Sha256::new();
+    let mut count = 0;
+    let mut batches = Batches::new(val, t, b, Shuffle::None, 0, 0);
+    while batches.fill(&mut x, &mut y) {
+        for v in x.iter().chain(&y) {
+            digest.update(v.to_le_bytes());
+        }
+        count += 1;
+    }
+    ensure!(count == m.none_val.batches, "validation split: minigpt made {count} batches, tf.data {}", m.none_val.batches);
+    checks.push(Check {
+        quantity: format!("batches, no shuffle, all {count} of val"),
+        diff: (hex::encode(digest.finalize()) != m.none_val.sha256) as u8 as f64,
+        tolerance: 0.0,
+        measure: "SHA-256 differs",
     });
 
     // One shuffled epoch over the first 20000 validation characters: the same windows.
