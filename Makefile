@@ -2,6 +2,7 @@
 #   make train   set up, build, train the notebook's configuration, print a sample
 #   make test    set up, run every test
 #   make parity  set up, compare minigpt with the notebook under Python TensorFlow, print a table
+#   make bench   set up, time the notebook's code and minigpt side by side (bench/results.md)
 #
 # The TensorFlow C library comes from the pinned pip wheel. For NVIDIA GPUs:
 #   make TF_PACKAGE='tensorflow[and-cuda]==2.21.0' train
@@ -14,9 +15,11 @@ VENV_STAMP := $(VENV)/.installed
 TF_LIB := .tf/lib/tensorflow.pc
 BIN := target/release/minigpt
 RUN ?= runs/notebook-$(shell date +%Y%m%d-%H%M%S)
+DATA ?= $(or $(MINIGPT_DATA),https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt)
+REPS ?= 3
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: setup build train test parity clean-tf
+.PHONY: setup build train test parity bench clean-tf
 
 setup: $(TF_LIB)
 
@@ -51,6 +54,10 @@ test: setup
 
 parity: setup
 	cargo run --quiet --example parity
+
+bench: setup
+	cargo build --release --example bench
+	$(PY) bench/run.py --python $(PY) --minigpt target/release/examples/bench --data "$(DATA)" --reps $(REPS)
 
 clean-tf:
 	rm -rf .tf $(VENV)

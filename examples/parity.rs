@@ -1,7 +1,10 @@
 //! `make parity`: makes the fixtures with the notebook's code under the pinned Python TensorFlow,
 //! compares minigpt against them and prints one row per check; exits 1 if any row fails.
 //!
-//!     cargo run --example parity [-- FIXTURES_DIR]
+//!     cargo run --example parity [-- [--xla] [FIXTURES_DIR]]
+//!
+//! `--xla` runs minigpt's side under XLA's JIT (`minigpt train --xla`), whose fused kernels round
+//! differently: the table then shows how far from the notebook that takes it.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -21,13 +24,17 @@ fn main() -> ExitCode {
 
 fn run() -> anyhow::Result<bool> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let out = std::env::args_os().nth(1).map(PathBuf::from).unwrap_or_else(|| root.join("target/parity-fixtures"));
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let xla = args.iter().any(|a| a == "--xla");
+    args.retain(|a| a != "--xla");
+    let out = args.first().map(PathBuf::from).unwrap_or_else(|| root.join("target/parity-fixtures"));
     let python = std::env::var_os("MINIGPT_PYTHON").map(PathBuf::from).unwrap_or_else(|| root.join(".venv/bin/python"));
     let source = data::default_source();
     let corpus = data::load_corpus(&source)?;
     eprintln!("making fixtures in {} with {} ...", out.display(), python.display());
     parity::make_fixtures(&python, &root, &data::local_path(&source)?, &out)?;
-    let checks = parity::check(&out, &corpus)?;
+    let session = minigpt::tfx::SessionConfig { xla, ..Default::default() };
+    let checks = parity::check(&out, &corpus, session)?;
     print!("{}", parity::Table(&checks));
     let failed = checks.iter().filter(|c| !c.passed()).count();
     println!("{} checks, {} failed", checks.len(), failed);

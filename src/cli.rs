@@ -13,6 +13,7 @@ use crate::graph::GraphOptions;
 use crate::model::{Arch, ModelConfig};
 use crate::optim::AdamConfig;
 use crate::sample::{self, SamplerConfig};
+use crate::tfx::SessionConfig;
 use crate::train::{self, TrainConfig};
 
 #[derive(Parser, Debug)]
@@ -88,6 +89,8 @@ pub struct TrainArgs {
     pub eval_batches: Option<usize>,
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
+    #[command(flatten)]
+    pub session: SessionArgs,
     /// Print only the summary.
     #[arg(short, long)]
     pub quiet: bool,
@@ -121,10 +124,36 @@ impl TrainArgs {
                 seed: self.seed,
                 device: self.device,
             },
+            session: self.session,
             log_every: self.log_every,
             eval_batches: self.eval_batches,
             quiet: self.quiet,
         })
+    }
+}
+
+/// TensorFlow runtime settings shared by the commands that run a graph.
+#[derive(Args, Debug, Clone, Copy, Default)]
+pub struct SessionArgs {
+    /// Threads inside one op (0: TensorFlow's choice, one per core).
+    #[arg(long, default_value_t = 0)]
+    pub intra_op_threads: u32,
+    /// Ops run side by side (0: TensorFlow's choice, one per core).
+    #[arg(long, default_value_t = 0)]
+    pub inter_op_threads: u32,
+    /// Compile the graph with XLA's JIT.
+    #[arg(long)]
+    pub xla: bool,
+}
+
+impl SessionArgs {
+    /// `base` (from the device choice) with these settings.
+    pub fn apply(&self, base: SessionConfig) -> SessionConfig {
+        SessionConfig { intra_op_threads: self.intra_op_threads, inter_op_threads: self.inter_op_threads, xla: self.xla, ..base }
+    }
+
+    pub fn to_config(&self) -> SessionConfig {
+        self.apply(SessionConfig::default())
     }
 }
 
@@ -150,6 +179,8 @@ pub struct GenerateArgs {
     pub seed: u64,
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
+    #[command(flatten)]
+    pub session: SessionArgs,
 }
 
 #[derive(Args, Debug)]
@@ -165,6 +196,8 @@ pub struct EvalArgs {
     pub split: Split,
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
+    #[command(flatten)]
+    pub session: SessionArgs,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -226,7 +259,7 @@ fn generate(args: &GenerateArgs) -> Result<()> {
     let dir = RunDir::open(&args.run)?;
     ensure!(args.top_k != Some(0), "--top-k must be at least 1");
     let opts = GraphOptions { sampler: Some(SamplerConfig { top_k: args.top_k }), ..GraphOptions::new(args.seed as i64) };
-    let (config, runner) = train::load_run(&dir, opts, args.device)?;
+    let (config, runner) = train::load_run(&dir, opts, args.device, &args.session)?;
     let vocab = config.vocab()?;
     if let Some(k) = args.top_k {
         ensure!(k as usize <= vocab.len(), "--top-k {k} exceeds the vocabulary size {}", vocab.len());
@@ -246,7 +279,7 @@ fn generate(args: &GenerateArgs) -> Result<()> {
 fn eval(args: &EvalArgs) -> Result<()> {
     let dir = RunDir::open(&args.run)?;
     // Evaluation draws nothing at random: the seed does not matter.
-    let (config, runner) = train::load_run(&dir, GraphOptions::new(0), args.device)?;
+    let (config, runner) = train::load_run(&dir, GraphOptions::new(0), args.device, &args.session)?;
     let vocab: Vocab = config.vocab()?;
     let source = args.data.clone().unwrap_or_else(|| config.data.source.clone());
     let corpus = data::load_corpus(&source)?;

@@ -97,7 +97,7 @@ impl ModelGraph {
 
         let (ckpt_prefix, save, restore) = checkpoint_ops(&all_vars, scope)?;
         let sampler = match &opts.sampler {
-            Some(s) => Some(Sampler::build(model.as_ref(), s, opts.seed, scope)?),
+            Some(s) => Some(Sampler::build(model.as_ref(), cfg.vocab_size, s, opts.seed, scope)?),
             None => None,
         };
         Ok(Self {

@@ -120,8 +120,9 @@ impl Fixtures {
     }
 }
 
-/// Runs every check against the fixtures in `dir`, made from `corpus`.
-pub fn check(dir: &Path, corpus: &Corpus) -> Result<Vec<Check>> {
+/// Runs every check against the fixtures in `dir`, made from `corpus`, in sessions made with
+/// `session` (e.g. to see what XLA changes).
+pub fn check(dir: &Path, corpus: &Corpus, session: SessionConfig) -> Result<Vec<Check>> {
     let fx = Fixtures(dir.to_path_buf());
     let manifest_path = dir.join("manifest.json");
     let manifest: Manifest = serde_json::from_slice(
@@ -140,7 +141,7 @@ pub fn check(dir: &Path, corpus: &Corpus) -> Result<Vec<Check>> {
     let cfg = ModelConfig { arch: Arch::Bigram, vocab_size: vocab.len() as u64, n_embd: m.embedding_dim };
     let opts = GraphOptions { sampler: Some(SamplerConfig::default()), ..GraphOptions::new(m.generate.seed) };
     let new_runner = || -> Result<Runner> {
-        let runner = Runner::new(ModelGraph::build(&cfg, &opts)?, SessionConfig::default())?;
+        let runner = Runner::new(ModelGraph::build(&cfg, &opts)?, session)?;
         runner.init()?;
         Ok(runner)
     };

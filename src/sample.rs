@@ -1,8 +1,15 @@
 //! Generation: the notebook's loop (run the model, take the last position's logits, sample with
-//! `tf.random.categorical`, i.e. the `Multinomial` op, append), streamed as it goes.
+//! `tf.random.categorical`, i.e. the `Multinomial` op, append).
+//!
+//! Two paths give the same samples for a seed. Step by step, one `Session::run` per character
+//! (`sample/next`), streamed as it goes. In the graph, for models whose next character depends on
+//! the last one only (the bigram): a `While` loop (`sample/chain`) over the same ops, so one
+//! `Session::run` yields the whole text. Both take their logits from one table computed per call,
+//! `sample/table` [V, V] (row = previous character), and their `Multinomial` ops carry the same
+//! seeds, so their random streams are the same.
 
 use anyhow::{ensure, Context, Result};
-use tensorflow::{ops, DataType, Operation, Output, Scope, SessionRunArgs, Tensor};
+use tensorflow::{ops, DataType, FunctionOptions, Operation, Output, Scope, SessionRunArgs, Shape, Tensor};
 
 use crate::graph::Runner;
 use crate::model::LanguageModel;
@@ -20,53 +27,179 @@ pub struct Sampler {
     pub context: Operation,
     pub temperature: Output,
     pub next: Output,
+    pub chain: Option<Chain>,
 }
 
+/// The in-graph sampling loop: `sample/start` [1] int32 (the last prompt id) and `sample/count`
+/// (int32 scalar) → `ids` [count] int64.
+pub struct Chain {
+    pub start: Operation,
+    pub count: Operation,
+    pub ids: Output,
+}
+
+const COND: &str = "minigpt_sample_cond";
+const BODY: &str = "minigpt_sample_body";
+
 impl Sampler {
-    /// `seed` is the graph seed of the `Multinomial` op; the same seed gives the same samples.
-    pub fn build(model: &dyn LanguageModel, cfg: &SamplerConfig, seed: i64, scope: &mut Scope) -> tensorflow::Result<Self> {
+    /// `seed` is the graph seed of the `Multinomial` ops; the same seed gives the same samples.
+    pub fn build(model: &dyn LanguageModel, vocab_size: u64, cfg: &SamplerConfig, seed: i64, scope: &mut Scope) -> tensorflow::Result<Self> {
         let scope = &mut scope.new_sub_scope("sample");
         let context = tfx::placeholder("sample/context", DataType::Int32, &[1, -1], scope)?;
         let one = ops::constant(1.0f32, scope)?;
         let temperature = tfx::scalar_with_default("sample/temperature", one.into(), scope)?;
-        let logits = model.forward(context.clone().into(), scope)?.logits; // [1, L, V]
-        // logits[:, -1, :]
-        let begin = tfx::constant(&[0i32, -1, 0], &[3], scope)?;
-        let end = tfx::constant(&[0i32, 0, 0], &[3], scope)?;
-        let strides = tfx::constant(&[1i32, 1, 1], &[3], scope)?;
-        let last = ops::StridedSlice::new()
-            .begin_mask(0b101)
-            .end_mask(0b101)
-            .shrink_axis_mask(0b010)
-            .build(logits, begin, end, strides, scope)?; // [1, V]
-        let last = ops::Cast::new().DstT(DataType::Float).build(last, scope)?;
-        let mut scaled: Output = ops::real_div(last, temperature.clone(), scope)?.into(); // [1, V]
-        if let Some(k) = cfg.top_k {
-            let k = ops::constant(k as i32, scope)?;
-            let top = ops::top_kv2(scaled.clone(), k, scope)?; // values [1, k], descending
-            let kth = ops::min(top.output(0), ops::constant(1i32, scope)?, &mut scope.with_op_name("sample/kth"))?;
-            let kth = ops::expand_dims(kth, ops::constant(1i32, scope)?, scope)?; // [1, 1]
-            let below = ops::less(scaled.clone(), kth, scope)?;
-            let neg_inf = ops::constant(f32::NEG_INFINITY, scope)?;
-            scaled = ops::select_v2(below, neg_inf, scaled, scope)?.into();
+        if model.context_size() != Some(1) {
+            let logits = model.forward(context.clone().into(), scope)?.logits; // [1, L, V]
+            let last = slice_last(logits, 3, scope)?; // [1, V]
+            let scaled = scale(last, temperature.clone(), cfg, scope)?;
+            let next = multinomial(scaled, seed, Some("sample/next"), scope)?;
+            return Ok(Self { context, temperature, next, chain: None });
         }
-        let n = ops::constant(1i32, scope)?;
-        let next = ops::Multinomial::new()
-            .seed(seed)
-            .seed2(1)
-            .output_dtype(DataType::Int64)
-            .build(scaled, n, &mut scope.with_op_name("sample/next"))?; // [1, 1]
-        Ok(Self { context, temperature, next: next.into() })
+
+        // Every character's logits for the next one: the model on each id alone.
+        let v = vocab_size as i32;
+        let range = ops::range(ops::constant(0i32, scope)?, ops::constant(v, scope)?, ops::constant(1i32, scope)?, scope)?;
+        let ids = ops::reshape(range, tfx::shape_const(&[-1, 1], scope)?, scope)?; // [V, 1]
+        let logits = model.forward(ids.into(), scope)?.logits; // [V, 1, V]
+        let logits = ops::reshape(logits, tfx::shape_const(&[v as i64, v as i64], scope)?, scope)?;
+        let table = scale(logits.into(), temperature.clone(), cfg, scope)?;
+        let table: Output = ops::identity(table, &mut scope.with_op_name("sample/table"))?.into(); // [V, V]
+
+        let last = slice_last(context.clone().into(), 2, scope)?; // [1]
+        let row = ops::gather_v2(table.clone(), last, ops::constant(0i32, scope)?, scope)?; // [1, V]
+        let next = multinomial(row.into(), seed, Some("sample/next"), scope)?;
+        let chain = chain(table, v, seed, scope)?;
+        Ok(Self { context, temperature, next, chain: Some(chain) })
     }
 }
 
-/// Samples `n_chars` ids after `prompt`, calling `emit` with each as soon as it is drawn.
+/// `x[:, -1]` of a rank-2 or `x[:, -1, :]` of a rank-3 tensor.
+fn slice_last(x: Output, rank: usize, scope: &mut Scope) -> tensorflow::Result<Output> {
+    let (begin, end, strides): (Vec<i32>, Vec<i32>, Vec<i32>) = match rank {
+        2 => (vec![0, -1], vec![0, 0], vec![1, 1]),
+        _ => (vec![0, -1, 0], vec![0, 0, 0], vec![1, 1, 1]),
+    };
+    let n = rank as u64;
+    let mask = if rank == 2 { 0b01 } else { 0b101 };
+    Ok(ops::StridedSlice::new()
+        .begin_mask(mask)
+        .end_mask(mask)
+        .shrink_axis_mask(0b010)
+        .build(x, tfx::constant(&begin, &[n], scope)?, tfx::constant(&end, &[n], scope)?, tfx::constant(&strides, &[n], scope)?, scope)?
+        .into())
+}
+
+/// logits [N, V] → float32 logits / temperature, all but the top k of each row set to -inf.
+fn scale(logits: Output, temperature: Output, cfg: &SamplerConfig, scope: &mut Scope) -> tensorflow::Result<Output> {
+    let logits = ops::Cast::new().DstT(DataType::Float).build(logits, scope)?;
+    let scaled = ops::real_div(logits, temperature, scope)?; // [N, V]
+    let Some(k) = cfg.top_k else {
+        return Ok(scaled.into());
+    };
+    let top = ops::top_kv2(scaled.clone(), ops::constant(k as i32, scope)?, scope)?; // values [N, k], descending
+    let kth = ops::min(top.output(0), ops::constant(1i32, scope)?, scope)?; // [N]
+    let kth = ops::expand_dims(kth, ops::constant(1i32, scope)?, scope)?; // [N, 1]
+    let below = ops::less(scaled.clone(), kth, scope)?;
+    let neg_inf = ops::constant(f32::NEG_INFINITY, scope)?;
+    Ok(ops::select_v2(below, neg_inf, scaled, scope)?.into())
+}
+
+/// `tf.random.categorical(logits, 1)`: [N, V] → [N, 1] int64.
+fn multinomial(logits: Output, seed: i64, name: Option<&str>, scope: &mut Scope) -> tensorflow::Result<Output> {
+    let n = ops::constant(1i32, scope)?;
+    let op = ops::Multinomial::new().seed(seed).seed2(1).output_dtype(DataType::Int64);
+    Ok(match name {
+        Some(name) => op.build(logits, n, &mut scope.with_op_name(name))?,
+        None => op.build(logits, n, scope)?,
+    }
+    .into())
+}
+
+/// `While(i < count)`: row = table[prev]; next = Multinomial(row); ids ++= next; prev = next.
+/// Loop variables: (i int32, count int32, prev [1] int32, ids [k] int64, table [V, V]).
+fn chain(table: Output, v: i32, seed: i64, scope: &mut Scope) -> tensorflow::Result<Chain> {
+    let shapes = [Shape::from(Some(vec![])), Shape::from(Some(vec![])), Shape::from(Some(vec![Some(1)])), Shape::from(Some(vec![None])), Shape::from(Some(vec![Some(v as i64), Some(v as i64)]))];
+    let types = [DataType::Int32, DataType::Int32, DataType::Int32, DataType::Int64, DataType::Float];
+
+    let loop_args = |s: &mut Scope| -> tensorflow::Result<Vec<Output>> {
+        types
+            .iter()
+            .zip(&shapes)
+            .enumerate()
+            .map(|(i, (&t, shape))| Ok(ops::Placeholder::new().dtype(t).shape(shape.clone()).build(&mut s.with_op_name(&format!("arg{i}")))?.into()))
+            .collect()
+    };
+    let function = |s: &Scope, name: &str, args: &[Output], outs: &[Output]| {
+        s.graph().to_function::<&str>(name, false, None, args, outs, None, &FunctionOptions::new(), None)
+    };
+
+    let c = &mut Scope::new_root_scope();
+    let args = loop_args(c)?;
+    let less = ops::less(args[0].clone(), args[1].clone(), c)?;
+    let cond = function(c, COND, &args, &[less.into()])?;
+
+    let b = &mut Scope::new_root_scope();
+    let args = loop_args(b)?;
+    let row = ops::gather_v2(args[4].clone(), args[2].clone(), ops::constant(0i32, b)?, b)?; // [1, V]
+    let next = multinomial(row.into(), seed, None, b)?; // [1, 1]
+    let next = ops::reshape(next, tfx::shape_const(&[1], b)?, b)?; // [1]
+    let ids = tfx::concat(&[args[3].clone(), next.clone().into()], 0, b)?;
+    let prev = ops::Cast::new().DstT(DataType::Int32).build(next, b)?;
+    let i = ops::add_v2(args[0].clone(), ops::constant(1i32, b)?, b)?;
+    let body = function(b, BODY, &args, &[i.into(), args[1].clone(), prev.into(), ids, args[4].clone()])?;
+
+    let start = tfx::placeholder("sample/start", DataType::Int32, &[1], scope)?;
+    let count = tfx::placeholder("sample/count", DataType::Int32, &[], scope)?;
+    let zero = ops::constant(0i32, scope)?;
+    let empty = tfx::constant::<i64>(&[], &[0], scope)?;
+    let inputs = [zero.into(), count.clone().into(), start.clone().into(), empty, table];
+    let mut graph = scope.graph_mut();
+    graph.copy_function(&cond, None)?;
+    graph.copy_function(&body, None)?;
+    let mut nd = graph.new_operation("While", "sample/chain")?;
+    nd.add_input_list(&inputs);
+    nd.set_attr_type_list("T", &types)?;
+    nd.set_attr_func_name("cond", COND)?;
+    nd.set_attr_func_name("body", BODY)?;
+    nd.set_attr_shape_list("output_shapes", &shapes)?;
+    nd.set_attr_int("parallel_iterations", 1)?;
+    // Inlined into the graph as Switch/Merge control flow, as tf.while_loop's are.
+    nd.set_attr_bool("_lower_using_switch_merge", true)?;
+    let op = nd.finish()?;
+    Ok(Chain { start, count, ids: Output { operation: op, index: 3 } })
+}
+
+/// Samples `n_chars` ids after `prompt`, calling `emit` with each as soon as it is drawn (all at
+/// once when the whole chain runs in the graph).
 pub fn generate(runner: &Runner, prompt: &[i32], n_chars: usize, temperature: f32, mut emit: impl FnMut(i32) -> Result<()>) -> Result<Vec<i32>> {
     let sampler = runner.g.sampler.as_ref().context("the graph was built without a sampler")?;
     ensure!(!prompt.is_empty(), "the prompt is empty: give at least one character");
     ensure!(temperature > 0.0 && temperature.is_finite(), "--temperature must be a positive number, got {temperature}");
-    let keep = runner.g.model.context_size();
     let temperature = Tensor::from(temperature);
+    if let Some(chain) = &sampler.chain {
+        ensure!(n_chars <= i32::MAX as usize, "too many characters: {n_chars}");
+        let start = Tensor::new(&[1]).with_values(&prompt[prompt.len() - 1..])?;
+        let count = Tensor::from(n_chars as i32);
+        let mut args = SessionRunArgs::new();
+        args.add_feed(&chain.start, 0, &start);
+        args.add_feed(&chain.count, 0, &count);
+        args.add_feed(&sampler.temperature.operation, 0, &temperature);
+        let ids = args.request_fetch(&chain.ids.operation, chain.ids.index);
+        runner.session.run(&mut args).context("sampling")?;
+        let ids: Vec<i32> = args.fetch::<i64>(ids)?.iter().map(|&id| id as i32).collect();
+        for &id in &ids {
+            emit(id)?;
+        }
+        return Ok(ids);
+    }
+    generate_stepwise(runner, prompt, n_chars, temperature, emit)
+}
+
+/// One `Session::run` per character (`sample/next`).
+pub fn generate_stepwise(runner: &Runner, prompt: &[i32], n_chars: usize, temperature: Tensor<f32>, mut emit: impl FnMut(i32) -> Result<()>) -> Result<Vec<i32>> {
+    let sampler = runner.g.sampler.as_ref().context("the graph was built without a sampler")?;
+    ensure!(!prompt.is_empty(), "the prompt is empty: give at least one character");
+    let keep = runner.g.model.context_size();
     let mut ids = prompt.to_vec();
     for _ in 0..n_chars {
         let window = match keep {

@@ -140,10 +140,12 @@ pub struct SessionConfig {
     pub inter_op_threads: u32,
     /// Let ops without a kernel on the requested device run elsewhere.
     pub allow_soft_placement: bool,
+    /// XLA JIT compilation of the graph (`global_jit_level = ON_1`).
+    pub xla: bool,
 }
 
 impl SessionConfig {
-    /// The `ConfigProto` wire bytes (fields 2, 5 and 7 are varints).
+    /// The `ConfigProto` wire bytes (fields 2, 5 and 7 are varints; 10 is `graph_options`).
     pub fn to_proto(self) -> Vec<u8> {
         let mut out = Vec::new();
         for (field, value) in [
@@ -161,10 +163,17 @@ impl SessionConfig {
                 out.push(v as u8);
             }
         }
+        if self.xla {
+            // graph_options (10) { optimizer_options (3) { global_jit_level (5) = ON_1 } }
+            out.extend_from_slice(&[(10 << 3) | 2, 4, (3 << 3) | 2, 2, 5 << 3, 1]);
+        }
         out
     }
 
     pub fn session_options(self) -> tensorflow::Result<SessionOptions> {
+        if self.xla {
+            enable_cpu_jit();
+        }
         let mut options = SessionOptions::new();
         options.set_config(&self.to_proto())?;
         Ok(options)
@@ -174,6 +183,16 @@ impl SessionConfig {
 extern "C" {
     // From TensorFlow's c_api_experimental.h; exported by the library but not bound by tensorflow-sys.
     fn TF_GraphDebugString(graph: *mut tf_sys::TF_Graph, len: *mut usize) -> *mut c_char;
+}
+
+/// On CPU, `global_jit_level` clusters nothing unless XLA's `--tf_xla_cpu_global_jit` flag is
+/// set; TensorFlow reads `TF_XLA_FLAGS` once, when XLA first runs in the process.
+fn enable_cpu_jit() {
+    const FLAG: &str = "--tf_xla_cpu_global_jit";
+    let flags = std::env::var("TF_XLA_FLAGS").unwrap_or_default();
+    if !flags.split_whitespace().any(|f| f == FLAG) {
+        std::env::set_var("TF_XLA_FLAGS", format!("{flags} {FLAG}").trim());
+    }
 }
 
 /// The graph as a text-format `GraphDef` (TensorFlow's own printer).

@@ -9,6 +9,7 @@ use std::time::Instant;
 use anyhow::{bail, ensure, Context, Result};
 use tensorflow::Tensor;
 
+use crate::cli::SessionArgs;
 use crate::checkpoint::{write_atomic, DataInfo, RunConfig, RunDir, TrainSettings};
 use crate::data::{self, Batches, Corpus, Shuffle, Vocab};
 use crate::device;
@@ -21,6 +22,8 @@ pub struct TrainConfig {
     /// The model; `vocab_size` is set from the corpus.
     pub model: ModelConfig,
     pub settings: TrainSettings,
+    /// Threads and XLA: not saved with the run (threads change speed only; XLA may change rounding).
+    pub session: SessionArgs,
     /// Print `Step N: Loss X` every this many steps of an epoch.
     pub log_every: u64,
     /// Validation batches at each epoch's end (`None`: every validation window).
@@ -64,6 +67,7 @@ pub fn train(cfg: &TrainConfig, corpus: &Corpus, out: &Path) -> Result<TrainSumm
 
     let model = ModelConfig { vocab_size: vocab.len() as u64, ..cfg.model.clone() };
     let (device, session_config) = device::placement(s.device)?;
+    let session_config = cfg.session.apply(session_config);
     let opts = GraphOptions { adam: s.adam, device, ..GraphOptions::new(s.seed as i64) };
     let runner = Runner::new(ModelGraph::build(&model, &opts)?, session_config)?;
     runner.init()?;
@@ -179,9 +183,10 @@ pub fn evaluate(runner: &Runner, data: &[i32], block_size: usize, sample: Option
 }
 
 /// Builds the runner of an existing run and restores its latest checkpoint.
-pub fn load_run(dir: &RunDir, opts: GraphOptions, device: device::DeviceChoice) -> Result<(RunConfig, Runner)> {
+pub fn load_run(dir: &RunDir, opts: GraphOptions, device: device::DeviceChoice, session: &SessionArgs) -> Result<(RunConfig, Runner)> {
     let config = dir.read_config()?;
     let (device, session_config) = device::placement(device)?;
+    let session_config = session.apply(session_config);
     let opts = GraphOptions { adam: config.train.adam, device, ..opts };
     let runner = Runner::new(ModelGraph::build(&config.model, &opts)?, session_config)?;
     let prefix = dir.latest_checkpoint()?;

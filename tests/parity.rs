@@ -18,7 +18,7 @@ fn minigpt_computes_what_the_notebook_computes() {
     let corpus_path = common::corpus_path();
     parity::make_fixtures(&python, root, &corpus_path, &out).unwrap();
     let corpus = data::load_corpus(corpus_path.to_str().unwrap()).unwrap();
-    let checks = parity::check(&out, &corpus).unwrap();
+    let checks = parity::check(&out, &corpus, Default::default()).unwrap();
     let table = parity::Table(&checks).to_string();
     println!("{table}");
     assert!(checks.len() >= 28, "too few checks:\n{table}");

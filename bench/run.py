@@ -1,0 +1,144 @@
+"""`make bench`: the notebook's code and minigpt, side by side on this machine, alternating.
+
+Each repetition runs, one after the other, the notebook (`python_export/bench_notebook.py`), minigpt
+(`examples/bench.rs`, default settings) and minigpt with `--xla`; every process measures the same
+figures on the same configuration (block 64, batch 32, embedding 128, Adam) and prints them as JSON.
+The table shows the median over repetitions with [min, max]; the ratio is minigpt's advantage
+(> 1 is better for minigpt). Writes bench/results.md and bench/results.json.
+
+    python bench/run.py --python .venv/bin/python --minigpt target/release/examples/bench --data FILE
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+# name, unit, higher is better, label
+FIGURES = [
+    ("pipeline_batches_per_s", "batches/s", True, "input pipeline alone"),
+    ("train_steps_per_s", "steps/s", True, "training end to end (pipeline + step)"),
+    ("step_only_steps_per_s", "steps/s", True, "train step alone, one pre-fed batch"),
+    ("generate_200_chars_per_s", "chars/s", True, "generate 200 characters"),
+    ("generate_2000_chars_per_s", "chars/s", True, "generate 2000 characters"),
+    ("peak_rss_mib", "MiB", False, "peak resident memory"),
+    ("first_step_s", "s", False, "time to first step (process start to first step done)"),
+    ("startup_s", "s", False, "start-up (process start to main code, library loaded)"),
+]
+SIDES = ["notebook", "minigpt", "minigpt_xla"]
+
+
+def run(cmd, env):
+    env = dict(env, BENCH_T0=repr(time.time()))
+    out = subprocess.run(cmd, env=env, check=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def summary(values):
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def fmt(x):
+    if x >= 1000:
+        return f"{x:,.0f}"
+    if x >= 10:
+        return f"{x:.1f}"
+    return f"{x:.3g}"
+
+
+def cell(s):
+    return f"{fmt(s['median'])} [{fmt(s['min'])}–{fmt(s['max'])}]"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--python", required=True)
+    p.add_argument("--minigpt", required=True, help="the bench example binary")
+    p.add_argument("--data", required=True, help="corpus path or URL")
+    p.add_argument("--reps", type=int, default=3)
+    args = p.parse_args()
+
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    data = subprocess.run([args.minigpt, "--data", args.data, "--resolve"], env=env, check=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True).stdout.strip()
+    commands = {
+        "notebook": [args.python, os.path.join(ROOT, "python_export/bench_notebook.py"), "--data", data],
+        "minigpt": [args.minigpt, "--data", data],
+        "minigpt_xla": [args.minigpt, "--data", data, "--xla"],
+    }
+    raw = {side: [] for side in SIDES}
+    for rep in range(args.reps):
+        for side in SIDES:
+            print(f"repetition {rep + 1}/{args.reps}: {side} ...", file=sys.stderr, flush=True)
+            raw[side].append(run(commands[side], env))
+
+    results = {}
+    for name, unit, higher, _ in FIGURES:
+        s = {side: summary([r[name] for r in raw[side]]) for side in SIDES}
+        ratio = lambda a, b: a / b if higher else b / a  # noqa: E731
+        results[name] = {
+            "notebook": s["notebook"]["median"],
+            "minigpt": s["minigpt"]["median"],
+            "ratio": ratio(s["minigpt"]["median"], s["notebook"]["median"]),
+            "unit": unit,
+            "minigpt_xla": s["minigpt_xla"]["median"],
+            "ratio_xla": ratio(s["minigpt_xla"]["median"], s["notebook"]["median"]),
+            "range": {side: [s[side]["min"], s[side]["max"]] for side in SIDES},
+        }
+
+    r = results
+    own_floor = r["step_only_steps_per_s"]["minigpt"] / r["train_steps_per_s"]["minigpt"]
+    own_floor_xla = r["step_only_steps_per_s"]["minigpt_xla"] / r["train_steps_per_s"]["minigpt_xla"]
+    targets = [
+        ("input pipeline ≥ 20× the notebook", r["pipeline_batches_per_s"]["ratio"], 20, True),
+        ("training end to end ≥ 2.0× the notebook", r["train_steps_per_s"]["ratio"], 2.0, True),
+        ("training end to end ≥ 2.0× the notebook, with --xla", r["train_steps_per_s"]["ratio_xla"], 2.0, True),
+        ("compute-only rate within 1.15× of end to end", own_floor, 1.15, False),
+        ("compute-only rate within 1.15× of end to end, with --xla", own_floor_xla, 1.15, False),
+        ("generation (200 chars) ≥ 100× the notebook", r["generate_200_chars_per_s"]["ratio"], 100, True),
+        ("generation (2000 chars) ≥ 100× the notebook", r["generate_2000_chars_per_s"]["ratio"], 100, True),
+        ("peak RSS ≤ the notebook's", r["peak_rss_mib"]["ratio"], 1.0, True),
+    ]
+
+    lines = [
+        "| figure | unit | notebook | minigpt | ratio | minigpt --xla | ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, unit, _, label in FIGURES:
+        s = {side: summary([x[name] for x in raw[side]]) for side in SIDES}
+        lines.append(f"| {label} (`{name}`) | {unit} | {cell(s['notebook'])} | {cell(s['minigpt'])} | "
+                     f"{r[name]['ratio']:.2f}× | {cell(s['minigpt_xla'])} | {r[name]['ratio_xla']:.2f}× |")
+    lines += ["", "| target | measured | needed | met |", "|---|---|---|---|"]
+    for label, value, bound, at_least in targets:
+        met = value >= bound if at_least else value <= bound
+        lines.append(f"| {label} | {value:.2f} | {'≥' if at_least else '≤'} {bound} | {'yes' if met else 'NO'} |")
+    table = "\n".join(lines)
+    print(table)
+
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}"
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    header = (f"# minigpt vs the notebook\n\nMeasured by `make bench` on {when} ({machine}); "
+              f"{args.reps} repetitions, alternating; median [min–max].\n\n")
+    notes_path = os.path.join(HERE, "notes.md")
+    notes = open(notes_path, encoding="utf-8").read() if os.path.exists(notes_path) else ""
+    write(os.path.join(HERE, "results.md"), header + table + "\n\n" + notes)
+    write(os.path.join(HERE, "results.json"), json.dumps(results, indent=1) + "\n")
+
+
+def write(path, text):
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    main()
