@@ -148,3 +148,19 @@ fn devices_prints_the_notebook_line() {
     assert!(stdout.contains("CPU:0"), "{stdout}");
     assert!(stdout.lines().any(|l| l.starts_with("Num GPUs Available: ")), "{stdout}");
 }
+
+#[test]
+fn session_settings_change_speed_not_what_is_learned() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = small_corpus(tmp.path());
+    let loss_at_end = |extra: &[&str], name: &str| -> f64 {
+        let out = train(&corpus, &tmp.path().join(name), 60, &[&["--log-every", "59"], extra].concat());
+        assert!(out.status.success(), "{extra:?}: {}", String::from_utf8_lossy(&out.stderr));
+        losses(&out.stdout).last().unwrap().rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    let plain = loss_at_end(&[], "plain");
+    let threads = loss_at_end(&["--intra-op-threads", "1", "--inter-op-threads", "1"], "threads");
+    let xla = loss_at_end(&["--xla"], "xla");
+    // Printed with 4 decimals; XLA rounds differently, by far less than that.
+    assert!((plain - threads).abs() <= 1e-4 && (plain - xla).abs() <= 1e-4, "{plain} {threads} {xla}");
+}
