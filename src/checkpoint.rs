@@ -14,7 +14,7 @@ use crate::graph::Runner;
 use crate::model::ModelConfig;
 use crate::optim::AdamConfig;
 
-/// Checkpoints kept in `ckpt/`.
+/// Checkpoints kept in `ckpt/` unless `--keep` says otherwise.
 pub const KEEP_CHECKPOINTS: usize = 3;
 
 /// Training hyperparameters, as given.
@@ -28,6 +28,16 @@ pub struct TrainSettings {
     pub shuffle: Shuffle,
     pub seed: u64,
     pub device: DeviceChoice,
+    /// Also checkpoint every this many steps (besides each epoch's end and the run's).
+    #[serde(default)]
+    pub save_every: Option<u64>,
+    /// Checkpoints kept.
+    #[serde(default = "default_keep")]
+    pub keep: usize,
+}
+
+fn default_keep() -> usize {
+    KEEP_CHECKPOINTS
 }
 
 /// Where the training text came from.
@@ -137,38 +147,67 @@ impl RunDir {
         write_atomic(&self.config_path(), json.as_bytes())
     }
 
-    /// The newest checkpoint's prefix, from `ckpt/checkpoint`.
-    pub fn latest_checkpoint(&self) -> Result<PathBuf> {
+    /// The checkpoints `ckpt/checkpoint` lists, newest first.
+    pub fn checkpoints(&self) -> Result<Vec<PathBuf>> {
         let state = self.ckpt_dir().join("checkpoint");
         let text = fs::read_to_string(&state)
             .with_context(|| format!("{} has no checkpoint (reading {})", self.path.display(), state.display()))?;
-        let Some(name) = checkpoint_paths(&text).pop() else {
-            bail!("{} names no checkpoint", state.display());
-        };
-        let prefix = self.ckpt_dir().join(name);
-        let index = with_suffix(&prefix, ".index");
-        ensure!(index.is_file(), "checkpoint {} is missing ({} does not exist)", prefix.display(), index.display());
-        Ok(prefix)
+        let mut names = checkpoint_paths(&text);
+        ensure!(!names.is_empty(), "{} names no checkpoint", state.display());
+        names.reverse();
+        Ok(names.into_iter().map(|n| self.ckpt_dir().join(n)).collect())
     }
 
-    /// Saves `ckpt/ckpt-<step>`, makes it the latest, and deletes all but the newest
-    /// [`KEEP_CHECKPOINTS`]. The state file changes only after the new checkpoint is complete.
-    pub fn save_checkpoint(&self, runner: &Runner, step: u64) -> Result<PathBuf> {
+    /// Restores the newest checkpoint that reads back whole. A damaged one (truncated, corrupt,
+    /// missing a file) is named in a warning on stderr and the one before it is tried.
+    pub fn restore_latest(&self, runner: &Runner) -> Result<PathBuf> {
+        let mut damaged = Vec::new();
+        for prefix in self.checkpoints()? {
+            match runner.restore(path_str(&prefix)?) {
+                Ok(()) => {
+                    if !damaged.is_empty() {
+                        eprintln!("warning: using {} instead", prefix.display());
+                    }
+                    return Ok(prefix);
+                }
+                Err(e) => {
+                    let reason = format!("{:#}", e).split_whitespace().collect::<Vec<_>>().join(" ");
+                    eprintln!("warning: checkpoint {} is damaged: {reason}", prefix.display());
+                    damaged.push(prefix.display().to_string());
+                }
+            }
+        }
+        bail!("no usable checkpoint in {}: {} damaged", self.ckpt_dir().display(), damaged.join(", "))
+    }
+
+    /// Saves `ckpt/ckpt-<step>` with the data `position`, makes it the latest, and deletes all
+    /// but the newest `keep`. The checkpoint is written under a temporary prefix and its files
+    /// renamed into place; the state file changes only after that, so an interrupted save leaves
+    /// the previous checkpoint the latest.
+    pub fn save_checkpoint(&self, runner: &Runner, step: u64, position: [i64; 2], keep: usize) -> Result<PathBuf> {
+        let dir = self.ckpt_dir();
         let name = format!("ckpt-{step}");
-        let prefix = self.ckpt_dir().join(&name);
-        runner.save(path_str(&prefix)?)?;
-        let state = self.ckpt_dir().join("checkpoint");
+        let partial = format!(".partial-{name}");
+        remove_checkpoint_files(&dir, &partial);
+        runner.save(path_str(&dir.join(&partial))?, position)?;
+        // The data file first: a checkpoint is found by its index.
+        for suffix in [".data-00000-of-00001", ".index"] {
+            let (from, to) = (dir.join(format!("{partial}{suffix}")), dir.join(format!("{name}{suffix}")));
+            fs::rename(&from, &to).with_context(|| format!("renaming {} to {}", from.display(), to.display()))?;
+        }
+        let prefix = dir.join(&name);
+        let state = dir.join("checkpoint");
         let mut kept = fs::read_to_string(&state).map(|t| checkpoint_paths(&t)).unwrap_or_default();
         kept.retain(|n| n != &name);
         kept.push(name.clone());
-        let dropped: Vec<String> = kept.drain(..kept.len().saturating_sub(KEEP_CHECKPOINTS)).collect();
+        let dropped: Vec<String> = kept.drain(..kept.len().saturating_sub(keep.max(1))).collect();
         let mut text = format!("model_checkpoint_path: {name:?}\n");
         for n in &kept {
             text.push_str(&format!("all_model_checkpoint_paths: {n:?}\n"));
         }
         write_atomic(&state, text.as_bytes())?;
         for n in dropped {
-            remove_checkpoint_files(&self.ckpt_dir(), &n);
+            remove_checkpoint_files(&dir, &n);
         }
         Ok(prefix)
     }
@@ -192,12 +231,6 @@ fn remove_checkpoint_files(dir: &Path, name: &str) {
             }
         }
     }
-}
-
-fn with_suffix(prefix: &Path, suffix: &str) -> PathBuf {
-    let mut s = prefix.as_os_str().to_owned();
-    s.push(suffix);
-    PathBuf::from(s)
 }
 
 pub fn path_str(path: &Path) -> Result<&str> {

@@ -12,6 +12,7 @@ use crate::device::{self, DeviceChoice};
 use crate::graph::GraphOptions;
 use crate::model::{Arch, ModelConfig};
 use crate::optim::AdamConfig;
+use crate::checkpoint::KEEP_CHECKPOINTS;
 use crate::sample::{self, SamplerConfig};
 use crate::tfx::SessionConfig;
 use crate::train::{self, TrainConfig};
@@ -52,35 +53,46 @@ pub struct TrainArgs {
     /// Corpus: a path or an http(s) URL (downloaded once into the cache).
     #[arg(long, env = "MINIGPT_DATA", default_value = data::TINY_SHAKESPEARE_URL, hide_env_values = true)]
     pub data: String,
-    /// Run directory to create.
+    /// Run directory to create (or, with --resume, to continue).
     #[arg(long)]
     pub out: PathBuf,
-    #[arg(long, value_enum, default_value_t = Arch::Bigram)]
+    /// Continue the run in --out from its newest checkpoint, with its own settings (--max-steps
+    /// and --epochs may raise its bounds).
+    #[arg(long)]
+    pub resume: bool,
+    #[arg(long, value_enum, default_value_t = Arch::Bigram, conflicts_with = "resume")]
     pub model: Arch,
-    /// Passes over the training data.
-    #[arg(long, default_value_t = 3)]
-    pub epochs: u64,
+    /// Passes over the training data [default: 3].
+    #[arg(long)]
+    pub epochs: Option<u64>,
     /// Stop after this many steps in all (whichever of this and --epochs ends first).
     #[arg(long)]
     pub max_steps: Option<u64>,
     /// Characters per training window.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, conflicts_with = "resume")]
     pub block_size: usize,
     /// Windows per batch.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, conflicts_with = "resume")]
     pub batch_size: usize,
     /// Embedding width.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, conflicts_with = "resume")]
     pub embedding_dim: u64,
     /// Adam's learning rate.
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = 1e-3, conflicts_with = "resume")]
     pub lr: f64,
     /// Seed of every random source (initial weights, shuffling).
-    #[arg(long, default_value_t = 1337)]
+    #[arg(long, default_value_t = 1337, conflicts_with = "resume")]
     pub seed: u64,
     /// How windows are shuffled each epoch.
-    #[arg(long, value_enum, default_value_t = ShuffleArg::Buffer)]
+    #[arg(long, value_enum, default_value_t = ShuffleArg::Buffer, conflicts_with = "resume")]
     pub shuffle: ShuffleArg,
+    /// Also write a checkpoint every this many steps (one is always written at each epoch's end
+    /// and at the end of the run).
+    #[arg(long, conflicts_with = "resume")]
+    pub save_every: Option<u64>,
+    /// Checkpoints to keep (the newest).
+    #[arg(long, default_value_t = KEEP_CHECKPOINTS, conflicts_with = "resume")]
+    pub keep: usize,
     /// Print the loss every this many steps.
     #[arg(long, default_value_t = 100)]
     pub log_every: u64,
@@ -102,7 +114,9 @@ impl TrainArgs {
         ensure!(self.block_size > 0, "--block-size must be at least 1");
         ensure!(self.batch_size > 0, "--batch-size must be at least 1");
         ensure!(self.embedding_dim > 0, "--embedding-dim must be at least 1");
-        ensure!(self.epochs > 0, "--epochs must be at least 1");
+        ensure!(self.epochs != Some(0), "--epochs must be at least 1");
+        ensure!(self.save_every != Some(0), "--save-every must be at least 1");
+        ensure!(self.keep > 0, "--keep must be at least 1");
         ensure!(self.max_steps != Some(0), "--max-steps must be at least 1");
         ensure!(self.log_every > 0, "--log-every must be at least 1");
         ensure!(self.eval_batches != Some(0), "--eval-batches must be at least 1");
@@ -115,7 +129,7 @@ impl TrainArgs {
         Ok(TrainConfig {
             model: ModelConfig { arch: self.model, vocab_size: 0, n_embd: self.embedding_dim },
             settings: TrainSettings {
-                epochs: self.epochs,
+                epochs: self.epochs.unwrap_or(DEFAULT_EPOCHS),
                 max_steps: self.max_steps,
                 block_size: self.block_size,
                 batch_size: self.batch_size,
@@ -123,6 +137,8 @@ impl TrainArgs {
                 shuffle,
                 seed: self.seed,
                 device: self.device,
+                save_every: self.save_every,
+                keep: self.keep,
             },
             session: self.session,
             log_every: self.log_every,
@@ -131,6 +147,9 @@ impl TrainArgs {
         })
     }
 }
+
+/// The notebook's `EPOCHS`.
+pub const DEFAULT_EPOCHS: u64 = 3;
 
 /// TensorFlow runtime settings shared by the commands that run a graph.
 #[derive(Args, Debug, Clone, Copy, Default)]
@@ -241,8 +260,20 @@ fn devices() -> Result<()> {
 
 fn train_cmd(args: &TrainArgs) -> Result<()> {
     let cfg = args.to_config()?;
-    let corpus = data::load_corpus(&args.data)?;
-    let summary = train::train(&cfg, &corpus, &args.out)?;
+    let summary = if args.resume {
+        let opts = train::ResumeOptions {
+            max_steps: args.max_steps,
+            epochs: args.epochs,
+            session: args.session,
+            log_every: args.log_every,
+            eval_batches: args.eval_batches,
+            quiet: args.quiet,
+        };
+        train::resume(&args.out, &opts)?
+    } else {
+        let corpus = data::load_corpus(&args.data)?;
+        train::train(&cfg, &corpus, &args.out)?
+    };
     println!(
         "trained {} steps in {:.1} s ({:.0} steps/s): last loss {:.4}, val loss {:.4}; run saved to {}",
         summary.steps,

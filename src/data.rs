@@ -343,6 +343,15 @@ impl<'a> Batches<'a> {
         num_windows(data_len, block_size) / batch_size
     }
 
+    /// Skips `n` batches, as if filled (to resume an epoch part-way).
+    pub fn skip(&mut self, n: usize) {
+        for _ in 0..n * self.batch_size {
+            if self.order.next().is_none() {
+                break;
+            }
+        }
+    }
+
     /// Writes the next batch into `x` and `y` (each `[batch_size * block_size]`, row-major
     /// `[B, T]`); false at the end of the epoch.
     pub fn fill(&mut self, x: &mut [i32], y: &mut [i32]) -> bool {

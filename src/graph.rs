@@ -55,8 +55,13 @@ pub struct ModelGraph {
     pub setters: Vec<(Operation, Operation)>,
     /// String scalar placeholder naming the checkpoint prefix for `save` and `restore`.
     pub ckpt_prefix: Operation,
+    /// int64 [2] placeholder saved with every checkpoint as `data/position`: (epoch, batches done
+    /// in it), where the input pipeline resumes.
+    pub ckpt_position: Operation,
     pub save: Operation,
     pub restore: Operation,
+    /// `RestoreV2` of `data/position` alone (a checkpoint written elsewhere may lack it).
+    pub restore_position: Operation,
     pub sampler: Option<Sampler>,
 }
 
@@ -95,7 +100,7 @@ impl ModelGraph {
             setters.push((value, assign));
         }
 
-        let (ckpt_prefix, save, restore) = checkpoint_ops(&all_vars, scope)?;
+        let ckpt = checkpoint_ops(&all_vars, scope)?;
         let sampler = match &opts.sampler {
             Some(s) => Some(Sampler::build(model.as_ref(), cfg.vocab_size, s, opts.seed, scope)?),
             None => None,
@@ -113,9 +118,11 @@ impl ModelGraph {
             train_op,
             init,
             setters,
-            ckpt_prefix,
-            save,
-            restore,
+            ckpt_prefix: ckpt.prefix,
+            ckpt_position: ckpt.position,
+            save: ckpt.save,
+            restore: ckpt.restore,
+            restore_position: ckpt.restore_position,
             sampler,
         })
     }
@@ -196,17 +203,33 @@ fn loss_and_grads(
     Ok((loss, grads, squares))
 }
 
-/// `SaveV2` and `RestoreV2` of every variable, by name, at a fed prefix.
-fn checkpoint_ops(vars: &[Var], scope: &mut Scope) -> tensorflow::Result<(Operation, Operation, Operation)> {
+/// The checkpoint key of the input pipeline's position.
+pub const POSITION_KEY: &str = "data/position";
+
+struct CheckpointOps {
+    prefix: Operation,
+    position: Operation,
+    save: Operation,
+    restore: Operation,
+    restore_position: Operation,
+}
+
+/// `SaveV2` of every variable and the data position, by name, at a fed prefix; `RestoreV2` of the
+/// variables, and of the position on its own.
+fn checkpoint_ops(vars: &[Var], scope: &mut Scope) -> tensorflow::Result<CheckpointOps> {
     let prefix = tfx::placeholder("checkpoint/prefix", DataType::String, &[], scope)?;
-    let names: Vec<String> = vars.iter().map(|v| v.name.clone()).collect();
+    let position = tfx::placeholder("checkpoint/position", DataType::Int64, &[2], scope)?;
+    let mut names: Vec<String> = vars.iter().map(|v| v.name.clone()).collect();
     let dtypes: Vec<DataType> = vars.iter().map(|v| v.dtype).collect();
-    let mut reads = Vec::with_capacity(vars.len());
+    let mut tensors = Vec::with_capacity(vars.len() + 1);
     for v in vars {
-        reads.push(v.read(&mut scope.with_op_name(&format!("save/read/{}", v.name)))?);
+        tensors.push(v.read(&mut scope.with_op_name(&format!("save/read/{}", v.name)))?);
     }
-    let save = tfx::save_v2(prefix.clone().into(), &names, &reads, scope)?;
-    let restored = tfx::restore_v2(prefix.clone().into(), &names, &dtypes, scope)?;
+    names.push(POSITION_KEY.to_string());
+    tensors.push(position.clone().into());
+    let save = tfx::save_v2(prefix.clone().into(), &names, &tensors, scope)?;
+    names.pop();
+    let restored = tfx::restore_v2("restore", prefix.clone().into(), &names, &dtypes, scope)?;
     let mut assigns = Vec::with_capacity(vars.len());
     for (i, v) in vars.iter().enumerate() {
         assigns.push(ops::assign_variable_op(
@@ -216,7 +239,8 @@ fn checkpoint_ops(vars: &[Var], scope: &mut Scope) -> tensorflow::Result<(Operat
         )?);
     }
     let restore = tfx::group("restore/all", &assigns, scope)?;
-    Ok((prefix, save, restore))
+    let restore_position = tfx::restore_v2("restore_position", prefix.clone().into(), &[POSITION_KEY.to_string()], &[DataType::Int64], scope)?;
+    Ok(CheckpointOps { prefix, position, save, restore, restore_position })
 }
 
 /// A [`ModelGraph`] with its session.
@@ -288,21 +312,36 @@ impl Runner {
         self.session.run(&mut args).context("setting weights")
     }
 
-    /// Writes every variable to the V2 checkpoint `prefix` (`prefix.index`, `prefix.data-*`).
-    pub fn save(&self, prefix: &str) -> Result<()> {
-        self.run_checkpoint_op(&self.g.save, prefix).with_context(|| format!("saving checkpoint {prefix}"))
+    /// Writes every variable and the data `position` (epoch, batches done in it) to the V2
+    /// checkpoint `prefix` (`prefix.index`, `prefix.data-00000-of-00001`).
+    pub fn save(&self, prefix: &str, position: [i64; 2]) -> Result<()> {
+        let prefix_t = Tensor::from(prefix.to_string());
+        let position = Tensor::new(&[2]).with_values(&position)?;
+        let mut args = SessionRunArgs::new();
+        args.add_feed(&self.g.ckpt_prefix, 0, &prefix_t);
+        args.add_feed(&self.g.ckpt_position, 0, &position);
+        args.add_target(&self.g.save);
+        self.session.run(&mut args).with_context(|| format!("saving checkpoint {prefix}"))
     }
 
     /// Restores every variable from the V2 checkpoint `prefix`.
     pub fn restore(&self, prefix: &str) -> Result<()> {
-        self.run_checkpoint_op(&self.g.restore, prefix).with_context(|| format!("restoring checkpoint {prefix}"))
+        let prefix_t = Tensor::from(prefix.to_string());
+        let mut args = SessionRunArgs::new();
+        args.add_feed(&self.g.ckpt_prefix, 0, &prefix_t);
+        args.add_target(&self.g.restore);
+        self.session.run(&mut args).with_context(|| format!("restoring checkpoint {prefix}"))
     }
 
-    fn run_checkpoint_op(&self, op: &Operation, prefix: &str) -> Result<()> {
-        let prefix = Tensor::from(prefix.to_string());
+    /// The data position stored in the checkpoint `prefix`.
+    pub fn restore_position(&self, prefix: &str) -> Result<[i64; 2]> {
+        let prefix_t = Tensor::from(prefix.to_string());
         let mut args = SessionRunArgs::new();
-        args.add_feed(&self.g.ckpt_prefix, 0, &prefix);
-        args.add_target(op);
-        Ok(self.session.run(&mut args)?)
+        args.add_feed(&self.g.ckpt_prefix, 0, &prefix_t);
+        let token = args.request_fetch(&self.g.restore_position, 0);
+        self.session.run(&mut args).with_context(|| format!("reading {POSITION_KEY} from checkpoint {prefix}"))?;
+        let t = args.fetch::<i64>(token)?;
+        ensure!(t.len() == 2 && t[0] >= 0 && t[1] >= 0, "checkpoint {prefix}: {POSITION_KEY} is {:?}, not (epoch, batch)", &t[..]);
+        Ok([t[0], t[1]])
     }
 }

@@ -123,12 +123,12 @@ pub fn save_v2(prefix: Output, names: &[String], tensors: &[Output], scope: &mut
     nd.finish()
 }
 
-/// `RestoreV2` of `names` (with `dtypes`) from the string scalar `prefix`.
-pub fn restore_v2(prefix: Output, names: &[String], dtypes: &[DataType], scope: &mut Scope) -> tensorflow::Result<Operation> {
+/// `<name>/RestoreV2` of `names` (with `dtypes`) from the string scalar `prefix`.
+pub fn restore_v2(name: &str, prefix: Output, names: &[String], dtypes: &[DataType], scope: &mut Scope) -> tensorflow::Result<Operation> {
     let n = names.len() as u64;
-    let names_t = constant(names, &[n], &mut scope.with_op_name("restore/tensor_names"))?;
-    let slices = constant(&vec![String::new(); names.len()], &[n], &mut scope.with_op_name("restore/shape_and_slices"))?;
-    ops::RestoreV2::new().dtypes(dtypes.to_vec()).build(prefix, names_t, slices, &mut scope.with_op_name("restore/RestoreV2"))
+    let names_t = constant(names, &[n], &mut scope.with_op_name(&format!("{name}/tensor_names")))?;
+    let slices = constant(&vec![String::new(); names.len()], &[n], &mut scope.with_op_name(&format!("{name}/shape_and_slices")))?;
+    ops::RestoreV2::new().dtypes(dtypes.to_vec()).build(prefix, names_t, slices, &mut scope.with_op_name(&format!("{name}/RestoreV2")))
 }
 
 /// Threading and placement settings, encoded as the `ConfigProto` TensorFlow expects.

@@ -49,29 +49,11 @@ pub fn train(cfg: &TrainConfig, corpus: &Corpus, out: &Path) -> Result<TrainSumm
     let vocab = Vocab::from_text(&corpus.text);
     let encoded = vocab.encode(&corpus.text)?;
     let (train_data, val_data) = data::split(&encoded);
-    let n_batches = Batches::len(train_data.len(), s.block_size, s.batch_size);
-    ensure!(
-        n_batches > 0,
-        "the corpus is too short: its {} training characters give {} windows of {} + 1, fewer than one batch of {}",
-        train_data.len(),
-        data::num_windows(train_data.len(), s.block_size),
-        s.block_size,
-        s.batch_size
-    );
-    ensure!(
-        data::num_windows(val_data.len(), s.block_size) > 0,
-        "the corpus is too short: its {} validation characters hold no window of {} + 1",
-        val_data.len(),
-        s.block_size
-    );
+    check_sizes(train_data, val_data, s.block_size, s.batch_size)?;
 
     let model = ModelConfig { vocab_size: vocab.len() as u64, ..cfg.model.clone() };
-    let (device, session_config) = device::placement(s.device)?;
-    let session_config = cfg.session.apply(session_config);
-    let opts = GraphOptions { adam: s.adam, device, ..GraphOptions::new(s.seed as i64) };
-    let runner = Runner::new(ModelGraph::build(&model, &opts)?, session_config)?;
+    let runner = build_runner(&model, s, &cfg.session)?;
     runner.init()?;
-
     let dir = RunDir::create(out)?;
     let mut config = RunConfig {
         model,
@@ -83,27 +65,149 @@ pub fn train(cfg: &TrainConfig, corpus: &Corpus, out: &Path) -> Result<TrainSumm
         minigpt_version: env!("CARGO_PKG_VERSION").to_string(),
     };
     dir.write_config(&config)?;
+    let metrics = String::from("step,epoch,loss,val_loss\n");
+    run_steps(&runner, &dir, &mut config, cfg, train_data, val_data, Position { epoch: 0, batch: 0, step: 0 }, metrics)
+}
 
+/// What `--resume` may change in a stopped run: how far it goes, and how it reports.
+#[derive(Debug, Clone, Default)]
+pub struct ResumeOptions {
+    pub max_steps: Option<u64>,
+    pub epochs: Option<u64>,
+    pub session: SessionArgs,
+    pub log_every: u64,
+    pub eval_batches: Option<usize>,
+    pub quiet: bool,
+}
+
+/// Continues the run in `out` from its newest usable checkpoint: the same weights, Adam state
+/// and place in the data, so a resumed run computes what an uninterrupted one would, bit for bit.
+pub fn resume(out: &Path, opts: &ResumeOptions) -> Result<TrainSummary> {
+    let dir = RunDir::open(out)?;
+    let mut config = dir.read_config()?;
+    if let Some(n) = opts.max_steps {
+        config.train.max_steps = Some(n);
+    }
+    if let Some(n) = opts.epochs {
+        config.train.epochs = n;
+    }
+    let corpus = data::load_corpus(&config.data.source)?;
+    ensure!(
+        corpus.sha256 == config.data.sha256,
+        "the run was trained on {} with SHA-256 {}, which now has SHA-256 {}",
+        config.data.source,
+        config.data.sha256,
+        corpus.sha256
+    );
+    let vocab = config.vocab()?;
+    let encoded = vocab.encode(&corpus.text)?;
+    let (train_data, val_data) = data::split(&encoded);
+    let s = config.train.clone();
+    check_sizes(train_data, val_data, s.block_size, s.batch_size)?;
+    let runner = build_runner(&config.model, &s, &opts.session)?;
+    let prefix = dir.restore_latest(&runner)?;
+    let [epoch, batch] = runner
+        .restore_position(crate::checkpoint::path_str(&prefix)?)
+        .with_context(|| format!("{} cannot be resumed from", prefix.display()))?;
+    let step: i64 = runner.read::<i64>(std::slice::from_ref(&runner.g.optimizer.iterations))?[0][0];
+    let position = Position { epoch: epoch as u64, batch: batch as u64, step: step as u64 };
+    // Metrics up to the checkpoint; later rows belong to the steps about to be redone.
+    let metrics = std::fs::read_to_string(dir.metrics_path()).unwrap_or_default();
+    let mut kept = String::from("step,epoch,loss,val_loss\n");
+    for line in metrics.lines().skip(1) {
+        if line.split(',').next().and_then(|f| f.parse::<u64>().ok()).is_some_and(|st| st < position.step || (st == position.step && !line.ends_with(','))) {
+            kept.push_str(line);
+            kept.push('\n');
+        }
+    }
+    let cfg = TrainConfig {
+        model: config.model.clone(),
+        settings: s,
+        session: opts.session,
+        log_every: opts.log_every,
+        eval_batches: opts.eval_batches,
+        quiet: opts.quiet,
+    };
+    if !cfg.quiet {
+        println!("resuming {} from {} (step {}, epoch {}, batch {})", out.display(), prefix.display(), position.step, epoch + 1, batch);
+    }
+    run_steps(&runner, &dir, &mut config, &cfg, train_data, val_data, position, kept)
+}
+
+fn check_sizes(train_data: &[i32], val_data: &[i32], block_size: usize, batch_size: usize) -> Result<()> {
+    let n_batches = Batches::len(train_data.len(), block_size, batch_size);
+    ensure!(
+        n_batches > 0,
+        "the corpus is too short: its {} training characters give {} windows of {} + 1, fewer than one batch of {}",
+        train_data.len(),
+        data::num_windows(train_data.len(), block_size),
+        block_size,
+        batch_size
+    );
+    ensure!(
+        data::num_windows(val_data.len(), block_size) > 0,
+        "the corpus is too short: its {} validation characters hold no window of {} + 1",
+        val_data.len(),
+        block_size
+    );
+    Ok(())
+}
+
+fn build_runner(model: &ModelConfig, s: &TrainSettings, session: &SessionArgs) -> Result<Runner> {
+    let (device, session_config) = device::placement(s.device)?;
+    let opts = GraphOptions { adam: s.adam, device, ..GraphOptions::new(s.seed as i64) };
+    Runner::new(ModelGraph::build(model, &opts)?, session.apply(session_config))
+}
+
+/// Where a run is: in epoch `epoch` (from 0), `batch` batches done in it, `step` in all.
+#[derive(Debug, Clone, Copy)]
+struct Position {
+    epoch: u64,
+    batch: u64,
+    step: u64,
+}
+
+/// The notebook's loop from `at` on, with evaluation and checkpoints.
+#[allow(clippy::too_many_arguments)]
+fn run_steps(
+    runner: &Runner,
+    dir: &RunDir,
+    config: &mut RunConfig,
+    cfg: &TrainConfig,
+    train_data: &[i32],
+    val_data: &[i32],
+    at: Position,
+    mut metrics: String,
+) -> Result<TrainSummary> {
+    let s = &cfg.settings;
+    let n_batches = Batches::len(train_data.len(), s.block_size, s.batch_size) as u64;
     let (b, t) = (s.batch_size as u64, s.block_size as u64);
     let mut x = Tensor::<i32>::new(&[b, t]);
     let mut y = Tensor::<i32>::new(&[b, t]);
-    let mut metrics = String::from("step,epoch,loss,val_loss\n");
     let max_steps = s.max_steps.unwrap_or(u64::MAX);
-    let mut global_step = 0u64;
+    let mut global_step = at.step;
     let mut last_loss = f32::NAN;
     let mut val_loss = f64::NAN;
     let start = Instant::now();
     let mut stdout = std::io::stdout();
+    let mut end = |epoch: u64, batch: u64, global_step: u64, last_loss: f32, metrics: &mut String, val_loss: &mut f64| {
+        let position = if batch == n_batches { [epoch as i64 + 1, 0] } else { [epoch as i64, batch as i64] };
+        finish(runner, dir, config, cfg, val_data, global_step, position, metrics, val_loss, last_loss)
+    };
 
-    'epochs: for epoch in 0..s.epochs {
-        if global_step >= max_steps {
-            break;
-        }
+    ensure!(
+        at.step < max_steps && at.epoch < s.epochs,
+        "the run is complete ({} steps, {} epochs done): give a larger --max-steps or --epochs to go on",
+        at.step,
+        at.epoch
+    );
+    'epochs: for epoch in at.epoch..s.epochs {
         if !cfg.quiet {
             writeln!(stdout, "\nEpoch {}", epoch + 1)?;
         }
         let mut batches = Batches::new(train_data, s.block_size, s.batch_size, s.shuffle, s.seed, epoch);
-        let mut step = 0u64;
+        let mut step = if epoch == at.epoch { at.batch } else { 0 };
+        batches.skip(step as usize);
         while batches.fill(&mut x, &mut y) {
             let loss: f32 = runner.train_step(&x, &y)?;
             if !loss.is_finite() {
@@ -119,26 +223,28 @@ pub fn train(cfg: &TrainConfig, corpus: &Corpus, out: &Path) -> Result<TrainSumm
             step += 1;
             global_step += 1;
             if global_step >= max_steps {
-                let epoch_done = step as usize == n_batches;
-                finish_epoch(&runner, &dir, &mut config, cfg, val_data, global_step, epoch + epoch_done as u64, &mut metrics, &mut val_loss, last_loss)?;
+                end(epoch, step, global_step, last_loss, &mut metrics, &mut val_loss)?;
                 break 'epochs;
             }
+            if s.save_every.is_some_and(|n| global_step.is_multiple_of(n)) && step < n_batches {
+                dir.save_checkpoint(runner, global_step, [epoch as i64, step as i64], s.keep)?;
+            }
         }
-        finish_epoch(&runner, &dir, &mut config, cfg, val_data, global_step, epoch + 1, &mut metrics, &mut val_loss, last_loss)?;
+        end(epoch, n_batches, global_step, last_loss, &mut metrics, &mut val_loss)?;
     }
     Ok(TrainSummary { steps: global_step, last_loss, val_loss, seconds: start.elapsed().as_secs_f64() })
 }
 
 /// Validation loss, a checkpoint, metrics and config at the end of an epoch (or of the run).
 #[allow(clippy::too_many_arguments)]
-fn finish_epoch(
+fn finish(
     runner: &Runner,
     dir: &RunDir,
     config: &mut RunConfig,
     cfg: &TrainConfig,
     val_data: &[i32],
     step: u64,
-    epochs_done: u64,
+    position: [i64; 2],
     metrics: &mut String,
     val_loss: &mut f64,
     last_loss: f32,
@@ -148,8 +254,9 @@ fn finish_epoch(
     if !cfg.quiet {
         println!("step {step}: train loss {last_loss:.4}, val loss {:.4}", *val_loss);
     }
+    let epochs_done = position[0] as u64;
     writeln!(metrics, "{step},{epochs_done},{last_loss},{}", *val_loss)?;
-    dir.save_checkpoint(runner, step)?;
+    dir.save_checkpoint(runner, step, position, s.keep)?;
     write_atomic(&dir.metrics_path(), metrics.as_bytes())?;
     config.steps_done = step;
     config.epochs_done = epochs_done;
@@ -189,9 +296,6 @@ pub fn load_run(dir: &RunDir, opts: GraphOptions, device: device::DeviceChoice, 
     let session_config = session.apply(session_config);
     let opts = GraphOptions { adam: config.train.adam, device, ..opts };
     let runner = Runner::new(ModelGraph::build(&config.model, &opts)?, session_config)?;
-    let prefix = dir.latest_checkpoint()?;
-    runner
-        .restore(crate::checkpoint::path_str(&prefix)?)
-        .with_context(|| format!("{} holds a damaged checkpoint", dir.path.display()))?;
+    dir.restore_latest(&runner)?;
     Ok((config, runner))
 }

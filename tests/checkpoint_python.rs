@@ -28,7 +28,7 @@ fn python_reads_the_checkpoint() {
     assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
 
     let dir = RunDir::open(&run).unwrap();
-    let (_, runner) = minigpt::train::load_run(&dir, GraphOptions::new(1), DeviceChoice::Cpu).unwrap();
+    let (_, runner) = minigpt::train::load_run(&dir, GraphOptions::new(1), DeviceChoice::Cpu, &Default::default()).unwrap();
     let vars = runner.g.model.variables();
     let values: Vec<tensorflow::Tensor<f32>> = runner.read(&vars).unwrap();
 
@@ -69,4 +69,58 @@ for name in sys.argv[2:]:
         assert_eq!(py_first, value[0] as f64, "{line}");
         assert!((py_sum - sum).abs() <= 1e-9 * sum.abs().max(1.0), "{line}: Rust sum {sum}");
     }
+}
+
+#[test]
+fn minigpt_restores_a_checkpoint_python_wrote() {
+    assert!(std::path::Path::new(PYTHON).exists(), "no {PYTHON}: run `make setup`");
+    let tmp = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(common::corpus_path()).unwrap();
+    std::fs::write(tmp.path().join("small.txt"), &text[..30_000]).unwrap();
+    let run = tmp.path().join("run");
+    let status = common::minigpt()
+        .args(["train", "--max-steps", "3", "--eval-batches", "1", "-q", "--data"])
+        .arg(tmp.path().join("small.txt"))
+        .arg("--out")
+        .arg(&run)
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+
+    // Python writes ckpt-100 with its own values under the documented names, and makes it the
+    // latest in the state file, as tf.train.CheckpointManager would.
+    let script = r#"
+import sys, numpy as np, tensorflow as tf
+ckpt_dir = sys.argv[1]
+reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(ckpt_dir))
+shapes = reader.get_variable_to_shape_map()
+names, tensors = [], []
+for k, name in enumerate(["embedding/embeddings", "dense/kernel", "dense/bias"]):
+    n = int(np.prod(shapes[name]))
+    value = (np.arange(n) % 97).astype(np.float32) * np.float32(0.01) - np.float32(0.3) + np.float32(0.001 * k)
+    names += [name, name + "/m", name + "/v"]
+    tensors += [value.reshape(shapes[name]), np.zeros(shapes[name], np.float32), np.zeros(shapes[name], np.float32)]
+names.append("optimizer/iterations")
+tensors.append(np.array(100, np.int64))
+tf.raw_ops.SaveV2(prefix=ckpt_dir + "/ckpt-100", tensor_names=names, shape_and_slices=[""] * len(names), tensors=tensors)
+tf.compat.v1.train.update_checkpoint_state(ckpt_dir, "ckpt-100", all_model_checkpoint_paths=["ckpt-3", "ckpt-100"])
+"#;
+    let out = Command::new(PYTHON).env("TF_CPP_MIN_LOG_LEVEL", "3").arg("-c").arg(script).arg(run.join("ckpt")).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let dir = RunDir::open(&run).unwrap();
+    let (_, runner) = minigpt::train::load_run(&dir, GraphOptions::new(1), DeviceChoice::Cpu, &Default::default()).unwrap();
+    let vars = runner.g.model.variables();
+    let values: Vec<tensorflow::Tensor<f32>> = runner.read(&vars).unwrap();
+    for (k, (var, value)) in vars.iter().zip(&values).enumerate() {
+        for (i, &v) in value.iter().enumerate() {
+            let want = ((i % 97) as f32) * 0.01f32 - 0.3f32 + (0.001 * k as f64) as f32;
+            assert_eq!(v, want, "{}[{i}]", var.name);
+        }
+    }
+    let iterations: Vec<tensorflow::Tensor<i64>> = runner.read(std::slice::from_ref(&runner.g.optimizer.iterations)).unwrap();
+    assert_eq!(iterations[0][0], 100);
+    // The command line uses it too.
+    let out = common::minigpt().args(["generate", "--prompt", "A", "--chars", "20", "--run"]).arg(&run).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }

@@ -1,0 +1,113 @@
+//! Checkpoints and `--resume`: a run stopped and resumed computes what an uninterrupted run
+//! computes, bit for bit; `--keep` and `--save-every` rotate checkpoints; a damaged checkpoint is
+//! named and the one before it used.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{last_stderr_line, minigpt};
+
+/// 700 characters: with `--block-size 16`, 19 batches an epoch, so a 57-step run crosses two
+/// epoch boundaries.
+fn tiny_corpus(dir: &Path) -> PathBuf {
+    let text = std::fs::read_to_string(common::corpus_path()).unwrap();
+    let path = dir.join("tiny.txt");
+    std::fs::write(&path, &text[..700]).unwrap();
+    path
+}
+
+fn run(args: &[&str]) -> std::process::Output {
+    let out = minigpt().args(args).output().unwrap();
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+fn train(corpus: &Path, dir: &Path, extra: &[&str]) -> std::process::Output {
+    let base = ["train", "--data", corpus.to_str().unwrap(), "--out", dir.to_str().unwrap(), "--block-size", "16", "--log-every", "3"];
+    run(&[&base[..], &["--save-every", "10", "--keep", "2"], extra].concat())
+}
+
+fn step_lines(out: &std::process::Output) -> Vec<String> {
+    String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.starts_with("Step ")).map(str::to_string).collect()
+}
+
+fn train_rows(dir: &Path) -> Vec<String> {
+    std::fs::read_to_string(dir.join("metrics.csv")).unwrap().lines().filter(|l| l.ends_with(',')).map(str::to_string).collect()
+}
+
+fn checkpoint_files(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir.join("ckpt")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn a_resumed_run_matches_an_uninterrupted_one_bit_for_bit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tiny_corpus(tmp.path());
+    let (whole, split) = (tmp.path().join("whole"), tmp.path().join("split"));
+
+    let all = train(&corpus, &whole, &[]); // 3 epochs: 57 steps
+    let first = train(&corpus, &split, &["--max-steps", "25"]); // stops in epoch 2, batch 6
+    let second = run(&["train", "--resume", "--out", split.to_str().unwrap(), "--log-every", "3", "--max-steps", "57"]);
+    assert!(String::from_utf8_lossy(&second.stdout).contains("(step 25, epoch 2, batch 6)"));
+
+    let mut resumed = step_lines(&first);
+    resumed.extend(step_lines(&second));
+    assert_eq!(step_lines(&all), resumed);
+    assert_eq!(train_rows(&whole), train_rows(&split));
+    for file in ["ckpt-57.data-00000-of-00001", "ckpt-57.index"] {
+        let (a, b) = (std::fs::read(whole.join("ckpt").join(file)).unwrap(), std::fs::read(split.join("ckpt").join(file)).unwrap());
+        assert!(a == b, "{file} differs");
+    }
+    // Saved every 10 steps and at each epoch's end (19, 38, 57); --keep 2 leaves the last two.
+    assert_eq!(checkpoint_files(&whole), ["checkpoint", "ckpt-50.data-00000-of-00001", "ckpt-50.index", "ckpt-57.data-00000-of-00001", "ckpt-57.index"]);
+
+    // A finished run says so; settings of the run cannot be changed on resume.
+    let out = minigpt().args(["train", "--resume", "--out", whole.to_str().unwrap()]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(last_stderr_line(&out).contains("the run is complete (57 steps, 3 epochs done)"), "{}", last_stderr_line(&out));
+    let out = minigpt().args(["train", "--resume", "--out", whole.to_str().unwrap(), "--lr", "0.1"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot be used with"));
+    // More epochs continue it.
+    let more = run(&["train", "--resume", "--out", whole.to_str().unwrap(), "--epochs", "4", "-q"]);
+    assert!(String::from_utf8_lossy(&more.stdout).contains("trained 76 steps"), "{}", String::from_utf8_lossy(&more.stdout));
+}
+
+#[test]
+fn a_damaged_checkpoint_is_named_and_the_previous_one_used() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tiny_corpus(tmp.path());
+    let dir = tmp.path().join("run");
+    train(&corpus, &dir, &["--max-steps", "30"]); // keeps ckpt-20 and ckpt-30
+    let ckpt = dir.join("ckpt");
+    let eval = || minigpt().args(["eval", "--run", dir.to_str().unwrap()]).output().unwrap();
+    let good = eval();
+    assert!(good.status.success());
+
+    // Truncated data file.
+    let data = ckpt.join("ckpt-30.data-00000-of-00001");
+    let bytes = std::fs::read(&data).unwrap();
+    std::fs::write(&data, &bytes[..bytes.len() / 2]).unwrap();
+    let out = eval();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("warning: checkpoint") && stderr.contains("ckpt-30 is damaged"), "{stderr}");
+    assert!(stderr.contains("ckpt-20 instead"), "{stderr}");
+    assert_ne!(out.stdout, good.stdout, "the older checkpoint gives another loss");
+
+    // Resuming picks the older checkpoint up too, and redoes the steps after it.
+    let resumed = run(&["train", "--resume", "--out", dir.to_str().unwrap(), "--max-steps", "30", "-q"]);
+    assert!(String::from_utf8_lossy(&resumed.stderr).contains("ckpt-30 is damaged"));
+    assert_eq!(eval().stdout, good.stdout, "redone steps give the same weights");
+
+    // Garbage in both: a clear error naming them.
+    std::fs::write(ckpt.join("ckpt-30.index"), b"not a checkpoint index").unwrap();
+    std::fs::write(ckpt.join("ckpt-20.data-00000-of-00001"), b"").unwrap();
+    let out = eval();
+    assert!(!out.status.success());
+    let last = last_stderr_line(&out);
+    assert!(last.starts_with("error: no usable checkpoint in") && last.contains("ckpt-30") && last.contains("ckpt-20"), "{last}");
+}
