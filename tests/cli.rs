@@ -133,9 +133,11 @@ fn bad_input_gives_one_clear_line() {
     let ckpt = run.join("ckpt/ckpt-5.data-00000-of-00001");
     let good = std::fs::read(&ckpt).unwrap();
     std::fs::write(&ckpt, &good[..good.len() / 2]).unwrap();
-    fails_with(&["generate", "--run", run_s, "--prompt", "To"], "damaged checkpoint");
+    fails_with(&["generate", "--run", run_s, "--prompt", "To"], "no usable checkpoint");
     std::fs::remove_file(run.join("ckpt/ckpt-5.index")).unwrap();
-    fails_with(&["generate", "--run", run_s, "--prompt", "To"], "missing");
+    fails_with(&["generate", "--run", run_s, "--prompt", "To"], "ckpt-5 damaged");
+    std::fs::remove_file(run.join("ckpt/checkpoint")).unwrap();
+    fails_with(&["generate", "--run", run_s, "--prompt", "To"], "has no checkpoint");
     std::fs::write(run.join("config.json"), "{ not json").unwrap();
     fails_with(&["generate", "--run", run_s, "--prompt", "To"], "not a valid run config");
 }
