@@ -34,6 +34,8 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Print the validation loss of a run.
     Eval(EvalArgs),
+    /// Export a run as a SavedModel that Python's tf.saved_model.load reads.
+    Export(ExportArgs),
     /// Write the text GraphDef of a model's training graph.
     Graph(GraphArgs),
 }
@@ -226,6 +228,18 @@ pub enum Split {
 }
 
 #[derive(Args, Debug)]
+pub struct ExportArgs {
+    /// Run directory to export (its newest usable checkpoint).
+    #[arg(long)]
+    pub run: PathBuf,
+    /// SavedModel directory to create.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub session: SessionArgs,
+}
+
+#[derive(Args, Debug)]
 pub struct GraphArgs {
     #[arg(long, value_enum, default_value_t = Arch::Bigram)]
     pub model: Arch,
@@ -245,6 +259,11 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Train(args) => train_cmd(&args),
         Command::Generate(args) => generate(&args),
         Command::Eval(args) => eval(&args),
+        Command::Export(args) => {
+            let path = crate::saved_model::export(&args.run, &args.out, &args.session)?;
+            println!("wrote SavedModel {} (signatures serving_default: tokens -> logits, train_step: x, y -> loss)", path.display());
+            Ok(())
+        }
         Command::Graph(args) => graph(&args),
     }
 }

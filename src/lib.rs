@@ -12,6 +12,7 @@ pub mod model;
 pub mod optim;
 pub mod parity;
 pub mod sample;
+pub mod saved_model;
 pub mod tfx;
 pub mod train;
 
