@@ -14,6 +14,7 @@ use crate::model::{Arch, ModelConfig};
 use crate::optim::AdamConfig;
 use crate::checkpoint::KEEP_CHECKPOINTS;
 use crate::sample::{self, SamplerConfig};
+use crate::saved_model;
 use crate::tfx::SessionConfig;
 use crate::train::{self, TrainConfig};
 
@@ -64,6 +65,13 @@ pub struct TrainArgs {
     pub resume: bool,
     #[arg(long, value_enum, default_value_t = Arch::Bigram, conflicts_with = "resume")]
     pub model: Arch,
+    /// Start from the weights of a SavedModel (minigpt's or Python's; see the README) instead of
+    /// fresh ones; the vocabulary is the SavedModel's.
+    #[arg(long, conflicts_with_all = ["resume", "embedding_dim"])]
+    pub init_from: Option<PathBuf>,
+    /// The vocabulary of an --init-from SavedModel that carries none (as for generate).
+    #[arg(long, requires = "init_from")]
+    pub vocab: Option<PathBuf>,
     /// Passes over the training data [default: 3].
     #[arg(long)]
     pub epochs: Option<u64>,
@@ -143,6 +151,8 @@ impl TrainArgs {
                 keep: self.keep,
             },
             session: self.session,
+            init_from: self.init_from.clone(),
+            vocab: self.vocab.clone(),
             log_every: self.log_every,
             eval_batches: self.eval_batches,
             quiet: self.quiet,
@@ -152,6 +162,8 @@ impl TrainArgs {
 
 /// The notebook's `EPOCHS`.
 pub const DEFAULT_EPOCHS: u64 = 3;
+/// The notebook's `block_size`.
+pub const DEFAULT_BLOCK_SIZE: usize = 64;
 
 /// TensorFlow runtime settings shared by the commands that run a graph.
 #[derive(Args, Debug, Clone, Copy, Default)]
@@ -180,7 +192,7 @@ impl SessionArgs {
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
-    /// Run directory to sample from.
+    /// Run directory or SavedModel to sample from.
     #[arg(long)]
     pub run: PathBuf,
     /// Text to continue.
@@ -198,6 +210,10 @@ pub struct GenerateArgs {
     /// Seed of the sampler; the same seed gives the same text.
     #[arg(long, default_value_t = 1337)]
     pub seed: u64,
+    /// Vocabulary of a SavedModel that carries none: a JSON array of its characters, or the text
+    /// it was trained on.
+    #[arg(long)]
+    pub vocab: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
     #[command(flatten)]
@@ -206,15 +222,19 @@ pub struct GenerateArgs {
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
-    /// Run directory to evaluate.
+    /// Run directory or SavedModel to evaluate.
     #[arg(long)]
     pub run: PathBuf,
-    /// Corpus (default: the run's own).
+    /// Corpus (default: the run's own; for a SavedModel, as train's --data).
     #[arg(long)]
     pub data: Option<String>,
     /// `val`, or `all` to add the training split's loss.
     #[arg(long, value_enum, default_value_t = Split::Val)]
     pub split: Split,
+    /// Vocabulary of a SavedModel that carries none: a JSON array of its characters, or the text
+    /// it was trained on.
+    #[arg(long)]
+    pub vocab: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
     #[command(flatten)]
@@ -306,43 +326,71 @@ fn train_cmd(args: &TrainArgs) -> Result<()> {
 }
 
 fn generate(args: &GenerateArgs) -> Result<()> {
-    let dir = RunDir::open(&args.run)?;
     ensure!(args.top_k != Some(0), "--top-k must be at least 1");
-    let opts = GraphOptions { sampler: Some(SamplerConfig { top_k: args.top_k }), ..GraphOptions::new(args.seed as i64) };
-    let (config, runner) = train::load_run(&dir, opts, args.device, &args.session)?;
-    let vocab = config.vocab()?;
-    if let Some(k) = args.top_k {
-        ensure!(k as usize <= vocab.len(), "--top-k {k} exceeds the vocabulary size {}", vocab.len());
-    }
-    let prompt = vocab.encode(&args.prompt).context("the prompt cannot be encoded")?;
+    ensure!(args.temperature > 0.0 && args.temperature.is_finite(), "--temperature must be a positive number, got {}", args.temperature);
     let mut out = std::io::stdout().lock();
-    write!(out, "{}", args.prompt)?;
-    out.flush()?;
-    sample::generate(&runner, &prompt, args.chars, args.temperature, |id| {
+    let mut emit = |vocab: &Vocab, id: i32| -> Result<()> {
         write!(out, "{}", vocab.decode(&[id]))?;
         Ok(out.flush()?)
-    })?;
-    writeln!(out)?;
+    };
+    let check_top_k = |vocab: &Vocab| match args.top_k {
+        Some(k) if k as usize > vocab.len() => Err(anyhow::anyhow!("--top-k {k} exceeds the vocabulary size {}", vocab.len())),
+        _ => Ok(()),
+    };
+    if saved_model::is_saved_model(&args.run) {
+        let model = saved_model::Loaded::load(&args.run, args.vocab.as_deref(), &args.session, args.seed as i64, args.top_k)?;
+        check_top_k(&model.vocab)?;
+        let prompt = model.vocab.encode(&args.prompt).context("the prompt cannot be encoded")?;
+        print!("{}", args.prompt);
+        let temperature = tensorflow::Tensor::from(args.temperature);
+        sample::generate_with(&prompt, args.chars, model.block_size, |id| emit(&model.vocab, id), |context| model.next(context, &temperature))?;
+    } else {
+        ensure!(args.vocab.is_none(), "--vocab is for SavedModels; a run directory has its vocabulary in config.json");
+        let dir = RunDir::open(&args.run)?;
+        let opts = GraphOptions { sampler: Some(SamplerConfig { top_k: args.top_k }), ..GraphOptions::new(args.seed as i64) };
+        let (config, runner) = train::load_run(&dir, opts, args.device, &args.session)?;
+        let vocab = config.vocab()?;
+        check_top_k(&vocab)?;
+        let prompt = vocab.encode(&args.prompt).context("the prompt cannot be encoded")?;
+        print!("{}", args.prompt);
+        sample::generate(&runner, &prompt, args.chars, args.temperature, |id| emit(&vocab, id))?;
+    }
+    println!();
     Ok(())
 }
 
 fn eval(args: &EvalArgs) -> Result<()> {
+    let print = |name: &str, loss: f64| {
+        println!("{name}_loss: {loss:.6}");
+        println!("{name}_perplexity: {:.6}", loss.exp());
+    };
+    let splits = |vocab: &Vocab, source: &str| -> Result<Vec<i32>> {
+        let corpus = data::load_corpus(source)?;
+        vocab.encode(&corpus.text).context("the corpus does not fit the model's vocabulary")
+    };
+    if saved_model::is_saved_model(&args.run) {
+        let model = saved_model::Loaded::load(&args.run, args.vocab.as_deref(), &args.session, 0, None)?;
+        let source = args.data.clone().unwrap_or_else(data::default_source);
+        let encoded = splits(&model.vocab, &source)?;
+        let (train_data, val_data) = data::split(&encoded);
+        let block = model.block_size.unwrap_or(DEFAULT_BLOCK_SIZE);
+        print("val", train::evaluate_with(|x, y| model.loss(x, y), val_data, block, None, 0)?);
+        if args.split == Split::All {
+            print("train", train::evaluate_with(|x, y| model.loss(x, y), train_data, block, None, 0)?);
+        }
+        return Ok(());
+    }
+    ensure!(args.vocab.is_none(), "--vocab is for SavedModels; a run directory has its vocabulary in config.json");
     let dir = RunDir::open(&args.run)?;
     // Evaluation draws nothing at random: the seed does not matter.
     let (config, runner) = train::load_run(&dir, GraphOptions::new(0), args.device, &args.session)?;
-    let vocab: Vocab = config.vocab()?;
     let source = args.data.clone().unwrap_or_else(|| config.data.source.clone());
-    let corpus = data::load_corpus(&source)?;
-    let encoded = vocab.encode(&corpus.text).context("the corpus does not fit the run's vocabulary")?;
+    let encoded = splits(&config.vocab()?, &source)?;
     let (train_data, val_data) = data::split(&encoded);
     let block = config.train.block_size;
-    let val = train::evaluate(&runner, val_data, block, None, 0)?;
-    println!("val_loss: {val:.6}");
-    println!("val_perplexity: {:.6}", val.exp());
+    print("val", train::evaluate(&runner, val_data, block, None, 0)?);
     if args.split == Split::All {
-        let tr = train::evaluate(&runner, train_data, block, None, 0)?;
-        println!("train_loss: {tr:.6}");
-        println!("train_perplexity: {:.6}", tr.exp());
+        print("train", train::evaluate(&runner, train_data, block, None, 0)?);
     }
     Ok(())
 }

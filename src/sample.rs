@@ -74,7 +74,7 @@ impl Sampler {
 }
 
 /// `x[:, -1]` of a rank-2 or `x[:, -1, :]` of a rank-3 tensor.
-fn slice_last(x: Output, rank: usize, scope: &mut Scope) -> tensorflow::Result<Output> {
+pub(crate) fn slice_last(x: Output, rank: usize, scope: &mut Scope) -> tensorflow::Result<Output> {
     let (begin, end, strides): (Vec<i32>, Vec<i32>, Vec<i32>) = match rank {
         2 => (vec![0, -1], vec![0, 0], vec![1, 1]),
         _ => (vec![0, -1, 0], vec![0, 0, 0], vec![1, 1, 1]),
@@ -90,7 +90,7 @@ fn slice_last(x: Output, rank: usize, scope: &mut Scope) -> tensorflow::Result<O
 }
 
 /// logits [N, V] → float32 logits / temperature, all but the top k of each row set to -inf.
-fn scale(logits: Output, temperature: Output, cfg: &SamplerConfig, scope: &mut Scope) -> tensorflow::Result<Output> {
+pub(crate) fn scale(logits: Output, temperature: Output, cfg: &SamplerConfig, scope: &mut Scope) -> tensorflow::Result<Output> {
     let logits = ops::Cast::new().DstT(DataType::Float).build(logits, scope)?;
     let scaled = ops::real_div(logits, temperature, scope)?; // [N, V]
     let Some(k) = cfg.top_k else {
@@ -105,7 +105,7 @@ fn scale(logits: Output, temperature: Output, cfg: &SamplerConfig, scope: &mut S
 }
 
 /// `tf.random.categorical(logits, 1)`: [N, V] → [N, 1] int64.
-fn multinomial(logits: Output, seed: i64, name: Option<&str>, scope: &mut Scope) -> tensorflow::Result<Output> {
+pub(crate) fn multinomial(logits: Output, seed: i64, name: Option<&str>, scope: &mut Scope) -> tensorflow::Result<Output> {
     let n = ops::constant(1i32, scope)?;
     let op = ops::Multinomial::new().seed(seed).seed2(1).output_dtype(DataType::Int64);
     Ok(match name {
@@ -196,23 +196,35 @@ pub fn generate(runner: &Runner, prompt: &[i32], n_chars: usize, temperature: f3
 }
 
 /// One `Session::run` per character (`sample/next`).
-pub fn generate_stepwise(runner: &Runner, prompt: &[i32], n_chars: usize, temperature: Tensor<f32>, mut emit: impl FnMut(i32) -> Result<()>) -> Result<Vec<i32>> {
+pub fn generate_stepwise(runner: &Runner, prompt: &[i32], n_chars: usize, temperature: Tensor<f32>, emit: impl FnMut(i32) -> Result<()>) -> Result<Vec<i32>> {
     let sampler = runner.g.sampler.as_ref().context("the graph was built without a sampler")?;
-    ensure!(!prompt.is_empty(), "the prompt is empty: give at least one character");
-    let keep = runner.g.model.context_size();
-    let mut ids = prompt.to_vec();
-    for _ in 0..n_chars {
-        let window = match keep {
-            Some(k) => &ids[ids.len().saturating_sub(k)..],
-            None => &ids[..],
-        };
+    generate_with(prompt, n_chars, runner.g.model.context_size(), emit, |window| {
         let context = Tensor::new(&[1, window.len() as u64]).with_values(window)?;
         let mut args = SessionRunArgs::new();
         args.add_feed(&sampler.context, 0, &context);
         args.add_feed(&sampler.temperature.operation, 0, &temperature);
         let next = args.request_fetch(&sampler.next.operation, sampler.next.index);
         runner.session.run(&mut args).context("sampling")?;
-        let id = args.fetch::<i64>(next)?[0] as i32;
+        Ok(args.fetch::<i64>(next)?[0] as i32)
+    })
+}
+
+/// The notebook's loop: `next(context)` draws an id given the last `keep` ids (all if `None`).
+pub fn generate_with(
+    prompt: &[i32],
+    n_chars: usize,
+    keep: Option<usize>,
+    mut emit: impl FnMut(i32) -> Result<()>,
+    mut next: impl FnMut(&[i32]) -> Result<i32>,
+) -> Result<Vec<i32>> {
+    ensure!(!prompt.is_empty(), "the prompt is empty: give at least one character");
+    let mut ids = prompt.to_vec();
+    for _ in 0..n_chars {
+        let window = match keep {
+            Some(k) => &ids[ids.len().saturating_sub(k)..],
+            None => &ids[..],
+        };
+        let id = next(window)?;
         ids.push(id);
         emit(id)?;
     }

@@ -13,9 +13,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{ensure, Context, Result};
 use prost::Message;
-use tensorflow::{ops, DataType, Output, Scope};
+use tensorflow::{ops, DataType, Operation, Output, Scope, SessionRunArgs, Tensor};
 
 use crate::checkpoint::{path_str, RunConfig, RunDir};
+use crate::data::Vocab;
+use crate::tfx::{self, CheckpointEntry, CheckpointReader};
 use crate::cli::SessionArgs;
 use crate::device::DeviceChoice;
 use crate::graph::{GraphOptions, Runner};
@@ -183,4 +185,217 @@ fn write(config: &RunConfig, runner: &Runner, dir: &Path) -> Result<()> {
 
 fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
     fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Whether `dir` holds a SavedModel (rather than a run directory).
+pub fn is_saved_model(dir: &Path) -> bool {
+    dir.join("saved_model.pb").is_file()
+}
+
+/// A SavedModel's vocabulary: `--vocab FILE` if given (a JSON array of one-character strings, or
+/// the corpus text the vocabulary was built from), else its `assets.extra/vocab.json`.
+pub fn vocabulary(dir: &Path, vocab_file: Option<&Path>) -> Result<Vocab> {
+    if let Some(file) = vocab_file {
+        let text = fs::read_to_string(file).with_context(|| format!("reading vocabulary {}", file.display()))?;
+        return match serde_json::from_str::<Vec<String>>(&text) {
+            Ok(chars) => Vocab::from_strings(&chars).with_context(|| format!("vocabulary {}", file.display())),
+            Err(_) => Ok(Vocab::from_text(&text)),
+        };
+    }
+    let path = dir.join("assets.extra/vocab.json");
+    ensure!(
+        path.is_file(),
+        "{} carries no vocabulary (no assets.extra/vocab.json): give --vocab FILE, a JSON array of its characters or the text it was trained on",
+        dir.display()
+    );
+    let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let chars: Vec<String> = serde_json::from_str(&text).with_context(|| format!("{} is not a JSON array of strings", path.display()))?;
+    Vocab::from_strings(&chars).with_context(|| format!("{}", path.display()))
+}
+
+/// `block_size` from `assets.extra/minigpt.json` (`train.block_size`), if it says.
+fn block_size(dir: &Path) -> Option<usize> {
+    let text = fs::read_to_string(dir.join("assets.extra/minigpt.json")).ok()?;
+    let value: serde_json::Value = serde_json::from_str(&text).ok()?;
+    value["train"]["block_size"].as_u64().map(|b| b as usize)
+}
+
+/// Picks a signature's tensor: `preferred` keys first, else the only one; checks its dtype and rank.
+fn pick<'a>(
+    what: &str,
+    tensors: &'a std::collections::HashMap<String, tensorflow::TensorInfo>,
+    preferred: &[&str],
+    dtype: DataType,
+    rank: usize,
+) -> Result<(&'a str, &'a tensorflow::TensorInfo)> {
+    let found = preferred.iter().find_map(|k| tensors.get_key_value(*k)).or_else(|| (tensors.len() == 1).then(|| tensors.iter().next()).flatten());
+    let mut keys: Vec<&str> = tensors.keys().map(String::as_str).collect();
+    keys.sort();
+    let Some((key, info)) = found else {
+        anyhow::bail!("{SERVING}: expected {what} {} (or a single one), found {}", preferred.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(" or "), if keys.is_empty() { "none".into() } else { keys.join(", ") });
+    };
+    ensure!(info.dtype() == dtype, "{SERVING}: {what} `{key}` is {}, expected {dtype}", info.dtype());
+    if let Some(dims) = info.shape().dims() {
+        ensure!(dims == rank, "{SERVING}: {what} `{key}` has rank {dims}, expected {rank}");
+    }
+    Ok((key.as_str(), info))
+}
+
+fn output_of(graph: &tensorflow::Graph, info: &tensorflow::TensorInfo) -> Result<Output> {
+    let name = info.name();
+    let operation = graph.operation_by_name_required(&name.name).with_context(|| format!("the graph has no tensor {}:{}", name.name, name.index))?;
+    Ok(Output { operation, index: name.index })
+}
+
+/// A SavedModel loaded for inference through its `serving_default` signature, with minigpt's
+/// sampling and loss ops added to its graph.
+pub struct Loaded {
+    /// Owns the graph the SavedModel was loaded into.
+    pub scope: Scope,
+    pub session: tensorflow::Session,
+    pub vocab: Vocab,
+    /// The context the model was trained on, if its `minigpt.json` says.
+    pub block_size: Option<usize>,
+    tokens: Output,
+    logits: Output,
+    temperature: Output,
+    next: Output,
+    labels: Operation,
+    loss: Output,
+}
+
+impl Loaded {
+    /// Loads `dir` (tag `serve`). `seed` and `top_k` set the sampler, as for a run.
+    pub fn load(dir: &Path, vocab_file: Option<&Path>, session: &SessionArgs, seed: i64, top_k: Option<u32>) -> Result<Self> {
+        let vocab = vocabulary(dir, vocab_file)?;
+        let mut scope = Scope::new_root_scope();
+        let options = session.to_config().session_options()?;
+        let bundle = tensorflow::SavedModelBundle::load(&options, [SERVE_TAG], &mut scope.graph_mut(), dir)
+            .map_err(|e| anyhow::anyhow!("{}: not a SavedModel with the `{SERVE_TAG}` tag: {e}", dir.display()))?;
+        let signature = bundle.meta_graph_def().get_signature(SERVING).map_err(|_| {
+            let mut names: Vec<&str> = bundle.meta_graph_def().signatures().keys().map(String::as_str).filter(|k| !k.starts_with("__")).collect();
+            names.sort();
+            anyhow::anyhow!("{}: no `{SERVING}` signature (it has: {})", dir.display(), names.join(", "))
+        })?;
+        let (_, tokens) = pick("input", signature.inputs(), &["tokens"], DataType::Int32, 2).with_context(|| dir.display().to_string())?;
+        let (key, logits) = pick("output", signature.outputs(), &["logits", "output_0"], DataType::Float, 3).with_context(|| dir.display().to_string())?;
+        if let Some(v) = logits.shape().dims().and_then(|_| logits.shape()[2]) {
+            ensure!(v as usize == vocab.len(), "{}: `{key}` has {v} classes but the vocabulary {} characters", dir.display(), vocab.len());
+        }
+        let (tokens, logits) = { let g = scope.graph(); (output_of(&g, tokens)?, output_of(&g, logits)?) };
+
+        let s = &mut scope.new_sub_scope("minigpt");
+        let one = ops::constant(1.0f32, s)?;
+        let temperature = tfx::scalar_with_default("minigpt/temperature", one.into(), s)?;
+        let cfg = crate::sample::SamplerConfig { top_k };
+        let last = crate::sample::slice_last(logits.clone(), 3, s)?; // [B, V]
+        let scaled = crate::sample::scale(last, temperature.clone(), &cfg, s)?;
+        let next = crate::sample::multinomial(scaled, seed, Some("minigpt/next"), s)?;
+        let labels = tfx::placeholder("minigpt/labels", DataType::Int32, &[-1, -1], s)?;
+        let logits_2d = ops::reshape(logits.clone(), tfx::shape_const(&[-1, vocab.len() as i64], s)?, s)?;
+        let flat = ops::reshape(labels.clone(), tfx::shape_const(&[-1], s)?, s)?;
+        let xent = ops::sparse_softmax_cross_entropy_with_logits(logits_2d, flat, s)?;
+        let loss = ops::mean(xent.output(0), tfx::shape_const(&[0], s)?, s)?.into();
+        let loaded = Self { session: bundle.session, vocab, block_size: block_size(dir), scope, tokens, logits, temperature, next, labels, loss };
+        // One token through the model: a SavedModel whose signature reads variables its restore
+        // op does not write fails here, not halfway through a command.
+        loaded.logits(&Tensor::new(&[1, 1])).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: its `{SERVING}` signature does not run after loading ({}); a SavedModel written from Python with Keras 3 variables inside a tf.Module must also track their `.value` tf.Variables (see python_export/export_savedmodel.py)",
+                dir.display(),
+                format!("{e:#}").split_whitespace().collect::<Vec<_>>().join(" ")
+            )
+        })?;
+        Ok(loaded)
+    }
+
+    /// tokens [B, T] → logits [B, T, V].
+    pub fn logits(&self, tokens: &Tensor<i32>) -> Result<Tensor<f32>> {
+        let mut args = SessionRunArgs::new();
+        args.add_feed(&self.tokens.operation, self.tokens.index, tokens);
+        let t = args.request_fetch(&self.logits.operation, self.logits.index);
+        self.session.run(&mut args).context("running serving_default")?;
+        Ok(args.fetch(t)?)
+    }
+
+    /// Mean cross-entropy of the model on a batch.
+    pub fn loss(&self, x: &Tensor<i32>, y: &Tensor<i32>) -> Result<f32> {
+        let mut args = SessionRunArgs::new();
+        args.add_feed(&self.tokens.operation, self.tokens.index, x);
+        args.add_feed(&self.labels, 0, y);
+        let t = args.request_fetch(&self.loss.operation, self.loss.index);
+        self.session.run(&mut args).context("computing the loss")?;
+        Ok(args.fetch::<f32>(t)?[0])
+    }
+
+    /// The next id after `context`, drawn with the `Multinomial` op.
+    pub fn next(&self, context: &[i32], temperature: &Tensor<f32>) -> Result<i32> {
+        let context = Tensor::new(&[1, context.len() as u64]).with_values(context)?;
+        let mut args = SessionRunArgs::new();
+        args.add_feed(&self.tokens.operation, self.tokens.index, &context);
+        args.add_feed(&self.temperature.operation, self.temperature.index, temperature);
+        let t = args.request_fetch(&self.next.operation, self.next.index);
+        self.session.run(&mut args).context("sampling")?;
+        Ok(args.fetch::<i64>(t)?[0] as i32)
+    }
+}
+
+/// The SavedModel's values for `vars`, from its `variables/` checkpoint. A variable is found by
+/// its name: minigpt's own (`dense/kernel`), or the end of an object path as Python writes them
+/// (`model/dense/_kernel/.ATTRIBUTES/VARIABLE_VALUE`); failing that, by its shape, when every
+/// entry of that shape holds the same values (Keras' `model.export()` lists its variables by
+/// number, some twice).
+pub fn import_weights(dir: &Path, vars: &[crate::tfx::Var]) -> Result<Vec<Tensor<f32>>> {
+    let prefix = dir.join("variables/variables");
+    let reader = CheckpointReader::open(path_str(&prefix)?).with_context(|| format!("{}: cannot read the variables", dir.display()))?;
+    let entries = reader.entries()?;
+    let model_entries: Vec<&CheckpointEntry> = entries
+        .iter()
+        .filter(|e| e.dtype == DataType::Float && !e.key.starts_with("optimizer/") && !e.key.starts_with('_') && !e.key.ends_with("/m") && !e.key.ends_with("/v"))
+        .collect();
+    let mut out = Vec::with_capacity(vars.len());
+    for var in vars {
+        let shape: Vec<i64> = var.shape.iter().map(|&d| d as i64).collect();
+        let by_name: Vec<&CheckpointEntry> = model_entries.iter().copied().filter(|e| names_match(&e.key, &var.name)).collect();
+        let candidates = if by_name.is_empty() { model_entries.iter().copied().filter(|e| e.shape == shape).collect() } else { by_name };
+        ensure!(!candidates.is_empty(), "{}: no variable for {} {:?} (it holds: {})", dir.display(), var.name, shape, describe(&model_entries));
+        let values: Vec<Tensor<f32>> = candidates.iter().map(|e| reader.tensor_f32(&e.key)).collect::<Result<_, _>>()?;
+        ensure!(
+            values.windows(2).all(|w| w[0][..] == w[1][..]),
+            "{}: which variable is {} is ambiguous ({})",
+            dir.display(),
+            var.name,
+            describe(&candidates)
+        );
+        ensure!(candidates[0].shape == shape, "{}: {} is {:?} there, {:?} in this model", dir.display(), var.name, candidates[0].shape, shape);
+        out.push(values.into_iter().next().unwrap());
+    }
+    Ok(out)
+}
+
+fn describe(entries: &[&CheckpointEntry]) -> String {
+    entries.iter().map(|e| format!("{} {:?}", e.key, e.shape)).collect::<Vec<_>>().join(", ")
+}
+
+/// `dense/kernel` matches itself and `…/dense/_kernel/.ATTRIBUTES/VARIABLE_VALUE`.
+fn names_match(key: &str, name: &str) -> bool {
+    let path = key.strip_suffix("/.ATTRIBUTES/VARIABLE_VALUE").unwrap_or(key);
+    let parts: Vec<&str> = path.rsplit('/').take(2).map(|p| p.trim_start_matches('_')).collect();
+    let want: Vec<&str> = name.rsplit('/').take(2).collect();
+    key == name || parts == want
+}
+
+/// The model configuration matching a SavedModel's weights (the embedding's width).
+pub fn model_config(dir: &Path, vocab_size: u64) -> Result<crate::model::ModelConfig> {
+    let probe = crate::model::ModelConfig { arch: crate::model::Arch::Bigram, vocab_size, n_embd: 1 };
+    let prefix = dir.join("variables/variables");
+    let reader = CheckpointReader::open(path_str(&prefix)?).with_context(|| format!("{}: cannot read the variables", dir.display()))?;
+    let entries = reader.entries()?;
+    let embedding = entries
+        .iter()
+        .filter(|e| e.dtype == DataType::Float && e.shape.len() == 2 && e.shape[0] == vocab_size as i64 && !e.key.starts_with("optimizer/"))
+        .find(|e| names_match(&e.key, "embedding/embeddings"))
+        .or_else(|| entries.iter().find(|e| e.dtype == DataType::Float && e.shape.len() == 2 && e.shape[0] == vocab_size as i64 && !e.key.starts_with("optimizer/")))
+        .with_context(|| format!("{}: no [{vocab_size}, width] embedding table among its variables", dir.display()))?;
+    Ok(crate::model::ModelConfig { n_embd: embedding.shape[1] as u64, ..probe })
 }

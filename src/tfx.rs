@@ -180,9 +180,125 @@ impl SessionConfig {
     }
 }
 
+#[repr(C)]
+struct TfCheckpointReader {
+    _private: [u8; 0],
+}
+
 extern "C" {
     // From TensorFlow's c_api_experimental.h; exported by the library but not bound by tensorflow-sys.
     fn TF_GraphDebugString(graph: *mut tf_sys::TF_Graph, len: *mut usize) -> *mut c_char;
+    // From tensorflow/c/checkpoint_reader.h, likewise.
+    fn TF_NewCheckpointReader(filename: *const c_char, status: *mut tf_sys::TF_Status) -> *mut TfCheckpointReader;
+    fn TF_DeleteCheckpointReader(reader: *mut TfCheckpointReader);
+    fn TF_CheckpointReaderSize(reader: *mut TfCheckpointReader) -> i32;
+    fn TF_CheckpointReaderGetVariable(reader: *mut TfCheckpointReader, index: i32) -> *const c_char;
+    fn TF_CheckpointReaderGetVariableDataType(reader: *mut TfCheckpointReader, name: *const c_char) -> tf_sys::TF_DataType;
+    fn TF_CheckpointReaderGetVariableNumDims(reader: *mut TfCheckpointReader, name: *const c_char) -> i32;
+    fn TF_CheckpointReaderGetVariableShape(reader: *mut TfCheckpointReader, name: *const c_char, dims: *mut i64, num_dims: i32, status: *mut tf_sys::TF_Status);
+    fn TF_CheckpointReaderGetTensor(reader: *mut TfCheckpointReader, name: *const c_char, status: *mut tf_sys::TF_Status) -> *mut tf_sys::TF_Tensor;
+}
+
+/// One entry of a checkpoint: its key, dtype and shape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckpointEntry {
+    pub key: String,
+    pub dtype: DataType,
+    pub shape: Vec<i64>,
+}
+
+/// TensorFlow's checkpoint reader (V1 or V2 checkpoints, by prefix): lists keys, reads tensors.
+pub struct CheckpointReader {
+    raw: *mut TfCheckpointReader,
+}
+
+fn status_result(status: *mut tf_sys::TF_Status) -> Result<(), Status> {
+    // SAFETY: `status` is a live TF_Status; the message is copied before it is deleted.
+    unsafe {
+        if tf_sys::TF_GetCode(status) == tf_sys::TF_OK {
+            return Ok(());
+        }
+        let message = std::ffi::CStr::from_ptr(tf_sys::TF_Message(status)).to_string_lossy().into_owned();
+        Err(Status::new_set_lossy(tensorflow::Code::DataLoss, &message))
+    }
+}
+
+impl CheckpointReader {
+    pub fn open(prefix: &str) -> Result<Self, Status> {
+        let name = std::ffi::CString::new(prefix).map_err(|_| Status::new_set_lossy(tensorflow::Code::InvalidArgument, "checkpoint path contains NUL"))?;
+        // SAFETY: the status is deleted on every path; the reader is owned by the returned value.
+        unsafe {
+            let status = tf_sys::TF_NewStatus();
+            let raw = TF_NewCheckpointReader(name.as_ptr(), status);
+            let result = status_result(status);
+            tf_sys::TF_DeleteStatus(status);
+            result?;
+            Ok(Self { raw })
+        }
+    }
+
+    /// Every entry, in the reader's order.
+    pub fn entries(&self) -> Result<Vec<CheckpointEntry>, Status> {
+        // SAFETY: the reader is live; names are copied out; the status is deleted.
+        unsafe {
+            let n = TF_CheckpointReaderSize(self.raw);
+            let mut entries = Vec::with_capacity(n.max(0) as usize);
+            for i in 0..n {
+                let key_ptr = TF_CheckpointReaderGetVariable(self.raw, i);
+                let key = std::ffi::CStr::from_ptr(key_ptr).to_string_lossy().into_owned();
+                let dtype = match TF_CheckpointReaderGetVariableDataType(self.raw, key_ptr) {
+                    tf_sys::TF_FLOAT => DataType::Float,
+                    tf_sys::TF_DOUBLE => DataType::Double,
+                    tf_sys::TF_INT32 => DataType::Int32,
+                    tf_sys::TF_INT64 => DataType::Int64,
+                    tf_sys::TF_STRING => DataType::String,
+                    other => DataType::UnrecognizedEnumValue(other as _),
+                };
+                let rank = TF_CheckpointReaderGetVariableNumDims(self.raw, key_ptr);
+                let mut shape = vec![0i64; rank.max(0) as usize];
+                let status = tf_sys::TF_NewStatus();
+                TF_CheckpointReaderGetVariableShape(self.raw, key_ptr, shape.as_mut_ptr(), rank, status);
+                let result = status_result(status);
+                tf_sys::TF_DeleteStatus(status);
+                result?;
+                entries.push(CheckpointEntry { key, dtype, shape });
+            }
+            Ok(entries)
+        }
+    }
+
+    /// The float32 tensor stored under `key`.
+    pub fn tensor_f32(&self, key: &str) -> Result<Tensor<f32>, Status> {
+        let name = std::ffi::CString::new(key).map_err(|_| Status::new_set_lossy(tensorflow::Code::InvalidArgument, "key contains NUL"))?;
+        // SAFETY: the returned TF_Tensor is checked for its dtype and size, copied, and deleted.
+        unsafe {
+            let status = tf_sys::TF_NewStatus();
+            let raw = TF_CheckpointReaderGetTensor(self.raw, name.as_ptr(), status);
+            let result = status_result(status);
+            tf_sys::TF_DeleteStatus(status);
+            result?;
+            let dims: Vec<u64> = (0..tf_sys::TF_NumDims(raw)).map(|d| tf_sys::TF_Dim(raw, d) as u64).collect();
+            let is_float = tf_sys::TF_TensorType(raw) == tf_sys::TF_FLOAT;
+            let bytes = tf_sys::TF_TensorByteSize(raw);
+            let mut out = Tensor::<f32>::new(&dims);
+            let ok = is_float && bytes == out.len() * 4;
+            if ok {
+                std::ptr::copy_nonoverlapping(tf_sys::TF_TensorData(raw) as *const f32, out.as_mut_ptr(), out.len());
+            }
+            tf_sys::TF_DeleteTensor(raw);
+            if !ok {
+                return Err(Status::new_set_lossy(tensorflow::Code::InvalidArgument, &format!("checkpoint entry {key} is not a float32 tensor")));
+            }
+            Ok(out)
+        }
+    }
+}
+
+impl Drop for CheckpointReader {
+    fn drop(&mut self) {
+        // SAFETY: `raw` came from TF_NewCheckpointReader and is deleted once.
+        unsafe { TF_DeleteCheckpointReader(self.raw) }
+    }
 }
 
 /// On CPU, `global_jit_level` clusters nothing unless XLA's `--tf_xla_cpu_global_jit` flag is

@@ -22,6 +22,10 @@ pub struct TrainConfig {
     /// The model; `vocab_size` is set from the corpus.
     pub model: ModelConfig,
     pub settings: TrainSettings,
+    /// Start from this SavedModel's weights and vocabulary.
+    pub init_from: Option<std::path::PathBuf>,
+    /// The vocabulary file for an `init_from` SavedModel that carries none.
+    pub vocab: Option<std::path::PathBuf>,
     /// Threads and XLA: not saved with the run (threads change speed only; XLA may change rounding).
     pub session: SessionArgs,
     /// Print `Step N: Loss X` every this many steps of an epoch.
@@ -46,14 +50,23 @@ const EVAL_WINDOWS: usize = 512;
 /// Trains a fresh model on `corpus`, writing the run to `out`.
 pub fn train(cfg: &TrainConfig, corpus: &Corpus, out: &Path) -> Result<TrainSummary> {
     let s = &cfg.settings;
-    let vocab = Vocab::from_text(&corpus.text);
-    let encoded = vocab.encode(&corpus.text)?;
+    let vocab = match &cfg.init_from {
+        Some(dir) => crate::saved_model::vocabulary(dir, cfg.vocab.as_deref())?,
+        None => Vocab::from_text(&corpus.text),
+    };
+    let encoded = vocab.encode(&corpus.text).context("the corpus does not fit the --init-from model's vocabulary")?;
     let (train_data, val_data) = data::split(&encoded);
     check_sizes(train_data, val_data, s.block_size, s.batch_size)?;
 
-    let model = ModelConfig { vocab_size: vocab.len() as u64, ..cfg.model.clone() };
+    let model = match &cfg.init_from {
+        Some(dir) => crate::saved_model::model_config(dir, vocab.len() as u64)?,
+        None => ModelConfig { vocab_size: vocab.len() as u64, ..cfg.model.clone() },
+    };
     let runner = build_runner(&model, s, &cfg.session)?;
     runner.init()?;
+    if let Some(dir) = &cfg.init_from {
+        runner.set_weights(&crate::saved_model::import_weights(dir, &runner.g.model.variables())?)?;
+    }
     let dir = RunDir::create(out)?;
     let mut config = RunConfig {
         model,
@@ -124,6 +137,8 @@ pub fn resume(out: &Path, opts: &ResumeOptions) -> Result<TrainSummary> {
         model: config.model.clone(),
         settings: s,
         session: opts.session,
+        init_from: None,
+        vocab: None,
         log_every: opts.log_every,
         eval_batches: opts.eval_batches,
         quiet: opts.quiet,
@@ -266,6 +281,17 @@ fn finish(
 /// Mean cross-entropy (nats per character) over every window of `data`, or over `n` random
 /// batches of `batch_size` windows when `sample` is `Some((n, batch_size))`.
 pub fn evaluate(runner: &Runner, data: &[i32], block_size: usize, sample: Option<(usize, usize)>, seed: u64) -> Result<f64> {
+    evaluate_with(|x, y| runner.loss(x, y), data, block_size, sample, seed)
+}
+
+/// [`evaluate`] with any batch loss (e.g. a loaded SavedModel's).
+pub fn evaluate_with(
+    loss: impl Fn(&Tensor<i32>, &Tensor<i32>) -> Result<f32>,
+    data: &[i32],
+    block_size: usize,
+    sample: Option<(usize, usize)>,
+    seed: u64,
+) -> Result<f64> {
     let n_windows = data::num_windows(data.len(), block_size);
     ensure!(n_windows > 0, "no window of {} + 1 characters fits in {} characters", block_size, data.len());
     let starts: Vec<usize> = match sample {
@@ -283,8 +309,7 @@ pub fn evaluate(runner: &Runner, data: &[i32], block_size: usize, sample: Option
             x[row * t..(row + 1) * t].copy_from_slice(&data[start..start + t]);
             y[row * t..(row + 1) * t].copy_from_slice(&data[start + 1..start + t + 1]);
         }
-        let loss: f32 = runner.loss(&x, &y)?;
-        total += loss as f64 * chunk.len() as f64;
+        total += loss(&x, &y)? as f64 * chunk.len() as f64;
     }
     Ok(total / starts.len() as f64)
 }

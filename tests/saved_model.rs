@@ -81,3 +81,109 @@ print(json.dumps(json.load(open(model_dir + "/assets.extra/vocab.json"))))
     assert!((losses[0] - ours[1][0] as f64).abs() <= 1e-6, "{losses:?} vs {}", ours[1][0]);
     assert!(losses[2] < losses[1] && losses[1] < losses[0], "{losses:?}");
 }
+
+fn python(args: &[&std::ffi::OsStr]) -> String {
+    let out = Command::new(PYTHON).env("TF_CPP_MIN_LOG_LEVEL", "3").args(args).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn max_abs_diff(a: &[f32], b: &ArrayD<f32>) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b.iter()).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+#[test]
+fn python_savedmodels_load_generate_evaluate_and_fine_tune() {
+    assert!(std::path::Path::new(PYTHON).exists(), "no {PYTHON}: run `make setup`");
+    let tmp = tempfile::tempdir().unwrap();
+    let p = |name: &str| tmp.path().join(name);
+    let text = std::fs::read_to_string(common::corpus_path()).unwrap();
+    std::fs::write(p("small.txt"), &text[..30_000]).unwrap();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+
+    // The notebook's model, trained 30 steps by Python, in both SavedModel flavours.
+    let script = root.join("python_export/export_savedmodel.py");
+    python(&[script.as_os_str(), "--data".as_ref(), p("small.txt").as_os_str(), "--steps".as_ref(), "30".as_ref(), "--out".as_ref(), p("py").as_os_str(), "--keras-export".as_ref(), p("keras").as_os_str()]);
+    // Python's logits for fixed tokens, from each.
+    let tokens: Vec<i32> = (0..60).map(|i| (i * 13 + 1) % 30).collect();
+    let logits_script = r#"
+import json, sys, numpy as np, tensorflow as tf
+tokens = tf.constant(np.array(json.loads(sys.argv[1]), np.int32).reshape(2, 30))
+for d, key, out in [(sys.argv[2], "logits", sys.argv[3]), (sys.argv[4], "output_0", sys.argv[5])]:
+    np.save(out, tf.saved_model.load(d).signatures["serving_default"](tokens=tokens)[key].numpy())
+"#;
+    let json = serde_json::to_string(&tokens).unwrap();
+    python(&["-c".as_ref(), logits_script.as_ref(), json.as_ref(), p("py").as_os_str(), p("py.npy").as_os_str(), p("keras").as_os_str(), p("keras.npy").as_os_str()]);
+    let x = Tensor::new(&[2, 30]).with_values(&tokens).unwrap();
+    for (dir, npy, vocab) in [("py", "py.npy", None), ("keras", "keras.npy", Some(p("small.txt")))] {
+        let loaded = minigpt::saved_model::Loaded::load(&p(dir), vocab.as_deref(), &Default::default(), 1, None).unwrap();
+        let want = ArrayD::<f32>::read_npy(std::fs::File::open(p(npy)).unwrap()).unwrap();
+        let diff = max_abs_diff(&loaded.logits(&x).unwrap(), &want);
+        assert!(diff <= 1e-6, "{dir}: logits differ by {diff}");
+    }
+
+    // The command line on them.
+    let minigpt = |args: &[&std::ffi::OsStr]| common::minigpt().args(args).output().unwrap();
+    let ok = |out: std::process::Output| {
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let val_loss = |stdout: &str| -> f64 { stdout.lines().find_map(|l| l.strip_prefix("val_loss: ")).unwrap().parse().unwrap() };
+    let generated = ok(minigpt(&["generate".as_ref(), "--run".as_ref(), p("py").as_os_str(), "--prompt".as_ref(), "The".as_ref(), "--chars".as_ref(), "40".as_ref()]));
+    assert_eq!(generated.trim_end_matches('\n').chars().count(), 43, "{generated}");
+    let before = val_loss(&ok(minigpt(&["eval".as_ref(), "--run".as_ref(), p("py").as_os_str(), "--data".as_ref(), p("small.txt").as_os_str()])));
+    let keras = val_loss(&ok(minigpt(&["eval".as_ref(), "--run".as_ref(), p("keras").as_os_str(), "--data".as_ref(), p("small.txt").as_os_str(), "--vocab".as_ref(), p("small.txt").as_os_str()])));
+    assert!((before - keras).abs() < 1e-6, "the two exports of one model: {before} vs {keras}");
+    let out = minigpt(&["eval".as_ref(), "--run".as_ref(), p("keras").as_os_str(), "--data".as_ref(), p("small.txt").as_os_str()]);
+    assert!(!out.status.success() && common::last_stderr_line(&out).contains("carries no vocabulary"), "{}", common::last_stderr_line(&out));
+
+    // Fine-tuning from Python's weights lowers the loss; minigpt's export of it loads in Python.
+    ok(minigpt(&["train".as_ref(), "--init-from".as_ref(), p("py").as_os_str(), "--data".as_ref(), p("small.txt").as_os_str(), "--out".as_ref(), p("tuned").as_os_str(), "--max-steps".as_ref(), "150".as_ref(), "-q".as_ref()]));
+    let after = val_loss(&ok(minigpt(&["eval".as_ref(), "--run".as_ref(), p("tuned").as_os_str()])));
+    assert!(after < before - 0.05, "fine-tuning: val loss {before} -> {after}");
+    ok(minigpt(&["export".as_ref(), "--run".as_ref(), p("tuned").as_os_str(), "--out".as_ref(), p("tuned-sm").as_os_str()]));
+    let back = r#"
+import json, sys, numpy as np, tensorflow as tf
+tokens = tf.constant(np.array(json.loads(sys.argv[1]), np.int32).reshape(2, 30))
+np.save(sys.argv[3], tf.saved_model.load(sys.argv[2]).signatures["serving_default"](tokens=tokens)["logits"].numpy())
+"#;
+    python(&["-c".as_ref(), back.as_ref(), json.as_ref(), p("tuned-sm").as_os_str(), p("tuned.npy").as_os_str()]);
+    let (_, runner) = minigpt::train::load_run(&RunDir::open(&p("tuned")).unwrap(), GraphOptions::new(0), DeviceChoice::Cpu, &Default::default()).unwrap();
+    let ours: Vec<Tensor<f32>> = runner.fetch_with_batch(std::slice::from_ref(&runner.g.logits), &x, &x).unwrap();
+    let diff = max_abs_diff(&ours[0], &ArrayD::<f32>::read_npy(std::fs::File::open(p("tuned.npy")).unwrap()).unwrap());
+    assert!(diff <= 1e-6, "fine-tuned export: logits differ by {diff}");
+}
+
+#[test]
+fn savedmodels_off_the_convention_get_a_clear_error() {
+    assert!(std::path::Path::new(PYTHON).exists(), "no {PYTHON}: run `make setup`");
+    let tmp = tempfile::tempdir().unwrap();
+    let script = r#"
+import json, os, sys, tensorflow as tf
+class M(tf.Module):
+    @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int32, name="tokens")])
+    def ints(self, tokens):
+        return {"logits": tf.zeros(tf.concat([tf.shape(tokens), [3]], 0))}
+    @tf.function(input_signature=[tf.TensorSpec([None, None], tf.float32, name="tokens")])
+    def floats(self, tokens):
+        return {"logits": tf.zeros(tf.concat([tf.shape(tokens), [3]], 0))}
+m = M()
+for name, sigs in [("no-serving", {"predict": m.ints}), ("float-input", {"serving_default": m.floats})]:
+    d = os.path.join(sys.argv[1], name)
+    tf.saved_model.save(m, d, signatures=sigs)
+    os.makedirs(d + "/assets.extra")
+    json.dump(["a", "b", "c"], open(d + "/assets.extra/vocab.json", "w"))
+"#;
+    python(&["-c".as_ref(), script.as_ref(), tmp.path().as_os_str()]);
+    for (dir, needle) in [
+        ("no-serving", "no `serving_default` signature (it has: predict)"),
+        ("float-input", "input `tokens` is Float, expected Int32"),
+        ("missing", "not a run directory"),
+    ] {
+        let out = common::minigpt().args(["generate", "--prompt", "ab", "--run"]).arg(tmp.path().join(dir)).output().unwrap();
+        assert!(!out.status.success());
+        let line = common::last_stderr_line(&out);
+        assert!(line.starts_with("error: ") && line.contains(needle), "{dir}: {line}");
+    }
+}
