@@ -135,6 +135,10 @@ for d, key, out in [(sys.argv[2], "logits", sys.argv[3]), (sys.argv[4], "output_
     let before = val_loss(&ok(minigpt(&["eval".as_ref(), "--run".as_ref(), p("py").as_os_str(), "--data".as_ref(), p("small.txt").as_os_str()])));
     let keras = val_loss(&ok(minigpt(&["eval".as_ref(), "--run".as_ref(), p("keras").as_os_str(), "--data".as_ref(), p("small.txt").as_os_str(), "--vocab".as_ref(), p("small.txt").as_os_str()])));
     assert!((before - keras).abs() < 1e-6, "the two exports of one model: {before} vs {keras}");
+    // The vocabulary as a JSON array works as well as the corpus text.
+    let vocab_json = p("py").join("assets.extra/vocab.json");
+    let keras_json = val_loss(&ok(minigpt(&["eval".as_ref(), "--run".as_ref(), p("keras").as_os_str(), "--data".as_ref(), p("small.txt").as_os_str(), "--vocab".as_ref(), vocab_json.as_os_str()])));
+    assert_eq!(keras, keras_json);
     let out = minigpt(&["eval".as_ref(), "--run".as_ref(), p("keras").as_os_str(), "--data".as_ref(), p("small.txt").as_os_str()]);
     assert!(!out.status.success() && common::last_stderr_line(&out).contains("carries no vocabulary"), "{}", common::last_stderr_line(&out));
 
