@@ -99,6 +99,12 @@ pub struct RunDir {
     pub path: PathBuf,
 }
 
+/// Held while a process trains in a run directory: an advisory lock (`flock`) on `RUN_DIR/lock`,
+/// released when the process ends however it ends, so a crash leaves nothing stale.
+pub struct RunLock {
+    _file: fs::File,
+}
+
 impl RunDir {
     /// Creates a new run directory; refuses one that already holds a run.
     pub fn create(path: &Path) -> Result<Self> {
@@ -118,6 +124,34 @@ impl RunDir {
         ensure!(path.is_dir(), "{} is not a run directory (it does not exist)", path.display());
         ensure!(dir.config_path().is_file(), "{} is not a run directory (no config.json)", path.display());
         Ok(dir)
+    }
+
+    /// Takes the run's lock; fails at once, naming the holder, if another process has it.
+    pub fn lock(&self) -> Result<RunLock> {
+        use std::io::{Read, Seek, Write};
+        use std::os::unix::io::AsRawFd;
+        let path = self.path.join("lock");
+        let mut file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        // SAFETY: flock on a file descriptor this function owns.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let mut holder = String::new();
+            file.read_to_string(&mut holder).ok();
+            bail!(
+                "{} is in use by another minigpt process (pid {}): wait for it to finish or stop it",
+                self.path.display(),
+                holder.trim()
+            );
+        }
+        file.set_len(0)?;
+        file.rewind()?;
+        write!(file, "{}", std::process::id())?;
+        Ok(RunLock { _file: file })
     }
 
     pub fn config_path(&self) -> PathBuf {

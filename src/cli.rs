@@ -299,6 +299,7 @@ fn devices() -> Result<()> {
 
 fn train_cmd(args: &TrainArgs) -> Result<()> {
     let cfg = args.to_config()?;
+    train::stop_on_signals()?;
     let summary = if args.resume {
         let opts = train::ResumeOptions {
             max_steps: args.max_steps,

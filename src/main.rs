@@ -12,6 +12,10 @@ fn main() -> ExitCode {
     let cli = minigpt::cli::Cli::parse();
     match minigpt::cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<minigpt::train::Interrupted>().is_some() => {
+            eprintln!("{e}");
+            ExitCode::from(130)
+        }
         Err(e) => {
             // TensorFlow's messages can span lines (`\n\t [[{{node ...}}]]`): keep one line.
             let message = format!("{e:#}");

@@ -4,6 +4,8 @@
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
@@ -33,6 +35,35 @@ pub struct TrainConfig {
     /// Validation batches at each epoch's end (`None`: every validation window).
     pub eval_batches: Option<usize>,
     pub quiet: bool,
+}
+
+/// Set by the first SIGINT or SIGTERM once [`stop_on_signals`] is called: the loop finishes its
+/// step, checkpoints and returns [`Interrupted`].
+fn stop_flag() -> Arc<AtomicBool> {
+    static FLAG: OnceLock<Arc<AtomicBool>> = OnceLock::new();
+    FLAG.get_or_init(|| Arc::new(AtomicBool::new(false))).clone()
+}
+
+/// Makes Ctrl-C and SIGTERM stop training cleanly at the end of the current step; a second one
+/// exits at once (code 130).
+pub fn stop_on_signals() -> Result<()> {
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register_conditional_shutdown(signal, 130, stop_flag()).context("installing the signal handler")?;
+        signal_hook::flag::register(signal, stop_flag()).context("installing the signal handler")?;
+    }
+    Ok(())
+}
+
+fn stop_requested() -> bool {
+    stop_flag().load(Ordering::Relaxed)
+}
+
+/// Training stopped by a signal after checkpointing; `minigpt` exits with code 130.
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted at step {step}: checkpoint saved; continue with `minigpt train --resume --out {}`", dir.display())]
+pub struct Interrupted {
+    pub step: u64,
+    pub dir: std::path::PathBuf,
 }
 
 /// What a finished run reports.
@@ -68,6 +99,7 @@ pub fn train(cfg: &TrainConfig, corpus: &Corpus, out: &Path) -> Result<TrainSumm
         runner.set_weights(&crate::saved_model::import_weights(dir, &runner.g.model.variables())?)?;
     }
     let dir = RunDir::create(out)?;
+    let _lock = dir.lock()?;
     let mut config = RunConfig {
         model,
         train: s.clone(),
@@ -97,6 +129,7 @@ pub struct ResumeOptions {
 /// and place in the data, so a resumed run computes what an uninterrupted one would, bit for bit.
 pub fn resume(out: &Path, opts: &ResumeOptions) -> Result<TrainSummary> {
     let dir = RunDir::open(out)?;
+    let _lock = dir.lock()?;
     let mut config = dir.read_config()?;
     if let Some(n) = opts.max_steps {
         config.train.max_steps = Some(n);
@@ -205,9 +238,9 @@ fn run_steps(
     let mut val_loss = f64::NAN;
     let start = Instant::now();
     let mut stdout = std::io::stdout();
-    let mut end = |epoch: u64, batch: u64, global_step: u64, last_loss: f32, metrics: &mut String, val_loss: &mut f64| {
+    let mut end = |epoch: u64, batch: u64, global_step: u64, last_loss: f32, metrics: &mut String, val_loss: &mut f64, evaluate: bool| {
         let position = if batch == n_batches { [epoch as i64 + 1, 0] } else { [epoch as i64, batch as i64] };
-        finish(runner, dir, config, cfg, val_data, global_step, position, metrics, val_loss, last_loss)
+        finish(runner, dir, config, cfg, val_data, global_step, position, metrics, evaluate.then_some(val_loss), last_loss)
     };
 
     ensure!(
@@ -238,19 +271,24 @@ fn run_steps(
             step += 1;
             global_step += 1;
             if global_step >= max_steps {
-                end(epoch, step, global_step, last_loss, &mut metrics, &mut val_loss)?;
+                end(epoch, step, global_step, last_loss, &mut metrics, &mut val_loss, true)?;
                 break 'epochs;
+            }
+            if stop_requested() {
+                end(epoch, step, global_step, last_loss, &mut metrics, &mut val_loss, false)?;
+                return Err(Interrupted { step: global_step, dir: dir.path.clone() }.into());
             }
             if s.save_every.is_some_and(|n| global_step.is_multiple_of(n)) && step < n_batches {
                 dir.save_checkpoint(runner, global_step, [epoch as i64, step as i64], s.keep)?;
             }
         }
-        end(epoch, n_batches, global_step, last_loss, &mut metrics, &mut val_loss)?;
+        end(epoch, n_batches, global_step, last_loss, &mut metrics, &mut val_loss, true)?;
     }
     Ok(TrainSummary { steps: global_step, last_loss, val_loss, seconds: start.elapsed().as_secs_f64() })
 }
 
-/// Validation loss, a checkpoint, metrics and config at the end of an epoch (or of the run).
+/// Validation loss (when `val_loss` is given), a checkpoint, metrics and config at the end of an
+/// epoch, of the run, or on interruption.
 #[allow(clippy::too_many_arguments)]
 fn finish(
     runner: &Runner,
@@ -261,16 +299,18 @@ fn finish(
     step: u64,
     position: [i64; 2],
     metrics: &mut String,
-    val_loss: &mut f64,
+    val_loss: Option<&mut f64>,
     last_loss: f32,
 ) -> Result<()> {
     let s = &cfg.settings;
-    *val_loss = evaluate(runner, val_data, s.block_size, cfg.eval_batches.map(|n| (n, s.batch_size)), s.seed)?;
-    if !cfg.quiet {
-        println!("step {step}: train loss {last_loss:.4}, val loss {:.4}", *val_loss);
-    }
     let epochs_done = position[0] as u64;
-    writeln!(metrics, "{step},{epochs_done},{last_loss},{}", *val_loss)?;
+    if let Some(val_loss) = val_loss {
+        *val_loss = evaluate(runner, val_data, s.block_size, cfg.eval_batches.map(|n| (n, s.batch_size)), s.seed)?;
+        if !cfg.quiet {
+            println!("step {step}: train loss {last_loss:.4}, val loss {:.4}", *val_loss);
+        }
+        writeln!(metrics, "{step},{epochs_done},{last_loss},{}", *val_loss)?;
+    }
     dir.save_checkpoint(runner, step, position, s.keep)?;
     write_atomic(&dir.metrics_path(), metrics.as_bytes())?;
     config.steps_done = step;
