@@ -214,6 +214,32 @@ impl RunDir {
         bail!("no usable checkpoint in {}: {} damaged", self.ckpt_dir().display(), damaged.join(", "))
     }
 
+    /// Removes `ckpt/ckpt-<step>` from the state file and disk (its weights turned out bad); the
+    /// checkpoint before it becomes the newest.
+    pub fn discard_checkpoint(&self, step: u64) -> Result<()> {
+        let dir = self.ckpt_dir();
+        let name = format!("ckpt-{step}");
+        let state = dir.join("checkpoint");
+        let Ok(text) = fs::read_to_string(&state) else { return Ok(()) };
+        let mut kept = checkpoint_paths(&text);
+        if !kept.contains(&name) {
+            return Ok(());
+        }
+        kept.retain(|n| n != &name);
+        match kept.last() {
+            Some(newest) => {
+                let mut text = format!("model_checkpoint_path: {newest:?}\n");
+                for n in &kept {
+                    text.push_str(&format!("all_model_checkpoint_paths: {n:?}\n"));
+                }
+                write_atomic(&state, text.as_bytes())?;
+            }
+            None => fs::remove_file(&state).with_context(|| format!("removing {}", state.display()))?,
+        }
+        remove_checkpoint_files(&dir, &name);
+        Ok(())
+    }
+
     /// Saves `ckpt/ckpt-<step>` with the data `position`, makes it the latest, and deletes all
     /// but the newest `keep`. The checkpoint is written under a temporary prefix and its files
     /// renamed into place; the state file changes only after that, so an interrupted save leaves

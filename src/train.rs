@@ -259,7 +259,11 @@ fn run_steps(
         while batches.fill(&mut x, &mut y) {
             let loss: f32 = runner.train_step(&x, &y)?;
             if !loss.is_finite() {
-                bail!("the loss became {loss} at step {global_step}; the last checkpoint is left as it was");
+                // The loss of step g is that of the weights saved as ckpt-g, if any: not good ones.
+                dir.discard_checkpoint(global_step)?;
+                let last = dir.checkpoints().ok().and_then(|c| c.into_iter().next());
+                let kept = last.map_or("no good checkpoint is left".to_string(), |p| format!("the newest checkpoint is still {}", p.display()));
+                bail!("training stopped: the loss became {loss} at step {global_step} (try a lower --lr); {kept}");
             }
             last_loss = loss;
             if step.is_multiple_of(cfg.log_every) {
