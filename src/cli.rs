@@ -37,6 +37,8 @@ pub enum Command {
     Eval(EvalArgs),
     /// Export a run as a SavedModel that Python's tf.saved_model.load reads.
     Export(ExportArgs),
+    /// Describe a run directory or a SavedModel: model, parameters, vocabulary, training, data.
+    Info(InfoArgs),
     /// Write the text GraphDef of a model's training graph.
     Graph(GraphArgs),
 }
@@ -248,6 +250,13 @@ pub enum Split {
 }
 
 #[derive(Args, Debug)]
+pub struct InfoArgs {
+    /// Run directory or SavedModel.
+    #[arg(long)]
+    pub run: PathBuf,
+}
+
+#[derive(Args, Debug)]
 pub struct ExportArgs {
     /// Run directory to export (its newest usable checkpoint).
     #[arg(long)]
@@ -282,6 +291,10 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Export(args) => {
             let path = crate::saved_model::export(&args.run, &args.out, &args.session)?;
             println!("wrote SavedModel {} (signatures serving_default: tokens -> logits, train_step: x, y -> loss)", path.display());
+            Ok(())
+        }
+        Command::Info(args) => {
+            print!("{}", crate::info::describe(&args.run)?);
             Ok(())
         }
         Command::Graph(args) => graph(&args),

@@ -8,6 +8,7 @@ pub mod cli;
 pub mod data;
 pub mod device;
 pub mod graph;
+pub mod info;
 pub mod model;
 pub mod optim;
 pub mod parity;

@@ -95,6 +95,10 @@ pub fn train(cfg: &TrainConfig, corpus: &Corpus, out: &Path) -> Result<TrainSumm
     };
     let runner = build_runner(&model, s, &cfg.session)?;
     runner.init()?;
+    if !cfg.quiet {
+        let params: u64 = runner.g.model.variables().iter().map(|v| v.shape.iter().product::<u64>()).sum();
+        println!("model: {}, {} parameters, vocabulary of {}", format!("{:?}", model.arch).to_lowercase(), crate::info::thousands(params), vocab.len());
+    }
     if let Some(dir) = &cfg.init_from {
         runner.set_weights(&crate::saved_model::import_weights(dir, &runner.g.model.variables())?)?;
     }

@@ -52,6 +52,21 @@ fn train_then_generate_and_eval() {
     }
     let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["steps_done"], 120);
+    let vocab = config["vocab"].as_array().unwrap().len();
+    assert!(stdout.contains(&format!("model: bigram, {} parameters", minigpt::info::thousands((2 * vocab * 128 + vocab) as u64))), "{stdout}");
+    let info = minigpt().arg("info").arg("--run").arg(&run).output().unwrap();
+    assert!(info.status.success());
+    let info = String::from_utf8_lossy(&info.stdout);
+    for needle in [
+        format!("parameters:   {}", minigpt::info::thousands((2 * vocab * 128 + vocab) as u64)),
+        format!("vocabulary:   {vocab} characters"),
+        "trained:      120 steps".to_string(),
+        "last losses:  train ".to_string(),
+        format!("SHA-256 {}", config["data"]["sha256"].as_str().unwrap()),
+        "checkpoints:  ckpt-120".to_string(),
+    ] {
+        assert!(info.contains(&needle), "{needle:?} not in:\n{info}");
+    }
     assert_eq!(config["train"]["block_size"], 64);
 
     let gen = |seed: &str| {

@@ -139,6 +139,10 @@ for d, key, out in [(sys.argv[2], "logits", sys.argv[3]), (sys.argv[4], "output_
     let vocab_json = p("py").join("assets.extra/vocab.json");
     let keras_json = val_loss(&ok(minigpt(&["eval".as_ref(), "--run".as_ref(), p("keras").as_os_str(), "--data".as_ref(), p("small.txt").as_os_str(), "--vocab".as_ref(), vocab_json.as_os_str()])));
     assert_eq!(keras, keras_json);
+    let info = ok(minigpt(&["info".as_ref(), "--run".as_ref(), p("py").as_os_str()]));
+    assert!(info.contains("model:        bigram, n_embd 128") && info.contains("trained:      30 steps"), "{info}");
+    let info = ok(minigpt(&["info".as_ref(), "--run".as_ref(), p("keras").as_os_str()]));
+    assert!(info.contains("vocabulary:   none (give --vocab") && info.contains("variables/0/.ATTRIBUTES/VARIABLE_VALUE ["), "{info}");
     let out = minigpt(&["eval".as_ref(), "--run".as_ref(), p("keras").as_os_str(), "--data".as_ref(), p("small.txt").as_os_str()]);
     assert!(!out.status.success() && common::last_stderr_line(&out).contains("carries no vocabulary"), "{}", common::last_stderr_line(&out));
 
