@@ -21,6 +21,9 @@ use crate::train::{self, TrainConfig};
 #[derive(Parser, Debug)]
 #[command(name = "minigpt", version, about = "Train and sample a character-level GPT on TensorFlow, from Rust")]
 pub struct Cli {
+    /// Let TensorFlow's own C++ logs through (silenced by default).
+    #[arg(short, long, global = true)]
+    pub verbose: bool,
     #[command(subcommand)]
     pub command: Command,
 }

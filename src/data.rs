@@ -110,6 +110,13 @@ pub fn fetch_cached(url: &str, expected_sha256: Option<&str>, cache: &Path) -> R
         .with_context(|| format!("downloading {url}"))?;
     ensure!(response.status().is_success(), "downloading {url}: HTTP {}", response.status());
     let mut tmp = tempfile::NamedTempFile::new_in(cache)?;
+    // Drawn on stderr only when it is a terminal.
+    let bar = indicatif::ProgressBar::new(response.content_length().unwrap_or(0)).with_style(
+        indicatif::ProgressStyle::with_template("downloading {msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(url.rsplit('/').next().unwrap_or(url).to_string());
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 16];
     loop {
@@ -119,7 +126,9 @@ pub fn fetch_cached(url: &str, expected_sha256: Option<&str>, cache: &Path) -> R
         }
         hasher.update(&buf[..n]);
         tmp.write_all(&buf[..n])?;
+        bar.inc(n as u64);
     }
+    bar.finish_and_clear();
     let got = hex::encode(hasher.finalize());
     if let Some(want) = expected_sha256 {
         ensure!(got == want, "downloaded {url} has SHA-256 {got}, expected {want}");

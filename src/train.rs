@@ -2,7 +2,6 @@
 //! `Session::run` per step, and evaluation.
 
 use std::fmt::Write as _;
-use std::io::Write as _;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -211,6 +210,81 @@ fn build_runner(model: &ModelConfig, s: &TrainSettings, session: &SessionArgs) -
     Runner::new(ModelGraph::build(model, &opts)?, session.apply(session_config))
 }
 
+/// Training output. On a terminal: a progress bar (epoch, step, smoothed loss, steps/s,
+/// tokens/s, ETA) with the epoch and evaluation lines above it. Otherwise the notebook's lines:
+/// `Epoch N`, `Step N: Loss X` every `log_every` steps, and the evaluations.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    quiet: bool,
+    log_every: u64,
+    smoothed: Option<f64>,
+    tokens_per_step: u64,
+    start: Instant,
+    start_step: u64,
+    epochs: u64,
+}
+
+impl Progress {
+    fn new(cfg: &TrainConfig, total_steps: u64, at: u64) -> Self {
+        use std::io::IsTerminal;
+        let s = &cfg.settings;
+        let bar = (!cfg.quiet && std::io::stdout().is_terminal()).then(|| {
+            let bar = indicatif::ProgressBar::with_draw_target(Some(total_steps), indicatif::ProgressDrawTarget::stdout());
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{prefix} [{bar:28}] step {pos}/{len} {msg} eta {eta}")
+                    .expect("a valid template")
+                    .progress_chars("=> "),
+            );
+            bar.set_position(at);
+            bar
+        });
+        let tokens_per_step = (s.batch_size * s.block_size) as u64;
+        Self { bar, quiet: cfg.quiet, log_every: cfg.log_every, smoothed: None, tokens_per_step, start: Instant::now(), start_step: at, epochs: s.epochs }
+    }
+
+    /// A line above the bar (or on stdout).
+    fn line(&self, text: &str) {
+        match &self.bar {
+            Some(bar) => bar.println(text),
+            None if !self.quiet => println!("{text}"),
+            None => {}
+        }
+    }
+
+    fn epoch(&self, epoch: u64) {
+        match &self.bar {
+            Some(bar) => bar.set_prefix(format!("epoch {}/{}", epoch + 1, self.epochs)),
+            None => self.line(&format!("\nEpoch {}", epoch + 1)),
+        }
+    }
+
+    /// After the step `step` of an epoch (global step `global_step` done) with loss `loss`.
+    fn step(&mut self, step: u64, global_step: u64, loss: f32) {
+        let smoothed = match self.smoothed {
+            Some(s) => 0.98 * s + 0.02 * loss as f64,
+            None => loss as f64,
+        };
+        self.smoothed = Some(smoothed);
+        match &self.bar {
+            Some(bar) => {
+                bar.set_position(global_step);
+                if global_step.is_multiple_of(10) {
+                    let rate = (global_step - self.start_step) as f64 / self.start.elapsed().as_secs_f64().max(1e-9);
+                    bar.set_message(format!("loss {smoothed:.4} · {rate:.0} steps/s · {:.0}k tokens/s", rate * self.tokens_per_step as f64 / 1e3));
+                }
+            }
+            None if !self.quiet && step.is_multiple_of(self.log_every) => println!("Step {step}: Loss {loss:.4}"),
+            None => {}
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
 /// Where a run is: in epoch `epoch` (from 0), `batch` batches done in it, `step` in all.
 #[derive(Debug, Clone, Copy)]
 struct Position {
@@ -241,10 +315,11 @@ fn run_steps(
     let mut last_loss = f32::NAN;
     let mut val_loss = f64::NAN;
     let start = Instant::now();
-    let mut stdout = std::io::stdout();
+    let total = max_steps.min(s.epochs.saturating_mul(n_batches));
+    let progress = std::cell::RefCell::new(Progress::new(cfg, total, at.step));
     let mut end = |epoch: u64, batch: u64, global_step: u64, last_loss: f32, metrics: &mut String, val_loss: &mut f64, evaluate: bool| {
         let position = if batch == n_batches { [epoch as i64 + 1, 0] } else { [epoch as i64, batch as i64] };
-        finish(runner, dir, config, cfg, val_data, global_step, position, metrics, evaluate.then_some(val_loss), last_loss)
+        finish(runner, dir, config, cfg, val_data, global_step, position, metrics, evaluate.then_some(val_loss), last_loss, &progress.borrow())
     };
 
     ensure!(
@@ -254,9 +329,7 @@ fn run_steps(
         at.epoch
     );
     'epochs: for epoch in at.epoch..s.epochs {
-        if !cfg.quiet {
-            writeln!(stdout, "\nEpoch {}", epoch + 1)?;
-        }
+        progress.borrow().epoch(epoch);
         let mut batches = Batches::new(train_data, s.block_size, s.batch_size, s.shuffle, s.seed, epoch);
         let mut step = if epoch == at.epoch { at.batch } else { 0 };
         batches.skip(step as usize);
@@ -271,11 +344,9 @@ fn run_steps(
             }
             last_loss = loss;
             if step.is_multiple_of(cfg.log_every) {
-                if !cfg.quiet {
-                    writeln!(stdout, "Step {step}: Loss {loss:.4}")?;
-                }
                 writeln!(metrics, "{global_step},{},{loss},", epoch + 1)?;
             }
+            progress.borrow_mut().step(step, global_step + 1, loss);
             step += 1;
             global_step += 1;
             if global_step >= max_steps {
@@ -292,6 +363,7 @@ fn run_steps(
         }
         end(epoch, n_batches, global_step, last_loss, &mut metrics, &mut val_loss, true)?;
     }
+    progress.borrow().finish();
     Ok(TrainSummary { steps: global_step, last_loss, val_loss, seconds: start.elapsed().as_secs_f64() })
 }
 
@@ -309,14 +381,13 @@ fn finish(
     metrics: &mut String,
     val_loss: Option<&mut f64>,
     last_loss: f32,
+    progress: &Progress,
 ) -> Result<()> {
     let s = &cfg.settings;
     let epochs_done = position[0] as u64;
     if let Some(val_loss) = val_loss {
         *val_loss = evaluate(runner, val_data, s.block_size, cfg.eval_batches.map(|n| (n, s.batch_size)), s.seed)?;
-        if !cfg.quiet {
-            println!("step {step}: train loss {last_loss:.4}, val loss {:.4}", *val_loss);
-        }
+        progress.line(&format!("step {step}: train loss {last_loss:.4}, val loss {:.4}", *val_loss));
         writeln!(metrics, "{step},{epochs_done},{last_loss},{}", *val_loss)?;
     }
     dir.save_checkpoint(runner, step, position, s.keep)?;
