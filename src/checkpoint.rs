@@ -31,6 +31,9 @@ pub struct TrainSettings {
     /// Also checkpoint every this many steps (besides each epoch's end and the run's).
     #[serde(default)]
     pub save_every: Option<u64>,
+    /// Also evaluate every this many steps (besides each epoch's end and the run's).
+    #[serde(default)]
+    pub eval_every: Option<u64>,
     /// Checkpoints kept.
     #[serde(default = "default_keep")]
     pub keep: usize,

@@ -105,6 +105,9 @@ pub struct TrainArgs {
     /// and at the end of the run).
     #[arg(long, conflicts_with = "resume")]
     pub save_every: Option<u64>,
+    /// Also evaluate every this many steps (validation loss in the log, metrics.csv, loss.png).
+    #[arg(long, conflicts_with = "resume")]
+    pub eval_every: Option<u64>,
     /// Checkpoints to keep (the newest).
     #[arg(long, default_value_t = KEEP_CHECKPOINTS, conflicts_with = "resume")]
     pub keep: usize,
@@ -131,6 +134,7 @@ impl TrainArgs {
         ensure!(self.embedding_dim > 0, "--embedding-dim must be at least 1");
         ensure!(self.epochs != Some(0), "--epochs must be at least 1");
         ensure!(self.save_every != Some(0), "--save-every must be at least 1");
+        ensure!(self.eval_every != Some(0), "--eval-every must be at least 1");
         ensure!(self.keep > 0, "--keep must be at least 1");
         ensure!(self.max_steps != Some(0), "--max-steps must be at least 1");
         ensure!(self.log_every > 0, "--log-every must be at least 1");
@@ -153,6 +157,7 @@ impl TrainArgs {
                 seed: self.seed,
                 device: self.device,
                 save_every: self.save_every,
+                eval_every: self.eval_every,
                 keep: self.keep,
             },
             session: self.session,

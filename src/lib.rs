@@ -12,6 +12,7 @@ pub mod info;
 pub mod model;
 pub mod optim;
 pub mod parity;
+pub mod plot;
 pub mod sample;
 pub mod saved_model;
 pub mod tfx;

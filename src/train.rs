@@ -293,6 +293,46 @@ struct Position {
     step: u64,
 }
 
+/// What the loop writes besides training: evaluations, metrics, the plot, checkpoints, config.
+struct Recorder<'a> {
+    runner: &'a Runner,
+    dir: &'a RunDir,
+    config: &'a mut RunConfig,
+    cfg: &'a TrainConfig,
+    val_data: &'a [i32],
+    metrics: String,
+    progress: Progress,
+    last_loss: f32,
+    val_loss: f64,
+}
+
+impl Recorder<'_> {
+    /// Validation loss (the mean over --eval-batches random batches, or every window), logged,
+    /// added to metrics.csv and the plot.
+    fn evaluate(&mut self, step: u64, epoch: u64) -> Result<()> {
+        let s = &self.cfg.settings;
+        self.val_loss = evaluate(self.runner, self.val_data, s.block_size, self.cfg.eval_batches.map(|n| (n, s.batch_size)), s.seed)?;
+        self.progress.line(&format!("step {step}: train loss {:.4}, val loss {:.4}", self.last_loss, self.val_loss));
+        writeln!(self.metrics, "{step},{epoch},{},{}", self.last_loss, self.val_loss)?;
+        self.write_metrics()
+    }
+
+    fn write_metrics(&self) -> Result<()> {
+        write_atomic(&self.dir.metrics_path(), self.metrics.as_bytes())?;
+        crate::plot::write_loss_plot(&self.metrics, &self.dir.path.join("loss.png"))
+    }
+
+    /// A checkpoint at `step`, whose data position is `position` (epoch, batches done in it),
+    /// with metrics and config brought up to date.
+    fn checkpoint(&mut self, step: u64, position: [i64; 2]) -> Result<()> {
+        self.dir.save_checkpoint(self.runner, step, position, self.cfg.settings.keep)?;
+        self.write_metrics()?;
+        self.config.steps_done = step;
+        self.config.epochs_done = position[0] as u64;
+        self.dir.write_config(self.config)
+    }
+}
+
 /// The notebook's loop from `at` on, with evaluation and checkpoints.
 #[allow(clippy::too_many_arguments)]
 fn run_steps(
@@ -303,7 +343,7 @@ fn run_steps(
     train_data: &[i32],
     val_data: &[i32],
     at: Position,
-    mut metrics: String,
+    metrics: String,
 ) -> Result<TrainSummary> {
     let s = &cfg.settings;
     let n_batches = Batches::len(train_data.len(), s.block_size, s.batch_size) as u64;
@@ -311,25 +351,19 @@ fn run_steps(
     let mut x = Tensor::<i32>::new(&[b, t]);
     let mut y = Tensor::<i32>::new(&[b, t]);
     let max_steps = s.max_steps.unwrap_or(u64::MAX);
-    let mut global_step = at.step;
-    let mut last_loss = f32::NAN;
-    let mut val_loss = f64::NAN;
-    let start = Instant::now();
-    let total = max_steps.min(s.epochs.saturating_mul(n_batches));
-    let progress = std::cell::RefCell::new(Progress::new(cfg, total, at.step));
-    let mut end = |epoch: u64, batch: u64, global_step: u64, last_loss: f32, metrics: &mut String, val_loss: &mut f64, evaluate: bool| {
-        let position = if batch == n_batches { [epoch as i64 + 1, 0] } else { [epoch as i64, batch as i64] };
-        finish(runner, dir, config, cfg, val_data, global_step, position, metrics, evaluate.then_some(val_loss), last_loss, &progress.borrow())
-    };
-
     ensure!(
         at.step < max_steps && at.epoch < s.epochs,
         "the run is complete ({} steps, {} epochs done): give a larger --max-steps or --epochs to go on",
         at.step,
         at.epoch
     );
+    let start = Instant::now();
+    let progress = Progress::new(cfg, max_steps.min(s.epochs.saturating_mul(n_batches)), at.step);
+    let mut rec = Recorder { runner, dir, config, cfg, val_data, metrics, progress, last_loss: f32::NAN, val_loss: f64::NAN };
+    let mut global_step = at.step;
+
     'epochs: for epoch in at.epoch..s.epochs {
-        progress.borrow().epoch(epoch);
+        rec.progress.epoch(epoch);
         let mut batches = Batches::new(train_data, s.block_size, s.batch_size, s.shuffle, s.seed, epoch);
         let mut step = if epoch == at.epoch { at.batch } else { 0 };
         batches.skip(step as usize);
@@ -342,59 +376,39 @@ fn run_steps(
                 let kept = last.map_or("no good checkpoint is left".to_string(), |p| format!("the newest checkpoint is still {}", p.display()));
                 bail!("training stopped: the loss became {loss} at step {global_step} (try a lower --lr); {kept}");
             }
-            last_loss = loss;
+            rec.last_loss = loss;
             if step.is_multiple_of(cfg.log_every) {
-                writeln!(metrics, "{global_step},{},{loss},", epoch + 1)?;
+                writeln!(rec.metrics, "{global_step},{},{loss},", epoch + 1)?;
             }
-            progress.borrow_mut().step(step, global_step + 1, loss);
+            rec.progress.step(step, global_step + 1, loss);
             step += 1;
             global_step += 1;
+            let position = if step == n_batches { [epoch as i64 + 1, 0] } else { [epoch as i64, step as i64] };
             if global_step >= max_steps {
-                end(epoch, step, global_step, last_loss, &mut metrics, &mut val_loss, true)?;
+                rec.evaluate(global_step, position[0] as u64)?;
+                rec.checkpoint(global_step, position)?;
                 break 'epochs;
             }
             if stop_requested() {
-                end(epoch, step, global_step, last_loss, &mut metrics, &mut val_loss, false)?;
+                rec.checkpoint(global_step, position)?;
+                rec.progress.finish();
                 return Err(Interrupted { step: global_step, dir: dir.path.clone() }.into());
             }
-            if s.save_every.is_some_and(|n| global_step.is_multiple_of(n)) && step < n_batches {
-                dir.save_checkpoint(runner, global_step, [epoch as i64, step as i64], s.keep)?;
+            if step == n_batches {
+                break; // the epoch's end evaluates and checkpoints below
+            }
+            if s.eval_every.is_some_and(|n| global_step.is_multiple_of(n)) {
+                rec.evaluate(global_step, epoch)?;
+            }
+            if s.save_every.is_some_and(|n| global_step.is_multiple_of(n)) {
+                rec.checkpoint(global_step, position)?;
             }
         }
-        end(epoch, n_batches, global_step, last_loss, &mut metrics, &mut val_loss, true)?;
+        rec.evaluate(global_step, epoch + 1)?;
+        rec.checkpoint(global_step, [epoch as i64 + 1, 0])?;
     }
-    progress.borrow().finish();
-    Ok(TrainSummary { steps: global_step, last_loss, val_loss, seconds: start.elapsed().as_secs_f64() })
-}
-
-/// Validation loss (when `val_loss` is given), a checkpoint, metrics and config at the end of an
-/// epoch, of the run, or on interruption.
-#[allow(clippy::too_many_arguments)]
-fn finish(
-    runner: &Runner,
-    dir: &RunDir,
-    config: &mut RunConfig,
-    cfg: &TrainConfig,
-    val_data: &[i32],
-    step: u64,
-    position: [i64; 2],
-    metrics: &mut String,
-    val_loss: Option<&mut f64>,
-    last_loss: f32,
-    progress: &Progress,
-) -> Result<()> {
-    let s = &cfg.settings;
-    let epochs_done = position[0] as u64;
-    if let Some(val_loss) = val_loss {
-        *val_loss = evaluate(runner, val_data, s.block_size, cfg.eval_batches.map(|n| (n, s.batch_size)), s.seed)?;
-        progress.line(&format!("step {step}: train loss {last_loss:.4}, val loss {:.4}", *val_loss));
-        writeln!(metrics, "{step},{epochs_done},{last_loss},{}", *val_loss)?;
-    }
-    dir.save_checkpoint(runner, step, position, s.keep)?;
-    write_atomic(&dir.metrics_path(), metrics.as_bytes())?;
-    config.steps_done = step;
-    config.epochs_done = epochs_done;
-    dir.write_config(config)
+    rec.progress.finish();
+    Ok(TrainSummary { steps: global_step, last_loss: rec.last_loss, val_loss: rec.val_loss, seconds: start.elapsed().as_secs_f64() })
 }
 
 /// Mean cross-entropy (nats per character) over every window of `data`, or over `n` random

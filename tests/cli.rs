@@ -47,7 +47,7 @@ fn train_then_generate_and_eval() {
     let last: f64 = steps[5].rsplit(' ').next().unwrap().parse().unwrap();
     assert!((first - (65f64).ln()).abs() < 0.3, "initial loss {first} is not near ln(vocab)");
     assert!(last < first - 0.5, "loss did not fall: {first} -> {last}");
-    for file in ["config.json", "metrics.csv", "ckpt/checkpoint", "ckpt/ckpt-120.index"] {
+    for file in ["config.json", "metrics.csv", "loss.png", "ckpt/checkpoint", "ckpt/ckpt-120.index"] {
         assert!(run.join(file).is_file(), "{file} missing");
     }
     let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
@@ -164,6 +164,22 @@ fn devices_prints_the_notebook_line() {
     let stdout = String::from_utf8(out.stdout).unwrap();
     assert!(stdout.contains("CPU:0"), "{stdout}");
     assert!(stdout.lines().any(|l| l.starts_with("Num GPUs Available: ")), "{stdout}");
+}
+
+#[test]
+fn eval_every_adds_validation_points_to_the_metrics_and_the_plot() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = small_corpus(tmp.path());
+    let run = tmp.path().join("run");
+    let out = train(&corpus, &run, 100, &["--eval-every", "25", "--log-every", "10"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let metrics = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
+    let (train_points, val_points) = minigpt::plot::series(&metrics);
+    assert_eq!(val_points.iter().map(|p| p.0 as u64).collect::<Vec<_>>(), [25, 50, 75, 100], "{metrics}");
+    assert_eq!(train_points.len(), 10);
+    let png = std::fs::read(run.join("loss.png")).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    assert!(png.len() > 20_000, "a plot with axes, labels and two curves is larger than {} bytes", png.len());
 }
 
 #[test]
