@@ -10,6 +10,7 @@ use tensorflow::{
 use crate::model::{Forward, LanguageModel, ModelConfig};
 use crate::optim::{Adam, AdamConfig};
 use crate::sample::{Sampler, SamplerConfig};
+use crate::summary::Summaries;
 use crate::tfx::{self, SessionConfig, Var};
 
 /// How to build a [`ModelGraph`].
@@ -23,11 +24,13 @@ pub struct GraphOptions {
     pub device: Option<String>,
     /// Adds the sampling ops.
     pub sampler: Option<SamplerConfig>,
+    /// Adds the TensorBoard summary ops.
+    pub summaries: bool,
 }
 
 impl GraphOptions {
     pub fn new(seed: i64) -> Self {
-        Self { dtype: DataType::Float, seed, adam: AdamConfig::default(), device: None, sampler: None }
+        Self { dtype: DataType::Float, seed, adam: AdamConfig::default(), device: None, sampler: None, summaries: false }
     }
 }
 
@@ -63,6 +66,7 @@ pub struct ModelGraph {
     /// `RestoreV2` of `data/position` alone (a checkpoint written elsewhere may lack it).
     pub restore_position: Operation,
     pub sampler: Option<Sampler>,
+    pub summaries: Option<Summaries>,
 }
 
 impl ModelGraph {
@@ -105,7 +109,12 @@ impl ModelGraph {
             Some(s) => Some(Sampler::build(model.as_ref(), cfg.vocab_size, s, opts.seed, scope)?),
             None => None,
         };
+        let summaries = match opts.summaries {
+            true => Some(Summaries::build(loss.clone(), optimizer.learning_rate.clone(), scope)?),
+            false => None,
+        };
         Ok(Self {
+            summaries,
             scope: root,
             model,
             dtype,

@@ -15,6 +15,7 @@ pub mod parity;
 pub mod plot;
 pub mod sample;
 pub mod saved_model;
+pub mod summary;
 pub mod tfx;
 pub mod train;
 

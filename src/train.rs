@@ -206,7 +206,7 @@ fn check_sizes(train_data: &[i32], val_data: &[i32], block_size: usize, batch_si
 
 fn build_runner(model: &ModelConfig, s: &TrainSettings, session: &SessionArgs) -> Result<Runner> {
     let (device, session_config) = device::placement(s.device)?;
-    let opts = GraphOptions { adam: s.adam, device, ..GraphOptions::new(s.seed as i64) };
+    let opts = GraphOptions { adam: s.adam, device, summaries: true, ..GraphOptions::new(s.seed as i64) };
     Runner::new(ModelGraph::build(model, &opts)?, session.apply(session_config))
 }
 
@@ -278,6 +278,12 @@ impl Progress {
         }
     }
 
+    /// Training tokens per second since this run (or resumption) started, at `global_step`.
+    fn tokens_per_s(&self, global_step: u64) -> f64 {
+        let seconds = self.start.elapsed().as_secs_f64();
+        (global_step - self.start_step) as f64 * self.tokens_per_step as f64 / seconds
+    }
+
     fn finish(&self) {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
@@ -308,12 +314,13 @@ struct Recorder<'a> {
 
 impl Recorder<'_> {
     /// Validation loss (the mean over --eval-batches random batches, or every window), logged,
-    /// added to metrics.csv and the plot.
+    /// added to metrics.csv (`epoch`: the 1-based epoch of the step), TensorBoard and the plot.
     fn evaluate(&mut self, step: u64, epoch: u64) -> Result<()> {
         let s = &self.cfg.settings;
         self.val_loss = evaluate(self.runner, self.val_data, s.block_size, self.cfg.eval_batches.map(|n| (n, s.batch_size)), s.seed)?;
         self.progress.line(&format!("step {step}: train loss {:.4}, val loss {:.4}", self.last_loss, self.val_loss));
         writeln!(self.metrics, "{step},{epoch},{},{}", self.last_loss, self.val_loss)?;
+        self.runner.write_scalars(step, &[("val_loss", self.val_loss as f32)])?;
         self.write_metrics()
     }
 
@@ -326,6 +333,7 @@ impl Recorder<'_> {
     /// with metrics and config brought up to date.
     fn checkpoint(&mut self, step: u64, position: [i64; 2]) -> Result<()> {
         self.dir.save_checkpoint(self.runner, step, position, self.cfg.settings.keep)?;
+        self.runner.write_scalars(step, &[])?; // flushes the event file
         self.write_metrics()?;
         self.config.steps_done = step;
         self.config.epochs_done = position[0] as u64;
@@ -361,6 +369,7 @@ fn run_steps(
     let progress = Progress::new(cfg, max_steps.min(s.epochs.saturating_mul(n_batches)), at.step);
     let mut rec = Recorder { runner, dir, config, cfg, val_data, metrics, progress, last_loss: f32::NAN, val_loss: f64::NAN };
     let mut global_step = at.step;
+    runner.open_events(&dir.path.join("events"))?;
 
     'epochs: for epoch in at.epoch..s.epochs {
         rec.progress.epoch(epoch);
@@ -368,7 +377,8 @@ fn run_steps(
         let mut step = if epoch == at.epoch { at.batch } else { 0 };
         batches.skip(step as usize);
         while batches.fill(&mut x, &mut y) {
-            let loss: f32 = runner.train_step(&x, &y)?;
+            let logged = step.is_multiple_of(cfg.log_every);
+            let loss: f32 = if logged { runner.train_step_logged(&x, &y, global_step)? } else { runner.train_step(&x, &y)? };
             if !loss.is_finite() {
                 // The loss of step g is that of the weights saved as ckpt-g, if any: not good ones.
                 dir.discard_checkpoint(global_step)?;
@@ -377,15 +387,19 @@ fn run_steps(
                 bail!("training stopped: the loss became {loss} at step {global_step} (try a lower --lr); {kept}");
             }
             rec.last_loss = loss;
-            if step.is_multiple_of(cfg.log_every) {
+            if logged {
                 writeln!(rec.metrics, "{global_step},{},{loss},", epoch + 1)?;
+                let tokens_per_s = rec.progress.tokens_per_s(global_step + 1);
+                if tokens_per_s.is_finite() {
+                    runner.write_scalars(global_step, &[("tokens_per_s", tokens_per_s as f32)])?;
+                }
             }
             rec.progress.step(step, global_step + 1, loss);
             step += 1;
             global_step += 1;
             let position = if step == n_batches { [epoch as i64 + 1, 0] } else { [epoch as i64, step as i64] };
             if global_step >= max_steps {
-                rec.evaluate(global_step, position[0] as u64)?;
+                rec.evaluate(global_step, epoch + 1)?;
                 rec.checkpoint(global_step, position)?;
                 break 'epochs;
             }
@@ -398,7 +412,7 @@ fn run_steps(
                 break; // the epoch's end evaluates and checkpoints below
             }
             if s.eval_every.is_some_and(|n| global_step.is_multiple_of(n)) {
-                rec.evaluate(global_step, epoch)?;
+                rec.evaluate(global_step, epoch + 1)?;
             }
             if s.save_every.is_some_and(|n| global_step.is_multiple_of(n)) {
                 rec.checkpoint(global_step, position)?;
