@@ -34,9 +34,9 @@ pub enum Command {
     Devices,
     /// Train a model; write checkpoints, metrics and config to a run directory.
     Train(TrainArgs),
-    /// Sample text from a run directory.
+    /// Sample text from a run directory or a SavedModel.
     Generate(GenerateArgs),
-    /// Print the validation loss of a run.
+    /// Print the validation loss of a run directory or a SavedModel.
     Eval(EvalArgs),
     /// Export a run as a SavedModel that Python's tf.saved_model.load reads.
     Export(ExportArgs),
@@ -68,6 +68,7 @@ pub struct TrainArgs {
     /// and --epochs may raise its bounds).
     #[arg(long)]
     pub resume: bool,
+    /// Model architecture.
     #[arg(long, value_enum, default_value_t = Arch::Bigram, conflicts_with = "resume")]
     pub model: Arch,
     /// Start from the weights of a SavedModel (minigpt's or Python's; see the README) instead of
@@ -114,9 +115,10 @@ pub struct TrainArgs {
     /// Print the loss every this many steps.
     #[arg(long, default_value_t = 100)]
     pub log_every: u64,
-    /// Validation batches at each epoch's end (default: every validation window).
+    /// Validation batches per evaluation (default: every validation window).
     #[arg(long)]
     pub eval_batches: Option<usize>,
+    /// Where the graph runs.
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
     #[command(flatten)]
@@ -224,6 +226,7 @@ pub struct GenerateArgs {
     /// it was trained on.
     #[arg(long)]
     pub vocab: Option<PathBuf>,
+    /// Where the graph runs.
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
     #[command(flatten)]
@@ -245,6 +248,7 @@ pub struct EvalArgs {
     /// it was trained on.
     #[arg(long)]
     pub vocab: Option<PathBuf>,
+    /// Where the graph runs.
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
     #[command(flatten)]

@@ -197,3 +197,24 @@ fn session_settings_change_speed_not_what_is_learned() {
     // Printed with 4 decimals; XLA rounds differently, by far less than that.
     assert!((plain - threads).abs() <= 1e-4 && (plain - xla).abs() <= 1e-4, "{plain} {threads} {xla}");
 }
+
+#[test]
+fn every_subcommand_has_help_with_defaults() {
+    for (command, needles) in [
+        ("train", &["[default: 64]", "[default: 32]", "[default: 0.001]", "[default: 3]", "--resume", "--init-from", "--xla"][..]),
+        ("generate", &["[default: 200]", "[default: 1337]", "--vocab", "SavedModel"][..]),
+        ("eval", &["--split", "[default: val]", "SavedModel"][..]),
+        ("export", &["--run", "--out"][..]),
+        ("info", &["--run"][..]),
+        ("graph", &["[default: 65]", "[default: bigram]"][..]),
+        ("devices", &["Usage: minigpt devices"][..]),
+    ] {
+        let out = minigpt().args([command, "--help"]).output().unwrap();
+        assert!(out.status.success(), "{command} --help");
+        let help = String::from_utf8_lossy(&out.stdout);
+        assert!(help.contains(&format!("Usage: minigpt {command}")), "{help}");
+        for needle in needles {
+            assert!(help.contains(needle), "{command} --help lacks {needle:?}:\n{help}");
+        }
+    }
+}
