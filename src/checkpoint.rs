@@ -252,11 +252,19 @@ impl RunDir {
         let name = format!("ckpt-{step}");
         let partial = format!(".partial-{name}");
         remove_checkpoint_files(&dir, &partial);
-        runner.save(path_str(&dir.join(&partial))?, position)?;
-        // The data file first: a checkpoint is found by its index.
-        for suffix in [".data-00000-of-00001", ".index"] {
-            let (from, to) = (dir.join(format!("{partial}{suffix}")), dir.join(format!("{name}{suffix}")));
-            fs::rename(&from, &to).with_context(|| format!("renaming {} to {}", from.display(), to.display()))?;
+        let written = runner.save(path_str(&dir.join(&partial))?, position).and_then(|()| {
+            // The data file first: a checkpoint is found by its index.
+            for suffix in [".data-00000-of-00001", ".index"] {
+                let (from, to) = (dir.join(format!("{partial}{suffix}")), dir.join(format!("{name}{suffix}")));
+                fs::rename(&from, &to).with_context(|| format!("renaming {} to {}", from.display(), to.display()))?;
+            }
+            Ok(())
+        });
+        if let Err(e) = written {
+            remove_checkpoint_files(&dir, &partial);
+            let previous = self.checkpoints().ok().and_then(|c| c.into_iter().next());
+            let kept = previous.map_or("no earlier checkpoint exists".to_string(), |p| format!("the newest checkpoint is still {}", p.display()));
+            return Err(e.context(format!("writing checkpoint {name} failed ({kept})")));
         }
         let prefix = dir.join(&name);
         let state = dir.join("checkpoint");

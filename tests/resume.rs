@@ -144,3 +144,25 @@ fn a_diverging_run_stops_at_the_first_non_finite_loss_keeping_the_last_good_chec
     let again = minigpt().args(["train", "--resume", "--out", dir.to_str().unwrap()]).output().unwrap();
     assert!(last_stderr_line(&again).contains(&format!("the loss became inf at step {step}")), "{}", last_stderr_line(&again));
 }
+
+#[test]
+fn a_failed_save_is_a_clear_error_and_leaves_the_previous_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tiny_corpus(tmp.path());
+    let dir = tmp.path().join("run");
+    train(&corpus, &dir, &["--max-steps", "15"]); // ckpt-10, ckpt-15
+    let ckpt = dir.join("ckpt");
+    // Where TensorFlow will put ckpt-20's data file, a directory: its write fails, as on a full
+    // or read-only disk (a permission change would not stop root).
+    std::fs::create_dir(ckpt.join(".partial-ckpt-20.data-00000-of-00001")).unwrap();
+    let out = minigpt().args(["train", "--resume", "--out", dir.to_str().unwrap(), "--max-steps", "30", "-q"]).output().unwrap();
+    assert!(!out.status.success());
+    let line = last_stderr_line(&out);
+    assert!(line.starts_with("error: writing checkpoint ckpt-20 failed (the newest checkpoint is still"), "{line}");
+    // (The resumed run wrote ckpt-19 at the end of epoch 1 before failing at step 20.)
+    assert!(line.contains("ckpt-19)") && line.contains("Is a directory"), "{line}");
+    assert!(!ckpt.join("ckpt-20.index").exists());
+    assert!(std::fs::read_to_string(ckpt.join("checkpoint")).unwrap().starts_with("model_checkpoint_path: \"ckpt-19\""));
+    let after = minigpt().args(["eval", "--run", dir.to_str().unwrap()]).output().unwrap();
+    assert!(after.status.success(), "{}", String::from_utf8_lossy(&after.stderr));
+}
