@@ -202,6 +202,20 @@ impl SessionArgs {
     }
 }
 
+/// How `generate` and `eval` load a run directory or a SavedModel.
+#[derive(Args, Debug)]
+pub struct LoadArgs {
+    /// Vocabulary of a SavedModel that carries none: a JSON array of its characters, or the text
+    /// it was trained on.
+    #[arg(long)]
+    pub vocab: Option<PathBuf>,
+    /// Where the graph runs.
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    pub device: DeviceChoice,
+    #[command(flatten)]
+    pub session: SessionArgs,
+}
+
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
     /// Run directory or SavedModel to sample from.
@@ -222,15 +236,8 @@ pub struct GenerateArgs {
     /// Seed of the sampler; the same seed gives the same text.
     #[arg(long, default_value_t = 1337)]
     pub seed: u64,
-    /// Vocabulary of a SavedModel that carries none: a JSON array of its characters, or the text
-    /// it was trained on.
-    #[arg(long)]
-    pub vocab: Option<PathBuf>,
-    /// Where the graph runs.
-    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
-    pub device: DeviceChoice,
     #[command(flatten)]
-    pub session: SessionArgs,
+    pub load: LoadArgs,
 }
 
 #[derive(Args, Debug)]
@@ -244,15 +251,8 @@ pub struct EvalArgs {
     /// `val`, or `all` to add the training split's loss.
     #[arg(long, value_enum, default_value_t = Split::Val)]
     pub split: Split,
-    /// Vocabulary of a SavedModel that carries none: a JSON array of its characters, or the text
-    /// it was trained on.
-    #[arg(long)]
-    pub vocab: Option<PathBuf>,
-    /// Where the graph runs.
-    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
-    pub device: DeviceChoice,
     #[command(flatten)]
-    pub session: SessionArgs,
+    pub load: LoadArgs,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -364,17 +364,17 @@ fn generate(args: &GenerateArgs) -> Result<()> {
         _ => Ok(()),
     };
     if saved_model::is_saved_model(&args.run) {
-        let model = saved_model::Loaded::load(&args.run, args.vocab.as_deref(), &args.session, args.seed as i64, args.top_k)?;
+        let model = saved_model::Loaded::load(&args.run, args.load.vocab.as_deref(), &args.load.session, args.seed as i64, args.top_k)?;
         check_top_k(&model.vocab)?;
         let prompt = model.vocab.encode(&args.prompt).context("the prompt cannot be encoded")?;
         print!("{}", args.prompt);
         let temperature = tensorflow::Tensor::from(args.temperature);
         sample::generate_with(&prompt, args.chars, model.block_size, |id| emit(&model.vocab, id), |context| model.next(context, &temperature))?;
     } else {
-        ensure!(args.vocab.is_none(), "--vocab is for SavedModels; a run directory has its vocabulary in config.json");
+        ensure!(args.load.vocab.is_none(), "--vocab is for SavedModels; a run directory has its vocabulary in config.json");
         let dir = RunDir::open(&args.run)?;
         let opts = GraphOptions { sampler: Some(SamplerConfig { top_k: args.top_k }), ..GraphOptions::new(args.seed as i64) };
-        let (config, runner) = train::load_run(&dir, opts, args.device, &args.session)?;
+        let (config, runner) = train::load_run(&dir, opts, args.load.device, &args.load.session)?;
         let vocab = config.vocab()?;
         check_top_k(&vocab)?;
         let prompt = vocab.encode(&args.prompt).context("the prompt cannot be encoded")?;
@@ -395,7 +395,7 @@ fn eval(args: &EvalArgs) -> Result<()> {
         vocab.encode(&corpus.text).context("the corpus does not fit the model's vocabulary")
     };
     if saved_model::is_saved_model(&args.run) {
-        let model = saved_model::Loaded::load(&args.run, args.vocab.as_deref(), &args.session, 0, None)?;
+        let model = saved_model::Loaded::load(&args.run, args.load.vocab.as_deref(), &args.load.session, 0, None)?;
         let source = args.data.clone().unwrap_or_else(data::default_source);
         let encoded = splits(&model.vocab, &source)?;
         let (train_data, val_data) = data::split(&encoded);
@@ -406,10 +406,10 @@ fn eval(args: &EvalArgs) -> Result<()> {
         }
         return Ok(());
     }
-    ensure!(args.vocab.is_none(), "--vocab is for SavedModels; a run directory has its vocabulary in config.json");
+    ensure!(args.load.vocab.is_none(), "--vocab is for SavedModels; a run directory has its vocabulary in config.json");
     let dir = RunDir::open(&args.run)?;
     // Evaluation draws nothing at random: the seed does not matter.
-    let (config, runner) = train::load_run(&dir, GraphOptions::new(0), args.device, &args.session)?;
+    let (config, runner) = train::load_run(&dir, GraphOptions::new(0), args.load.device, &args.load.session)?;
     let source = args.data.clone().unwrap_or_else(|| config.data.source.clone());
     let encoded = splits(&config.vocab()?, &source)?;
     let (train_data, val_data) = data::split(&encoded);

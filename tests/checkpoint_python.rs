@@ -9,23 +9,11 @@ use minigpt::checkpoint::RunDir;
 use minigpt::device::DeviceChoice;
 use minigpt::graph::GraphOptions;
 
-const PYTHON: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/python");
 
 #[test]
 fn python_reads_the_checkpoint() {
-    assert!(std::path::Path::new(PYTHON).exists(), "no {PYTHON}: run `make setup`");
     let tmp = tempfile::tempdir().unwrap();
-    let text = std::fs::read_to_string(common::corpus_path()).unwrap();
-    std::fs::write(tmp.path().join("small.txt"), &text[..30_000]).unwrap();
-    let run = tmp.path().join("run");
-    let status = common::minigpt()
-        .args(["train", "--max-steps", "7", "--eval-batches", "1", "-q", "--data"])
-        .arg(tmp.path().join("small.txt"))
-        .arg("--out")
-        .arg(&run)
-        .output()
-        .unwrap();
-    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    let run = common::small_run(tmp.path(), 30_000, &["--max-steps", "7", "--eval-batches", "1"]);
 
     let dir = RunDir::open(&run).unwrap();
     let (_, runner) = minigpt::train::load_run(&dir, GraphOptions::new(1), DeviceChoice::Cpu, &Default::default()).unwrap();
@@ -44,7 +32,7 @@ for name in sys.argv[2:]:
     print(name, list(shapes[name]), repr(float(v.sum())), repr(float(v[0])))
 "#;
     let names: Vec<&str> = vars.iter().map(|v| v.name.as_str()).collect();
-    let out = Command::new(PYTHON)
+    let out = Command::new(common::python())
         .env("TF_CPP_MIN_LOG_LEVEL", "3")
         .arg("-c")
         .arg(script)
@@ -73,19 +61,8 @@ for name in sys.argv[2:]:
 
 #[test]
 fn minigpt_restores_a_checkpoint_python_wrote() {
-    assert!(std::path::Path::new(PYTHON).exists(), "no {PYTHON}: run `make setup`");
     let tmp = tempfile::tempdir().unwrap();
-    let text = std::fs::read_to_string(common::corpus_path()).unwrap();
-    std::fs::write(tmp.path().join("small.txt"), &text[..30_000]).unwrap();
-    let run = tmp.path().join("run");
-    let status = common::minigpt()
-        .args(["train", "--max-steps", "3", "--eval-batches", "1", "-q", "--data"])
-        .arg(tmp.path().join("small.txt"))
-        .arg("--out")
-        .arg(&run)
-        .output()
-        .unwrap();
-    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    let run = common::small_run(tmp.path(), 30_000, &["--max-steps", "3", "--eval-batches", "1"]);
 
     // Python writes ckpt-100 with its own values under the documented names, and makes it the
     // latest in the state file, as tf.train.CheckpointManager would.
@@ -105,7 +82,7 @@ tensors.append(np.array(100, np.int64))
 tf.raw_ops.SaveV2(prefix=ckpt_dir + "/ckpt-100", tensor_names=names, shape_and_slices=[""] * len(names), tensors=tensors)
 tf.compat.v1.train.update_checkpoint_state(ckpt_dir, "ckpt-100", all_model_checkpoint_paths=["ckpt-3", "ckpt-100"])
 "#;
-    let out = Command::new(PYTHON).env("TF_CPP_MIN_LOG_LEVEL", "3").arg("-c").arg(script).arg(run.join("ckpt")).output().unwrap();
+    let out = Command::new(common::python()).env("TF_CPP_MIN_LOG_LEVEL", "3").arg("-c").arg(script).arg(run.join("ckpt")).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
     let dir = RunDir::open(&run).unwrap();

@@ -12,23 +12,12 @@ use ndarray::ArrayD;
 use ndarray_npy::ReadNpyExt;
 use tensorflow::Tensor;
 
-const PYTHON: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/python");
 
 #[test]
 fn python_loads_the_export_and_computes_minigpts_logits() {
-    assert!(std::path::Path::new(PYTHON).exists(), "no {PYTHON}: run `make setup`");
     let tmp = tempfile::tempdir().unwrap();
-    let text = std::fs::read_to_string(common::corpus_path()).unwrap();
-    std::fs::write(tmp.path().join("small.txt"), &text[..30_000]).unwrap();
-    let (run, model) = (tmp.path().join("run"), tmp.path().join("exported"));
-    let out = common::minigpt()
-        .args(["train", "--max-steps", "20", "--eval-batches", "1", "-q", "--data"])
-        .arg(tmp.path().join("small.txt"))
-        .arg("--out")
-        .arg(&run)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let run = common::small_run(tmp.path(), 30_000, &["--max-steps", "20", "--eval-batches", "1"]);
+    let model = tmp.path().join("exported");
     let export = || common::minigpt().arg("export").arg("--run").arg(&run).arg("--out").arg(&model).output().unwrap();
     let out = export();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -53,7 +42,7 @@ print(json.dumps(json.load(open(model_dir + "/assets.extra/vocab.json"))))
 "#;
     let npy = tmp.path().join("logits.npy");
     let json = |v: &[i32]| serde_json::to_string(v).unwrap();
-    let py = Command::new(PYTHON)
+    let py = Command::new(common::python())
         .env("TF_CPP_MIN_LOG_LEVEL", "3")
         .arg("-c")
         .arg(script)
@@ -83,7 +72,7 @@ print(json.dumps(json.load(open(model_dir + "/assets.extra/vocab.json"))))
 }
 
 fn python(args: &[&std::ffi::OsStr]) -> String {
-    let out = Command::new(PYTHON).env("TF_CPP_MIN_LOG_LEVEL", "3").args(args).output().unwrap();
+    let out = Command::new(common::python()).env("TF_CPP_MIN_LOG_LEVEL", "3").args(args).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap()
 }
@@ -95,7 +84,6 @@ fn max_abs_diff(a: &[f32], b: &ArrayD<f32>) -> f32 {
 
 #[test]
 fn python_savedmodels_load_generate_evaluate_and_fine_tune() {
-    assert!(std::path::Path::new(PYTHON).exists(), "no {PYTHON}: run `make setup`");
     let tmp = tempfile::tempdir().unwrap();
     let p = |name: &str| tmp.path().join(name);
     let text = std::fs::read_to_string(common::corpus_path()).unwrap();
@@ -165,7 +153,6 @@ np.save(sys.argv[3], tf.saved_model.load(sys.argv[2]).signatures["serving_defaul
 
 #[test]
 fn savedmodels_off_the_convention_get_a_clear_error() {
-    assert!(std::path::Path::new(PYTHON).exists(), "no {PYTHON}: run `make setup`");
     let tmp = tempfile::tempdir().unwrap();
     let script = r#"
 import json, os, sys, tensorflow as tf

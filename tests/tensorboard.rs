@@ -5,23 +5,12 @@ mod common;
 
 use std::process::Command;
 
-const PYTHON: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/python");
 
 #[test]
 fn python_reads_the_scalars_minigpt_wrote() {
-    assert!(std::path::Path::new(PYTHON).exists(), "no {PYTHON}: run `make setup`");
     let tmp = tempfile::tempdir().unwrap();
-    let text = std::fs::read_to_string(common::corpus_path()).unwrap();
-    std::fs::write(tmp.path().join("tiny.txt"), &text[..700]).unwrap();
-    let run = tmp.path().join("run");
-    let out = common::minigpt()
-        .args(["train", "--block-size", "16", "--log-every", "5", "--eval-every", "10", "-q", "--data"])
-        .arg(tmp.path().join("tiny.txt"))
-        .arg("--out")
-        .arg(&run)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // 700 characters, block 16: 19 batches an epoch, 57 steps in 3 epochs.
+    let run = common::small_run(tmp.path(), 700, &["--block-size", "16", "--log-every", "5", "--eval-every", "10"]);
 
     let script = r#"
 import glob, sys, tensorflow as tf
@@ -31,7 +20,7 @@ for path in sorted(glob.glob(sys.argv[1] + "/events/events.out.tfevents.*")):
             value = float(tf.make_ndarray(v.tensor)) if v.HasField("tensor") else v.simple_value
             print(v.tag, event.step, repr(value))
 "#;
-    let py = Command::new(PYTHON).env("TF_CPP_MIN_LOG_LEVEL", "3").arg("-c").arg(script).arg(&run).output().unwrap();
+    let py = Command::new(common::python()).env("TF_CPP_MIN_LOG_LEVEL", "3").arg("-c").arg(script).arg(&run).output().unwrap();
     assert!(py.status.success(), "{}", String::from_utf8_lossy(&py.stderr));
     let stdout = String::from_utf8(py.stdout).unwrap();
     let events: Vec<(String, u64, f64)> = stdout

@@ -10,6 +10,25 @@ pub fn corpus_path() -> PathBuf {
     })
 }
 
+/// The pinned Python of `make setup`, with TensorFlow.
+pub fn python() -> &'static str {
+    const PYTHON: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/python");
+    assert!(std::path::Path::new(PYTHON).exists(), "no {PYTHON}: run `make setup`");
+    PYTHON
+}
+
+/// Trains `dir/run` on the first `chars` characters of the corpus (written to `dir/small.txt`)
+/// with `args` added, quietly; returns the run directory.
+pub fn small_run(dir: &std::path::Path, chars: usize, args: &[&str]) -> PathBuf {
+    let text = std::fs::read_to_string(corpus_path()).unwrap();
+    let corpus = dir.join("small.txt");
+    std::fs::write(&corpus, &text[..chars]).unwrap();
+    let run = dir.join("run");
+    let out = minigpt().args(["train", "-q", "--data"]).arg(&corpus).arg("--out").arg(&run).args(args).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    run
+}
+
 /// The `minigpt` binary with TensorFlow's logging silenced.
 pub fn minigpt() -> assert_cmd::Command {
     let mut cmd = assert_cmd::Command::cargo_bin("minigpt").unwrap();
