@@ -1,5 +1,6 @@
 //! The training loop (the notebook's `for epoch ...: for step, (x, y) in enumerate(...)`), one
-//! `Session::run` per step, and evaluation.
+//! `Session::run` per step: new runs, `--resume`, `--init-from`; evaluation, checkpoints, metrics,
+//! the plot and TensorBoard; progress output; Ctrl-C.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -31,7 +32,7 @@ pub struct TrainConfig {
     pub session: SessionArgs,
     /// Print `Step N: Loss X` every this many steps of an epoch.
     pub log_every: u64,
-    /// Validation batches at each epoch's end (`None`: every validation window).
+    /// Validation batches per evaluation (`None`: every validation window).
     pub eval_batches: Option<usize>,
     pub quiet: bool,
 }
