@@ -93,9 +93,30 @@ pub struct TrainArgs {
     /// Embedding width.
     #[arg(long, default_value_t = 128, conflicts_with = "resume")]
     pub embedding_dim: u64,
-    /// Adam's learning rate.
+    /// Adam's learning rate (the peak, with a schedule).
     #[arg(long, default_value_t = 1e-3, conflicts_with = "resume")]
     pub lr: f64,
+    /// Linear learning-rate warm-up over this many steps.
+    #[arg(long, default_value_t = 0, conflicts_with = "resume")]
+    pub warmup_steps: u64,
+    /// Cosine decay of the learning rate from the end of warm-up to --min-lr at this step.
+    #[arg(long, conflicts_with = "resume")]
+    pub lr_decay_steps: Option<u64>,
+    /// The learning rate after --lr-decay-steps.
+    #[arg(long, default_value_t = 0.0, requires = "lr_decay_steps", conflicts_with = "resume")]
+    pub min_lr: f64,
+    /// AdamW weight decay of matrices (not biases, norms or embeddings); 0: plain Adam.
+    #[arg(long, default_value_t = 0.0, conflicts_with = "resume")]
+    pub weight_decay: f64,
+    /// Adam's beta_1.
+    #[arg(long, default_value_t = 0.9, conflicts_with = "resume")]
+    pub beta1: f64,
+    /// Adam's beta_2.
+    #[arg(long, default_value_t = 0.999, conflicts_with = "resume")]
+    pub beta2: f64,
+    /// Clip gradients to this global norm.
+    #[arg(long, conflicts_with = "resume")]
+    pub grad_clip: Option<f64>,
     /// Seed of every random source (initial weights, shuffling).
     #[arg(long, default_value_t = 1337, conflicts_with = "resume")]
     pub seed: u64,
@@ -142,6 +163,14 @@ impl TrainArgs {
         ensure!(self.log_every > 0, "--log-every must be at least 1");
         ensure!(self.eval_batches != Some(0), "--eval-batches must be at least 1");
         ensure!(self.lr > 0.0 && self.lr.is_finite(), "--lr must be a positive number");
+        ensure!(self.min_lr >= 0.0 && self.min_lr <= self.lr, "--min-lr must be between 0 and --lr");
+        ensure!(self.weight_decay >= 0.0 && self.weight_decay.is_finite(), "--weight-decay must be 0 or more");
+        ensure!((0.0..1.0).contains(&self.beta1) && (0.0..1.0).contains(&self.beta2), "--beta1 and --beta2 must be in [0, 1)");
+        ensure!(self.grad_clip.is_none_or(|c| c > 0.0 && c.is_finite()), "--grad-clip must be a positive number");
+        ensure!(
+            self.lr_decay_steps.is_none_or(|d| d > self.warmup_steps),
+            "--lr-decay-steps must be larger than --warmup-steps"
+        );
         let shuffle = match self.shuffle {
             ShuffleArg::Buffer => Shuffle::Buffer(NOTEBOOK_SHUFFLE_BUFFER),
             ShuffleArg::Global => Shuffle::Global,
@@ -154,7 +183,17 @@ impl TrainArgs {
                 max_steps: self.max_steps,
                 block_size: self.block_size,
                 batch_size: self.batch_size,
-                adam: AdamConfig { learning_rate: self.lr, ..AdamConfig::default() },
+                adam: AdamConfig {
+                    learning_rate: self.lr,
+                    beta_1: self.beta1,
+                    beta_2: self.beta2,
+                    warmup_steps: self.warmup_steps,
+                    decay_steps: self.lr_decay_steps,
+                    min_lr: self.min_lr,
+                    weight_decay: self.weight_decay,
+                    clip_norm: self.grad_clip,
+                    ..AdamConfig::default()
+                },
                 shuffle,
                 seed: self.seed,
                 device: self.device,

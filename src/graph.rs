@@ -90,7 +90,9 @@ impl ModelGraph {
         let (loss, grads, squares) = loss_and_grads(&forward, targets.clone().into(), &vars, cfg.vocab_size, scope)?;
 
         let optimizer = Adam::new(&vars, &opts.adam, dtype, scope)?;
-        let train_op = optimizer.apply(&vars, &grads, &squares, &opts.adam, dtype, &mut scope.with_op_name("train_step"))?;
+        // AdamW decays matrices, not biases, norms or embedding tables.
+        let decayed: Vec<bool> = vars.iter().map(|v| v.shape.len() >= 2 && !forward.lookups.iter().any(|l| l.var == v.name)).collect();
+        let train_op = optimizer.apply(&vars, &grads, &squares, &decayed, &opts.adam, dtype, &mut scope.with_op_name("train_step"))?;
 
         let all_vars: Vec<Var> = vars.iter().cloned().chain(optimizer.variables()).collect();
         let inits: Vec<Operation> = all_vars.iter().map(|v| v.initializer.clone()).collect();

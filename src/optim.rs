@@ -6,19 +6,52 @@ use tensorflow::{ops, DataType, Operation, Output, Scope};
 
 use crate::tfx::{self, Var};
 
-/// Keras `Adam()` defaults.
+/// Keras `Adam()` defaults, plus what the defaults leave off: a learning-rate schedule, AdamW's
+/// decoupled weight decay and gradient clipping by global norm.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct AdamConfig {
     pub learning_rate: f64,
     pub beta_1: f64,
     pub beta_2: f64,
     pub epsilon: f64,
+    /// Linear warm-up over this many steps (0: none).
+    #[serde(default)]
+    pub warmup_steps: u64,
+    /// Cosine decay from the end of warm-up to `min_lr` at this step, then `min_lr`.
+    #[serde(default)]
+    pub decay_steps: Option<u64>,
+    #[serde(default)]
+    pub min_lr: f64,
+    /// AdamW: `var -= lr · weight_decay · var` for matrices other than embedding tables.
+    #[serde(default)]
+    pub weight_decay: f64,
+    /// Scale all gradients down so that their global norm is at most this.
+    #[serde(default)]
+    pub clip_norm: Option<f64>,
 }
 
 impl Default for AdamConfig {
     fn default() -> Self {
-        Self { learning_rate: 1e-3, beta_1: 0.9, beta_2: 0.999, epsilon: 1e-7 }
+        Self { learning_rate: 1e-3, beta_1: 0.9, beta_2: 0.999, epsilon: 1e-7, warmup_steps: 0, decay_steps: None, min_lr: 0.0, weight_decay: 0.0, clip_norm: None }
     }
+}
+
+impl AdamConfig {
+    /// The learning rate of step `it` (from 0), as the graph computes it (nanoGPT's schedule):
+    /// `lr·(it+1)/(warmup+1)` during warm-up, then a cosine from `lr` to `min_lr` at `decay_steps`.
+    pub fn learning_rate_at(&self, it: u64) -> f64 {
+        let (lr, warmup) = (self.learning_rate, self.warmup_steps);
+        if it < warmup {
+            return lr * (it + 1) as f64 / (warmup + 1) as f64;
+        }
+        let Some(decay) = self.decay_steps else { return lr };
+        if it > decay {
+            return self.min_lr;
+        }
+        let ratio = (it - warmup) as f64 / (decay.saturating_sub(warmup)).max(1) as f64;
+        self.min_lr + 0.5 * (1.0 + (std::f64::consts::PI * ratio).cos()) * (lr - self.min_lr)
+    }
+
 }
 
 pub struct Adam {
@@ -38,7 +71,11 @@ impl Adam {
         let v = vars.iter().map(|v| v.zeros_like(&format!("{}/v", v.name), scope)).collect::<Result<_, _>>()?;
         let zero = ops::constant(0i64, &mut scope.with_op_name(&format!("{ITERATIONS}/Initializer")))?;
         let iterations = Var::new(ITERATIONS, DataType::Int64, &[], zero.into(), scope)?;
-        let lr = tfx::scalar(dtype, cfg.learning_rate, &mut scope.with_op_name("optimizer/learning_rate/default"))?;
+        let lr = if cfg.warmup_steps == 0 && cfg.decay_steps.is_none() {
+            tfx::scalar(dtype, cfg.learning_rate, &mut scope.with_op_name("optimizer/learning_rate/default"))?
+        } else {
+            schedule(&iterations, cfg, dtype, &mut scope.new_sub_scope("schedule"))?
+        };
         let learning_rate = tfx::scalar_with_default("optimizer/learning_rate", lr, scope)?;
         Ok(Self { m, v, iterations, learning_rate })
     }
@@ -56,11 +93,16 @@ impl Adam {
         vars: &[Var],
         grads: &[Output],
         squares: &[Option<Output>],
+        decayed: &[bool],
         cfg: &AdamConfig,
         dtype: DataType,
         scope: &mut Scope,
     ) -> tensorflow::Result<Operation> {
         let scope = &mut scope.new_sub_scope("adam");
+        let (grads, squares) = match cfg.clip_norm {
+            Some(clip) => clip_by_global_norm(grads, squares, clip, dtype, &mut scope.new_sub_scope("clip"))?,
+            _ => (grads.to_vec(), squares.to_vec()),
+        };
         let step = self.iterations.read(scope)?;
         let one_step = ops::constant(1i64, scope)?;
         let t = ops::add_v2(step, one_step, scope)?;
@@ -76,10 +118,15 @@ impl Adam {
         let keep_2 = tfx::scalar(dtype, 1.0 - cfg.beta_2, scope)?;
         let epsilon = tfx::scalar(dtype, cfg.epsilon, scope)?;
         let mut updates = Vec::with_capacity(vars.len());
-        for (i, (var, grad)) in vars.iter().zip(grads).enumerate() {
+        let decay = (cfg.weight_decay != 0.0).then(|| -> tensorflow::Result<Output> {
+            Ok(ops::mul(self.learning_rate.clone(), tfx::scalar(dtype, cfg.weight_decay, scope)?, scope)?.into())
+        });
+        let decay = decay.transpose()?;
+        for (i, (var, grad)) in vars.iter().zip(&grads).enumerate() {
             let (m, v) = (&self.m[i], &self.v[i]);
             let m_old = m.read(scope)?;
             let m_new = ops::add_v2(m_old.clone(), ops::mul(ops::sub(grad.clone(), m_old, scope)?, keep_1.clone(), scope)?, scope)?;
+            let grad = grad.clone();
             let g2: Output = match squares.get(i).cloned().flatten() {
                 Some(s) => s,
                 None => ops::square(grad.clone(), scope)?.into(),
@@ -93,7 +140,15 @@ impl Adam {
             )?;
             updates.push(ops::assign_variable_op(m.handle.clone(), m_new, scope)?);
             updates.push(ops::assign_variable_op(v.handle.clone(), v_new, scope)?);
-            updates.push(ops::assign_sub_variable_op(var.handle.clone(), step, scope)?);
+            match &decay {
+                // AdamW (as Keras': the decay first, then the Adam step).
+                Some(lr_wd) if decayed.get(i).copied().unwrap_or(false) => {
+                    let w = var.read(scope)?;
+                    let shrunk = ops::sub(w.clone(), ops::mul(w, lr_wd.clone(), scope)?, scope)?;
+                    updates.push(ops::assign_variable_op(var.handle.clone(), ops::sub(shrunk, step, scope)?, scope)?);
+                }
+                _ => updates.push(ops::assign_sub_variable_op(var.handle.clone(), step, scope)?),
+            }
         }
         let one = ops::constant(1i64, scope)?;
         let increment = ops::assign_add_variable_op(
@@ -108,4 +163,53 @@ impl Adam {
     pub fn variables(&self) -> Vec<Var> {
         self.m.iter().chain(&self.v).cloned().chain([self.iterations.clone()]).collect()
     }
+}
+
+/// The scheduled learning rate of the coming step (`iterations` steps done), in the graph.
+fn schedule(iterations: &Var, cfg: &AdamConfig, dtype: DataType, scope: &mut Scope) -> tensorflow::Result<Output> {
+    let it = ops::Cast::new().DstT(dtype).build(iterations.read(scope)?, scope)?;
+    let c = |x: f64, scope: &mut Scope| tfx::scalar(dtype, x, scope);
+    let (lr, warmup) = (cfg.learning_rate, cfg.warmup_steps as f64);
+    // Warm-up: lr·(it+1)/(warmup+1).
+    let ramp = ops::mul(c(lr / (warmup + 1.0), scope)?, ops::add_v2(it.clone(), c(1.0, scope)?, scope)?, scope)?;
+    let after: Output = match cfg.decay_steps {
+        None => c(lr, scope)?,
+        Some(decay) => {
+            // min_lr + ½(1 + cos(π·ratio))·(lr − min_lr), ratio = (it − warmup)/(decay − warmup) in [0, 1].
+            let span = (decay as f64 - warmup).max(1.0);
+            let ratio = ops::real_div(ops::sub(it.clone(), c(warmup, scope)?, scope)?, c(span, scope)?, scope)?;
+            let ratio = ops::minimum(ops::maximum(ratio, c(0.0, scope)?, scope)?, c(1.0, scope)?, scope)?;
+            let cos = ops::cos(ops::mul(ratio, c(std::f64::consts::PI, scope)?, scope)?, scope)?;
+            let coeff = ops::mul(c(0.5, scope)?, ops::add_v2(cos, c(1.0, scope)?, scope)?, scope)?;
+            ops::add_v2(c(cfg.min_lr, scope)?, ops::mul(coeff, c(lr - cfg.min_lr, scope)?, scope)?, scope)?.into()
+        }
+    };
+    let warming = ops::less(it, c(warmup, scope)?, scope)?;
+    Ok(ops::select_v2(warming, ramp, after, scope)?.into())
+}
+
+/// `g · clip / max(‖g‖, clip)` for every gradient, ‖g‖ the global norm over all of them; the
+/// per-lookup squares scale by the square of that factor.
+fn clip_by_global_norm(grads: &[Output], squares: &[Option<Output>], clip: f64, dtype: DataType, scope: &mut Scope) -> tensorflow::Result<(Vec<Output>, Vec<Option<Output>>)> {
+    let mut sum: Option<Output> = None;
+    for g in grads {
+        let rank = ops::rank(g.clone(), scope)?;
+        let axes = ops::range(ops::constant(0i32, scope)?, rank, ops::constant(1i32, scope)?, scope)?;
+        let s: Output = ops::sum(ops::square(g.clone(), scope)?, axes, scope)?.into();
+        sum = Some(match sum {
+            Some(acc) => ops::add_v2(acc, s, scope)?.into(),
+            None => s,
+        });
+    }
+    let Some(sum) = sum else { return Ok((grads.to_vec(), squares.to_vec())) };
+    let norm = ops::sqrt(sum, scope)?;
+    let clip_t = tfx::scalar(dtype, clip, scope)?;
+    let factor: Output = ops::real_div(clip_t.clone(), ops::maximum(norm, clip_t, &mut scope.with_op_name("clip/global_norm_or_clip"))?, scope)?.into();
+    let factor2: Output = ops::square(factor.clone(), scope)?.into();
+    let grads = grads.iter().map(|g| Ok(ops::mul(g.clone(), factor.clone(), scope)?.into())).collect::<tensorflow::Result<Vec<Output>>>()?;
+    let squares = squares
+        .iter()
+        .map(|s| s.clone().map(|s| -> tensorflow::Result<Output> { Ok(ops::mul(s, factor2.clone(), scope)?.into()) }).transpose())
+        .collect::<tensorflow::Result<Vec<_>>>()?;
+    Ok((grads, squares))
 }

@@ -20,7 +20,7 @@ fn two_steps_follow_keras_adam() {
     let x = Tensor::new(&[2, 3]).with_values(&[0, 4, 9, 10, 2, 2]).unwrap();
     let y = Tensor::new(&[2, 3]).with_values(&[4, 9, 1, 2, 2, 7]).unwrap();
     let vars = runner.g.model.variables();
-    let AdamConfig { learning_rate: lr, beta_1: b1, beta_2: b2, epsilon: eps } = AdamConfig::default();
+    let AdamConfig { learning_rate: lr, beta_1: b1, beta_2: b2, epsilon: eps, .. } = AdamConfig::default();
     assert_eq!((lr, b1, b2, eps), (1e-3, 0.9, 0.999, 1e-7));
     // The graph holds the hyperparameters as float32 constants, as Keras does; Python computes
     // `1 - beta` in float64 first.
@@ -70,5 +70,66 @@ fn two_steps_follow_keras_adam() {
         }
         let iterations: Vec<Tensor<i64>> = runner.read(std::slice::from_ref(&runner.g.optimizer.iterations)).unwrap();
         assert_eq!(iterations[0][0], t as i64);
+    }
+}
+
+#[test]
+fn the_learning_rate_warms_up_then_decays_along_a_cosine() {
+    let cfg = ModelConfig { arch: Arch::Bigram, vocab_size: 11, n_embd: 6 };
+    let adam = AdamConfig { learning_rate: 1e-2, warmup_steps: 5, decay_steps: Some(20), min_lr: 1e-3, ..AdamConfig::default() };
+    let runner = Runner::new(ModelGraph::build(&cfg, &GraphOptions { adam, ..GraphOptions::new(5) }).unwrap(), SessionConfig::default()).unwrap();
+    runner.init().unwrap();
+    let x = Tensor::new(&[1, 3]).with_values(&[0, 4, 9]).unwrap();
+    let lr_of = |it: u64| adam.learning_rate_at(it);
+    // nanoGPT's formula at a few points.
+    assert!((lr_of(0) - 1e-2 / 6.0).abs() < 1e-15 && (lr_of(5) - 1e-2).abs() < 1e-15);
+    assert!((lr_of(20) - 1e-3).abs() < 1e-15 && (lr_of(30) - 1e-3).abs() < 1e-15);
+    assert!((lr_of(12) - (1e-3 + 0.5 * (1.0 + (std::f64::consts::PI * 7.0 / 15.0).cos()) * 9e-3)).abs() < 1e-15);
+    for it in 0..26u64 {
+        let lr: Vec<Tensor<f32>> = runner.fetch_with_batch(std::slice::from_ref(&runner.g.optimizer.learning_rate), &x, &x).unwrap();
+        let want = lr_of(it);
+        assert!((lr[0][0] as f64 - want).abs() <= 1e-6 * want, "step {it}: graph {} vs {want}", lr[0][0]);
+        let _: f32 = runner.train_step(&x, &x).unwrap();
+    }
+}
+
+#[test]
+fn adamw_decays_matrices_only_and_clipping_bounds_the_global_norm() {
+    let cfg = ModelConfig { arch: Arch::Bigram, vocab_size: 11, n_embd: 6 };
+    let adam = AdamConfig { weight_decay: 0.1, clip_norm: Some(1e-3), ..AdamConfig::default() };
+    let runner = Runner::new(ModelGraph::build(&cfg, &GraphOptions { adam, ..GraphOptions::new(5) }).unwrap(), SessionConfig::default()).unwrap();
+    runner.init().unwrap();
+    let x = Tensor::new(&[2, 3]).with_values(&[0, 4, 9, 10, 2, 3]).unwrap();
+    let y = Tensor::new(&[2, 3]).with_values(&[4, 9, 1, 2, 3, 7]).unwrap();
+    let vars = runner.g.model.variables();
+    let w0: Vec<Vec<f64>> = runner.read::<f32>(&vars).unwrap().iter().map(to_f64).collect();
+    let g: Vec<Vec<f64>> = runner.fetch_with_batch::<f32>(&runner.g.grads, &x, &y).unwrap().iter().map(to_f64).collect();
+    let norm = g.iter().flatten().map(|v| v * v).sum::<f64>().sqrt();
+    assert!(norm > 1e-2, "the test needs clipping to bite: norm {norm}");
+    let factor = 1e-3 / norm;
+    let _: f32 = runner.train_step(&x, &y).unwrap();
+    let w1: Vec<Vec<f64>> = runner.read::<f32>(&vars).unwrap().iter().map(to_f64).collect();
+    let m1: Vec<Vec<f64>> = runner.read::<f32>(&runner.g.optimizer.m).unwrap().iter().map(to_f64).collect();
+
+    let (lr, b1, b2, eps) = (1e-3f32 as f64, 0.9f32 as f64, 0.999f32 as f64, 1e-7f32 as f64);
+    let alpha = lr * (1.0 - b2).sqrt() / (1.0 - b1);
+    for i in 0..3 {
+        for j in 0..g[i].len() {
+            let gc = g[i][j] * factor;
+            let m = gc * 0.1;
+            assert!((m1[i][j] - m).abs() <= 1e-6 * m.abs() + 1e-12, "{} m[{j}]: {} vs {m}", vars[i].name, m1[i][j]);
+            if i == 0 {
+                continue; // the embedding's v is Keras' per-lookup squares (tested above)
+            }
+            let v = gc * gc * 0.001;
+            // Only the kernel (a matrix, not an embedding) decays: var·(1 − lr·wd) first.
+            let decayed = if i == 1 { w0[i][j] * (1.0 - lr * 0.1) } else { w0[i][j] };
+            let want = decayed - m * alpha / (v.sqrt() + eps);
+            assert!((w1[i][j] - want).abs() <= 1e-6 * want.abs().max(1e-3), "{}[{j}]: {} vs {want}", vars[i].name, w1[i][j]);
+        }
+    }
+    // The embedding does not decay: rows no token looked up (5..9 minus 9) keep their values.
+    for row in [5usize, 6, 7, 8] {
+        assert_eq!(&w1[0][row * 6..(row + 1) * 6], &w0[0][row * 6..(row + 1) * 6]);
     }
 }

@@ -218,3 +218,21 @@ fn every_subcommand_has_help_with_defaults() {
         }
     }
 }
+
+#[test]
+fn optimizer_options_are_used_and_saved() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = small_corpus(tmp.path());
+    let run = tmp.path().join("run");
+    let flags = ["--warmup-steps", "10", "--lr-decay-steps", "50", "--min-lr", "1e-4", "--weight-decay", "0.1", "--grad-clip", "1.0", "--beta2", "0.99"];
+    let out = train(&corpus, &run, 60, &[&flags[..], &["--log-every", "10"]].concat());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    let adam = &config["train"]["adam"];
+    assert_eq!((adam["warmup_steps"].as_u64(), adam["decay_steps"].as_u64()), (Some(10), Some(50)));
+    assert_eq!((adam["min_lr"].as_f64(), adam["weight_decay"].as_f64(), adam["clip_norm"].as_f64(), adam["beta_2"].as_f64()), (Some(1e-4), Some(0.1), Some(1.0), Some(0.99)));
+    // A different optimizer, a different run.
+    let plain = train(&corpus, &tmp.path().join("plain"), 60, &["--log-every", "10"]);
+    assert_ne!(losses(&out.stdout), losses(&plain.stdout));
+    fails_with(&["train", "--data", corpus.to_str().unwrap(), "--out", &tmp.path().join("x").to_string_lossy(), "--warmup-steps", "10", "--lr-decay-steps", "5"], "--lr-decay-steps must be larger");
+}
