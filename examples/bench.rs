@@ -56,7 +56,7 @@ fn main() -> Result<()> {
     let vocab = Vocab::from_text(&corpus.text);
     let encoded = vocab.encode(&corpus.text)?;
     let (train, _) = data::split(&encoded);
-    let cfg = ModelConfig { arch: Arch::Bigram, vocab_size: vocab.len() as u64, n_embd: 128 };
+    let cfg = ModelConfig::bigram(vocab.len() as u64, 128);
     let opts = GraphOptions { sampler: Some(SamplerConfig::default()), ..GraphOptions::new(1337) };
     let runner = Runner::new(ModelGraph::build(&cfg, &opts)?, session)?;
     runner.init()?;

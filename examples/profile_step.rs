@@ -31,7 +31,7 @@ fn main() -> Result<()> {
     let vocab = Vocab::from_text(&corpus.text);
     let encoded = vocab.encode(&corpus.text)?;
     let (train, _) = data::split(&encoded);
-    let cfg = ModelConfig { arch: Arch::Bigram, vocab_size: vocab.len() as u64, n_embd: 128 };
+    let cfg = ModelConfig::bigram(vocab.len() as u64, 128);
     let runner = Runner::new(ModelGraph::build(&cfg, &GraphOptions::new(1337))?, args.session.to_config())?;
     runner.init()?;
     let mut x = Tensor::<i32>::new(&[32, 64]);

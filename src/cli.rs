@@ -91,8 +91,14 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 32, conflicts_with = "resume")]
     pub batch_size: usize,
     /// Embedding width.
-    #[arg(long, default_value_t = 128, conflicts_with = "resume")]
+    #[arg(long, alias = "n-embd", default_value_t = 128, conflicts_with = "resume")]
     pub embedding_dim: u64,
+    /// Transformer blocks (--model gpt).
+    #[arg(long, default_value_t = 4, conflicts_with = "resume")]
+    pub n_layer: u64,
+    /// Attention heads per block (--model gpt); must divide the embedding width.
+    #[arg(long, default_value_t = 4, conflicts_with = "resume")]
+    pub n_head: u64,
     /// Adam's learning rate (the peak, with a schedule).
     #[arg(long, default_value_t = 1e-3, conflicts_with = "resume")]
     pub lr: f64,
@@ -177,7 +183,14 @@ impl TrainArgs {
             ShuffleArg::None => Shuffle::None,
         };
         Ok(TrainConfig {
-            model: ModelConfig { arch: self.model, vocab_size: 0, n_embd: self.embedding_dim },
+            model: ModelConfig {
+                arch: self.model,
+                vocab_size: 0,
+                n_embd: self.embedding_dim,
+                n_layer: self.n_layer,
+                n_head: self.n_head,
+                block_size: self.block_size as u64,
+            },
             settings: TrainSettings {
                 epochs: self.epochs.unwrap_or(DEFAULT_EPOCHS),
                 max_steps: self.max_steps,
@@ -329,8 +342,17 @@ pub struct GraphArgs {
     /// Vocabulary size (Tiny Shakespeare's: 65).
     #[arg(long, default_value_t = 65)]
     pub vocab_size: u64,
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, alias = "n-embd", default_value_t = 128)]
     pub embedding_dim: u64,
+    /// Transformer blocks (gpt).
+    #[arg(long, default_value_t = 4)]
+    pub n_layer: u64,
+    /// Attention heads (gpt).
+    #[arg(long, default_value_t = 4)]
+    pub n_head: u64,
+    /// Position table size (gpt).
+    #[arg(long, default_value_t = 64)]
+    pub block_size: u64,
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -461,7 +483,7 @@ fn eval(args: &EvalArgs) -> Result<()> {
 }
 
 fn graph(args: &GraphArgs) -> Result<()> {
-    let model = ModelConfig { arch: args.model, vocab_size: args.vocab_size, n_embd: args.embedding_dim };
+    let model = ModelConfig { arch: args.model, vocab_size: args.vocab_size, n_embd: args.embedding_dim, n_layer: args.n_layer, n_head: args.n_head, block_size: args.block_size };
     let path = crate::write_graph(&model, &args.out)?;
     println!("wrote {}", path.display());
     Ok(())

@@ -254,6 +254,13 @@ fn checkpoint_ops(vars: &[Var], scope: &mut Scope) -> tensorflow::Result<Checkpo
     Ok(CheckpointOps { prefix, position, save, restore, restore_position })
 }
 
+/// A copy of a fetched tensor in a buffer of its own. TensorFlow may hand out one buffer for
+/// several results (variables made from identical initial values share theirs until written),
+/// and the crate lets a fetched tensor be written in place: a copy keeps such writes local.
+fn owned<T: TensorType>(t: Tensor<T>) -> Result<Tensor<T>> {
+    Ok(Tensor::new(t.dims()).with_values(&t[..])?)
+}
+
 /// A [`ModelGraph`] with its session.
 pub struct Runner {
     pub g: ModelGraph,
@@ -296,7 +303,7 @@ impl Runner {
         args.add_feed(&self.g.targets, 0, y);
         let tokens: Vec<_> = outputs.iter().map(|o| args.request_fetch(&o.operation, o.index)).collect();
         self.session.run(&mut args).context("running the graph")?;
-        tokens.into_iter().map(|t| Ok(args.fetch::<T>(t)?)).collect()
+        tokens.into_iter().map(|t| owned(args.fetch::<T>(t)?)).collect()
     }
 
     /// Current values of the given variables.
@@ -309,7 +316,7 @@ impl Runner {
             reads.push(args.request_fetch(&op, 0));
         }
         self.session.run(&mut args).context("reading variables")?;
-        reads.into_iter().map(|t| Ok(args.fetch::<T>(t)?)).collect()
+        reads.into_iter().map(|t| owned(args.fetch::<T>(t)?)).collect()
     }
 
     /// Sets the model's variables (in `model.variables()` order).

@@ -16,7 +16,7 @@ use tensorflow::{Tensor, TensorType};
 
 use crate::data::{self, Batches, Corpus, Shuffle, Vocab, NOTEBOOK_SHUFFLE_BUFFER};
 use crate::graph::{GraphOptions, ModelGraph, Runner};
-use crate::model::{Arch, ModelConfig};
+use crate::model::ModelConfig;
 use crate::sample::{self, SamplerConfig};
 use crate::tfx::SessionConfig;
 
@@ -138,7 +138,7 @@ pub fn check(dir: &Path, corpus: &Corpus, session: SessionConfig) -> Result<Vec<
         corpus.sha256
     );
     let vocab = Vocab::from_strings(&m.vocab)?;
-    let cfg = ModelConfig { arch: Arch::Bigram, vocab_size: vocab.len() as u64, n_embd: m.embedding_dim };
+    let cfg = ModelConfig::bigram(vocab.len() as u64, m.embedding_dim);
     let opts = GraphOptions { sampler: Some(SamplerConfig::default()), ..GraphOptions::new(m.generate.seed) };
     let new_runner = || -> Result<Runner> {
         let runner = Runner::new(ModelGraph::build(&cfg, &opts)?, session)?;

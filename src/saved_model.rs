@@ -387,7 +387,7 @@ fn names_match(key: &str, name: &str) -> bool {
 
 /// The model configuration matching a SavedModel's weights (the embedding's width).
 pub fn model_config(dir: &Path, vocab_size: u64) -> Result<crate::model::ModelConfig> {
-    let probe = crate::model::ModelConfig { arch: crate::model::Arch::Bigram, vocab_size, n_embd: 1 };
+    let probe = crate::model::ModelConfig::bigram(vocab_size, 1);
     let prefix = dir.join("variables/variables");
     let reader = CheckpointReader::open(path_str(&prefix)?).with_context(|| format!("{}: cannot read the variables", dir.display()))?;
     let entries = reader.entries()?;

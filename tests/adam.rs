@@ -14,7 +14,7 @@ fn to_f64(t: &Tensor<f32>) -> Vec<f64> {
 
 #[test]
 fn two_steps_follow_keras_adam() {
-    let cfg = ModelConfig { arch: Arch::Bigram, vocab_size: 11, n_embd: 6 };
+    let cfg = ModelConfig::bigram(11, 6);
     let runner = Runner::new(ModelGraph::build(&cfg, &GraphOptions::new(5)).unwrap(), SessionConfig::default()).unwrap();
     runner.init().unwrap();
     let x = Tensor::new(&[2, 3]).with_values(&[0, 4, 9, 10, 2, 2]).unwrap();
@@ -75,7 +75,7 @@ fn two_steps_follow_keras_adam() {
 
 #[test]
 fn the_learning_rate_warms_up_then_decays_along_a_cosine() {
-    let cfg = ModelConfig { arch: Arch::Bigram, vocab_size: 11, n_embd: 6 };
+    let cfg = ModelConfig::bigram(11, 6);
     let adam = AdamConfig { learning_rate: 1e-2, warmup_steps: 5, decay_steps: Some(20), min_lr: 1e-3, ..AdamConfig::default() };
     let runner = Runner::new(ModelGraph::build(&cfg, &GraphOptions { adam, ..GraphOptions::new(5) }).unwrap(), SessionConfig::default()).unwrap();
     runner.init().unwrap();
@@ -95,7 +95,7 @@ fn the_learning_rate_warms_up_then_decays_along_a_cosine() {
 
 #[test]
 fn adamw_decays_matrices_only_and_clipping_bounds_the_global_norm() {
-    let cfg = ModelConfig { arch: Arch::Bigram, vocab_size: 11, n_embd: 6 };
+    let cfg = ModelConfig::bigram(11, 6);
     let adam = AdamConfig { weight_decay: 0.1, clip_norm: Some(1e-3), ..AdamConfig::default() };
     let runner = Runner::new(ModelGraph::build(&cfg, &GraphOptions { adam, ..GraphOptions::new(5) }).unwrap(), SessionConfig::default()).unwrap();
     runner.init().unwrap();

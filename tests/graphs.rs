@@ -4,7 +4,7 @@ use minigpt::model::{Arch, ModelConfig};
 
 #[test]
 fn bigram_graph_is_current() {
-    let model = ModelConfig { arch: Arch::Bigram, vocab_size: 65, n_embd: 128 };
+    let model = ModelConfig::bigram(65, 128);
     let want = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/graphs/bigram.pbtxt")).unwrap();
     let got = minigpt::graph_text(&model).unwrap();
     assert!(

@@ -8,7 +8,7 @@ use minigpt::tfx::SessionConfig;
 use tensorflow::Tensor;
 
 fn runner(seed: i64, top_k: Option<u32>) -> Runner {
-    let cfg = ModelConfig { arch: Arch::Bigram, vocab_size: 30, n_embd: 8 };
+    let cfg = ModelConfig::bigram(30, 8);
     let opts = GraphOptions { sampler: Some(SamplerConfig { top_k }), ..GraphOptions::new(seed) };
     let runner = Runner::new(ModelGraph::build(&cfg, &opts).unwrap(), SessionConfig::default()).unwrap();
     runner.init().unwrap();

@@ -70,3 +70,33 @@ impl Dense {
         Ok(ops::bias_add(xw, b, scope)?.into())
     }
 }
+
+/// `layers.LayerNormalization` over the last axis: gamma ones, beta zeros, epsilon 1e-5.
+pub struct LayerNorm {
+    pub gamma: Var, // [C]
+    pub beta: Var,  // [C]
+}
+
+impl LayerNorm {
+    pub const EPSILON: f64 = 1e-5;
+
+    pub fn new(name: &str, width: u64, dtype: DataType, scope: &mut Scope) -> tensorflow::Result<Self> {
+        let ones = ops::fill(tfx::shape_const(&[width as i64], scope)?, tfx::scalar(dtype, 1.0, scope)?, &mut scope.new_sub_scope(&format!("{name}/gamma_init")))?;
+        let gamma = Var::new(&format!("{name}/gamma"), dtype, &[width], ones.into(), scope)?;
+        let zeros = tfx::zeros(dtype, &[width], &mut scope.new_sub_scope(&format!("{name}/beta_init")))?;
+        let beta = Var::new(&format!("{name}/beta"), dtype, &[width], zeros, scope)?;
+        Ok(Self { gamma, beta })
+    }
+
+    /// x [..., C] -> (x - mean) / sqrt(var + eps) * gamma + beta, statistics over the last axis.
+    pub fn apply(&self, x: Output, scope: &mut Scope) -> tensorflow::Result<Output> {
+        let axis = ops::constant(-1i32, scope)?;
+        let mean = ops::Mean::new().keep_dims(true).build(x.clone(), axis.clone(), scope)?;
+        let var = ops::Mean::new().keep_dims(true).build(ops::squared_difference(x.clone(), mean.clone(), scope)?, axis, scope)?;
+        let eps = tfx::scalar(self.gamma.dtype, Self::EPSILON, scope)?;
+        let inv = ops::rsqrt(ops::add_v2(var, eps, scope)?, scope)?;
+        let normed = ops::mul(ops::sub(x, mean, scope)?, inv, scope)?;
+        let scaled = ops::mul(normed, self.gamma.read(scope)?, scope)?;
+        Ok(ops::add_v2(scaled, self.beta.read(scope)?, scope)?.into())
+    }
+}

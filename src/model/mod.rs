@@ -1,6 +1,7 @@
 //! Model configuration and graph builders, one file per architecture.
 
 pub mod bigram;
+pub mod gpt;
 pub mod layers;
 
 use anyhow::{ensure, Result};
@@ -43,6 +44,9 @@ pub trait LanguageModel {
 pub enum Arch {
     /// The notebook's MiniGPT: Embedding -> Dense.
     Bigram,
+    /// The notebook's "scaling up": token + position embeddings, pre-LayerNorm transformer blocks
+    /// (causal multi-head self-attention, GELU MLP), final LayerNorm, linear head.
+    Gpt,
 }
 
 /// Everything needed to rebuild a model's graph; saved with every run.
@@ -53,12 +57,31 @@ pub struct ModelConfig {
     pub vocab_size: u64,
     /// Embedding width (the notebook's `embedding_dim`, 128).
     pub n_embd: u64,
+    /// Transformer blocks (gpt).
+    #[serde(default)]
+    pub n_layer: u64,
+    /// Attention heads per block (gpt); must divide `n_embd`.
+    #[serde(default)]
+    pub n_head: u64,
+    /// Longest context (gpt): the size of the position table.
+    #[serde(default)]
+    pub block_size: u64,
 }
 
 impl ModelConfig {
+    /// The notebook's model.
+    pub fn bigram(vocab_size: u64, n_embd: u64) -> Self {
+        Self { arch: Arch::Bigram, vocab_size, n_embd, n_layer: 0, n_head: 0, block_size: 0 }
+    }
+
     pub fn validate(&self) -> Result<()> {
         ensure!(self.vocab_size > 0, "vocab_size must be positive");
         ensure!(self.n_embd > 0, "the embedding dimension must be positive");
+        if self.arch == Arch::Gpt {
+            ensure!(self.n_layer > 0, "--n-layer must be at least 1");
+            ensure!(self.n_head > 0 && self.n_embd % self.n_head == 0, "--n-head ({}) must divide --n-embd ({})", self.n_head, self.n_embd);
+            ensure!(self.block_size > 0, "--block-size must be at least 1");
+        }
         Ok(())
     }
 
@@ -66,6 +89,7 @@ impl ModelConfig {
     pub fn build(&self, dtype: DataType, seed: i64, scope: &mut Scope) -> tensorflow::Result<Box<dyn LanguageModel>> {
         Ok(match self.arch {
             Arch::Bigram => Box::new(bigram::Bigram::new(self.vocab_size, self.n_embd, dtype, seed, scope)?),
+            Arch::Gpt => Box::new(gpt::Gpt::new(self, dtype, seed, scope)?),
         })
     }
 }
