@@ -60,7 +60,17 @@ pub struct RunConfig {
     pub data: DataInfo,
     pub steps_done: u64,
     pub epochs_done: u64,
+    /// The lowest validation loss so far and its step; `ckpt/best` holds those weights.
+    #[serde(default)]
+    pub best: Option<Best>,
     pub minigpt_version: String,
+}
+
+/// The best evaluation of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Best {
+    pub val_loss: f64,
+    pub step: u64,
 }
 
 impl RunConfig {
@@ -215,6 +225,20 @@ impl RunDir {
             }
         }
         bail!("no usable checkpoint in {}: {} damaged", self.ckpt_dir().display(), damaged.join(", "))
+    }
+
+    /// Saves the weights (and the rest of the checkpoint) as `ckpt/best`, apart from the
+    /// rotation: written under a temporary prefix and renamed into place.
+    pub fn save_best(&self, runner: &Runner, position: [i64; 2]) -> Result<PathBuf> {
+        let dir = self.ckpt_dir();
+        let partial = ".partial-best";
+        remove_checkpoint_files(&dir, partial);
+        runner.save(path_str(&dir.join(partial))?, position)?;
+        for suffix in [".data-00000-of-00001", ".index"] {
+            let (from, to) = (dir.join(format!("{partial}{suffix}")), dir.join(format!("best{suffix}")));
+            fs::rename(&from, &to).with_context(|| format!("renaming {} to {}", from.display(), to.display()))?;
+        }
+        Ok(dir.join("best"))
     }
 
     /// Removes `ckpt/ckpt-<step>` from the state file and disk (its weights turned out bad); the

@@ -56,6 +56,9 @@ fn describe_run(path: &Path) -> Result<String> {
         Some(f) if f.len() == 4 => writeln!(out, "last losses:  train {}, val {} (step {})", short(f[2]), short(f[3]), f[0])?,
         _ => writeln!(out, "last losses:  none recorded")?,
     }
+    if let Some(best) = config.best {
+        writeln!(out, "best:         val {:.4} at step {} (ckpt/best)", best.val_loss, best.step)?;
+    }
     writeln!(out, "data:         {} (SHA-256 {})", config.data.source, config.data.sha256)?;
     let checkpoints = dir.checkpoints().map(|c| c.iter().map(|p| p.file_name().unwrap_or_default().to_string_lossy().into_owned()).collect::<Vec<_>>().join(", "));
     writeln!(out, "checkpoints:  {}", checkpoints.unwrap_or_else(|e| format!("none ({e})")))?;

@@ -111,6 +111,7 @@ pub fn train(cfg: &TrainConfig, corpus: &Corpus, out: &Path) -> Result<TrainSumm
         data: DataInfo { source: corpus.source.clone(), sha256: corpus.sha256.clone() },
         steps_done: 0,
         epochs_done: 0,
+        best: None,
         minigpt_version: env!("CARGO_PKG_VERSION").to_string(),
     };
     dir.write_config(&config)?;
@@ -315,13 +316,19 @@ struct Recorder<'a> {
 
 impl Recorder<'_> {
     /// Validation loss (the mean over --eval-batches random batches, or every window), logged,
-    /// added to metrics.csv (`epoch`: the 1-based epoch of the step), TensorBoard and the plot.
+    /// added to metrics.csv (`epoch`: the 1-based epoch of the step), TensorBoard and the plot;
+    /// a new lowest one also saves `ckpt/best`.
     fn evaluate(&mut self, step: u64, epoch: u64) -> Result<()> {
         let s = &self.cfg.settings;
         self.val_loss = evaluate(self.runner, self.val_data, s.block_size, self.cfg.eval_batches.map(|n| (n, s.batch_size)), s.seed)?;
         self.progress.line(&format!("step {step}: train loss {:.4}, val loss {:.4}", self.last_loss, self.val_loss));
         writeln!(self.metrics, "{step},{epoch},{},{}", self.last_loss, self.val_loss)?;
         self.runner.write_scalars(step, &[("val_loss", self.val_loss as f32)])?;
+        if self.config.best.is_none_or(|b| self.val_loss < b.val_loss) {
+            self.dir.save_best(self.runner, [epoch as i64, 0])?;
+            self.config.best = Some(crate::checkpoint::Best { val_loss: self.val_loss, step });
+            self.dir.write_config(self.config)?;
+        }
         self.write_metrics()
     }
 

@@ -177,6 +177,14 @@ fn eval_every_adds_validation_points_to_the_metrics_and_the_plot() {
     let (train_points, val_points) = minigpt::plot::series(&metrics);
     assert_eq!(val_points.iter().map(|p| p.0 as u64).collect::<Vec<_>>(), [25, 50, 75, 100], "{metrics}");
     assert_eq!(train_points.len(), 10);
+    // The lowest validation loss is kept as ckpt/best, apart from the rotation.
+    let best = val_points.iter().cloned().fold((0.0, f64::INFINITY), |b, p| if p.1 < b.1 { p } else { b });
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["best"]["step"].as_f64(), Some(best.0), "{config}");
+    assert!((config["best"]["val_loss"].as_f64().unwrap() - best.1).abs() < 1e-12);
+    assert!(run.join("ckpt/best.index").is_file() && run.join("ckpt/best.data-00000-of-00001").is_file());
+    let info = minigpt().arg("info").arg("--run").arg(&run).output().unwrap();
+    assert!(String::from_utf8_lossy(&info.stdout).contains(&format!("at step {} (ckpt/best)", best.0)));
     let png = std::fs::read(run.join("loss.png")).unwrap();
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
     assert!(png.len() > 20_000, "a plot with axes, labels and two curves is larger than {} bytes", png.len());

@@ -61,8 +61,14 @@ fn a_resumed_run_matches_an_uninterrupted_one_bit_for_bit() {
         let (a, b) = (std::fs::read(whole.join("ckpt").join(file)).unwrap(), std::fs::read(split.join("ckpt").join(file)).unwrap());
         assert!(a == b, "{file} differs");
     }
-    // Saved every 10 steps and at each epoch's end (19, 38, 57); --keep 2 leaves the last two.
-    assert_eq!(checkpoint_files(&whole), ["checkpoint", "ckpt-50.data-00000-of-00001", "ckpt-50.index", "ckpt-57.data-00000-of-00001", "ckpt-57.index"]);
+    // Saved every 10 steps and at each epoch's end (19, 38, 57); --keep 2 leaves the last two,
+    // beside the best by validation loss.
+    assert_eq!(
+        checkpoint_files(&whole),
+        ["best.data-00000-of-00001", "best.index", "checkpoint", "ckpt-50.data-00000-of-00001", "ckpt-50.index", "ckpt-57.data-00000-of-00001", "ckpt-57.index"]
+    );
+    let best = |dir: &Path| std::fs::read(dir.join("ckpt/best.data-00000-of-00001")).unwrap();
+    assert!(best(&whole) == best(&split), "the resumed run's best checkpoint differs");
 
     // A finished run says so; settings of the run cannot be changed on resume.
     let out = minigpt().args(["train", "--resume", "--out", whole.to_str().unwrap()]).output().unwrap();
