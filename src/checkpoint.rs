@@ -230,15 +230,41 @@ impl RunDir {
     /// Saves the weights (and the rest of the checkpoint) as `ckpt/best`, apart from the
     /// rotation: written under a temporary prefix and renamed into place.
     pub fn save_best(&self, runner: &Runner, position: [i64; 2]) -> Result<PathBuf> {
+        self.write_checkpoint_files(runner, "best", position)?;
+        Ok(self.ckpt_dir().join("best"))
+    }
+
+    /// Writes `ckpt/<name>.{data-00000-of-00001,index}` under a temporary prefix, then renames
+    /// them into place (the data file first: a checkpoint is found by its index). On failure
+    /// the partial files are removed.
+    fn write_checkpoint_files(&self, runner: &Runner, name: &str, position: [i64; 2]) -> Result<()> {
         let dir = self.ckpt_dir();
-        let partial = ".partial-best";
-        remove_checkpoint_files(&dir, partial);
-        runner.save(path_str(&dir.join(partial))?, position)?;
-        for suffix in [".data-00000-of-00001", ".index"] {
-            let (from, to) = (dir.join(format!("{partial}{suffix}")), dir.join(format!("best{suffix}")));
-            fs::rename(&from, &to).with_context(|| format!("renaming {} to {}", from.display(), to.display()))?;
+        let partial = format!(".partial-{name}");
+        remove_checkpoint_files(&dir, &partial);
+        let written = runner.save(path_str(&dir.join(&partial))?, position).and_then(|()| {
+            for suffix in [".data-00000-of-00001", ".index"] {
+                let (from, to) = (dir.join(format!("{partial}{suffix}")), dir.join(format!("{name}{suffix}")));
+                fs::rename(&from, &to).with_context(|| format!("renaming {} to {}", from.display(), to.display()))?;
+            }
+            Ok(())
+        });
+        if written.is_err() {
+            remove_checkpoint_files(&dir, &partial);
         }
-        Ok(dir.join("best"))
+        written
+    }
+
+    /// Rewrites `ckpt/checkpoint` listing `kept` (oldest first, the last the newest); none: removes it.
+    fn write_state(&self, kept: &[String]) -> Result<()> {
+        let state = self.ckpt_dir().join("checkpoint");
+        let Some(newest) = kept.last() else {
+            return fs::remove_file(&state).with_context(|| format!("removing {}", state.display()));
+        };
+        let mut text = format!("model_checkpoint_path: {newest:?}\n");
+        for n in kept {
+            text.push_str(&format!("all_model_checkpoint_paths: {n:?}\n"));
+        }
+        write_atomic(&state, text.as_bytes())
     }
 
     /// Removes `ckpt/ckpt-<step>` from the state file and disk (its weights turned out bad); the
@@ -253,16 +279,7 @@ impl RunDir {
             return Ok(());
         }
         kept.retain(|n| n != &name);
-        match kept.last() {
-            Some(newest) => {
-                let mut text = format!("model_checkpoint_path: {newest:?}\n");
-                for n in &kept {
-                    text.push_str(&format!("all_model_checkpoint_paths: {n:?}\n"));
-                }
-                write_atomic(&state, text.as_bytes())?;
-            }
-            None => fs::remove_file(&state).with_context(|| format!("removing {}", state.display()))?,
-        }
+        self.write_state(&kept)?;
         remove_checkpoint_files(&dir, &name);
         Ok(())
     }
@@ -274,18 +291,7 @@ impl RunDir {
     pub fn save_checkpoint(&self, runner: &Runner, step: u64, position: [i64; 2], keep: usize) -> Result<PathBuf> {
         let dir = self.ckpt_dir();
         let name = format!("ckpt-{step}");
-        let partial = format!(".partial-{name}");
-        remove_checkpoint_files(&dir, &partial);
-        let written = runner.save(path_str(&dir.join(&partial))?, position).and_then(|()| {
-            // The data file first: a checkpoint is found by its index.
-            for suffix in [".data-00000-of-00001", ".index"] {
-                let (from, to) = (dir.join(format!("{partial}{suffix}")), dir.join(format!("{name}{suffix}")));
-                fs::rename(&from, &to).with_context(|| format!("renaming {} to {}", from.display(), to.display()))?;
-            }
-            Ok(())
-        });
-        if let Err(e) = written {
-            remove_checkpoint_files(&dir, &partial);
+        if let Err(e) = self.write_checkpoint_files(runner, &name, position) {
             let previous = self.checkpoints().ok().and_then(|c| c.into_iter().next());
             let kept = previous.map_or("no earlier checkpoint exists".to_string(), |p| format!("the newest checkpoint is still {}", p.display()));
             return Err(e.context(format!("writing checkpoint {name} failed ({kept})")));
@@ -296,11 +302,7 @@ impl RunDir {
         kept.retain(|n| n != &name);
         kept.push(name.clone());
         let dropped: Vec<String> = kept.drain(..kept.len().saturating_sub(keep.max(1))).collect();
-        let mut text = format!("model_checkpoint_path: {name:?}\n");
-        for n in &kept {
-            text.push_str(&format!("all_model_checkpoint_paths: {n:?}\n"));
-        }
-        write_atomic(&state, text.as_bytes())?;
+        self.write_state(&kept)?;
         for n in dropped {
             remove_checkpoint_files(&dir, &n);
         }

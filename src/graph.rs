@@ -282,10 +282,21 @@ impl Runner {
 
     /// One Adam step on the batch; returns the loss before the step.
     pub fn train_step<T: TensorType + Copy>(&self, x: &Tensor<i32>, y: &Tensor<i32>) -> Result<T> {
+        self.train_step_with(x, y, |_| {})
+    }
+
+    /// [`Runner::train_step`] with more feeds and targets added to the same run by `extra`.
+    pub(crate) fn train_step_with<'a, T: TensorType + Copy>(
+        &'a self,
+        x: &'a Tensor<i32>,
+        y: &'a Tensor<i32>,
+        extra: impl FnOnce(&mut SessionRunArgs<'a>),
+    ) -> Result<T> {
         let mut args = SessionRunArgs::new();
         args.add_feed(&self.g.tokens, 0, x);
         args.add_feed(&self.g.targets, 0, y);
         args.add_target(&self.g.train_op);
+        extra(&mut args);
         let loss = args.request_fetch(&self.g.loss.operation, self.g.loss.index);
         self.session.run(&mut args).context("running the train step")?;
         Ok(args.fetch::<T>(loss)?[0])

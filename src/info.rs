@@ -3,18 +3,16 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
 use crate::checkpoint::RunDir;
 use crate::graph::{GraphOptions, ModelGraph};
 use crate::model::ModelConfig;
 use crate::saved_model;
-use crate::tfx::CheckpointReader;
 
 /// Trainable parameters of a model, counted from the variables its graph builder makes.
 pub fn parameter_count(model: &ModelConfig) -> Result<u64> {
-    let g = ModelGraph::build(model, &GraphOptions::new(0))?;
-    Ok(g.model.variables().iter().map(|v| v.shape.iter().product::<u64>()).sum())
+    Ok(crate::model::parameters(ModelGraph::build(model, &GraphOptions::new(0))?.model.as_ref()))
 }
 
 /// 1234567 → "1,234,567".
@@ -87,9 +85,7 @@ fn describe_saved_model(path: &Path) -> Result<String> {
         }
         None => {
             // No configuration: list what the variables checkpoint holds.
-            let prefix = path.join("variables/variables");
-            let reader = CheckpointReader::open(crate::checkpoint::path_str(&prefix)?).with_context(|| format!("{}: cannot read the variables", path.display()))?;
-            let mut entries = reader.entries()?;
+            let mut entries = saved_model::variables_reader(path)?.entries()?;
             entries.sort_by(|a, b| a.key.cmp(&b.key));
             writeln!(out, "model:        unknown (no assets.extra/minigpt.json); its variables:")?;
             for e in entries.iter().filter(|e| !e.key.starts_with('_')) {

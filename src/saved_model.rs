@@ -346,8 +346,7 @@ impl Loaded {
 /// entry of that shape holds the same values (Keras' `model.export()` lists its variables by
 /// number, some twice).
 pub fn import_weights(dir: &Path, vars: &[crate::tfx::Var]) -> Result<Vec<Tensor<f32>>> {
-    let prefix = dir.join("variables/variables");
-    let reader = CheckpointReader::open(path_str(&prefix)?).with_context(|| format!("{}: cannot read the variables", dir.display()))?;
+    let reader = variables_reader(dir)?;
     let entries = reader.entries()?;
     let model_entries: Vec<&CheckpointEntry> = entries
         .iter()
@@ -373,6 +372,12 @@ pub fn import_weights(dir: &Path, vars: &[crate::tfx::Var]) -> Result<Vec<Tensor
     Ok(out)
 }
 
+/// The reader of a SavedModel's `variables/` checkpoint.
+pub fn variables_reader(dir: &Path) -> Result<CheckpointReader> {
+    let prefix = dir.join("variables/variables");
+    CheckpointReader::open(path_str(&prefix)?).with_context(|| format!("{}: cannot read the variables", dir.display()))
+}
+
 fn describe(entries: &[&CheckpointEntry]) -> String {
     entries.iter().map(|e| format!("{} {:?}", e.key, e.shape)).collect::<Vec<_>>().join(", ")
 }
@@ -388,9 +393,7 @@ fn names_match(key: &str, name: &str) -> bool {
 /// The model configuration matching a SavedModel's weights (the embedding's width).
 pub fn model_config(dir: &Path, vocab_size: u64) -> Result<crate::model::ModelConfig> {
     let probe = crate::model::ModelConfig::bigram(vocab_size, 1);
-    let prefix = dir.join("variables/variables");
-    let reader = CheckpointReader::open(path_str(&prefix)?).with_context(|| format!("{}: cannot read the variables", dir.display()))?;
-    let entries = reader.entries()?;
+    let entries = variables_reader(dir)?.entries()?;
     let embedding = entries
         .iter()
         .filter(|e| e.dtype == DataType::Float && e.shape.len() == 2 && e.shape[0] == vocab_size as i64 && !e.key.starts_with("optimizer/"))

@@ -77,16 +77,11 @@ impl Runner {
     pub fn train_step_logged(&self, x: &Tensor<i32>, y: &Tensor<i32>, step: u64) -> Result<f32> {
         let s = self.summaries()?;
         let step = Tensor::from(step as i64);
-        let mut args = SessionRunArgs::new();
-        args.add_feed(&self.g.tokens, 0, x);
-        args.add_feed(&self.g.targets, 0, y);
-        args.add_feed(&s.step, 0, &step);
-        args.add_target(&self.g.train_op);
-        args.add_target(&s.loss);
-        args.add_target(&s.learning_rate);
-        let loss = args.request_fetch(&self.g.loss.operation, self.g.loss.index);
-        self.session.run(&mut args).context("running the train step")?;
-        Ok(args.fetch::<f32>(loss)?[0])
+        self.train_step_with(x, y, |args| {
+            args.add_feed(&s.step, 0, &step);
+            args.add_target(&s.loss);
+            args.add_target(&s.learning_rate);
+        })
     }
 
     /// Writes `values` (tags from [`FED_TAGS`]) at `step`, then flushes the event file.

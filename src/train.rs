@@ -39,17 +39,17 @@ pub struct TrainConfig {
 
 /// Set by the first SIGINT or SIGTERM once [`stop_on_signals`] is called: the loop finishes its
 /// step, checkpoints and returns [`Interrupted`].
-fn stop_flag() -> Arc<AtomicBool> {
+fn stop_flag() -> &'static Arc<AtomicBool> {
     static FLAG: OnceLock<Arc<AtomicBool>> = OnceLock::new();
-    FLAG.get_or_init(|| Arc::new(AtomicBool::new(false))).clone()
+    FLAG.get_or_init(|| Arc::new(AtomicBool::new(false)))
 }
 
 /// Makes Ctrl-C and SIGTERM stop training cleanly at the end of the current step; a second one
 /// exits at once (code 130).
 pub fn stop_on_signals() -> Result<()> {
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register_conditional_shutdown(signal, 130, stop_flag()).context("installing the signal handler")?;
-        signal_hook::flag::register(signal, stop_flag()).context("installing the signal handler")?;
+        signal_hook::flag::register_conditional_shutdown(signal, 130, stop_flag().clone()).context("installing the signal handler")?;
+        signal_hook::flag::register(signal, stop_flag().clone()).context("installing the signal handler")?;
     }
     Ok(())
 }
@@ -96,7 +96,7 @@ pub fn train(cfg: &TrainConfig, corpus: &Corpus, out: &Path) -> Result<TrainSumm
     let runner = build_runner(&model, s, &cfg.session)?;
     runner.init()?;
     if !cfg.quiet {
-        let params: u64 = runner.g.model.variables().iter().map(|v| v.shape.iter().product::<u64>()).sum();
+        let params = crate::model::parameters(runner.g.model.as_ref());
         println!("model: {}, {} parameters, vocabulary of {}", format!("{:?}", model.arch).to_lowercase(), crate::info::thousands(params), vocab.len());
     }
     if let Some(dir) = &cfg.init_from {

@@ -39,6 +39,11 @@ pub trait LanguageModel {
     fn context_size(&self) -> Option<usize>;
 }
 
+/// Trainable parameters of a built model.
+pub fn parameters(model: &dyn LanguageModel) -> u64 {
+    model.variables().iter().map(|v| v.shape.iter().product::<u64>()).sum()
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Arch {
