@@ -1,9 +1,10 @@
-//! Where a train step's time goes: runs the notebook's configuration for 200 warm-up steps, then
+//! Where a train step's time goes: runs a configuration (the notebook's by default; `--model gpt`
+//! for the transformer at the quality run's size) for 100 warm-up steps, times 200 (printed), then
 //! traces 20 steps (`RunOptions.trace_level = FULL_TRACE`) and writes their `RunMetadata` protos,
 //! each preceded by its length (u64, little-endian). `bench/profile.py` runs this and prints the
 //! time per op.
 //!
-//!     cargo run --release --example profile_step -- --data FILE --out FILE [--xla] [--intra-op-threads N]
+//!     cargo run --release --example profile_step -- --data FILE --out FILE [--model gpt --batch-size 12] [--xla]
 
 use anyhow::Result;
 use clap::Parser;
@@ -18,6 +19,16 @@ struct Args {
     data: String,
     #[arg(long)]
     out: std::path::PathBuf,
+    #[arg(long, value_enum, default_value_t = Arch::Bigram)]
+    model: Arch,
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 64)]
+    block_size: usize,
+    #[arg(long, default_value_t = 4)]
+    n_layer: u64,
+    #[arg(long, default_value_t = 4)]
+    n_head: u64,
     #[command(flatten)]
     session: minigpt::cli::SessionArgs,
 }
@@ -31,16 +42,25 @@ fn main() -> Result<()> {
     let vocab = Vocab::from_text(&corpus.text);
     let encoded = vocab.encode(&corpus.text)?;
     let (train, _) = data::split(&encoded);
-    let cfg = ModelConfig::bigram(vocab.len() as u64, 128);
-    let runner = Runner::new(ModelGraph::build(&cfg, &GraphOptions::new(1337))?, args.session.to_config())?;
+    let (b, t) = (args.batch_size, args.block_size);
+    let cfg = match args.model {
+        Arch::Bigram => ModelConfig::bigram(vocab.len() as u64, 128),
+        Arch::Gpt => ModelConfig::gpt(vocab.len() as u64, 128, args.n_layer, args.n_head, t as u64),
+    };
+    let runner = Runner::new(ModelGraph::build(&cfg, &GraphOptions { summaries: std::env::var("SUMM").is_ok(), ..GraphOptions::new(1337) })?, minigpt::tfx::SessionConfig { allow_soft_placement: std::env::var("SOFT").is_ok(), ..args.session.to_config() })?;
     runner.init()?;
-    let mut x = Tensor::<i32>::new(&[32, 64]);
-    let mut y = Tensor::<i32>::new(&[32, 64]);
-    let mut batches = Batches::new(train, 64, 32, Shuffle::None, 0, 0);
-    for _ in 0..200 {
+    let mut x = Tensor::<i32>::new(&[b as u64, t as u64]);
+    let mut y = Tensor::<i32>::new(&[b as u64, t as u64]);
+    let mut batches = Batches::new(train, t, b, Shuffle::None, 0, 0);
+    let mut started = std::time::Instant::now();
+    for i in 0..300 {
+        if i == 100 {
+            started = std::time::Instant::now();
+        }
         batches.fill(&mut x, &mut y);
         runner.train_step::<f32>(&x, &y)?;
     }
+    eprintln!("untraced: {:.2} ms per step (mean of 200 after 100 warm-up)", started.elapsed().as_secs_f64() * 1e3 / 200.0);
     let mut out = Vec::new();
     for _ in 0..20 {
         batches.fill(&mut x, &mut y);

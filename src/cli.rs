@@ -99,6 +99,10 @@ pub struct TrainArgs {
     /// Attention heads per block (--model gpt); must divide the embedding width.
     #[arg(long, default_value_t = 4, conflicts_with = "resume")]
     pub n_head: u64,
+    /// Dropout rate in train steps (--model gpt): after the embeddings, on the attention weights,
+    /// after each attention and MLP.
+    #[arg(long, default_value_t = 0.0, conflicts_with = "resume")]
+    pub dropout: f64,
     /// Adam's learning rate (the peak, with a schedule).
     #[arg(long, default_value_t = 1e-3, conflicts_with = "resume")]
     pub lr: f64,
@@ -190,6 +194,7 @@ impl TrainArgs {
                 n_layer: self.n_layer,
                 n_head: self.n_head,
                 block_size: self.block_size as u64,
+                dropout: self.dropout,
             },
             settings: TrainSettings {
                 epochs: self.epochs.unwrap_or(DEFAULT_EPOCHS),
@@ -353,6 +358,9 @@ pub struct GraphArgs {
     /// Position table size (gpt).
     #[arg(long, default_value_t = 64)]
     pub block_size: u64,
+    /// Dropout rate in train steps (gpt).
+    #[arg(long, default_value_t = 0.0)]
+    pub dropout: f64,
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -483,7 +491,15 @@ fn eval(args: &EvalArgs) -> Result<()> {
 }
 
 fn graph(args: &GraphArgs) -> Result<()> {
-    let model = ModelConfig { arch: args.model, vocab_size: args.vocab_size, n_embd: args.embedding_dim, n_layer: args.n_layer, n_head: args.n_head, block_size: args.block_size };
+    let model = ModelConfig {
+        arch: args.model,
+        vocab_size: args.vocab_size,
+        n_embd: args.embedding_dim,
+        n_layer: args.n_layer,
+        n_head: args.n_head,
+        block_size: args.block_size,
+        dropout: args.dropout,
+    };
     let path = crate::write_graph(&model, &args.out)?;
     println!("wrote {}", path.display());
     Ok(())

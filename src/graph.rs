@@ -7,7 +7,7 @@ use tensorflow::{
     ops, DataType, Graph, Operation, Output, Scope, Session, SessionRunArgs, Tensor, TensorType,
 };
 
-use crate::model::{Forward, LanguageModel, ModelConfig};
+use crate::model::{Dropout, Forward, LanguageModel, ModelConfig};
 use crate::optim::{Adam, AdamConfig};
 use crate::sample::{Sampler, SamplerConfig};
 use crate::summary::Summaries;
@@ -43,6 +43,8 @@ pub struct ModelGraph {
     pub tokens: Operation,
     /// `y`: [B, T] int32 placeholder.
     pub targets: Operation,
+    /// bool scalar, false unless fed: true in train steps (dropout).
+    pub training: Operation,
     /// [B, T, V]
     pub logits: Output,
     /// Mean sparse categorical cross-entropy over all B·T positions.
@@ -85,11 +87,14 @@ impl ModelGraph {
 
         let tokens = tfx::placeholder("x", DataType::Int32, &[-1, -1], scope)?;
         let targets = tfx::placeholder("y", DataType::Int32, &[-1, -1], scope)?;
-        let forward = model.forward(tokens.clone().into(), scope)?;
+        let optimizer = Adam::new(&vars, &opts.adam, dtype, scope)?;
+        let no = ops::constant(false, scope)?;
+        let training = ops::PlaceholderWithDefault::new().shape(tensorflow::Shape::from(Some(vec![]))).build(no, &mut scope.with_op_name("training"))?;
+        let dropout = Dropout { training: training.clone().into(), step: optimizer.iterations.read(scope)?, seed: opts.seed };
+        let forward = model.forward(tokens.clone().into(), Some(&dropout), scope)?;
         let logits = forward.logits.clone(); // [B, T, V]
         let (loss, grads, squares) = loss_and_grads(&forward, targets.clone().into(), &vars, cfg.vocab_size, scope)?;
 
-        let optimizer = Adam::new(&vars, &opts.adam, dtype, scope)?;
         // AdamW decays matrices, not biases, norms or embedding tables.
         let decayed: Vec<bool> = vars.iter().map(|v| v.shape.len() >= 2 && !forward.lookups.iter().any(|l| l.var == v.name)).collect();
         let train_op = optimizer.apply(&vars, &grads, &squares, &decayed, &opts.adam, dtype, &mut scope.with_op_name("train_step"))?;
@@ -122,6 +127,7 @@ impl ModelGraph {
             dtype,
             tokens,
             targets,
+            training,
             logits,
             loss,
             grads,
@@ -265,12 +271,14 @@ fn owned<T: TensorType>(t: Tensor<T>) -> Result<Tensor<T>> {
 pub struct Runner {
     pub g: ModelGraph,
     pub session: Session,
+    /// `true`, fed to `training` in train steps.
+    training: Tensor<bool>,
 }
 
 impl Runner {
     pub fn new(g: ModelGraph, config: SessionConfig) -> Result<Self> {
         let session = Session::new(&config.session_options()?, &g.graph()).context("creating the TensorFlow session")?;
-        Ok(Self { g, session })
+        Ok(Self { g, session, training: Tensor::from(true) })
     }
 
     /// Runs the initialisers (fresh weights, zero slots).
@@ -295,6 +303,7 @@ impl Runner {
         let mut args = SessionRunArgs::new();
         args.add_feed(&self.g.tokens, 0, x);
         args.add_feed(&self.g.targets, 0, y);
+        args.add_feed(&self.g.training, 0, &self.training);
         args.add_target(&self.g.train_op);
         extra(&mut args);
         let loss = args.request_fetch(&self.g.loss.operation, self.g.loss.index);

@@ -49,7 +49,7 @@ impl Sampler {
         let one = ops::constant(1.0f32, scope)?;
         let temperature = tfx::scalar_with_default("sample/temperature", one.into(), scope)?;
         if model.context_size() != Some(1) {
-            let logits = model.forward(context.clone().into(), scope)?.logits; // [1, L, V]
+            let logits = model.forward(context.clone().into(), None, scope)?.logits; // [1, L, V]
             let last = slice_last(logits, 3, scope)?; // [1, V]
             let scaled = scale(last, temperature.clone(), cfg, scope)?;
             let next = multinomial(scaled, seed, Some("sample/next"), scope)?;
@@ -60,7 +60,7 @@ impl Sampler {
         let v = vocab_size as i32;
         let range = ops::range(ops::constant(0i32, scope)?, ops::constant(v, scope)?, ops::constant(1i32, scope)?, scope)?;
         let ids = ops::reshape(range, tfx::shape_const(&[-1, 1], scope)?, scope)?; // [V, 1]
-        let logits = model.forward(ids.into(), scope)?.logits; // [V, 1, V]
+        let logits = model.forward(ids.into(), None, scope)?.logits; // [V, 1, V]
         let logits = ops::reshape(logits, tfx::shape_const(&[v as i64, v as i64], scope)?, scope)?;
         let table = scale(logits.into(), temperature.clone(), cfg, scope)?;
         let table: Output = ops::identity(table, &mut scope.with_op_name("sample/table"))?.into(); // [V, V]

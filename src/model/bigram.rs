@@ -24,7 +24,7 @@ impl Bigram {
 
 impl LanguageModel for Bigram {
     /// tokens: [B, T] int32 -> logits [B, T, V]
-    fn forward(&self, tokens: Output, scope: &mut Scope) -> tensorflow::Result<Forward> {
+    fn forward(&self, tokens: Output, _dropout: Option<&super::Dropout>, scope: &mut Scope) -> tensorflow::Result<Forward> {
         let scope = &mut scope.new_sub_scope("mini_gpt");
         let lookup = self.embedding.apply(tokens.clone(), scope)?;
         let x = lookup.rows.clone(); // [B, T, C]

@@ -4,8 +4,8 @@
 
 use tensorflow::{ops, DataType, Output, Scope};
 
-use super::layers::{Dense, Embedding, LayerNorm};
-use super::{Forward, LanguageModel, ModelConfig};
+use super::layers::{self, Dense, Embedding, LayerNorm};
+use super::{Dropout, Forward, LanguageModel, ModelConfig};
 use crate::tfx::{self, Var};
 
 struct Block {
@@ -15,6 +15,20 @@ struct Block {
     ln_2: LayerNorm,
     fc: Dense,  // [C, 4C]
     out: Dense, // [4C, C]
+}
+
+/// Shapes of one forward pass, computed from the tokens (not from activations: see
+/// [`layers::dropout`]), and its dropout.
+struct Pass<'a> {
+    /// (B, T)
+    bt: Output,
+    /// [B]
+    b: Output,
+    /// [T]
+    t1: Output,
+    /// T
+    t: Output,
+    dropout: Option<&'a Dropout>,
 }
 
 pub struct Gpt {
@@ -53,8 +67,22 @@ impl Gpt {
         Ok(Self { wte, wpe, blocks, ln_f, head, cfg: cfg.clone() })
     }
 
-    /// Causal multi-head self-attention: x [B, T, C] -> [B, T, C].
-    fn attention(&self, block: &Block, x: Output, bt: &Output, t: &Output, scope: &mut Scope) -> tensorflow::Result<Output> {
+    /// Dropout at `site` of x with shape `dims` (shape tensors), when this pass has dropout.
+    fn dropout(&self, x: Output, dims: &[Output], site: i64, pass: &Pass, scope: &mut Scope) -> tensorflow::Result<Output> {
+        match pass.dropout {
+            Some(d) if self.cfg.dropout > 0.0 => {
+                let shape = tfx::concat(dims, 0, scope)?;
+                layers::dropout(x, shape, self.cfg.dropout, d, site, scope)
+            }
+            _ => Ok(x),
+        }
+    }
+
+    /// Causal multi-head self-attention: x [B, T, C] -> [B, T, C]; dropout sites 3i+1 (the
+    /// attention weights) and 3i+2 (the output) for block i.
+    fn attention(&self, i: usize, x: Output, pass: &Pass, scope: &mut Scope) -> tensorflow::Result<Output> {
+        let block = &self.blocks[i];
+        let (bt, t) = (&pass.bt, &pass.t);
         let (c, h) = (self.cfg.n_embd as i64, self.cfg.n_head as i64);
         let d = c / h;
         let qkv = dense3(&block.qkv, x, bt, 3 * c, scope)?; // [B, T, 3C]
@@ -67,59 +95,56 @@ impl Gpt {
             heads.push(Output::from(ops::transpose(z, perm.clone(), scope)?)); // [B, H, T, D]
         }
         let dtype = x_dtype(&heads[0])?;
-        let scores = ops::BatchMatMulV2::new().adj_y(true).build(heads[0].clone(), heads[1].clone(), scope)?; // [B, H, T, T]
-        let scores = ops::mul(scores, tfx::scalar(dtype, 1.0 / (d as f64).sqrt(), scope)?, scope)?;
-        // Position i sees positions j <= i.
-        let r = ops::range(ops::constant(0i32, scope)?, t.clone(), ops::constant(1i32, scope)?, scope)?; // [T]
-        let rows = ops::reshape(r.clone(), tfx::shape_const(&[-1, 1], scope)?, scope)?;
-        let cols = ops::reshape(r, tfx::shape_const(&[1, -1], scope)?, scope)?;
-        let future = ops::less(rows, cols, scope)?; // [T, T]
-        let masked = ops::select_v2(future, tfx::scalar(dtype, -1e9, scope)?, scores, scope)?;
+        // Keras' MultiHeadAttention scales the queries, not the scores.
+        let q = ops::mul(heads[0].clone(), tfx::scalar(dtype, 1.0 / (d as f64).sqrt(), scope)?, scope)?;
+        let scores = ops::BatchMatMulV2::new().adj_y(true).build(q, heads[1].clone(), scope)?; // [B, H, T, T]
+        let masked = ops::add_v2(scores, causal_bias(t, dtype, scope)?, scope)?;
         let att = ops::softmax(masked, scope)?; // [B, H, T, T]
+        let dims = [pass.b.clone(), tfx::shape_const(&[h], scope)?, pass.t1.clone(), pass.t1.clone()];
+        let att = self.dropout(att.into(), &dims, 3 * i as i64 + 1, pass, scope)?;
         let y = ops::BatchMatMulV2::new().build(att, heads[2].clone(), scope)?; // [B, H, T, D]
         let y = ops::transpose(y, perm, scope)?; // [B, T, H, D]
         let merged = tfx::concat(&[bt.clone(), tfx::shape_const(&[c], scope)?], 0, scope)?;
         let y = ops::reshape(y, merged, scope)?; // [B, T, C]
-        dense3(&block.proj, y.into(), bt, c, scope)
+        let y = dense3(&block.proj, y.into(), bt, c, scope)?;
+        self.dropout(y, &[bt.clone(), tfx::shape_const(&[c], scope)?], 3 * i as i64 + 2, pass, scope)
     }
 
-    /// The MLP: x [B, T, C] -> [B, T, C] through 4C with GELU.
-    fn mlp(&self, block: &Block, x: Output, bt: &Output, scope: &mut Scope) -> tensorflow::Result<Output> {
+    /// The MLP: x [B, T, C] -> [B, T, C] through 4C with GELU; dropout site 3i+3 for block i.
+    fn mlp(&self, i: usize, x: Output, pass: &Pass, scope: &mut Scope) -> tensorflow::Result<Output> {
+        let block = &self.blocks[i];
         let c = self.cfg.n_embd as i64;
-        let hidden = dense3(&block.fc, x, bt, 4 * c, scope)?;
+        let hidden = dense3(&block.fc, x, &pass.bt, 4 * c, scope)?;
         let hidden = gelu(hidden, scope)?;
-        dense3(&block.out, hidden, bt, c, scope)
+        let y = dense3(&block.out, hidden, &pass.bt, c, scope)?;
+        self.dropout(y, &[pass.bt.clone(), tfx::shape_const(&[c], scope)?], 3 * i as i64 + 3, pass, scope)
     }
 }
 
 impl LanguageModel for Gpt {
     /// tokens: [B, T] int32 (T <= block_size) -> logits [B, T, V]
-    fn forward(&self, tokens: Output, scope: &mut Scope) -> tensorflow::Result<Forward> {
+    fn forward(&self, tokens: Output, dropout: Option<&Dropout>, scope: &mut Scope) -> tensorflow::Result<Forward> {
         let scope = &mut scope.new_sub_scope("gpt");
-        let shape = ops::shape(tokens.clone(), scope)?; // (B, T)
-        let t = ops::StridedSlice::new().shrink_axis_mask(1).build(
-            shape.clone(),
-            tfx::constant(&[1i32], &[1], scope)?,
-            tfx::constant(&[2i32], &[1], scope)?,
-            tfx::constant(&[1i32], &[1], scope)?,
-            scope,
-        )?; // T
-        let bt: Output = shape.into();
-        let t: Output = t.into();
+        let bt: Output = ops::shape(tokens.clone(), scope)?.into(); // (B, T)
+        let t1 = element(&bt, 1, scope)?;
+        let t = ops::reshape(t1.clone(), tfx::shape_const(&[], scope)?, scope)?.into();
+        let pass = Pass { b: element(&bt, 0, scope)?, t1, t, bt, dropout };
         let tok = self.wte.apply(tokens, scope)?; // rows [B, T, C]
-        let positions = ops::range(ops::constant(0i32, scope)?, t.clone(), ops::constant(1i32, scope)?, scope)?;
+        let positions = ops::range(ops::constant(0i32, scope)?, pass.t.clone(), ops::constant(1i32, scope)?, scope)?;
         let pos = self.wpe.apply(positions.into(), scope)?; // rows [T, C]
-        let mut x: Output = ops::add_v2(tok.rows.clone(), pos.rows.clone(), scope)?.into(); // [B, T, C]
-        for block in &self.blocks {
-            let h = block.ln_1.apply(x.clone(), scope)?;
-            let a = self.attention(block, h, &bt, &t, scope)?;
+        let x = ops::add_v2(tok.rows.clone(), pos.rows.clone(), scope)?.into(); // [B, T, C]
+        let c = tfx::shape_const(&[self.cfg.n_embd as i64], scope)?;
+        let mut x = self.dropout(x, &[pass.bt.clone(), c], 0, &pass, scope)?;
+        for i in 0..self.blocks.len() {
+            let h = self.blocks[i].ln_1.apply(x.clone(), scope)?;
+            let a = self.attention(i, h, &pass, scope)?;
             x = ops::add_v2(x, a, scope)?.into();
-            let h = block.ln_2.apply(x.clone(), scope)?;
-            let m = self.mlp(block, h, &bt, scope)?;
+            let h = self.blocks[i].ln_2.apply(x.clone(), scope)?;
+            let m = self.mlp(i, h, &pass, scope)?;
             x = ops::add_v2(x, m, scope)?.into();
         }
         let x = self.ln_f.apply(x, scope)?;
-        let logits = dense3(&self.head, x, &bt, self.cfg.vocab_size as i64, scope)?;
+        let logits = dense3(&self.head, x, &pass.bt, self.cfg.vocab_size as i64, scope)?;
         Ok(Forward { logits, lookups: vec![tok, pos] })
     }
 
@@ -138,6 +163,23 @@ impl LanguageModel for Gpt {
     fn context_size(&self) -> Option<usize> {
         Some(self.cfg.block_size as usize)
     }
+}
+
+/// [T, T]: 0 where position i may see position j (j <= i), -1e9 where it may not. Added to the
+/// scores, it leaves the allowed ones exact and gives the others zero weight after the softmax.
+fn causal_bias(t: &Output, dtype: DataType, scope: &mut Scope) -> tensorflow::Result<Output> {
+    let r = ops::range(ops::constant(0i32, scope)?, t.clone(), ops::constant(1i32, scope)?, scope)?; // [T]
+    let rows = ops::reshape(r.clone(), tfx::shape_const(&[-1, 1], scope)?, scope)?;
+    let cols = ops::reshape(r, tfx::shape_const(&[1, -1], scope)?, scope)?;
+    let future = ops::less(rows, cols, scope)?; // [T, T]
+    let future = ops::Cast::new().DstT(dtype).build(future, scope)?;
+    Ok(ops::mul(future, tfx::scalar(dtype, -1e9, scope)?, scope)?.into())
+}
+
+/// `[shape[i]]` of a shape vector.
+fn element(shape: &Output, i: i32, scope: &mut Scope) -> tensorflow::Result<Output> {
+    let at = |k: i32, scope: &mut Scope| tfx::constant(&[k], &[1], scope);
+    Ok(ops::StridedSlice::new().build(shape.clone(), at(i, scope)?, at(i + 1, scope)?, at(1, scope)?, scope)?.into())
 }
 
 fn x_dtype(x: &Output) -> tensorflow::Result<DataType> {

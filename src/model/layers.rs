@@ -3,7 +3,7 @@
 
 use tensorflow::{ops, DataType, Output, Scope};
 
-use super::Lookup;
+use super::{Dropout, Lookup};
 use crate::tfx::{self, Var};
 
 /// `uniform(-limit, limit)` of `shape`, seeded (`seed` is the graph seed, `seed2` the op's).
@@ -21,6 +21,24 @@ pub fn uniform_init(
     let scaled = ops::mul(u, width, scope)?;
     let offset = tfx::scalar(dtype, limit, scope)?;
     Ok(ops::sub(scaled, offset, scope)?.into())
+}
+
+/// Inverted dropout (`tf.nn.dropout`) in train steps: each element kept with probability
+/// `1 - rate` and scaled by `1 / (1 - rate)`; outside train steps the rate is 0 and `x` comes out
+/// unchanged. `shape` (x's) must be computed without x: the gradient builder would follow it into
+/// the random op. `site` tells this dropout's masks from the others' in the same step.
+pub fn dropout(x: Output, shape: Output, rate: f64, d: &Dropout, site: i64, scope: &mut Scope) -> tensorflow::Result<Output> {
+    let dtype = x.operation.output_type(x.index as usize);
+    let step = ops::mul(d.step.clone(), ops::constant(1024i64, scope)?, scope)?;
+    let key = ops::add_v2(step, ops::constant(site, scope)?, scope)?;
+    let one = tfx::shape_const(&[1], scope)?;
+    let seed = tfx::concat(&[ops::constant(&[d.seed][..], scope)?.into(), ops::reshape(key, one, scope)?.into()], 0, scope)?; // [2] int64
+    let u = ops::StatelessRandomUniform::new().dtype(dtype).build(shape, seed, scope)?; // [0, 1)
+    let zero = tfx::scalar(dtype, 0.0, scope)?;
+    let rate = ops::select_v2(d.training.clone(), tfx::scalar(dtype, rate, scope)?, zero, scope)?; // []
+    let keep = ops::Cast::new().DstT(dtype).build(ops::greater_equal(u, rate.clone(), scope)?, scope)?;
+    let scale = ops::real_div(tfx::scalar(dtype, 1.0, scope)?, ops::sub(tfx::scalar(dtype, 1.0, scope)?, rate, scope)?, scope)?;
+    Ok(ops::mul(x, ops::mul(keep, scale, scope)?, scope)?.into())
 }
 
 /// `layers.Embedding(vocab_size, n_embd)`: initializer `uniform(-0.05, 0.05)`.
@@ -88,15 +106,15 @@ impl LayerNorm {
         Ok(Self { gamma, beta })
     }
 
-    /// x [..., C] -> (x - mean) / sqrt(var + eps) * gamma + beta, statistics over the last axis.
+    /// x [..., C] -> (x - mean) / sqrt(var + eps) * gamma + beta, statistics over the last axis,
+    /// computed as Keras does: `x * inv + (beta - mean * inv)` with `inv = gamma / sqrt(var + eps)`.
     pub fn apply(&self, x: Output, scope: &mut Scope) -> tensorflow::Result<Output> {
         let axis = ops::constant(-1i32, scope)?;
-        let mean = ops::Mean::new().keep_dims(true).build(x.clone(), axis.clone(), scope)?;
+        let mean = ops::Mean::new().keep_dims(true).build(x.clone(), axis.clone(), scope)?; // [..., 1]
         let var = ops::Mean::new().keep_dims(true).build(ops::squared_difference(x.clone(), mean.clone(), scope)?, axis, scope)?;
         let eps = tfx::scalar(self.gamma.dtype, Self::EPSILON, scope)?;
-        let inv = ops::rsqrt(ops::add_v2(var, eps, scope)?, scope)?;
-        let normed = ops::mul(ops::sub(x, mean, scope)?, inv, scope)?;
-        let scaled = ops::mul(normed, self.gamma.read(scope)?, scope)?;
-        Ok(ops::add_v2(scaled, self.beta.read(scope)?, scope)?.into())
+        let inv = ops::mul(ops::rsqrt(ops::add_v2(var, eps, scope)?, scope)?, self.gamma.read(scope)?, scope)?; // [..., C]
+        let shift = ops::sub(self.beta.read(scope)?, ops::mul(mean, inv.clone(), scope)?, scope)?; // [..., C]
+        Ok(ops::add_v2(ops::mul(x, inv, scope)?, shift, scope)?.into())
     }
 }

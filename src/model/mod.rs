@@ -29,10 +29,22 @@ pub struct Forward {
     pub lookups: Vec<Lookup>,
 }
 
+/// Dropout in a train step. Its masks come from a stateless generator keyed by the graph seed,
+/// the optimizer step and the site, so a step draws the same masks when it is run again (a
+/// resumed run, a finite-difference check).
+#[derive(Debug, Clone)]
+pub struct Dropout {
+    /// bool scalar: true in train steps; false leaves every activation untouched.
+    pub training: Output,
+    /// int64 scalar: the optimizer step.
+    pub step: Output,
+    pub seed: i64,
+}
+
 /// What every architecture offers the trainer and the sampler.
 pub trait LanguageModel {
-    /// tokens: [B, T] int32 -> logits [B, T, V]
-    fn forward(&self, tokens: Output, scope: &mut Scope) -> tensorflow::Result<Forward>;
+    /// tokens: [B, T] int32 -> logits [B, T, V]; `dropout` where the model has any.
+    fn forward(&self, tokens: Output, dropout: Option<&Dropout>, scope: &mut Scope) -> tensorflow::Result<Forward>;
     /// Trainable variables, in a fixed order (optimizer, initialisation, checkpoints).
     fn variables(&self) -> Vec<Var>;
     /// How many trailing tokens the next token's logits depend on (`None`: all of them).
@@ -71,12 +83,20 @@ pub struct ModelConfig {
     /// Longest context (gpt): the size of the position table.
     #[serde(default)]
     pub block_size: u64,
+    /// Dropout rate in training (gpt).
+    #[serde(default)]
+    pub dropout: f64,
 }
 
 impl ModelConfig {
     /// The notebook's model.
     pub fn bigram(vocab_size: u64, n_embd: u64) -> Self {
-        Self { arch: Arch::Bigram, vocab_size, n_embd, n_layer: 0, n_head: 0, block_size: 0 }
+        Self { arch: Arch::Bigram, vocab_size, n_embd, n_layer: 0, n_head: 0, block_size: 0, dropout: 0.0 }
+    }
+
+    /// The transformer, without dropout.
+    pub fn gpt(vocab_size: u64, n_embd: u64, n_layer: u64, n_head: u64, block_size: u64) -> Self {
+        Self { arch: Arch::Gpt, vocab_size, n_embd, n_layer, n_head, block_size, dropout: 0.0 }
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -87,6 +107,8 @@ impl ModelConfig {
             ensure!(self.n_head > 0 && self.n_embd % self.n_head == 0, "--n-head ({}) must divide --n-embd ({})", self.n_head, self.n_embd);
             ensure!(self.block_size > 0, "--block-size must be at least 1");
         }
+        ensure!((0.0..1.0).contains(&self.dropout), "--dropout must be in [0, 1), not {}", self.dropout);
+        ensure!(self.dropout == 0.0 || self.arch == Arch::Gpt, "--dropout applies to --model gpt (the notebook's model has none)");
         Ok(())
     }
 
