@@ -1,5 +1,6 @@
-//! `make parity`: makes the fixtures with the notebook's code under the pinned Python TensorFlow,
-//! compares minigpt against them and prints one row per check; exits 1 if any row fails.
+//! `make parity`: makes the fixtures with the notebook's code (and with the Keras transformer of
+//! `python_export/gpt.py`) under the pinned Python TensorFlow, compares minigpt against them and
+//! prints one row per check; exits 1 if any row fails.
 //!
 //!     cargo run --example parity [-- [--xla] [FIXTURES_DIR]]
 //!
@@ -32,9 +33,13 @@ fn run() -> anyhow::Result<bool> {
     let source = data::default_source();
     let corpus = data::load_corpus(&source)?;
     eprintln!("making fixtures in {} with {} ...", out.display(), python.display());
-    parity::make_fixtures(&python, &root, &data::local_path(&source)?, &out)?;
+    let local = data::local_path(&source)?;
+    parity::make_fixtures(&python, &root, &local, &out)?;
+    let gpt_out = out.join("gpt");
+    parity::make_gpt_fixtures(&python, &root, &local, &gpt_out)?;
     let session = minigpt::tfx::SessionConfig { xla, ..Default::default() };
-    let checks = parity::check(&out, &corpus, session)?;
+    let mut checks = parity::check(&out, &corpus, session)?;
+    checks.extend(parity::check_gpt(&gpt_out, &corpus, session)?);
     print!("{}", parity::Table(&checks));
     let failed = checks.iter().filter(|c| !c.passed()).count();
     println!("{} checks, {} failed", checks.len(), failed);

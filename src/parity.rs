@@ -53,9 +53,17 @@ impl fmt::Display for Table<'_> {
 
 /// Runs `python_export/make_fixtures.py` from the repository `root` with `python`, writing to `out`.
 pub fn make_fixtures(python: &Path, root: &Path, corpus: &Path, out: &Path) -> Result<()> {
-    let script = root.join("python_export/make_fixtures.py");
+    run_script(python, &root.join("python_export/make_fixtures.py"), corpus, out)
+}
+
+/// Runs `python_export/make_gpt_fixtures.py` (the Keras transformer) likewise.
+pub fn make_gpt_fixtures(python: &Path, root: &Path, corpus: &Path, out: &Path) -> Result<()> {
+    run_script(python, &root.join("python_export/make_gpt_fixtures.py"), corpus, out)
+}
+
+fn run_script(python: &Path, script: &Path, corpus: &Path, out: &Path) -> Result<()> {
     let status = Command::new(python)
-        .arg(&script)
+        .arg(script)
         .arg("--data")
         .arg(corpus)
         .arg("--out")
@@ -203,6 +211,49 @@ pub fn check(dir: &Path, corpus: &Corpus, session: SessionConfig) -> Result<Vec<
     let (train, val) = data::split(&encoded);
     checks.extend(check_pipeline(&fx, m, train, val)?);
     checks.push(check_curve(&fx, m, train, new_runner()?, &init)?);
+    Ok(checks)
+}
+
+#[derive(Deserialize)]
+struct GptManifest {
+    vocab_size: u64,
+    n_embd: u64,
+    n_layer: u64,
+    n_head: u64,
+    block_size: u64,
+    data_sha256: String,
+    loss: f64,
+}
+
+/// minigpt's `--model gpt` against the Keras transformer (`python_export/gpt.py`) from the same
+/// weights, with the fixtures of `make_gpt_fixtures.py` in `dir`: logits, loss and every gradient.
+pub fn check_gpt(dir: &Path, corpus: &Corpus, session: SessionConfig) -> Result<Vec<Check>> {
+    let fx = Fixtures(dir.to_path_buf());
+    let manifest_path = dir.join("manifest.json");
+    let m: GptManifest = serde_json::from_slice(&std::fs::read(&manifest_path).with_context(|| format!("reading {}", manifest_path.display()))?)
+        .with_context(|| format!("parsing {}", manifest_path.display()))?;
+    ensure!(m.data_sha256 == corpus.sha256, "the fixtures in {} were made from another corpus", dir.display());
+    let cfg = ModelConfig::gpt(m.vocab_size, m.n_embd, m.n_layer, m.n_head, m.block_size);
+    let runner = Runner::new(ModelGraph::build(&cfg, &GraphOptions::new(1))?, session)?;
+    runner.init()?;
+    let names: Vec<String> = runner.g.model.variables().iter().map(|v| v.name.clone()).collect();
+    runner.set_weights(&fx.vars("init", &names, "")?)?;
+    let (x, y) = (fx.tensor::<i32>("x.npy")?, fx.tensor::<i32>("y.npy")?);
+    let mut fetches = vec![runner.g.logits.clone(), runner.g.loss.clone()];
+    fetches.extend(runner.g.grads.iter().cloned());
+    let got: Vec<Tensor<f32>> = runner.fetch_with_batch(&fetches, &x, &y)?;
+    let label = format!("gpt ({} blocks, {} heads, C {})", m.n_layer, m.n_head, m.n_embd);
+    let mut checks = vec![max_abs(&format!("{label}: logits"), &got[0], &fx.array::<f32>("logits.npy")?, 1e-5)?];
+    checks.push(Check {
+        quantity: format!("{label}: loss"),
+        diff: (got[1][0] as f64 - m.loss).abs() / m.loss.abs(),
+        tolerance: 1e-5,
+        measure: "|Δ| / |loss|",
+    });
+    for (i, name) in names.iter().enumerate() {
+        let want = fx.array::<f32>(&format!("grad/{}.npy", name.replace('/', ".")))?;
+        checks.push(max_rel(&format!("{label}: gradient {name}"), &got[2 + i], &want, 1e-5)?);
+    }
     Ok(checks)
 }
 

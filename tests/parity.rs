@@ -8,11 +8,32 @@ use std::path::{Path, PathBuf};
 
 use minigpt::{data, parity};
 
+fn python(root: &Path) -> PathBuf {
+    let python = std::env::var_os("MINIGPT_PYTHON").map(PathBuf::from).unwrap_or_else(|| root.join(".venv/bin/python"));
+    assert!(python.exists(), "{} not found: run `make setup` first", python.display());
+    python
+}
+
+#[test]
+fn minigpt_gpt_computes_what_the_keras_transformer_computes() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("parity-gpt-fixtures");
+    let _ = std::fs::remove_dir_all(&out);
+    let corpus_path = common::corpus_path();
+    parity::make_gpt_fixtures(&python(root), root, &corpus_path, &out).unwrap();
+    let corpus = data::load_corpus(corpus_path.to_str().unwrap()).unwrap();
+    let checks = parity::check_gpt(&out, &corpus, Default::default()).unwrap();
+    let table = parity::Table(&checks).to_string();
+    println!("{table}");
+    // logits, loss and 2 + 12 per block + 4 gradients
+    assert_eq!(checks.len(), 2 + 2 + 12 * 2 + 4, "{table}");
+    assert!(checks.iter().all(|c| c.passed()), "parity failed:\n{table}");
+}
+
 #[test]
 fn minigpt_computes_what_the_notebook_computes() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let python = std::env::var_os("MINIGPT_PYTHON").map(PathBuf::from).unwrap_or_else(|| root.join(".venv/bin/python"));
-    assert!(python.exists(), "{} not found: run `make setup` first", python.display());
+    let python = python(root);
     let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("parity-fixtures");
     let _ = std::fs::remove_dir_all(&out);
     let corpus_path = common::corpus_path();
