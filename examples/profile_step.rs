@@ -2,7 +2,7 @@
 //! for the transformer at the quality run's size) for 100 warm-up steps, times 200 (printed), then
 //! traces 20 steps (`RunOptions.trace_level = FULL_TRACE`) and writes their `RunMetadata` protos,
 //! each preceded by its length (u64, little-endian). `bench/profile.py` runs this and prints the
-//! time per op.
+//! time per op. For `--model gpt` it also times generation with and without attention caches.
 //!
 //!     cargo run --release --example profile_step -- --data FILE --out FILE [--model gpt --batch-size 12] [--xla]
 
@@ -47,7 +47,7 @@ fn main() -> Result<()> {
         Arch::Bigram => ModelConfig::bigram(vocab.len() as u64, 128),
         Arch::Gpt => ModelConfig::gpt(vocab.len() as u64, 128, args.n_layer, args.n_head, t as u64),
     };
-    let runner = Runner::new(ModelGraph::build(&cfg, &GraphOptions { summaries: std::env::var("SUMM").is_ok(), ..GraphOptions::new(1337) })?, minigpt::tfx::SessionConfig { allow_soft_placement: std::env::var("SOFT").is_ok(), ..args.session.to_config() })?;
+    let runner = Runner::new(ModelGraph::build(&cfg, &GraphOptions::new(1337))?, args.session.to_config())?;
     runner.init()?;
     let mut x = Tensor::<i32>::new(&[b as u64, t as u64]);
     let mut y = Tensor::<i32>::new(&[b as u64, t as u64]);
@@ -76,5 +76,22 @@ fn main() -> Result<()> {
         out.extend_from_slice(metadata);
     }
     minigpt::checkpoint::write_atomic(&args.out, &out)?;
+
+    // Generation (gpt): `block_size` characters with the attention caches and without.
+    if args.model == Arch::Gpt {
+        let opts = GraphOptions { sampler: Some(Default::default()), ..GraphOptions::new(1337) };
+        let runner = Runner::new(ModelGraph::build(&cfg, &opts)?, args.session.to_config())?;
+        runner.init()?;
+        let prompt = [vocab.encode("T")?[0]];
+        for cached in [true, false, true, false] {
+            let start = std::time::Instant::now();
+            match cached {
+                true => minigpt::sample::generate(&runner, &prompt, t - 1, 1.0, |_| Ok(()))?,
+                false => minigpt::sample::generate_uncached(&runner, &prompt, t - 1, 1.0, |_| Ok(()))?,
+            };
+            let per_char = start.elapsed().as_secs_f64() * 1e3 / (t - 1) as f64;
+            eprintln!("untraced: generate {} chars, {}: {per_char:.2} ms per char", t - 1, if cached { "cached" } else { "whole context" });
+        }
+    }
     Ok(())
 }

@@ -293,6 +293,10 @@ pub struct GenerateArgs {
     /// Seed of the sampler; the same seed gives the same text.
     #[arg(long, default_value_t = 1337)]
     pub seed: u64,
+    /// (--model gpt) One pass over the whole context per character instead of continuing from
+    /// the cached attention keys and values: the same text, slower; for comparison.
+    #[arg(long)]
+    pub no_cache: bool,
     #[command(flatten)]
     pub load: LoadArgs,
 }
@@ -448,7 +452,10 @@ fn generate(args: &GenerateArgs) -> Result<()> {
         check_top_k(&vocab)?;
         let prompt = vocab.encode(&args.prompt).context("the prompt cannot be encoded")?;
         print!("{}", args.prompt);
-        sample::generate(&runner, &prompt, args.chars, args.temperature, |id| emit(&vocab, id))?;
+        match args.no_cache {
+            true => sample::generate_uncached(&runner, &prompt, args.chars, args.temperature, |id| emit(&vocab, id))?,
+            false => sample::generate(&runner, &prompt, args.chars, args.temperature, |id| emit(&vocab, id))?,
+        };
     }
     println!();
     Ok(())

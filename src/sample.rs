@@ -1,8 +1,14 @@
 //! Generation: the notebook's loop (run the model, take the last position's logits, sample with
 //! `tf.random.categorical`, i.e. the `Multinomial` op, append).
 //!
-//! Two paths give the same samples for a seed. Step by step, one `Session::run` per character
-//! (`sample/next`), streamed as it goes. In the graph, for models whose next character depends on
+//! For models with attention caches (the GPT), one `Session::run` per character whose forward
+//! pass covers the new position only, continuing from the keys and values of the earlier ones
+//! (`sample/past/*` fed, `sample/present/*` fetched), while the context fits the block; once it is
+//! longer, the window slides, every position moves, and each character costs one pass over the
+//! last `block_size` characters (what cropping the context computes, exactly).
+//!
+//! For the other models two paths give the same samples for a seed. Step by step, one
+//! `Session::run` per character (`sample/next`), streamed as it goes. In the graph, for models whose next character depends on
 //! the last one only (the bigram): a `While` loop (`sample/chain`) over the same ops, so one
 //! `Session::run` yields the whole text. Both take their logits from one table computed per call,
 //! `sample/table` [V, V] (row = previous character), and their `Multinomial` ops carry the same
@@ -12,7 +18,7 @@ use anyhow::{ensure, Context, Result};
 use tensorflow::{ops, DataType, FunctionOptions, Operation, Output, Scope, SessionRunArgs, Shape, Tensor};
 
 use crate::graph::Runner;
-use crate::model::LanguageModel;
+use crate::model::{CacheSpec, LanguageModel};
 use crate::tfx;
 
 /// Build-time sampler settings (the temperature is fed per call).
@@ -28,6 +34,18 @@ pub struct Sampler {
     pub temperature: Output,
     pub next: Output,
     pub chain: Option<Chain>,
+    pub cache: Option<Cache>,
+}
+
+/// The attention caches around `sample/next`: `past` placeholders fed with the earlier
+/// positions' keys and values ([1, H, P, D] each; P = 0 to start afresh), `present` the same
+/// with the context's positions added.
+pub struct Cache {
+    pub past: Vec<Operation>,
+    pub present: Vec<Output>,
+    pub spec: CacheSpec,
+    /// The last position's logits [1, V], before temperature and top-k.
+    pub logits: Output,
 }
 
 /// The in-graph sampling loop: `sample/start` [1] int32 (the last prompt id) and `sample/count`
@@ -48,12 +66,29 @@ impl Sampler {
         let context = tfx::placeholder("sample/context", DataType::Int32, &[1, -1], scope)?;
         let one = ops::constant(1.0f32, scope)?;
         let temperature = tfx::scalar_with_default("sample/temperature", one.into(), scope)?;
+        if let Some(spec) = model.cache() {
+            let (h, d) = (spec.heads as i64, spec.head_dim as i64);
+            let dtype = model.variables()[0].dtype;
+            let past: Vec<Operation> =
+                (0..spec.tensors).map(|i| tfx::placeholder(&format!("sample/past/{i}"), dtype, &[1, h, -1, d], scope)).collect::<tensorflow::Result<_>>()?;
+            let past_outputs: Vec<Output> = past.iter().map(|p| p.clone().into()).collect();
+            let (logits, present) = model.forward_cached(context.clone().into(), &past_outputs, scope)?; // [1, L, V]
+            let present = present
+                .into_iter()
+                .enumerate()
+                .map(|(i, p)| Ok(ops::identity(p, &mut scope.with_op_name(&format!("sample/present/{i}")))?.into()))
+                .collect::<tensorflow::Result<_>>()?;
+            let last = slice_last(logits, 3, scope)?; // [1, V]
+            let scaled = scale(last.clone(), temperature.clone(), cfg, scope)?;
+            let next = multinomial(scaled, seed, Some("sample/next"), scope)?;
+            return Ok(Self { context, temperature, next, chain: None, cache: Some(Cache { past, present, spec, logits: last }) });
+        }
         if model.context_size() != Some(1) {
             let logits = model.forward(context.clone().into(), None, scope)?.logits; // [1, L, V]
             let last = slice_last(logits, 3, scope)?; // [1, V]
             let scaled = scale(last, temperature.clone(), cfg, scope)?;
             let next = multinomial(scaled, seed, Some("sample/next"), scope)?;
-            return Ok(Self { context, temperature, next, chain: None });
+            return Ok(Self { context, temperature, next, chain: None, cache: None });
         }
 
         // Every character's logits for the next one: the model on each id alone.
@@ -69,7 +104,7 @@ impl Sampler {
         let row = ops::gather_v2(table.clone(), last, ops::constant(0i32, scope)?, scope)?; // [1, V]
         let next = multinomial(row.into(), seed, Some("sample/next"), scope)?;
         let chain = chain(table, v, seed, scope)?;
-        Ok(Self { context, temperature, next, chain: Some(chain) })
+        Ok(Self { context, temperature, next, chain: Some(chain), cache: None })
     }
 }
 
@@ -192,7 +227,73 @@ pub fn generate(runner: &Runner, prompt: &[i32], n_chars: usize, temperature: f3
         }
         return Ok(ids);
     }
+    if let Some(cache) = &sampler.cache {
+        let block = runner.g.model.context_size().context("a cached model without a context size")?;
+        return generate_cached(runner, sampler, cache, block, true, prompt, n_chars, &temperature, emit);
+    }
     generate_stepwise(runner, prompt, n_chars, temperature, emit)
+}
+
+/// What [`generate`] does for a model with attention caches, but one pass over the whole (cropped)
+/// context per character, the caches left empty: the same ops and random stream, for comparison.
+pub fn generate_uncached(runner: &Runner, prompt: &[i32], n_chars: usize, temperature: f32, emit: impl FnMut(i32) -> Result<()>) -> Result<Vec<i32>> {
+    let sampler = runner.g.sampler.as_ref().context("the graph was built without a sampler")?;
+    let cache = sampler.cache.as_ref().context("the model keeps no attention cache")?;
+    let block = runner.g.model.context_size().context("a cached model without a context size")?;
+    ensure!(!prompt.is_empty(), "the prompt is empty: give at least one character");
+    generate_cached(runner, sampler, cache, block, false, prompt, n_chars, &Tensor::from(temperature), emit)
+}
+
+/// One `Session::run` per character with the attention caches (see the module's documentation),
+/// or with `use_cache` false, each over the whole window.
+#[allow(clippy::too_many_arguments)]
+fn generate_cached(
+    runner: &Runner,
+    sampler: &Sampler,
+    cache: &Cache,
+    block: usize,
+    use_cache: bool,
+    prompt: &[i32],
+    n_chars: usize,
+    temperature: &Tensor<f32>,
+    mut emit: impl FnMut(i32) -> Result<()>,
+) -> Result<Vec<i32>> {
+    ensure!(runner.g.dtype == DataType::Float, "generation runs float32 graphs");
+    let (h, d) = (cache.spec.heads, cache.spec.head_dim);
+    let empty = || Tensor::<f32>::new(&[1, h, 0, d]);
+    let mut ids = prompt.to_vec();
+    // The cache holds the positions ids[start..start + cached].
+    let (mut start, mut cached) = (0, 0);
+    let mut past: Vec<Tensor<f32>> = Vec::new();
+    for _ in 0..n_chars {
+        let window = ids.len().saturating_sub(block);
+        if window != start || past.is_empty() {
+            (start, cached) = (window, 0);
+            past = (0..cache.past.len()).map(|_| empty()).collect();
+        }
+        let new = &ids[start + cached..];
+        let tokens = Tensor::new(&[1, new.len() as u64]).with_values(new)?;
+        // After this step the window slides if the context is full: no use for the caches then.
+        let keep = use_cache && ids.len() < block;
+        let (id, present) = {
+            let mut args = SessionRunArgs::new();
+        args.add_feed(&sampler.context, 0, &tokens);
+        args.add_feed(&sampler.temperature.operation, 0, temperature);
+            for (op, t) in cache.past.iter().zip(&past) {
+                args.add_feed(op, 0, t);
+            }
+            let next = args.request_fetch(&sampler.next.operation, sampler.next.index);
+            let present: Vec<_> = if keep { cache.present.iter().map(|p| args.request_fetch(&p.operation, p.index)).collect() } else { Vec::new() };
+            runner.session.run(&mut args).context("sampling")?;
+            let present: Vec<Tensor<f32>> = present.into_iter().map(|t| args.fetch(t)).collect::<Result<_, _>>()?;
+            (args.fetch::<i64>(next)?[0] as i32, present)
+        };
+        cached = ids.len() - start;
+        past = present;
+        ids.push(id);
+        emit(id)?;
+    }
+    Ok(ids.split_off(prompt.len()))
 }
 
 /// One `Session::run` per character (`sample/next`).

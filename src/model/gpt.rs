@@ -5,7 +5,7 @@
 use tensorflow::{ops, DataType, Output, Scope};
 
 use super::layers::{self, Dense, Embedding, LayerNorm};
-use super::{Dropout, Forward, LanguageModel, ModelConfig};
+use super::{CacheSpec, Dropout, Forward, LanguageModel, ModelConfig};
 use crate::tfx::{self, Var};
 
 struct Block {
@@ -18,7 +18,7 @@ struct Block {
 }
 
 /// Shapes of one forward pass, computed from the tokens (not from activations: see
-/// [`layers::dropout`]), and its dropout.
+/// [`layers::dropout`]), its dropout, and the cached keys and values it continues from.
 struct Pass<'a> {
     /// (B, T)
     bt: Output,
@@ -29,6 +29,10 @@ struct Pass<'a> {
     /// T
     t: Output,
     dropout: Option<&'a Dropout>,
+    /// Keys and values of the P earlier positions, 2 per block: [B, H, P, D].
+    past: Option<&'a [Output]>,
+    /// P (0 without `past`)
+    p: Output,
 }
 
 pub struct Gpt {
@@ -78,9 +82,10 @@ impl Gpt {
         }
     }
 
-    /// Causal multi-head self-attention: x [B, T, C] -> [B, T, C]; dropout sites 3i+1 (the
-    /// attention weights) and 3i+2 (the output) for block i.
-    fn attention(&self, i: usize, x: Output, pass: &Pass, scope: &mut Scope) -> tensorflow::Result<Output> {
+    /// Causal multi-head self-attention of block i: x [B, T, C] -> [B, T, C], and the keys and
+    /// values of all P + T positions [B, H, P + T, D]. Dropout sites 3i+1 (the attention weights)
+    /// and 3i+2 (the output).
+    fn attention(&self, i: usize, x: Output, pass: &Pass, scope: &mut Scope) -> tensorflow::Result<(Output, [Output; 2])> {
         let block = &self.blocks[i];
         let (bt, t) = (&pass.bt, &pass.t);
         let (c, h) = (self.cfg.n_embd as i64, self.cfg.n_head as i64);
@@ -97,17 +102,24 @@ impl Gpt {
         let dtype = x_dtype(&heads[0])?;
         // Keras' MultiHeadAttention scales the queries, not the scores.
         let q = ops::mul(heads[0].clone(), tfx::scalar(dtype, 1.0 / (d as f64).sqrt(), scope)?, scope)?;
-        let scores = ops::BatchMatMulV2::new().adj_y(true).build(q, heads[1].clone(), scope)?; // [B, H, T, T]
-        let masked = ops::add_v2(scores, causal_bias(t, dtype, scope)?, scope)?;
-        let att = ops::softmax(masked, scope)?; // [B, H, T, T]
+        let (mut k, mut v) = (heads[1].clone(), heads[2].clone()); // [B, H, T, D]
+        if let Some(past) = pass.past {
+            k = tfx::concat(&[past[2 * i].clone(), k], 2, scope)?; // [B, H, P + T, D]
+            v = tfx::concat(&[past[2 * i + 1].clone(), v], 2, scope)?;
+        }
+        let scores = ops::BatchMatMulV2::new().adj_y(true).build(q, k.clone(), scope)?; // [B, H, T, P + T]
+        let masked = ops::add_v2(scores, causal_bias(&pass.p, t, dtype, scope)?, scope)?;
+        let att = ops::softmax(masked, scope)?; // [B, H, T, P + T]
+        // (Train steps have no past: P = 0.)
         let dims = [pass.b.clone(), tfx::shape_const(&[h], scope)?, pass.t1.clone(), pass.t1.clone()];
         let att = self.dropout(att.into(), &dims, 3 * i as i64 + 1, pass, scope)?;
-        let y = ops::BatchMatMulV2::new().build(att, heads[2].clone(), scope)?; // [B, H, T, D]
+        let y = ops::BatchMatMulV2::new().build(att, v.clone(), scope)?; // [B, H, T, D]
         let y = ops::transpose(y, perm, scope)?; // [B, T, H, D]
         let merged = tfx::concat(&[bt.clone(), tfx::shape_const(&[c], scope)?], 0, scope)?;
         let y = ops::reshape(y, merged, scope)?; // [B, T, C]
         let y = dense3(&block.proj, y.into(), bt, c, scope)?;
-        self.dropout(y, &[bt.clone(), tfx::shape_const(&[c], scope)?], 3 * i as i64 + 2, pass, scope)
+        let y = self.dropout(y, &[bt.clone(), tfx::shape_const(&[c], scope)?], 3 * i as i64 + 2, pass, scope)?;
+        Ok((y, [k, v]))
     }
 
     /// The MLP: x [B, T, C] -> [B, T, C] through 4C with GELU; dropout site 3i+3 for block i.
@@ -121,23 +133,32 @@ impl Gpt {
     }
 }
 
-impl LanguageModel for Gpt {
-    /// tokens: [B, T] int32 (T <= block_size) -> logits [B, T, V]
-    fn forward(&self, tokens: Output, dropout: Option<&Dropout>, scope: &mut Scope) -> tensorflow::Result<Forward> {
+impl Gpt {
+    /// tokens [B, T] at positions P..P+T after `past` (P = 0 without) -> the forward pass and
+    /// the keys and values of all P + T positions, 2 per block.
+    fn run(&self, tokens: Output, dropout: Option<&Dropout>, past: Option<&[Output]>, scope: &mut Scope) -> tensorflow::Result<(Forward, Vec<Output>)> {
         let scope = &mut scope.new_sub_scope("gpt");
         let bt: Output = ops::shape(tokens.clone(), scope)?.into(); // (B, T)
         let t1 = element(&bt, 1, scope)?;
-        let t = ops::reshape(t1.clone(), tfx::shape_const(&[], scope)?, scope)?.into();
-        let pass = Pass { b: element(&bt, 0, scope)?, t1, t, bt, dropout };
+        let scalar = tfx::shape_const(&[], scope)?;
+        let t = ops::reshape(t1.clone(), scalar.clone(), scope)?.into();
+        let p: Output = match past {
+            Some(past) => ops::reshape(element(&ops::shape(past[0].clone(), scope)?.into(), 2, scope)?, scalar, scope)?.into(),
+            None => ops::constant(0i32, scope)?.into(),
+        };
+        let pass = Pass { b: element(&bt, 0, scope)?, t1, t, bt, dropout, past, p };
         let tok = self.wte.apply(tokens, scope)?; // rows [B, T, C]
-        let positions = ops::range(ops::constant(0i32, scope)?, pass.t.clone(), ops::constant(1i32, scope)?, scope)?;
+        let end = ops::add_v2(pass.p.clone(), pass.t.clone(), scope)?;
+        let positions = ops::range(pass.p.clone(), end, ops::constant(1i32, scope)?, scope)?; // P..P+T
         let pos = self.wpe.apply(positions.into(), scope)?; // rows [T, C]
         let x = ops::add_v2(tok.rows.clone(), pos.rows.clone(), scope)?.into(); // [B, T, C]
         let c = tfx::shape_const(&[self.cfg.n_embd as i64], scope)?;
         let mut x = self.dropout(x, &[pass.bt.clone(), c], 0, &pass, scope)?;
+        let mut present = Vec::with_capacity(2 * self.blocks.len());
         for i in 0..self.blocks.len() {
             let h = self.blocks[i].ln_1.apply(x.clone(), scope)?;
-            let a = self.attention(i, h, &pass, scope)?;
+            let (a, kv) = self.attention(i, h, &pass, scope)?;
+            present.extend(kv);
             x = ops::add_v2(x, a, scope)?.into();
             let h = self.blocks[i].ln_2.apply(x.clone(), scope)?;
             let m = self.mlp(i, h, &pass, scope)?;
@@ -145,7 +166,24 @@ impl LanguageModel for Gpt {
         }
         let x = self.ln_f.apply(x, scope)?;
         let logits = dense3(&self.head, x, &pass.bt, self.cfg.vocab_size as i64, scope)?;
-        Ok(Forward { logits, lookups: vec![tok, pos] })
+        Ok((Forward { logits, lookups: vec![tok, pos] }, present))
+    }
+}
+
+impl LanguageModel for Gpt {
+    /// tokens: [B, T] int32 (T <= block_size) -> logits [B, T, V]
+    fn forward(&self, tokens: Output, dropout: Option<&Dropout>, scope: &mut Scope) -> tensorflow::Result<Forward> {
+        Ok(self.run(tokens, dropout, None, scope)?.0)
+    }
+
+    fn cache(&self) -> Option<CacheSpec> {
+        let (h, c) = (self.cfg.n_head, self.cfg.n_embd);
+        Some(CacheSpec { tensors: 2 * self.blocks.len(), heads: h, head_dim: c / h })
+    }
+
+    fn forward_cached(&self, tokens: Output, past: &[Output], scope: &mut Scope) -> tensorflow::Result<(Output, Vec<Output>)> {
+        let (forward, present) = self.run(tokens, None, Some(past), scope)?;
+        Ok((forward.logits, present))
     }
 
     fn variables(&self) -> Vec<Var> {
@@ -165,12 +203,16 @@ impl LanguageModel for Gpt {
     }
 }
 
-/// [T, T]: 0 where position i may see position j (j <= i), -1e9 where it may not. Added to the
-/// scores, it leaves the allowed ones exact and gives the others zero weight after the softmax.
-fn causal_bias(t: &Output, dtype: DataType, scope: &mut Scope) -> tensorflow::Result<Output> {
-    let r = ops::range(ops::constant(0i32, scope)?, t.clone(), ops::constant(1i32, scope)?, scope)?; // [T]
-    let rows = ops::reshape(r.clone(), tfx::shape_const(&[-1, 1], scope)?, scope)?;
-    let cols = ops::reshape(r, tfx::shape_const(&[1, -1], scope)?, scope)?;
+/// [T, P + T]: 0 where query position P + i may see key position j (j <= P + i), -1e9 where it
+/// may not. Added to the scores, it leaves the allowed ones exact and gives the others zero weight
+/// after the softmax.
+fn causal_bias(p: &Output, t: &Output, dtype: DataType, scope: &mut Scope) -> tensorflow::Result<Output> {
+    let one = ops::constant(1i32, scope)?;
+    let end = ops::add_v2(p.clone(), t.clone(), scope)?;
+    let queries = ops::range(p.clone(), end.clone(), one.clone(), scope)?; // [T]
+    let keys = ops::range(ops::constant(0i32, scope)?, end, one, scope)?; // [P + T]
+    let rows = ops::reshape(queries, tfx::shape_const(&[-1, 1], scope)?, scope)?;
+    let cols = ops::reshape(keys, tfx::shape_const(&[1, -1], scope)?, scope)?;
     let future = ops::less(rows, cols, scope)?; // [T, T]
     let future = ops::Cast::new().DstT(dtype).build(future, scope)?;
     Ok(ops::mul(future, tfx::scalar(dtype, -1e9, scope)?, scope)?.into())

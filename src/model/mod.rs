@@ -49,6 +49,25 @@ pub trait LanguageModel {
     fn variables(&self) -> Vec<Var>;
     /// How many trailing tokens the next token's logits depend on (`None`: all of them).
     fn context_size(&self) -> Option<usize>;
+    /// The attention caches of [`LanguageModel::forward_cached`], for models that keep them.
+    fn cache(&self) -> Option<CacheSpec> {
+        None
+    }
+    /// The forward pass continuing from cached attention keys and values: tokens [B, T] at
+    /// positions P.. after `past` (the [`CacheSpec`]'s tensors, each [B, H, P, D]) -> logits
+    /// [B, T, V] and the caches of all P + T positions. Each new position costs one position's
+    /// work, not a pass over the whole context.
+    fn forward_cached(&self, _tokens: Output, _past: &[Output], _scope: &mut Scope) -> tensorflow::Result<(Output, Vec<Output>)> {
+        Err(tensorflow::Status::new_set_lossy(tensorflow::Code::Unimplemented, "this model keeps no attention cache"))
+    }
+}
+
+/// The attention caches a model keeps: `tensors` tensors of shape [B, heads, P, head_dim].
+#[derive(Debug, Clone, Copy)]
+pub struct CacheSpec {
+    pub tensors: usize,
+    pub heads: u64,
+    pub head_dim: u64,
 }
 
 /// Trainable parameters of a built model.
