@@ -213,11 +213,14 @@ pub fn vocabulary(dir: &Path, vocab_file: Option<&Path>) -> Result<Vocab> {
     Vocab::from_strings(&chars).with_context(|| format!("{}", path.display()))
 }
 
+/// `assets.extra/minigpt.json`, if there is one and it is JSON.
+fn minigpt_json(dir: &Path) -> Option<serde_json::Value> {
+    serde_json::from_str(&fs::read_to_string(dir.join("assets.extra/minigpt.json")).ok()?).ok()
+}
+
 /// `block_size` from `assets.extra/minigpt.json` (`train.block_size`), if it says.
 fn block_size(dir: &Path) -> Option<usize> {
-    let text = fs::read_to_string(dir.join("assets.extra/minigpt.json")).ok()?;
-    let value: serde_json::Value = serde_json::from_str(&text).ok()?;
-    value["train"]["block_size"].as_u64().map(|b| b as usize)
+    minigpt_json(dir)?["train"]["block_size"].as_u64().map(|b| b as usize)
 }
 
 /// Picks a signature's tensor: `preferred` keys first, else the only one; checks its dtype and rank.
@@ -341,7 +344,7 @@ impl Loaded {
 }
 
 /// The SavedModel's values for `vars`, from its `variables/` checkpoint. A variable is found by
-/// its name: minigpt's own (`dense/kernel`), or the end of an object path as Python writes them
+/// its name: minigpt's own (`dense/kernel`, `gpt/h0/ln_1/gamma`), or the end of an object path as Python writes them
 /// (`model/dense/_kernel/.ATTRIBUTES/VARIABLE_VALUE`); failing that, by its shape, when every
 /// entry of that shape holds the same values (Keras' `model.export()` lists its variables by
 /// number, some twice).
@@ -355,7 +358,8 @@ pub fn import_weights(dir: &Path, vars: &[crate::tfx::Var]) -> Result<Vec<Tensor
     let mut out = Vec::with_capacity(vars.len());
     for var in vars {
         let shape: Vec<i64> = var.shape.iter().map(|&d| d as i64).collect();
-        let by_name: Vec<&CheckpointEntry> = model_entries.iter().copied().filter(|e| names_match(&e.key, &var.name)).collect();
+        let exact: Vec<&CheckpointEntry> = model_entries.iter().copied().filter(|e| e.key == var.name).collect();
+        let by_name = if exact.is_empty() { model_entries.iter().copied().filter(|e| names_match(&e.key, &var.name)).collect() } else { exact };
         let candidates = if by_name.is_empty() { model_entries.iter().copied().filter(|e| e.shape == shape).collect() } else { by_name };
         ensure!(!candidates.is_empty(), "{}: no variable for {} {:?} (it holds: {})", dir.display(), var.name, shape, describe(&model_entries));
         let values: Vec<Tensor<f32>> = candidates.iter().map(|e| reader.tensor_f32(&e.key)).collect::<Result<_, _>>()?;
@@ -390,8 +394,19 @@ fn names_match(key: &str, name: &str) -> bool {
     key == name || parts == want
 }
 
-/// The model configuration matching a SavedModel's weights (the embedding's width).
+/// The model configuration of a SavedModel: the one its `minigpt.json` declares, else the
+/// notebook's model with the width of the embedding table among its weights.
 pub fn model_config(dir: &Path, vocab_size: u64) -> Result<crate::model::ModelConfig> {
+    if let Some(model) = minigpt_json(dir).and_then(|v| serde_json::from_value::<crate::model::ModelConfig>(v["model"].clone()).ok()) {
+        ensure!(
+            model.vocab_size == vocab_size,
+            "{}: its minigpt.json declares a vocabulary of {}, its vocabulary has {vocab_size}",
+            dir.display(),
+            model.vocab_size
+        );
+        model.validate().with_context(|| format!("{}: the model its minigpt.json declares", dir.display()))?;
+        return Ok(model);
+    }
     let probe = crate::model::ModelConfig::bigram(vocab_size, 1);
     let entries = variables_reader(dir)?.entries()?;
     let embedding = entries

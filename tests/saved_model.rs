@@ -17,8 +17,42 @@ use tensorflow::Tensor;
 fn python_loads_the_export_and_computes_minigpts_logits() {
     let tmp = tempfile::tempdir().unwrap();
     let run = common::small_run(tmp.path(), 30_000, &["--max-steps", "20", "--eval-batches", "1"]);
+    check_export(tmp.path(), &run, 50);
+}
+
+#[test]
+fn python_loads_a_gpt_export_and_minigpt_reads_it_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gpt = ["--model", "gpt", "--n-layer", "2", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "4"];
+    let run = common::small_run(tmp.path(), 30_000, &[&gpt[..], &["--max-steps", "20", "--eval-batches", "1"]].concat());
+    check_export(tmp.path(), &run, 16);
     let model = tmp.path().join("exported");
-    let export = || common::minigpt().arg("export").arg("--run").arg(&run).arg("--out").arg(&model).output().unwrap();
+    // minigpt samples from it (cropping to its 16 positions) and fine-tunes it as the GPT it is.
+    let out = common::minigpt().args(["generate", "--prompt", "ROMEO:", "--chars", "40", "--run"]).arg(&model).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8(out.stdout).unwrap().trim_end_matches('\n').chars().count(), "ROMEO:".len() + 40);
+    let tuned = tmp.path().join("tuned");
+    let out = common::minigpt()
+        .args(["train", "-q", "--max-steps", "5", "--eval-batches", "1", "--batch-size", "4", "--block-size", "16", "--data"])
+        .arg(tmp.path().join("small.txt"))
+        .arg("--init-from")
+        .arg(&model)
+        .arg("--out")
+        .arg(&tuned)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tuned.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["model"]["arch"], "gpt");
+    assert_eq!(config["model"]["n_layer"], 2);
+}
+
+/// Exports `run` to `dir/exported`; Python loads it: its logits on [2, t] tokens equal minigpt's,
+/// its `train_step` starts from minigpt's loss and lowers it.
+fn check_export(dir: &std::path::Path, run: &std::path::Path, t: usize) {
+    let tmp = dir;
+    let model = tmp.join("exported");
+    let export = || common::minigpt().arg("export").arg("--run").arg(run).arg("--out").arg(&model).output().unwrap();
     let out = export();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     // Never over an existing directory.
@@ -26,21 +60,21 @@ fn python_loads_the_export_and_computes_minigpts_logits() {
     assert!(!again.status.success());
     assert!(common::last_stderr_line(&again).contains("already exists"));
 
-    // Tokens [2, 50] and a batch, made here and given to both sides.
-    let tokens: Vec<i32> = (0..100).map(|i| (i * 7 + 3) % 40).collect();
-    let targets: Vec<i32> = (0..100).map(|i| (i * 11 + 5) % 40).collect();
+    // Tokens [2, t] and a batch, made here and given to both sides.
+    let tokens: Vec<i32> = (0..2 * t as i32).map(|i| (i * 7 + 3) % 40).collect();
+    let targets: Vec<i32> = (0..2 * t as i32).map(|i| (i * 11 + 5) % 40).collect();
     let script = r#"
 import json, sys, numpy as np, tensorflow as tf
 model_dir, out, tokens, targets = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4])
 m = tf.saved_model.load(model_dir)
-x = tf.constant(np.array(tokens, np.int32).reshape(2, 50))
-y = tf.constant(np.array(targets, np.int32).reshape(2, 50))
+x = tf.constant(np.array(tokens, np.int32).reshape(2, -1))
+y = tf.constant(np.array(targets, np.int32).reshape(2, -1))
 np.save(out, m.signatures["serving_default"](tokens=x)["logits"].numpy())
 step = m.signatures["train_step"]
 print(json.dumps([float(step(x=x, y=y)["loss"]) for _ in range(3)]))
 print(json.dumps(json.load(open(model_dir + "/assets.extra/vocab.json"))))
 "#;
-    let npy = tmp.path().join("logits.npy");
+    let npy = tmp.join("logits.npy");
     let json = |v: &[i32]| serde_json::to_string(v).unwrap();
     let py = Command::new(common::python())
         .env("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -58,14 +92,15 @@ print(json.dumps(json.load(open(model_dir + "/assets.extra/vocab.json"))))
     let vocab: Vec<String> = serde_json::from_str(lines.next().unwrap()).unwrap();
     let python_logits = ArrayD::<f32>::read_npy(std::fs::File::open(&npy).unwrap()).unwrap();
 
-    let (config, runner) = minigpt::train::load_run(&RunDir::open(&run).unwrap(), GraphOptions::new(0), DeviceChoice::Cpu, &Default::default()).unwrap();
+    let (config, runner) = minigpt::train::load_run(&RunDir::open(run).unwrap(), GraphOptions::new(0), DeviceChoice::Cpu, &Default::default()).unwrap();
     assert_eq!(vocab, config.vocab);
-    let x = Tensor::new(&[2, 50]).with_values(&tokens).unwrap();
-    let y = Tensor::new(&[2, 50]).with_values(&targets).unwrap();
+    let x = Tensor::new(&[2, t as u64]).with_values(&tokens).unwrap();
+    let y = Tensor::new(&[2, t as u64]).with_values(&targets).unwrap();
     let ours: Vec<Tensor<f32>> = runner.fetch_with_batch(&[runner.g.logits.clone(), runner.g.loss.clone()], &x, &y).unwrap();
-    assert_eq!(python_logits.shape(), [2, 50, config.model.vocab_size as usize]);
+    assert_eq!(python_logits.shape(), [2, t, config.model.vocab_size as usize]);
     let max_diff = ours[0].iter().zip(python_logits.iter()).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-    assert!(max_diff <= 1e-6, "logits differ by {max_diff}");
+    let scale = python_logits.iter().fold(1.0f32, |m, l| m.max(l.abs()));
+    assert!(max_diff <= 1e-6 * scale, "logits differ by {max_diff}");
     // The first step's loss is minigpt's loss on the batch; the steps lower it.
     assert!((losses[0] - ours[1][0] as f64).abs() <= 1e-6, "{losses:?} vs {}", ours[1][0]);
     assert!(losses[2] < losses[1] && losses[1] < losses[0], "{losses:?}");
