@@ -43,7 +43,7 @@ fn describe_run(path: &Path) -> Result<String> {
     let m = &config.model;
     let mut out = String::new();
     writeln!(out, "run:          {}", path.display())?;
-    writeln!(out, "model:        {}, n_embd {}", format!("{:?}", m.arch).to_lowercase(), m.n_embd)?;
+    writeln!(out, "model:        {}", m.describe())?;
     writeln!(out, "parameters:   {}", thousands(parameter_count(m)?))?;
     writeln!(out, "vocabulary:   {} characters", config.vocab.len())?;
     let t = &config.train;
@@ -80,7 +80,7 @@ fn describe_saved_model(path: &Path) -> Result<String> {
     let model: Option<ModelConfig> = config.as_ref().and_then(|c| serde_json::from_value(c["model"].clone()).ok());
     match &model {
         Some(m) => {
-            writeln!(out, "model:        {}, n_embd {} (assets.extra/minigpt.json)", format!("{:?}", m.arch).to_lowercase(), m.n_embd)?;
+            writeln!(out, "model:        {} (assets.extra/minigpt.json)", m.describe())?;
             writeln!(out, "parameters:   {}", thousands(parameter_count(m)?))?;
         }
         None => {

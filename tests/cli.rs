@@ -244,3 +244,44 @@ fn optimizer_options_are_used_and_saved() {
     assert_ne!(losses(&out.stdout), losses(&plain.stdout));
     fails_with(&["train", "--data", corpus.to_str().unwrap(), "--out", &tmp.path().join("x").to_string_lossy(), "--warmup-steps", "10", "--lr-decay-steps", "5"], "--lr-decay-steps must be larger");
 }
+
+#[test]
+fn the_transformer_trains_with_dropout_and_says_what_it_is() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = small_corpus(tmp.path());
+    let gpt = ["--model", "gpt", "--n-layer", "2", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "8", "--log-every", "10"];
+    let run = tmp.path().join("gpt");
+    let out = train(&corpus, &run, 30, &[&gpt[..], &["--dropout", "0.2"]].concat());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Token and position tables, 2 blocks of 12 variables, the final LayerNorm and the head.
+    let (v, c) = (String::from_utf8(out.stdout.clone()).unwrap(), 16u64);
+    let vocab: u64 = serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap()["vocab"].as_array().unwrap().len() as u64;
+    let block = 2 * c + 3 * c * c + 3 * c + c * c + c + 2 * c + 4 * c * c + 4 * c + 4 * c * c + c;
+    let params = vocab * c + 16 * c + 2 * block + 2 * c + c * vocab + vocab;
+    assert!(v.contains(&format!("{} parameters", group_thousands(params))), "{v}");
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    assert_eq!((config["model"]["arch"].as_str(), config["model"]["dropout"].as_f64()), (Some("gpt"), Some(0.2)));
+    let info = minigpt().arg("info").arg("--run").arg(&run).output().unwrap();
+    assert!(String::from_utf8_lossy(&info.stdout).contains("model:        gpt, 2 blocks, 2 heads, n_embd 16, block 16, dropout 0.2"));
+    // Dropout changes what is learned; without it, another run.
+    let plain = train(&corpus, &tmp.path().join("plain"), 30, &gpt);
+    assert_ne!(losses(&out.stdout), losses(&plain.stdout));
+
+    let x = tmp.path().join("x").to_string_lossy().to_string();
+    let c = corpus.to_str().unwrap();
+    fails_with(&["train", "--data", c, "--out", &x, "--dropout", "0.1"], "--dropout applies to --model gpt");
+    fails_with(&["train", "--data", c, "--out", &x, "--model", "gpt", "--dropout", "1"], "--dropout must be in [0, 1)");
+    fails_with(&["train", "--data", c, "--out", &x, "--model", "gpt", "--n-head", "3"], "--n-head (3) must divide --n-embd (128)");
+}
+
+fn group_thousands(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, ch) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    out
+}

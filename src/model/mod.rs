@@ -118,6 +118,17 @@ impl ModelConfig {
         Self { arch: Arch::Gpt, vocab_size, n_embd, n_layer, n_head, block_size, dropout: 0.0 }
     }
 
+    /// One line: `bigram, n_embd 128` or `gpt, 4 blocks, 4 heads, n_embd 128, block 64, dropout 0`.
+    pub fn describe(&self) -> String {
+        match self.arch {
+            Arch::Bigram => format!("bigram, n_embd {}", self.n_embd),
+            Arch::Gpt => format!(
+                "gpt, {} blocks, {} heads, n_embd {}, block {}, dropout {}",
+                self.n_layer, self.n_head, self.n_embd, self.block_size, self.dropout
+            ),
+        }
+    }
+
     pub fn validate(&self) -> Result<()> {
         ensure!(self.vocab_size > 0, "vocab_size must be positive");
         ensure!(self.n_embd > 0, "the embedding dimension must be positive");
