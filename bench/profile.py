@@ -51,7 +51,9 @@ def main():
                 ends.append(node.all_start_micros + node.all_end_rel_micros)
         walls.append(max(ends) - min(starts))
     steps = len(walls)
-    print(f"{steps} steps: wall {sum(walls) / steps:.0f} µs per step, ops {sum(per_op.values()) / steps:.0f} µs")
+    wall, busy = sum(walls) / steps, sum(per_op.values()) / steps
+    print(f"{steps} steps: wall {wall:.0f} µs per step, ops {busy:.0f} µs ({len(per_op)} ops; "
+          f"{busy / wall:.2f} ops running on average)")
     print("by scope:")
     for scope, micros in per_scope.most_common(args.top):
         print(f"{micros / steps:8.0f} µs  {scope}")
