@@ -170,20 +170,8 @@ pub fn check(dir: &Path, corpus: &Corpus, session: SessionConfig) -> Result<Vec<
         Ok((Tensor::new(&dims).with_values(&x)?, Tensor::new(&dims).with_values(&y)?))
     };
     let (x0, y0) = batch(0)?;
-    let mut fetches = vec![runner.g.logits.clone(), runner.g.loss.clone()];
-    fetches.extend(runner.g.grads.iter().cloned());
-    let got: Vec<Tensor<f32>> = runner.fetch_with_batch(&fetches, &x0, &y0)?;
-    checks.push(max_abs("logits, batch 0", &got[0], &fx.array::<f32>("batch0/logits.npy")?, 1e-5)?);
-    checks.push(Check {
-        quantity: "loss, batch 0".into(),
-        diff: (got[1][0] as f64 - m.batch0_loss).abs() / m.batch0_loss.abs(),
-        tolerance: 1e-6,
-        measure: "|Δ| / |loss|",
-    });
-    for (i, name) in names.iter().enumerate() {
-        let want = fx.array::<f32>(&format!("batch0/grad/{}.npy", name.replace('/', ".")))?;
-        checks.push(max_rel(&format!("gradient {name}"), &got[2 + i], &want, 1e-6)?);
-    }
+    let tolerances = Tolerances { logits: 1e-5, loss: 1e-6, grads: 1e-6 };
+    checks.extend(forward_checks(&runner, &fx, &names, (&x0, &y0), ("", ", batch 0", "batch0/"), m.batch0_loss, tolerances)?);
 
     // Adam steps on the given batches.
     let mut losses = Vec::with_capacity(m.steps);
@@ -239,20 +227,46 @@ pub fn check_gpt(dir: &Path, corpus: &Corpus, session: SessionConfig) -> Result<
     let names: Vec<String> = runner.g.model.variables().iter().map(|v| v.name.clone()).collect();
     runner.set_weights(&fx.vars("init", &names, "")?)?;
     let (x, y) = (fx.tensor::<i32>("x.npy")?, fx.tensor::<i32>("y.npy")?);
+    let label = format!("gpt ({} blocks, {} heads, C {}): ", m.n_layer, m.n_head, m.n_embd);
+    let tolerances = Tolerances { logits: 1e-5, loss: 1e-5, grads: 1e-5 };
+    forward_checks(&runner, &fx, &names, (&x, &y), (&label, "", ""), m.loss, tolerances)
+}
+
+#[derive(Clone, Copy)]
+struct Tolerances {
+    /// max |Δ|
+    logits: f64,
+    /// |Δ| / |loss|
+    loss: f64,
+    /// max |Δ| / max |reference|
+    grads: f64,
+}
+
+/// Logits, loss and every gradient on one batch against `<folder>logits.npy`, `loss` and
+/// `<folder>grad/<var>.npy`; rows named `<label>logits<batch>`, `<label>loss<batch>`,
+/// `<label>gradient <var>`.
+fn forward_checks(
+    runner: &Runner,
+    fx: &Fixtures,
+    names: &[String],
+    (x, y): (&Tensor<i32>, &Tensor<i32>),
+    (label, batch, folder): (&str, &str, &str),
+    loss: f64,
+    tol: Tolerances,
+) -> Result<Vec<Check>> {
     let mut fetches = vec![runner.g.logits.clone(), runner.g.loss.clone()];
     fetches.extend(runner.g.grads.iter().cloned());
-    let got: Vec<Tensor<f32>> = runner.fetch_with_batch(&fetches, &x, &y)?;
-    let label = format!("gpt ({} blocks, {} heads, C {})", m.n_layer, m.n_head, m.n_embd);
-    let mut checks = vec![max_abs(&format!("{label}: logits"), &got[0], &fx.array::<f32>("logits.npy")?, 1e-5)?];
+    let got: Vec<Tensor<f32>> = runner.fetch_with_batch(&fetches, x, y)?;
+    let mut checks = vec![max_abs(&format!("{label}logits{batch}"), &got[0], &fx.array::<f32>(&format!("{folder}logits.npy"))?, tol.logits)?];
     checks.push(Check {
-        quantity: format!("{label}: loss"),
-        diff: (got[1][0] as f64 - m.loss).abs() / m.loss.abs(),
-        tolerance: 1e-5,
+        quantity: format!("{label}loss{batch}"),
+        diff: (got[1][0] as f64 - loss).abs() / loss.abs(),
+        tolerance: tol.loss,
         measure: "|Δ| / |loss|",
     });
     for (i, name) in names.iter().enumerate() {
-        let want = fx.array::<f32>(&format!("grad/{}.npy", name.replace('/', ".")))?;
-        checks.push(max_rel(&format!("{label}: gradient {name}"), &got[2 + i], &want, 1e-5)?);
+        let want = fx.array::<f32>(&format!("{folder}grad/{}.npy", name.replace('/', ".")))?;
+        checks.push(max_rel(&format!("{label}gradient {name}"), &got[2 + i], &want, tol.grads)?);
     }
     Ok(checks)
 }

@@ -6,6 +6,8 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
+use std::process::Output;
+
 use common::{last_stderr_line, minigpt};
 
 /// 700 characters: with `--block-size 16`, 19 batches an epoch, so a 57-step run crosses two
@@ -17,18 +19,18 @@ fn tiny_corpus(dir: &Path) -> PathBuf {
     path
 }
 
-fn run(args: &[&str]) -> std::process::Output {
+fn run(args: &[&str]) -> Output {
     let out = minigpt().args(args).output().unwrap();
     assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
     out
 }
 
-fn train(corpus: &Path, dir: &Path, extra: &[&str]) -> std::process::Output {
+fn train(corpus: &Path, dir: &Path, extra: &[&str]) -> Output {
     let base = ["train", "--data", corpus.to_str().unwrap(), "--out", dir.to_str().unwrap(), "--block-size", "16", "--log-every", "3"];
     run(&[&base[..], &["--save-every", "10", "--keep", "2"], extra].concat())
 }
 
-fn step_lines(out: &std::process::Output) -> Vec<String> {
+fn step_lines(out: &Output) -> Vec<String> {
     String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.starts_with("Step ")).map(str::to_string).collect()
 }
 
@@ -42,6 +44,20 @@ fn checkpoint_files(dir: &Path) -> Vec<String> {
     names
 }
 
+/// The run in `whole` (its output `all`) and the one in `split`, stopped (`first`) and resumed
+/// (`second`): the same step lines, the same metrics, byte-identical final checkpoints.
+fn assert_same_run((whole, all): (&Path, &Output), (split, first, second): (&Path, &Output, &Output), last_step: u32) {
+    let mut resumed = step_lines(first);
+    resumed.extend(step_lines(second));
+    assert_eq!(step_lines(all), resumed);
+    assert_eq!(train_rows(whole), train_rows(split));
+    for ext in ["data-00000-of-00001", "index"] {
+        let file = format!("ckpt-{last_step}.{ext}");
+        let (a, b) = (std::fs::read(whole.join("ckpt").join(&file)).unwrap(), std::fs::read(split.join("ckpt").join(&file)).unwrap());
+        assert!(a == b, "{file} differs");
+    }
+}
+
 #[test]
 fn a_resumed_run_matches_an_uninterrupted_one_bit_for_bit() {
     let tmp = tempfile::tempdir().unwrap();
@@ -53,14 +69,7 @@ fn a_resumed_run_matches_an_uninterrupted_one_bit_for_bit() {
     let second = run(&["train", "--resume", "--out", split.to_str().unwrap(), "--log-every", "3", "--max-steps", "57"]);
     assert!(String::from_utf8_lossy(&second.stdout).contains("(step 25, epoch 2, batch 6)"));
 
-    let mut resumed = step_lines(&first);
-    resumed.extend(step_lines(&second));
-    assert_eq!(step_lines(&all), resumed);
-    assert_eq!(train_rows(&whole), train_rows(&split));
-    for file in ["ckpt-57.data-00000-of-00001", "ckpt-57.index"] {
-        let (a, b) = (std::fs::read(whole.join("ckpt").join(file)).unwrap(), std::fs::read(split.join("ckpt").join(file)).unwrap());
-        assert!(a == b, "{file} differs");
-    }
+    assert_same_run((&whole, &all), (&split, &first, &second), 57);
     // Saved every 10 steps and at each epoch's end (19, 38, 57); --keep 2 leaves the last two,
     // beside the best by validation loss.
     assert_eq!(
@@ -183,12 +192,5 @@ fn a_resumed_gpt_run_with_dropout_matches_an_uninterrupted_one_bit_for_bit() {
     let all = train(&corpus, &whole, &gpt);
     let first = train(&corpus, &split, &[&gpt[..], &["--max-steps", "25"]].concat());
     let second = run(&["train", "--resume", "--out", split.to_str().unwrap(), "--log-every", "3", "--max-steps", "38"]);
-    let mut resumed = step_lines(&first);
-    resumed.extend(step_lines(&second));
-    assert_eq!(step_lines(&all), resumed);
-    assert_eq!(train_rows(&whole), train_rows(&split));
-    for file in ["ckpt-38.data-00000-of-00001", "ckpt-38.index"] {
-        let (a, b) = (std::fs::read(whole.join("ckpt").join(file)).unwrap(), std::fs::read(split.join("ckpt").join(file)).unwrap());
-        assert!(a == b, "{file} differs");
-    }
+    assert_same_run((&whole, &all), (&split, &first, &second), 38);
 }

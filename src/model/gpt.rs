@@ -131,9 +131,7 @@ impl Gpt {
         let y = dense3(&block.out, hidden, &pass.bt, c, scope)?;
         self.dropout(y, &[pass.bt.clone(), tfx::shape_const(&[c], scope)?], 3 * i as i64 + 3, pass, scope)
     }
-}
 
-impl Gpt {
     /// tokens [B, T] at positions P..P+T after `past` (P = 0 without) -> the forward pass and
     /// the keys and values of all P + T positions, 2 per block.
     fn run(&self, tokens: Output, dropout: Option<&Dropout>, past: Option<&[Output]>, scope: &mut Scope) -> tensorflow::Result<(Forward, Vec<Output>)> {
