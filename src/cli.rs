@@ -88,7 +88,7 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 64, conflicts_with = "resume")]
     pub block_size: usize,
     /// Windows per batch.
-    #[arg(long, default_value_t = 32, conflicts_with = "resume")]
+    #[arg(long, default_value_t = DEFAULT_BATCH_SIZE, conflicts_with = "resume")]
     pub batch_size: usize,
     /// Embedding width.
     #[arg(long, alias = "n-embd", default_value_t = 128, conflicts_with = "resume")]
@@ -233,6 +233,7 @@ impl TrainArgs {
 pub const DEFAULT_EPOCHS: u64 = 3;
 /// The notebook's `block_size`.
 pub const DEFAULT_BLOCK_SIZE: usize = 64;
+pub const DEFAULT_BATCH_SIZE: usize = 32;
 
 /// TensorFlow runtime settings shared by the commands that run a graph.
 #[derive(Args, Debug, Clone, Copy, Default)]
@@ -312,6 +313,10 @@ pub struct EvalArgs {
     /// `val`, or `all` to add the training split's loss.
     #[arg(long, value_enum, default_value_t = Split::Val)]
     pub split: Split,
+    /// Estimate from this many random batches (of the run's batch size, or 32 for a SavedModel;
+    /// the same ones every time) instead of every window.
+    #[arg(long)]
+    pub eval_batches: Option<usize>,
     #[command(flatten)]
     pub load: LoadArgs,
 }
@@ -470,15 +475,17 @@ fn eval(args: &EvalArgs) -> Result<()> {
         let corpus = data::load_corpus(source)?;
         vocab.encode(&corpus.text).context("the corpus does not fit the model's vocabulary")
     };
+    ensure!(args.eval_batches != Some(0), "--eval-batches must be at least 1");
     if saved_model::is_saved_model(&args.run) {
         let model = saved_model::Loaded::load(&args.run, args.load.vocab.as_deref(), &args.load.session, 0, None)?;
         let source = args.data.clone().unwrap_or_else(data::default_source);
         let encoded = splits(&model.vocab, &source)?;
         let (train_data, val_data) = data::split(&encoded);
         let block = model.block_size.unwrap_or(DEFAULT_BLOCK_SIZE);
-        print("val", train::evaluate_with(|x, y| model.loss(x, y), val_data, block, None, 0)?);
+        let sample = args.eval_batches.map(|n| (n, DEFAULT_BATCH_SIZE));
+        print("val", train::evaluate_with(|x, y| model.loss(x, y), val_data, block, sample, 0)?);
         if args.split == Split::All {
-            print("train", train::evaluate_with(|x, y| model.loss(x, y), train_data, block, None, 0)?);
+            print("train", train::evaluate_with(|x, y| model.loss(x, y), train_data, block, sample, 0)?);
         }
         return Ok(());
     }
@@ -490,9 +497,10 @@ fn eval(args: &EvalArgs) -> Result<()> {
     let encoded = splits(&config.vocab()?, &source)?;
     let (train_data, val_data) = data::split(&encoded);
     let block = config.train.block_size;
-    print("val", train::evaluate(&runner, val_data, block, None, 0)?);
+    let sample = args.eval_batches.map(|n| (n, config.train.batch_size));
+    print("val", train::evaluate(&runner, val_data, block, sample, 0)?);
     if args.split == Split::All {
-        print("train", train::evaluate(&runner, train_data, block, None, 0)?);
+        print("train", train::evaluate(&runner, train_data, block, sample, 0)?);
     }
     Ok(())
 }

@@ -91,6 +91,15 @@ fn train_then_generate_and_eval() {
     let val: f64 = eval.lines().next().unwrap().strip_prefix("val_loss: ").unwrap().parse().unwrap();
     assert!(val > 1.0 && val < 4.0, "{eval}");
     assert!(eval.contains("val_perplexity: "));
+    // An estimate from a few random batches: close, not equal, the same every time.
+    let estimate = || {
+        let out = minigpt().args(["eval", "--eval-batches", "3", "--run"]).arg(&run).output().unwrap();
+        let text = String::from_utf8(out.stdout).unwrap();
+        text.lines().next().unwrap().strip_prefix("val_loss: ").unwrap().parse::<f64>().unwrap()
+    };
+    let (e1, e2) = (estimate(), estimate());
+    assert_eq!(e1, e2);
+    assert!(e1 != val && (e1 - val).abs() < 0.3, "{e1} vs {val}");
 }
 
 #[test]
