@@ -56,11 +56,11 @@ def main():
 
     model = gpt.GPT(len(chars), args.n_embd, args.n_layer, args.n_head, args.block_size)
     model(tf.constant(x))
-    # Keras starts biases and LayerNorm offsets at 0 and scales at 1; move them, so that every
-    # weight's use is tested.
+    # Keras starts biases (MultiHeadAttention's are [H, D]) and LayerNorm offsets at 0 and scales
+    # at 1; move them, so that every weight's use is tested.
     rng = np.random.default_rng(args.seed)
     for v in model.trainable_variables:
-        if len(v.shape) == 1:
+        if v.path.split("/")[-1] in ("bias", "gamma", "beta"):
             v.assign(v.numpy() + rng.normal(0.0, 0.1, v.shape).astype(np.float32))
     for name, value in gpt.to_minigpt(model).items():
         save(args.out, f"init/{name.replace('/', '.')}.npy", value)

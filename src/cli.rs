@@ -72,8 +72,8 @@ pub struct TrainArgs {
     #[arg(long, value_enum, default_value_t = Arch::Bigram, conflicts_with = "resume")]
     pub model: Arch,
     /// Start from the weights of a SavedModel (minigpt's or Python's; see the README) instead of
-    /// fresh ones; the vocabulary is the SavedModel's.
-    #[arg(long, conflicts_with_all = ["resume", "embedding_dim"])]
+    /// fresh ones; the vocabulary and the model are the SavedModel's.
+    #[arg(long, conflicts_with_all = ["resume", "embedding_dim", "model", "n_layer", "n_head", "dropout"])]
     pub init_from: Option<PathBuf>,
     /// The vocabulary of an --init-from SavedModel that carries none (as for generate).
     #[arg(long, requires = "init_from")]
@@ -294,8 +294,9 @@ pub struct GenerateArgs {
     /// Seed of the sampler; the same seed gives the same text.
     #[arg(long, default_value_t = 1337)]
     pub seed: u64,
-    /// (--model gpt) One pass over the whole context per character instead of continuing from
-    /// the cached attention keys and values: the same text, slower; for comparison.
+    /// (a --model gpt run) One pass over the whole context per character instead of continuing
+    /// from the cached attention keys and values: the same text, slower; for comparison. (A
+    /// SavedModel is always sampled that way; the bigram keeps no cache.)
     #[arg(long)]
     pub no_cache: bool,
     #[command(flatten)]
@@ -313,8 +314,8 @@ pub struct EvalArgs {
     /// `val`, or `all` to add the training split's loss.
     #[arg(long, value_enum, default_value_t = Split::Val)]
     pub split: Split,
-    /// Estimate from this many random batches (of the run's batch size, or 32 for a SavedModel;
-    /// the same ones every time) instead of every window.
+    /// Estimate from this many random batches (of the run's batch size, or 32 for a SavedModel
+    /// that does not say; the same ones every time) instead of every window.
     #[arg(long)]
     pub eval_batches: Option<usize>,
     #[command(flatten)]
@@ -482,7 +483,7 @@ fn eval(args: &EvalArgs) -> Result<()> {
         let encoded = splits(&model.vocab, &source)?;
         let (train_data, val_data) = data::split(&encoded);
         let block = model.block_size.unwrap_or(DEFAULT_BLOCK_SIZE);
-        let sample = args.eval_batches.map(|n| (n, DEFAULT_BATCH_SIZE));
+        let sample = args.eval_batches.map(|n| (n, saved_model::batch_size(&args.run).unwrap_or(DEFAULT_BATCH_SIZE)));
         print("val", train::evaluate_with(|x, y| model.loss(x, y), val_data, block, sample, 0)?);
         if args.split == Split::All {
             print("train", train::evaluate_with(|x, y| model.loss(x, y), train_data, block, sample, 0)?);

@@ -229,30 +229,41 @@ pub fn generate(runner: &Runner, prompt: &[i32], n_chars: usize, temperature: f3
     }
     if let Some(cache) = &sampler.cache {
         let block = runner.g.model.context_size().context("a cached model without a context size")?;
-        return generate_cached(runner, sampler, cache, block, true, prompt, n_chars, &temperature, emit);
+        return generate_cached(runner, sampler, cache, block, prompt, n_chars, &temperature, emit);
     }
     generate_stepwise(runner, prompt, n_chars, temperature, emit)
 }
 
-/// What [`generate`] does for a model with attention caches, but one pass over the whole (cropped)
-/// context per character, the caches left empty: the same ops and random stream, for comparison.
+/// What [`generate`] does for a model with attention caches, the notebook's way: the loop of
+/// [`generate_with`], each character from a pass over the whole (cropped) context with the caches
+/// left empty. The same ops and random stream, for comparison.
 pub fn generate_uncached(runner: &Runner, prompt: &[i32], n_chars: usize, temperature: f32, emit: impl FnMut(i32) -> Result<()>) -> Result<Vec<i32>> {
     let sampler = runner.g.sampler.as_ref().context("the graph was built without a sampler")?;
     let cache = sampler.cache.as_ref().context("the model keeps no attention cache")?;
-    let block = runner.g.model.context_size().context("a cached model without a context size")?;
-    ensure!(!prompt.is_empty(), "the prompt is empty: give at least one character");
-    generate_cached(runner, sampler, cache, block, false, prompt, n_chars, &Tensor::from(temperature), emit)
+    ensure!(runner.g.dtype == DataType::Float, "generation runs float32 graphs");
+    ensure!(temperature > 0.0 && temperature.is_finite(), "--temperature must be a positive number, got {temperature}");
+    let temperature = Tensor::from(temperature);
+    let empty: Vec<Tensor<f32>> = (0..cache.past.len()).map(|_| Tensor::new(&[1, cache.spec.heads, 0, cache.spec.head_dim])).collect();
+    generate_with(prompt, n_chars, runner.g.model.context_size(), emit, |window| {
+        let context = Tensor::new(&[1, window.len() as u64]).with_values(window)?;
+        let mut args = SessionRunArgs::new();
+        args.add_feed(&sampler.context, 0, &context);
+        args.add_feed(&sampler.temperature.operation, 0, &temperature);
+        for (op, t) in cache.past.iter().zip(&empty) {
+            args.add_feed(op, 0, t);
+        }
+        let next = args.request_fetch(&sampler.next.operation, sampler.next.index);
+        runner.session.run(&mut args).context("sampling")?;
+        Ok(args.fetch::<i64>(next)?[0] as i32)
+    })
 }
 
-/// One `Session::run` per character with the attention caches (see the module's documentation),
-/// or with `use_cache` false, each over the whole window.
-#[allow(clippy::too_many_arguments)]
+/// One `Session::run` per character with the attention caches (see the module's documentation).
 fn generate_cached(
     runner: &Runner,
     sampler: &Sampler,
     cache: &Cache,
     block: usize,
-    use_cache: bool,
     prompt: &[i32],
     n_chars: usize,
     temperature: &Tensor<f32>,
@@ -274,11 +285,11 @@ fn generate_cached(
         let new = &ids[start + cached..];
         let tokens = Tensor::new(&[1, new.len() as u64]).with_values(new)?;
         // After this step the window slides if the context is full: no use for the caches then.
-        let keep = use_cache && ids.len() < block;
+        let keep = ids.len() < block;
         let (id, present) = {
             let mut args = SessionRunArgs::new();
-        args.add_feed(&sampler.context, 0, &tokens);
-        args.add_feed(&sampler.temperature.operation, 0, temperature);
+            args.add_feed(&sampler.context, 0, &tokens);
+            args.add_feed(&sampler.temperature.operation, 0, temperature);
             for (op, t) in cache.past.iter().zip(&past) {
                 args.add_feed(op, 0, t);
             }
@@ -296,7 +307,8 @@ fn generate_cached(
     Ok(ids.split_off(prompt.len()))
 }
 
-/// One `Session::run` per character (`sample/next`).
+/// One `Session::run` per character (`sample/next`), for models without attention caches (a
+/// GPT's sampler needs its caches fed: [`generate`] or [`generate_uncached`]).
 pub fn generate_stepwise(runner: &Runner, prompt: &[i32], n_chars: usize, temperature: Tensor<f32>, emit: impl FnMut(i32) -> Result<()>) -> Result<Vec<i32>> {
     let sampler = runner.g.sampler.as_ref().context("the graph was built without a sampler")?;
     generate_with(prompt, n_chars, runner.g.model.context_size(), emit, |window| {

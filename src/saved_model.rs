@@ -218,9 +218,27 @@ fn minigpt_json(dir: &Path) -> Option<serde_json::Value> {
     serde_json::from_str(&fs::read_to_string(dir.join("assets.extra/minigpt.json")).ok()?).ok()
 }
 
-/// `block_size` from `assets.extra/minigpt.json` (`train.block_size`), if it says.
+/// The model `assets.extra/minigpt.json` declares: `None` without one, an error if it does not
+/// parse.
+fn declared_model(dir: &Path) -> Result<Option<crate::model::ModelConfig>> {
+    match minigpt_json(dir) {
+        Some(json) if json.get("model").is_some() => Ok(Some(
+            serde_json::from_value(json["model"].clone()).with_context(|| format!("{}: assets.extra/minigpt.json: its \"model\" is not a model configuration", dir.display()))?,
+        )),
+        _ => Ok(None),
+    }
+}
+
+/// The context the model takes: a GPT's position table, else `train.block_size` from
+/// `assets.extra/minigpt.json`, if it says.
 fn block_size(dir: &Path) -> Option<usize> {
-    minigpt_json(dir)?["train"]["block_size"].as_u64().map(|b| b as usize)
+    let limit = declared_model(dir).ok().flatten().and_then(|m| m.context_limit());
+    limit.or_else(|| minigpt_json(dir)?["train"]["block_size"].as_u64()).map(|b| b as usize)
+}
+
+/// `train.batch_size` from `assets.extra/minigpt.json`, if it says.
+pub fn batch_size(dir: &Path) -> Option<usize> {
+    minigpt_json(dir)?["train"]["batch_size"].as_u64().map(|b| b as usize)
 }
 
 /// Picks a signature's tensor: `preferred` keys first, else the only one; checks its dtype and rank.
@@ -397,7 +415,7 @@ fn names_match(key: &str, name: &str) -> bool {
 /// The model configuration of a SavedModel: the one its `minigpt.json` declares, else the
 /// notebook's model with the width of the embedding table among its weights.
 pub fn model_config(dir: &Path, vocab_size: u64) -> Result<crate::model::ModelConfig> {
-    if let Some(model) = minigpt_json(dir).and_then(|v| serde_json::from_value::<crate::model::ModelConfig>(v["model"].clone()).ok()) {
+    if let Some(model) = declared_model(dir)? {
         ensure!(
             model.vocab_size == vocab_size,
             "{}: its minigpt.json declares a vocabulary of {}, its vocabulary has {vocab_size}",

@@ -93,6 +93,13 @@ pub fn train(cfg: &TrainConfig, corpus: &Corpus, out: &Path) -> Result<TrainSumm
         Some(dir) => crate::saved_model::model_config(dir, vocab.len() as u64)?,
         None => ModelConfig { vocab_size: vocab.len() as u64, ..cfg.model.clone() },
     };
+    if let Some(context) = model.context_limit() {
+        ensure!(
+            s.block_size as u64 <= context,
+            "--block-size {} exceeds the model's {context} positions (--init-from: give --block-size {context} or less)",
+            s.block_size
+        );
+    }
     let runner = build_runner(&model, s, &cfg.session)?;
     runner.init()?;
     if !cfg.quiet {

@@ -267,7 +267,7 @@ fn the_transformer_trains_with_dropout_and_says_what_it_is() {
     let vocab: u64 = serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap()["vocab"].as_array().unwrap().len() as u64;
     let block = 2 * c + 3 * c * c + 3 * c + c * c + c + 2 * c + 4 * c * c + 4 * c + 4 * c * c + c;
     let params = vocab * c + 16 * c + 2 * block + 2 * c + c * vocab + vocab;
-    assert!(v.contains(&format!("{} parameters", group_thousands(params))), "{v}");
+    assert!(v.contains(&format!("{} parameters", minigpt::info::thousands(params))), "{v}");
     let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
     assert_eq!((config["model"]["arch"].as_str(), config["model"]["dropout"].as_f64()), (Some("gpt"), Some(0.2)));
     let info = minigpt().arg("info").arg("--run").arg(&run).output().unwrap();
@@ -281,16 +281,4 @@ fn the_transformer_trains_with_dropout_and_says_what_it_is() {
     fails_with(&["train", "--data", c, "--out", &x, "--dropout", "0.1"], "--dropout applies to --model gpt");
     fails_with(&["train", "--data", c, "--out", &x, "--model", "gpt", "--dropout", "1"], "--dropout must be in [0, 1)");
     fails_with(&["train", "--data", c, "--out", &x, "--model", "gpt", "--n-head", "3"], "--n-head (3) must divide --n-embd (128)");
-}
-
-fn group_thousands(n: u64) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, ch) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(ch);
-    }
-    out
 }

@@ -23,7 +23,8 @@ fn python_loads_the_export_and_computes_minigpts_logits() {
 #[test]
 fn python_loads_a_gpt_export_and_minigpt_reads_it_back() {
     let tmp = tempfile::tempdir().unwrap();
-    let gpt = ["--model", "gpt", "--n-layer", "2", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "4"];
+    // With dropout, which serving must not apply (the logits are compared with minigpt's).
+    let gpt = ["--model", "gpt", "--n-layer", "2", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "4", "--dropout", "0.2"];
     let run = common::small_run(tmp.path(), 30_000, &[&gpt[..], &["--max-steps", "20", "--eval-batches", "1"]].concat());
     check_export(tmp.path(), &run, 16);
     let model = tmp.path().join("exported");
@@ -45,6 +46,24 @@ fn python_loads_a_gpt_export_and_minigpt_reads_it_back() {
     let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tuned.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["model"]["arch"], "gpt");
     assert_eq!(config["model"]["n_layer"], 2);
+    // Its shape is the SavedModel's: a longer context than its position table, or another model,
+    // is refused.
+    let refused = |extra: &[&str]| {
+        let out = common::minigpt()
+            .args(["train", "-q", "--max-steps", "5", "--data"])
+            .arg(tmp.path().join("small.txt"))
+            .arg("--init-from")
+            .arg(&model)
+            .arg("--out")
+            .arg(tmp.path().join("refused"))
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    assert!(refused(&["--block-size", "32"]).contains("--block-size 32 exceeds the model's 16 positions"));
+    assert!(refused(&["--n-layer", "3"]).contains("cannot be used with"));
 }
 
 /// Exports `run` to `dir/exported`; Python loads it: its logits on [2, t] tokens equal minigpt's,

@@ -33,6 +33,8 @@ struct Pass<'a> {
     past: Option<&'a [Output]>,
     /// P (0 without `past`)
     p: Output,
+    /// [T, P + T]: the causal mask, added to the attention scores.
+    mask: Output,
 }
 
 pub struct Gpt {
@@ -87,7 +89,7 @@ impl Gpt {
     /// and 3i+2 (the output).
     fn attention(&self, i: usize, x: Output, pass: &Pass, scope: &mut Scope) -> tensorflow::Result<(Output, [Output; 2])> {
         let block = &self.blocks[i];
-        let (bt, t) = (&pass.bt, &pass.t);
+        let bt = &pass.bt;
         let (c, h) = (self.cfg.n_embd as i64, self.cfg.n_head as i64);
         let d = c / h;
         let qkv = dense3(&block.qkv, x, bt, 3 * c, scope)?; // [B, T, 3C]
@@ -108,9 +110,9 @@ impl Gpt {
             v = tfx::concat(&[past[2 * i + 1].clone(), v], 2, scope)?;
         }
         let scores = ops::BatchMatMulV2::new().adj_y(true).build(q, k.clone(), scope)?; // [B, H, T, P + T]
-        let masked = ops::add_v2(scores, causal_bias(&pass.p, t, dtype, scope)?, scope)?;
+        let masked = ops::add_v2(scores, pass.mask.clone(), scope)?;
         let att = ops::softmax(masked, scope)?; // [B, H, T, P + T]
-        // (Train steps have no past: P = 0.)
+        // (`run` allows no dropout with a past: P = 0 here.)
         let dims = [pass.b.clone(), tfx::shape_const(&[h], scope)?, pass.t1.clone(), pass.t1.clone()];
         let att = self.dropout(att.into(), &dims, 3 * i as i64 + 1, pass, scope)?;
         let y = ops::BatchMatMulV2::new().build(att, v.clone(), scope)?; // [B, H, T, D]
@@ -144,7 +146,11 @@ impl Gpt {
             Some(past) => ops::reshape(element(&ops::shape(past[0].clone(), scope)?.into(), 2, scope)?, scalar, scope)?.into(),
             None => ops::constant(0i32, scope)?.into(),
         };
-        let pass = Pass { b: element(&bt, 0, scope)?, t1, t, bt, dropout, past, p };
+        if dropout.is_some() && past.is_some() {
+            return Err(tensorflow::Status::new_set_lossy(tensorflow::Code::InvalidArgument, "dropout applies to train steps, which have no cached positions"));
+        }
+        let mask = causal_bias(&p, &t, self.wte.embeddings.dtype, scope)?;
+        let pass = Pass { b: element(&bt, 0, scope)?, t1, t, bt, dropout, past, p, mask };
         let tok = self.wte.apply(tokens, scope)?; // rows [B, T, C]
         let end = ops::add_v2(pass.p.clone(), pass.t.clone(), scope)?;
         let positions = ops::range(pass.p.clone(), end, ops::constant(1i32, scope)?, scope)?; // P..P+T
@@ -211,7 +217,7 @@ fn causal_bias(p: &Output, t: &Output, dtype: DataType, scope: &mut Scope) -> te
     let keys = ops::range(ops::constant(0i32, scope)?, end, one, scope)?; // [P + T]
     let rows = ops::reshape(queries, tfx::shape_const(&[-1, 1], scope)?, scope)?;
     let cols = ops::reshape(keys, tfx::shape_const(&[1, -1], scope)?, scope)?;
-    let future = ops::less(rows, cols, scope)?; // [T, T]
+    let future = ops::less(rows, cols, scope)?; // [T, P + T]
     let future = ops::Cast::new().DstT(dtype).build(future, scope)?;
     Ok(ops::mul(future, tfx::scalar(dtype, -1e9, scope)?, scope)?.into())
 }

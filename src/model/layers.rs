@@ -26,13 +26,15 @@ pub fn uniform_init(
 /// Inverted dropout (`tf.nn.dropout`) in train steps: each element kept with probability
 /// `1 - rate` and scaled by `1 / (1 - rate)`; outside train steps the rate is 0 and `x` comes out
 /// unchanged. `shape` (x's) must be computed without x: the gradient builder would follow it into
-/// the random op. `site` tells this dropout's masks from the others' in the same step.
+/// the random op. `site` tells this dropout's masks from the others' in the same step: the
+/// generator's key is (seed + site·φ, step), φ an odd 64-bit constant, distinct for every site.
 pub fn dropout(x: Output, shape: Output, rate: f64, d: &Dropout, site: i64, scope: &mut Scope) -> tensorflow::Result<Output> {
+    const PHI: u64 = 0x9E37_79B9_7F4A_7C15;
     let dtype = x.operation.output_type(x.index as usize);
-    let step = ops::mul(d.step.clone(), ops::constant(1024i64, scope)?, scope)?;
-    let key = ops::add_v2(step, ops::constant(site, scope)?, scope)?;
+    let key = d.seed.wrapping_add(site.wrapping_mul(PHI as i64));
     let one = tfx::shape_const(&[1], scope)?;
-    let seed = tfx::concat(&[ops::constant(&[d.seed][..], scope)?.into(), ops::reshape(key, one, scope)?.into()], 0, scope)?; // [2] int64
+    let step = ops::reshape(d.step.clone(), one, scope)?.into();
+    let seed = tfx::concat(&[ops::constant(&[key][..], scope)?.into(), step], 0, scope)?; // [2] int64
     let u = ops::StatelessRandomUniform::new().dtype(dtype).build(shape, seed, scope)?; // [0, 1)
     let zero = tfx::scalar(dtype, 0.0, scope)?;
     let rate = ops::select_v2(d.training.clone(), tfx::scalar(dtype, rate, scope)?, zero, scope)?; // []

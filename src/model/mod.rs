@@ -118,6 +118,11 @@ impl ModelConfig {
         Self { arch: Arch::Gpt, vocab_size, n_embd, n_layer, n_head, block_size, dropout: 0.0 }
     }
 
+    /// The longest context the model takes (the GPT's position table), if it has a limit.
+    pub fn context_limit(&self) -> Option<u64> {
+        (self.arch == Arch::Gpt).then_some(self.block_size)
+    }
+
     /// One line: `bigram, n_embd 128` or `gpt, 4 blocks, 4 heads, n_embd 128, block 64, dropout 0`.
     pub fn describe(&self) -> String {
         match self.arch {
