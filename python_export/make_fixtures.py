@@ -57,6 +57,14 @@ def save(out, rel, array):
     np.save(path, np.ascontiguousarray(array))
 
 
+def write_manifest(out, manifest):
+    """`out/manifest.json`, written under a temporary name and renamed into place."""
+    tmp = os.path.join(out, "manifest.json.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=1, ensure_ascii=False)
+    os.replace(tmp, os.path.join(out, "manifest.json"))
+
+
 def weights():
     m = nb.model
     return dict(zip(VARS, [m.embedding.embeddings, m.dense.kernel, m.dense.bias]))
@@ -179,9 +187,7 @@ def main():
     save(out, "curve/losses.npy", np.array([loss for _, loss in logged], dtype=np.float32))
     manifest["curve_steps"] = args.curve_steps
 
-    with open(os.path.join(out, "manifest.json.tmp"), "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=1, ensure_ascii=False)
-    os.replace(os.path.join(out, "manifest.json.tmp"), os.path.join(out, "manifest.json"))
+    write_manifest(out, manifest)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ name with `/` written as `.`):
 
 import argparse
 import hashlib
-import json
 import os
 import sys
 
@@ -24,12 +23,7 @@ import tensorflow as tf
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gpt  # noqa: E402
-
-
-def save(out, rel, array):
-    path = os.path.join(out, rel)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    np.save(path, np.ascontiguousarray(array))
+from make_fixtures import file_name, save, write_manifest  # noqa: E402
 
 
 def main():
@@ -49,9 +43,9 @@ def main():
         raw = f.read()
     text = raw.decode("utf-8")
     chars = sorted(set(text))
-    ids = np.array([chars.index(c) for c in text[: 10 * (args.block_size + 1) * args.batch_size]], dtype=np.int32)
     t, b = args.block_size, args.batch_size
-    windows = ids[: b * (t + 1)].reshape(b, t + 1)
+    ids = np.array([chars.index(c) for c in text[: b * (t + 1)]], dtype=np.int32)
+    windows = ids.reshape(b, t + 1)
     x, y = windows[:, :-1], windows[:, 1:]
 
     model = gpt.GPT(len(chars), args.n_embd, args.n_layer, args.n_head, args.block_size)
@@ -63,7 +57,7 @@ def main():
         if v.path.split("/")[-1] in ("bias", "gamma", "beta"):
             v.assign(v.numpy() + rng.normal(0.0, 0.1, v.shape).astype(np.float32))
     for name, value in gpt.to_minigpt(model).items():
-        save(args.out, f"init/{name.replace('/', '.')}.npy", value)
+        save(args.out, f"init/{file_name(name)}.npy", value)
 
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     with tf.GradientTape() as tape:
@@ -74,14 +68,11 @@ def main():
     save(args.out, "y.npy", y)
     save(args.out, "logits.npy", logits.numpy())
     for name, g in gpt.to_minigpt(model, grads).items():
-        save(args.out, f"grad/{name.replace('/', '.')}.npy", g)
+        save(args.out, f"grad/{file_name(name)}.npy", g)
 
     manifest = dict(model.config, vocab=chars, data_sha256=hashlib.sha256(raw).hexdigest(),
                     loss=float(loss.numpy()), tensorflow=tf.__version__, keras=keras.__version__)
-    tmp = os.path.join(args.out, "manifest.json.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=1, ensure_ascii=False)
-    os.replace(tmp, os.path.join(args.out, "manifest.json"))
+    write_manifest(args.out, manifest)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,13 @@ pub struct Cache {
     pub logits: Output,
 }
 
+impl Cache {
+    /// Caches of no position ([1, H, 0, D] each): a pass over the whole context.
+    pub fn empty(&self) -> Vec<Tensor<f32>> {
+        (0..self.past.len()).map(|_| Tensor::new(&[1, self.spec.heads, 0, self.spec.head_dim])).collect()
+    }
+}
+
 /// The in-graph sampling loop: `sample/start` [1] int32 (the last prompt id) and `sample/count`
 /// (int32 scalar) → `ids` [count] int64.
 pub struct Chain {
@@ -239,23 +246,10 @@ pub fn generate(runner: &Runner, prompt: &[i32], n_chars: usize, temperature: f3
 /// left empty. The same ops and random stream, for comparison.
 pub fn generate_uncached(runner: &Runner, prompt: &[i32], n_chars: usize, temperature: f32, emit: impl FnMut(i32) -> Result<()>) -> Result<Vec<i32>> {
     let sampler = runner.g.sampler.as_ref().context("the graph was built without a sampler")?;
-    let cache = sampler.cache.as_ref().context("the model keeps no attention cache")?;
+    ensure!(sampler.cache.is_some(), "the model keeps no attention cache");
     ensure!(runner.g.dtype == DataType::Float, "generation runs float32 graphs");
     ensure!(temperature > 0.0 && temperature.is_finite(), "--temperature must be a positive number, got {temperature}");
-    let temperature = Tensor::from(temperature);
-    let empty: Vec<Tensor<f32>> = (0..cache.past.len()).map(|_| Tensor::new(&[1, cache.spec.heads, 0, cache.spec.head_dim])).collect();
-    generate_with(prompt, n_chars, runner.g.model.context_size(), emit, |window| {
-        let context = Tensor::new(&[1, window.len() as u64]).with_values(window)?;
-        let mut args = SessionRunArgs::new();
-        args.add_feed(&sampler.context, 0, &context);
-        args.add_feed(&sampler.temperature.operation, 0, &temperature);
-        for (op, t) in cache.past.iter().zip(&empty) {
-            args.add_feed(op, 0, t);
-        }
-        let next = args.request_fetch(&sampler.next.operation, sampler.next.index);
-        runner.session.run(&mut args).context("sampling")?;
-        Ok(args.fetch::<i64>(next)?[0] as i32)
-    })
+    generate_stepwise(runner, prompt, n_chars, Tensor::from(temperature), emit)
 }
 
 /// One `Session::run` per character with the attention caches (see the module's documentation).
@@ -270,8 +264,6 @@ fn generate_cached(
     mut emit: impl FnMut(i32) -> Result<()>,
 ) -> Result<Vec<i32>> {
     ensure!(runner.g.dtype == DataType::Float, "generation runs float32 graphs");
-    let (h, d) = (cache.spec.heads, cache.spec.head_dim);
-    let empty = || Tensor::<f32>::new(&[1, h, 0, d]);
     let mut ids = prompt.to_vec();
     // The cache holds the positions ids[start..start + cached].
     let (mut start, mut cached) = (0, 0);
@@ -280,7 +272,7 @@ fn generate_cached(
         let window = ids.len().saturating_sub(block);
         if window != start || past.is_empty() {
             (start, cached) = (window, 0);
-            past = (0..cache.past.len()).map(|_| empty()).collect();
+            past = cache.empty();
         }
         let new = &ids[start + cached..];
         let tokens = Tensor::new(&[1, new.len() as u64]).with_values(new)?;
@@ -307,15 +299,22 @@ fn generate_cached(
     Ok(ids.split_off(prompt.len()))
 }
 
-/// One `Session::run` per character (`sample/next`), for models without attention caches (a
-/// GPT's sampler needs its caches fed: [`generate`] or [`generate_uncached`]).
+/// One `Session::run` per character (`sample/next`) over the whole (cropped) context; a model's
+/// attention caches, if it has any, are fed empty.
 pub fn generate_stepwise(runner: &Runner, prompt: &[i32], n_chars: usize, temperature: Tensor<f32>, emit: impl FnMut(i32) -> Result<()>) -> Result<Vec<i32>> {
     let sampler = runner.g.sampler.as_ref().context("the graph was built without a sampler")?;
+    let (past, empty) = match &sampler.cache {
+        Some(cache) => (&cache.past[..], cache.empty()),
+        None => (&[][..], Vec::new()),
+    };
     generate_with(prompt, n_chars, runner.g.model.context_size(), emit, |window| {
         let context = Tensor::new(&[1, window.len() as u64]).with_values(window)?;
         let mut args = SessionRunArgs::new();
         args.add_feed(&sampler.context, 0, &context);
         args.add_feed(&sampler.temperature.operation, 0, &temperature);
+        for (op, t) in past.iter().zip(&empty) {
+            args.add_feed(op, 0, t);
+        }
         let next = args.request_fetch(&sampler.next.operation, sampler.next.index);
         runner.session.run(&mut args).context("sampling")?;
         Ok(args.fetch::<i64>(next)?[0] as i32)

@@ -131,13 +131,17 @@ fn a_damaged_checkpoint_is_named_and_the_previous_one_used() {
 fn a_diverging_run_stops_at_the_first_non_finite_loss_keeping_the_last_good_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
     let corpus = tiny_corpus(tmp.path());
-    let dir = tmp.path().join("run");
-    let out = minigpt()
-        .args(["train", "--block-size", "16", "--lr", "1e30", "--save-every", "1", "--data", corpus.to_str().unwrap(), "--out", dir.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let line = last_stderr_line(&out);
+    // Trains into tmp/`name` at learning rate `lr`, expecting failure; its last stderr line.
+    let diverge = |name: &str, lr: &str| {
+        let dir = tmp.path().join(name);
+        let out = minigpt()
+            .args(["train", "--block-size", "16", "--lr", lr, "--save-every", "1", "--data", corpus.to_str().unwrap(), "--out", dir.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        (dir, last_stderr_line(&out))
+    };
+    let (dir, line) = diverge("run", "1e30");
     assert!(line.starts_with("error: training stopped: the loss became NaN at step 1"), "{line}");
     // ckpt-1 holds the weights whose loss was NaN: it is discarded, ckpt-0 does not exist.
     assert!(line.ends_with("no good checkpoint is left"), "{line}");
@@ -145,13 +149,7 @@ fn a_diverging_run_stops_at_the_first_non_finite_loss_keeping_the_last_good_chec
 
     // With a lower rate it diverges later; the checkpoint before the bad step (whose own loss
     // was finite) stays the newest, and the run resumes from it.
-    let dir = tmp.path().join("later");
-    let out = minigpt()
-        .args(["train", "--block-size", "16", "--lr", "1e17", "--save-every", "1", "--data", corpus.to_str().unwrap(), "--out", dir.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let line = last_stderr_line(&out);
+    let (dir, line) = diverge("later", "1e17");
     let step: u64 = line.split("at step ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
     assert!(step > 1, "{line}");
     assert!(line.contains(&format!("the newest checkpoint is still {}", dir.join(format!("ckpt/ckpt-{}", step - 1)).display())), "{line}");

@@ -18,7 +18,7 @@ struct Block {
 }
 
 /// Shapes of one forward pass, computed from the tokens (not from activations: see
-/// [`layers::dropout`]), its dropout, and the cached keys and values it continues from.
+/// [`layers::DropoutPass::apply`]), its dropout, and the cached keys and values it continues from.
 struct Pass<'a> {
     /// (B, T)
     bt: Output,
@@ -28,7 +28,7 @@ struct Pass<'a> {
     t1: Output,
     /// T
     t: Output,
-    dropout: Option<&'a Dropout>,
+    dropout: Option<layers::DropoutPass<'a>>,
     /// Keys and values of the P earlier positions, 2 per block: [B, H, P, D].
     past: Option<&'a [Output]>,
     /// P (0 without `past`)
@@ -75,12 +75,9 @@ impl Gpt {
 
     /// Dropout at `site` of x with shape `dims` (shape tensors), when this pass has dropout.
     fn dropout(&self, x: Output, dims: &[Output], site: i64, pass: &Pass, scope: &mut Scope) -> tensorflow::Result<Output> {
-        match pass.dropout {
-            Some(d) if self.cfg.dropout > 0.0 => {
-                let shape = tfx::concat(dims, 0, scope)?;
-                layers::dropout(x, shape, self.cfg.dropout, d, site, scope)
-            }
-            _ => Ok(x),
+        match &pass.dropout {
+            Some(dropout) => dropout.apply(x, tfx::concat(dims, 0, scope)?, site, scope),
+            None => Ok(x),
         }
     }
 
@@ -149,7 +146,12 @@ impl Gpt {
         if dropout.is_some() && past.is_some() {
             return Err(tensorflow::Status::new_set_lossy(tensorflow::Code::InvalidArgument, "dropout applies to train steps, which have no cached positions"));
         }
-        let mask = causal_bias(&p, &t, self.wte.embeddings.dtype, scope)?;
+        let dtype = self.wte.embeddings.dtype;
+        let mask = causal_bias(&p, &t, dtype, scope)?;
+        let dropout = match dropout {
+            Some(d) if self.cfg.dropout > 0.0 => Some(layers::DropoutPass::new(self.cfg.dropout, dtype, d, scope)?),
+            _ => None,
+        };
         let pass = Pass { b: element(&bt, 0, scope)?, t1, t, bt, dropout, past, p, mask };
         let tok = self.wte.apply(tokens, scope)?; // rows [B, T, C]
         let end = ops::add_v2(pass.p.clone(), pass.t.clone(), scope)?;

@@ -23,24 +23,40 @@ pub fn uniform_init(
     Ok(ops::sub(scaled, offset, scope)?.into())
 }
 
-/// Inverted dropout (`tf.nn.dropout`) in train steps: each element kept with probability
-/// `1 - rate` and scaled by `1 / (1 - rate)`; outside train steps the rate is 0 and `x` comes out
-/// unchanged. `shape` (x's) must be computed without x: the gradient builder would follow it into
-/// the random op. `site` tells this dropout's masks from the others' in the same step: the
-/// generator's key is (seed + site·φ, step), φ an odd 64-bit constant, distinct for every site.
-pub fn dropout(x: Output, shape: Output, rate: f64, d: &Dropout, site: i64, scope: &mut Scope) -> tensorflow::Result<Output> {
-    const PHI: u64 = 0x9E37_79B9_7F4A_7C15;
-    let dtype = x.operation.output_type(x.index as usize);
-    let key = d.seed.wrapping_add(site.wrapping_mul(PHI as i64));
-    let one = tfx::shape_const(&[1], scope)?;
-    let step = ops::reshape(d.step.clone(), one, scope)?.into();
-    let seed = tfx::concat(&[ops::constant(&[key][..], scope)?.into(), step], 0, scope)?; // [2] int64
-    let u = ops::StatelessRandomUniform::new().dtype(dtype).build(shape, seed, scope)?; // [0, 1)
-    let zero = tfx::scalar(dtype, 0.0, scope)?;
-    let rate = ops::select_v2(d.training.clone(), tfx::scalar(dtype, rate, scope)?, zero, scope)?; // []
-    let keep = ops::Cast::new().DstT(dtype).build(ops::greater_equal(u, rate.clone(), scope)?, scope)?;
-    let scale = ops::real_div(tfx::scalar(dtype, 1.0, scope)?, ops::sub(tfx::scalar(dtype, 1.0, scope)?, rate, scope)?, scope)?;
-    Ok(ops::mul(x, ops::mul(keep, scale, scope)?, scope)?.into())
+/// Inverted dropout (`tf.nn.dropout`) for one forward pass: in train steps each element is kept
+/// with probability `1 - rate` and scaled by `1 / (1 - rate)`; outside them the rate is 0 and
+/// every `x` comes out unchanged. The rate in effect and the scale are built once, for every site.
+pub struct DropoutPass<'a> {
+    d: &'a Dropout,
+    /// [] the rate in effect
+    rate: Output,
+    /// [] 1 / (1 - rate)
+    scale: Output,
+}
+
+impl<'a> DropoutPass<'a> {
+    pub fn new(rate: f64, dtype: DataType, d: &'a Dropout, scope: &mut Scope) -> tensorflow::Result<Self> {
+        let zero = tfx::scalar(dtype, 0.0, scope)?;
+        let rate: Output = ops::select_v2(d.training.clone(), tfx::scalar(dtype, rate, scope)?, zero, scope)?.into();
+        let one = tfx::scalar(dtype, 1.0, scope)?;
+        let scale = ops::real_div(one.clone(), ops::sub(one, rate.clone(), scope)?, scope)?.into();
+        Ok(Self { d, rate, scale })
+    }
+
+    /// x with its elements dropped. `shape` (x's) must be computed without x: the gradient
+    /// builder would follow it into the random op. `site` tells this dropout's masks from the
+    /// others' in the same step: the generator's key is (seed + site·φ, step), φ an odd 64-bit
+    /// constant, distinct for every site.
+    pub fn apply(&self, x: Output, shape: Output, site: i64, scope: &mut Scope) -> tensorflow::Result<Output> {
+        const PHI: u64 = 0x9E37_79B9_7F4A_7C15;
+        let dtype = x.operation.output_type(x.index as usize);
+        let key = self.d.seed.wrapping_add(site.wrapping_mul(PHI as i64));
+        let step = ops::reshape(self.d.step.clone(), tfx::shape_const(&[1], scope)?, scope)?.into();
+        let seed = tfx::concat(&[ops::constant(&[key][..], scope)?.into(), step], 0, scope)?; // [2] int64
+        let u = ops::StatelessRandomUniform::new().dtype(dtype).build(shape, seed, scope)?; // [0, 1)
+        let keep = ops::Cast::new().DstT(dtype).build(ops::greater_equal(u, self.rate.clone(), scope)?, scope)?;
+        Ok(ops::mul(x, ops::mul(keep, self.scale.clone(), scope)?, scope)?.into())
+    }
 }
 
 /// `layers.Embedding(vocab_size, n_embd)`: initializer `uniform(-0.05, 0.05)`.
