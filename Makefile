@@ -1,7 +1,7 @@
 # minigpt — every target does the set-up it needs and is safe to run again.
 #   make train   set up, build, train the notebook's configuration, print a sample
 #   make train-gpt  set up, build, train the transformer at the quality target's configuration
-#   make test    set up, run every test
+#   make test    set up, check formatting and lints (rustfmt, clippy -D warnings), run every test
 #   make parity  set up, compare minigpt with the notebook under Python TensorFlow, print a table
 #   make bench   set up, time the notebook's code and minigpt side by side (bench/results.md)
 #
@@ -63,6 +63,8 @@ train-gpt: build
 	$(BIN) generate --run $(RUN_GPT) --prompt "ROMEO:" --chars 300 --top-k 20
 
 test: setup
+	cargo fmt --check
+	cargo clippy --all-targets --quiet -- -D warnings
 	cargo test
 
 parity: setup

@@ -1,10 +1,19 @@
 //! Links the TensorFlow C library from `.tf/lib` (made by `make setup` from the pip wheel) and
-//! embeds its path as an rpath, so binaries and tests run with no environment variables.
+//! embeds its path as an rpath, so binaries and tests run with no environment variables; and
+//! generates TensorFlow's protobuf types from `proto/tensorflow.fds.pb` (the descriptors of the
+//! pinned wheel, written by `python_export/proto_descriptors.py`) with prost-build, no protoc.
 
 use std::path::PathBuf;
 use std::process::exit;
 
+use prost::Message;
+
 fn main() {
+    link_tensorflow();
+    generate_protos();
+}
+
+fn link_tensorflow() {
     println!("cargo:rerun-if-env-changed=MINIGPT_TF_LIB");
     let lib_dir = match std::env::var_os("MINIGPT_TF_LIB") {
         Some(dir) => PathBuf::from(dir),
@@ -21,4 +30,20 @@ fn main() {
     println!("cargo:rustc-link-lib=dylib=tensorflow");
     println!("cargo:rustc-link-lib=dylib=tensorflow_framework");
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib_dir.display());
+}
+
+fn generate_protos() {
+    const FDS: &str = "proto/tensorflow.fds.pb";
+    println!("cargo:rerun-if-changed={FDS}");
+    let fail = |what: String| -> ! {
+        eprintln!("error: {what}");
+        exit(1);
+    };
+    let bytes = std::fs::read(FDS).unwrap_or_else(|e| fail(format!("reading {FDS}: {e}")));
+    let fds = prost_types::FileDescriptorSet::decode(&bytes[..]).unwrap_or_else(|e| fail(format!("{FDS}: {e}")));
+    let mut config = prost_build::Config::new();
+    // Deterministic encoding: a SavedModel written twice is the same bytes.
+    config.btree_map(["."]);
+    config.include_file("tensorflow_protos.rs");
+    config.compile_fds(fds).unwrap_or_else(|e| fail(format!("generating protobuf types from {FDS}: {e}")));
 }

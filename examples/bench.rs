@@ -11,10 +11,12 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use anyhow::Result;
 use clap::Parser;
 use minigpt::data::{self, Batches, Shuffle, Vocab, NOTEBOOK_SHUFFLE_BUFFER};
-use minigpt::graph::{GraphOptions, ModelGraph, Runner};
-use minigpt::model::{Arch, ModelConfig};
-use minigpt::sample::{self, SamplerConfig};
-use minigpt::tfx::SessionConfig;
+use minigpt::device::SessionConfig;
+use minigpt::graph::{GraphOptions, Runner};
+use minigpt::model::ModelConfig;
+use minigpt::optim::AdamConfig;
+use minigpt::sample::{self, Generation};
+use minigpt::sampler::SamplerConfig;
 use serde_json::json;
 use tensorflow::Tensor;
 
@@ -49,7 +51,7 @@ fn main() -> Result<()> {
         println!("{}", data::local_path(&args.data)?.display());
         return Ok(());
     }
-    let session: SessionConfig = args.session.to_config();
+    let session: SessionConfig = args.session.to_config(Default::default());
 
     // Time to first step: corpus, vocabulary, graph, session, first batch, first step.
     let corpus = data::load_corpus(&args.data)?;
@@ -57,8 +59,7 @@ fn main() -> Result<()> {
     let encoded = vocab.encode(&corpus.text)?;
     let (train, _) = data::split(&encoded);
     let cfg = ModelConfig::bigram(vocab.len() as u64, 128);
-    let opts = GraphOptions { sampler: Some(SamplerConfig::default()), ..GraphOptions::new(1337) };
-    let runner = Runner::new(ModelGraph::build(&cfg, &opts)?, session)?;
+    let runner = Runner::new(&cfg, &GraphOptions::training(1337, AdamConfig::default()), session)?;
     runner.init()?;
     let (t, b) = (64usize, 32usize);
     let mut x = Tensor::<i32>::new(&[b as u64, t as u64]);
@@ -99,16 +100,20 @@ fn main() -> Result<()> {
     }
     let step_rate = args.steps as f64 / start.elapsed().as_secs_f64();
 
-    // 4. Generation, as `minigpt generate` does it (after a short warm-up call): the median of 5
-    //    calls for 200 characters, one call for 2000.
+    // 4. Generation, as `minigpt generate` does it (its inference graph with the trained weights,
+    //    after a short warm-up call): the median of 5 calls for 200 characters, one for 2000.
     let prompt = vocab.encode("To be, or not to be")?;
-    sample::generate(&runner, &prompt, 10, 1.0, |_| Ok(()))?;
+    let sampler = SamplerConfig::default();
+    let generator = Runner::new(&cfg, &GraphOptions::sampling(sampler), session)?;
+    generator.set_weights(&runner.weights::<f32>()?)?;
+    let how = |chars| Generation { chars, sampler, stepwise: false };
+    sample::generate(&generator, &prompt, &how(10), |_| Ok(()))?;
     let mut generate = Vec::new();
     for (n, calls) in [(200usize, 5), (2000, 1)] {
         let mut rates = Vec::new();
         for _ in 0..calls {
             let start = Instant::now();
-            sample::generate(&runner, &prompt, n, 1.0, |_| Ok(()))?;
+            sample::generate(&generator, &prompt, &how(n), |_| Ok(()))?;
             rates.push(n as f64 / start.elapsed().as_secs_f64());
         }
         rates.sort_by(f64::total_cmp);

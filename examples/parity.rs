@@ -10,7 +10,11 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use minigpt::{data, parity};
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use common::parity;
+use minigpt::data;
 
 fn main() -> ExitCode {
     match run() {
@@ -37,7 +41,7 @@ fn run() -> anyhow::Result<bool> {
     parity::make_fixtures(&python, &root, &local, &out)?;
     let gpt_out = out.join("gpt");
     parity::make_gpt_fixtures(&python, &root, &local, &gpt_out)?;
-    let session = minigpt::tfx::SessionConfig { xla, ..Default::default() };
+    let session = minigpt::device::SessionConfig { xla, ..Default::default() };
     let mut checks = parity::check(&out, &corpus, session)?;
     checks.extend(parity::check_gpt(&gpt_out, &corpus, session)?);
     print!("{}", parity::Table(&checks));

@@ -9,9 +9,9 @@
 use anyhow::Result;
 use clap::Parser;
 use minigpt::data::{self, Batches, Shuffle, Vocab};
-use minigpt::graph::{GraphOptions, ModelGraph, Runner};
+use minigpt::graph::{GraphOptions, Runner};
 use minigpt::model::{Arch, ModelConfig};
-use tensorflow::{SessionRunArgs, Tensor};
+use tensorflow::Tensor;
 
 #[derive(Parser)]
 struct Args {
@@ -33,9 +33,6 @@ struct Args {
     session: minigpt::cli::SessionArgs,
 }
 
-/// `RunOptions { trace_level: FULL_TRACE }` (field 1, value 3).
-const FULL_TRACE: [u8; 2] = [1 << 3, 3];
-
 fn main() -> Result<()> {
     let args = Args::parse();
     let corpus = data::load_corpus(&args.data)?;
@@ -47,7 +44,8 @@ fn main() -> Result<()> {
         Arch::Bigram => ModelConfig::bigram(vocab.len() as u64, 128),
         Arch::Gpt => ModelConfig::gpt(vocab.len() as u64, 128, args.n_layer, args.n_head, t as u64),
     };
-    let runner = Runner::new(ModelGraph::build(&cfg, &GraphOptions::new(1337))?, args.session.to_config())?;
+    let session = args.session.to_config(Default::default());
+    let runner = Runner::new(&cfg, &GraphOptions::training(1337, Default::default()), session)?;
     runner.init()?;
     let mut x = Tensor::<i32>::new(&[b as u64, t as u64]);
     let mut y = Tensor::<i32>::new(&[b as u64, t as u64]);
@@ -60,37 +58,35 @@ fn main() -> Result<()> {
         batches.fill(&mut x, &mut y);
         runner.train_step::<f32>(&x, &y)?;
     }
-    eprintln!("untraced: {:.2} ms per step (mean of 200 after 100 warm-up)", started.elapsed().as_secs_f64() * 1e3 / 200.0);
+    eprintln!(
+        "untraced: {:.2} ms per step (mean of 200 after 100 warm-up)",
+        started.elapsed().as_secs_f64() * 1e3 / 200.0
+    );
     let mut out = Vec::new();
     for _ in 0..20 {
         batches.fill(&mut x, &mut y);
-        let mut step = SessionRunArgs::new();
-        step.add_feed(&runner.g.tokens, 0, &x);
-        step.add_feed(&runner.g.targets, 0, &y);
-        step.add_target(&runner.g.train_op);
-        step.set_run_options(&FULL_TRACE);
-        step.set_request_metadata(true);
-        runner.session.run(&mut step)?;
-        let metadata = step.get_metadata().unwrap_or_default();
+        let (_, metadata) = runner.train_step_traced(&x, &y)?;
         out.extend((metadata.len() as u64).to_le_bytes());
-        out.extend_from_slice(metadata);
+        out.extend_from_slice(&metadata);
     }
-    minigpt::checkpoint::write_atomic(&args.out, &out)?;
+    minigpt::files::write_atomic(&args.out, &out)?;
 
     // Generation (gpt): `block_size` characters with the attention caches and without.
     if args.model == Arch::Gpt {
-        let opts = GraphOptions { sampler: Some(Default::default()), ..GraphOptions::new(1337) };
-        let runner = Runner::new(ModelGraph::build(&cfg, &opts)?, args.session.to_config())?;
+        let sampler = minigpt::sampler::SamplerConfig::default();
+        let runner = Runner::new(&cfg, &GraphOptions::sampling(sampler), session)?;
         runner.init()?;
         let prompt = [vocab.encode("T")?[0]];
         for cached in [true, false, true, false] {
             let start = std::time::Instant::now();
-            match cached {
-                true => minigpt::sample::generate(&runner, &prompt, t - 1, 1.0, |_| Ok(()))?,
-                false => minigpt::sample::generate_uncached(&runner, &prompt, t - 1, 1.0, |_| Ok(()))?,
-            };
+            let how = minigpt::sample::Generation { chars: t - 1, sampler, stepwise: !cached };
+            minigpt::sample::generate(&runner, &prompt, &how, |_| Ok(()))?;
             let per_char = start.elapsed().as_secs_f64() * 1e3 / (t - 1) as f64;
-            eprintln!("untraced: generate {} chars, {}: {per_char:.2} ms per char", t - 1, if cached { "cached" } else { "whole context" });
+            eprintln!(
+                "untraced: generate {} chars, {}: {per_char:.2} ms per char",
+                t - 1,
+                if cached { "cached" } else { "whole context" }
+            );
         }
     }
     Ok(())

@@ -1,22 +1,23 @@
-//! Command-line interface: clap types, validation into configs, dispatch.
+//! The command line: clap types, their one conversion into each command's validated config
+//! (the raw flags stay here), and dispatch to the module that does the work.
 
-use std::io::Write;
 use std::path::PathBuf;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{ensure, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::checkpoint::{RunDir, TrainSettings};
-use crate::data::{self, Shuffle, Vocab, NOTEBOOK_SHUFFLE_BUFFER};
-use crate::device::{self, DeviceChoice};
-use crate::graph::GraphOptions;
-use crate::model::{Arch, ModelConfig};
+use crate::data::{self, Shuffle, NOTEBOOK_BATCH_SIZE, NOTEBOOK_BLOCK_SIZE, NOTEBOOK_SHUFFLE_BUFFER};
+use crate::device::{self, DeviceChoice, SessionConfig};
+use crate::eval::{self, EvalConfig, Split};
+use crate::graph;
+use crate::info;
+use crate::model::{Arch, ModelConfig, ModelShape};
 use crate::optim::AdamConfig;
-use crate::checkpoint::KEEP_CHECKPOINTS;
-use crate::sample::{self, SamplerConfig};
-use crate::saved_model;
-use crate::tfx::SessionConfig;
-use crate::train::{self, TrainConfig};
+use crate::run::{TrainSettings, KEEP_CHECKPOINTS};
+use crate::sample::{self, GenerateConfig, Generation};
+use crate::sampler::SamplerConfig;
+use crate::saved_model::{self, OpenOptions};
+use crate::train::{self, Report, Start, TrainConfig, NOTEBOOK_EPOCHS};
 
 #[derive(Parser, Debug)]
 #[command(name = "minigpt", version, about = "Train and sample a character-level GPT on TensorFlow, from Rust")]
@@ -29,6 +30,7 @@ pub struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
+#[allow(clippy::large_enum_variant)] // one value per process
 pub enum Command {
     /// List the devices TensorFlow sees.
     Devices,
@@ -85,10 +87,10 @@ pub struct TrainArgs {
     #[arg(long)]
     pub max_steps: Option<u64>,
     /// Characters per training window.
-    #[arg(long, default_value_t = 64, conflicts_with = "resume")]
+    #[arg(long, default_value_t = NOTEBOOK_BLOCK_SIZE, conflicts_with = "resume")]
     pub block_size: usize,
     /// Windows per batch.
-    #[arg(long, default_value_t = DEFAULT_BATCH_SIZE, conflicts_with = "resume")]
+    #[arg(long, default_value_t = NOTEBOOK_BATCH_SIZE, conflicts_with = "resume")]
     pub batch_size: usize,
     /// Embedding width.
     #[arg(long, alias = "n-embd", default_value_t = 128, conflicts_with = "resume")]
@@ -160,80 +162,61 @@ pub struct TrainArgs {
 }
 
 impl TrainArgs {
-    /// Validates the raw flags into a [`TrainConfig`].
+    /// The one conversion of the raw flags into a validated [`TrainConfig`]; the settings pass
+    /// the same checks as a `config.json` read back.
     pub fn to_config(&self) -> Result<TrainConfig> {
-        ensure!(self.block_size > 0, "--block-size must be at least 1");
-        ensure!(self.batch_size > 0, "--batch-size must be at least 1");
-        ensure!(self.embedding_dim > 0, "--embedding-dim must be at least 1");
-        ensure!(self.epochs != Some(0), "--epochs must be at least 1");
-        ensure!(self.save_every != Some(0), "--save-every must be at least 1");
-        ensure!(self.eval_every != Some(0), "--eval-every must be at least 1");
-        ensure!(self.keep > 0, "--keep must be at least 1");
-        ensure!(self.max_steps != Some(0), "--max-steps must be at least 1");
         ensure!(self.log_every > 0, "--log-every must be at least 1");
         ensure!(self.eval_batches != Some(0), "--eval-batches must be at least 1");
-        ensure!(self.lr > 0.0 && self.lr.is_finite(), "--lr must be a positive number");
-        ensure!(self.min_lr >= 0.0 && self.min_lr <= self.lr, "--min-lr must be between 0 and --lr");
-        ensure!(self.weight_decay >= 0.0 && self.weight_decay.is_finite(), "--weight-decay must be 0 or more");
-        ensure!((0.0..1.0).contains(&self.beta1) && (0.0..1.0).contains(&self.beta2), "--beta1 and --beta2 must be in [0, 1)");
-        ensure!(self.grad_clip.is_none_or(|c| c > 0.0 && c.is_finite()), "--grad-clip must be a positive number");
-        ensure!(
-            self.lr_decay_steps.is_none_or(|d| d > self.warmup_steps),
-            "--lr-decay-steps must be larger than --warmup-steps"
-        );
-        let shuffle = match self.shuffle {
-            ShuffleArg::Buffer => Shuffle::Buffer(NOTEBOOK_SHUFFLE_BUFFER),
-            ShuffleArg::Global => Shuffle::Global,
-            ShuffleArg::None => Shuffle::None,
+        ensure!(self.epochs != Some(0), "--epochs must be at least 1");
+        ensure!(self.max_steps != Some(0), "--max-steps must be at least 1");
+        let settings = TrainSettings {
+            epochs: self.epochs.unwrap_or(NOTEBOOK_EPOCHS),
+            max_steps: self.max_steps,
+            block_size: self.block_size,
+            batch_size: self.batch_size,
+            adam: AdamConfig {
+                learning_rate: self.lr,
+                beta_1: self.beta1,
+                beta_2: self.beta2,
+                warmup_steps: self.warmup_steps,
+                decay_steps: self.lr_decay_steps,
+                min_lr: self.min_lr,
+                weight_decay: self.weight_decay,
+                clip_norm: self.grad_clip,
+                ..AdamConfig::default()
+            },
+            shuffle: match self.shuffle {
+                ShuffleArg::Buffer => Shuffle::Buffer(NOTEBOOK_SHUFFLE_BUFFER),
+                ShuffleArg::Global => Shuffle::Global,
+                ShuffleArg::None => Shuffle::None,
+            },
+            seed: self.seed,
+            device: self.device,
+            save_every: self.save_every,
+            eval_every: self.eval_every,
+            keep: self.keep,
         };
-        Ok(TrainConfig {
-            model: ModelConfig {
+        let start = if self.resume {
+            Start::Resume { max_steps: self.max_steps, epochs: self.epochs }
+        } else if let Some(dir) = &self.init_from {
+            settings.validate()?;
+            Start::InitFrom { data: self.data.clone(), dir: dir.clone(), vocab: self.vocab.clone(), settings }
+        } else {
+            settings.validate()?;
+            let model = ModelShape {
                 arch: self.model,
-                vocab_size: 0,
                 n_embd: self.embedding_dim,
                 n_layer: self.n_layer,
                 n_head: self.n_head,
-                block_size: self.block_size as u64,
                 dropout: self.dropout,
-            },
-            settings: TrainSettings {
-                epochs: self.epochs.unwrap_or(DEFAULT_EPOCHS),
-                max_steps: self.max_steps,
-                block_size: self.block_size,
-                batch_size: self.batch_size,
-                adam: AdamConfig {
-                    learning_rate: self.lr,
-                    beta_1: self.beta1,
-                    beta_2: self.beta2,
-                    warmup_steps: self.warmup_steps,
-                    decay_steps: self.lr_decay_steps,
-                    min_lr: self.min_lr,
-                    weight_decay: self.weight_decay,
-                    clip_norm: self.grad_clip,
-                    ..AdamConfig::default()
-                },
-                shuffle,
-                seed: self.seed,
-                device: self.device,
-                save_every: self.save_every,
-                eval_every: self.eval_every,
-                keep: self.keep,
-            },
-            session: self.session,
-            init_from: self.init_from.clone(),
-            vocab: self.vocab.clone(),
-            log_every: self.log_every,
-            eval_batches: self.eval_batches,
-            quiet: self.quiet,
-        })
+            };
+            model.validate()?;
+            Start::New { data: self.data.clone(), model, settings }
+        };
+        let report = Report { log_every: self.log_every, eval_batches: self.eval_batches, quiet: self.quiet };
+        Ok(TrainConfig { out: self.out.clone(), start, session: self.session.to_config(self.device), report })
     }
 }
-
-/// The notebook's `EPOCHS`.
-pub const DEFAULT_EPOCHS: u64 = 3;
-/// The notebook's `block_size`.
-pub const DEFAULT_BLOCK_SIZE: usize = 64;
-pub const DEFAULT_BATCH_SIZE: usize = 32;
 
 /// TensorFlow runtime settings shared by the commands that run a graph.
 #[derive(Args, Debug, Clone, Copy, Default)]
@@ -250,13 +233,14 @@ pub struct SessionArgs {
 }
 
 impl SessionArgs {
-    /// `base` (from the device choice) with these settings.
-    pub fn apply(&self, base: SessionConfig) -> SessionConfig {
-        SessionConfig { intra_op_threads: self.intra_op_threads, inter_op_threads: self.inter_op_threads, xla: self.xla, ..base }
-    }
-
-    pub fn to_config(&self) -> SessionConfig {
-        self.apply(SessionConfig::default())
+    /// The session settings, on `device`.
+    pub fn to_config(&self, device: DeviceChoice) -> SessionConfig {
+        SessionConfig {
+            intra_op_threads: self.intra_op_threads,
+            inter_op_threads: self.inter_op_threads,
+            xla: self.xla,
+            device,
+        }
     }
 }
 
@@ -294,9 +278,10 @@ pub struct GenerateArgs {
     /// Seed of the sampler; the same seed gives the same text.
     #[arg(long, default_value_t = 1337)]
     pub seed: u64,
-    /// (a --model gpt run) One pass over the whole context per character instead of continuing
-    /// from the cached attention keys and values: the same text, slower; for comparison. (A
-    /// SavedModel is always sampled that way; the bigram keeps no cache.)
+    /// One pass over the whole (cropped) context per character, the notebook's loop, instead of
+    /// continuing from cached attention keys and values (gpt) or drawing every character in one
+    /// in-graph loop (bigram): the same text, slower; for comparison. (A SavedModel is always
+    /// sampled that way.)
     #[arg(long)]
     pub no_cache: bool,
     #[command(flatten)]
@@ -320,12 +305,6 @@ pub struct EvalArgs {
     pub eval_batches: Option<usize>,
     #[command(flatten)]
     pub load: LoadArgs,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Split {
-    Val,
-    All,
 }
 
 #[derive(Args, Debug)]
@@ -373,150 +352,76 @@ pub struct GraphArgs {
     pub dropout: f64,
 }
 
+impl LoadArgs {
+    fn to_options(&self) -> OpenOptions {
+        OpenOptions { vocab: self.vocab.clone(), session: self.session.to_config(self.device), sampler: None }
+    }
+}
+
+impl GenerateArgs {
+    pub fn to_config(&self) -> Result<GenerateConfig> {
+        let sampler = SamplerConfig { seed: self.seed as i64, temperature: self.temperature, top_k: self.top_k };
+        sampler.validate()?;
+        let generation = Generation { chars: self.chars, sampler, stepwise: self.no_cache };
+        Ok(GenerateConfig {
+            run: self.run.clone(),
+            prompt: self.prompt.clone(),
+            generation,
+            open: self.load.to_options(),
+        })
+    }
+}
+
+impl EvalArgs {
+    pub fn to_config(&self) -> Result<EvalConfig> {
+        ensure!(self.eval_batches != Some(0), "--eval-batches must be at least 1");
+        Ok(EvalConfig {
+            run: self.run.clone(),
+            data: self.data.clone(),
+            split: self.split,
+            eval_batches: self.eval_batches,
+            open: self.load.to_options(),
+        })
+    }
+}
+
+impl GraphArgs {
+    pub fn to_config(&self) -> Result<ModelConfig> {
+        let shape = ModelShape {
+            arch: self.model,
+            n_embd: self.embedding_dim,
+            n_layer: self.n_layer,
+            n_head: self.n_head,
+            dropout: self.dropout,
+        };
+        let model = shape.with(self.vocab_size, self.block_size);
+        model.validate()?;
+        Ok(model)
+    }
+}
+
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Devices => devices(),
-        Command::Train(args) => train_cmd(&args),
-        Command::Generate(args) => generate(&args),
-        Command::Eval(args) => eval(&args),
+        Command::Devices => device::print_devices(),
+        Command::Train(args) => train::run(&args.to_config()?),
+        Command::Generate(args) => sample::run(&args.to_config()?),
+        Command::Eval(args) => eval::run(&args.to_config()?),
         Command::Export(args) => {
-            let path = crate::saved_model::export(&args.run, &args.out, &args.session)?;
-            println!("wrote SavedModel {} (signatures serving_default: tokens -> logits, train_step: x, y -> loss)", path.display());
+            let path = saved_model::export(&args.run, &args.out, args.session.to_config(DeviceChoice::Cpu))?;
+            println!(
+                "wrote SavedModel {} (signatures serving_default: tokens -> logits, train_step: x, y -> loss)",
+                path.display()
+            );
             Ok(())
         }
         Command::Info(args) => {
-            print!("{}", crate::info::describe(&args.run)?);
+            print!("{}", info::describe(&args.run)?);
             Ok(())
         }
-        Command::Graph(args) => graph(&args),
-    }
-}
-
-fn devices() -> Result<()> {
-    let devices = device::list_devices()?;
-    for d in &devices {
-        println!("{:<28} {:<5} {:>8.1} MiB", d.name, d.kind, d.memory_bytes as f64 / (1 << 20) as f64);
-    }
-    println!("Num GPUs Available:  {}", device::gpu_count(&devices));
-    Ok(())
-}
-
-fn train_cmd(args: &TrainArgs) -> Result<()> {
-    let cfg = args.to_config()?;
-    train::stop_on_signals()?;
-    let summary = if args.resume {
-        let opts = train::ResumeOptions {
-            max_steps: args.max_steps,
-            epochs: args.epochs,
-            session: args.session,
-            log_every: args.log_every,
-            eval_batches: args.eval_batches,
-            quiet: args.quiet,
-        };
-        train::resume(&args.out, &opts)?
-    } else {
-        let corpus = data::load_corpus(&args.data)?;
-        train::train(&cfg, &corpus, &args.out)?
-    };
-    println!(
-        "trained {} steps in {:.1} s ({:.0} steps/s): last loss {:.4}, val loss {:.4}; run saved to {}",
-        summary.steps,
-        summary.seconds,
-        summary.steps as f64 / summary.seconds,
-        summary.last_loss,
-        summary.val_loss,
-        args.out.display()
-    );
-    Ok(())
-}
-
-fn generate(args: &GenerateArgs) -> Result<()> {
-    ensure!(args.top_k != Some(0), "--top-k must be at least 1");
-    ensure!(args.temperature > 0.0 && args.temperature.is_finite(), "--temperature must be a positive number, got {}", args.temperature);
-    let mut out = std::io::stdout().lock();
-    let mut emit = |vocab: &Vocab, id: i32| -> Result<()> {
-        write!(out, "{}", vocab.decode(&[id]))?;
-        Ok(out.flush()?)
-    };
-    let check_top_k = |vocab: &Vocab| match args.top_k {
-        Some(k) if k as usize > vocab.len() => Err(anyhow::anyhow!("--top-k {k} exceeds the vocabulary size {}", vocab.len())),
-        _ => Ok(()),
-    };
-    if saved_model::is_saved_model(&args.run) {
-        let model = saved_model::Loaded::load(&args.run, args.load.vocab.as_deref(), &args.load.session, args.seed as i64, args.top_k)?;
-        check_top_k(&model.vocab)?;
-        let prompt = model.vocab.encode(&args.prompt).context("the prompt cannot be encoded")?;
-        print!("{}", args.prompt);
-        let temperature = tensorflow::Tensor::from(args.temperature);
-        sample::generate_with(&prompt, args.chars, model.block_size, |id| emit(&model.vocab, id), |context| model.next(context, &temperature))?;
-    } else {
-        ensure!(args.load.vocab.is_none(), "--vocab is for SavedModels; a run directory has its vocabulary in config.json");
-        let dir = RunDir::open(&args.run)?;
-        let opts = GraphOptions { sampler: Some(SamplerConfig { top_k: args.top_k }), ..GraphOptions::new(args.seed as i64) };
-        let (config, runner) = train::load_run(&dir, opts, args.load.device, &args.load.session)?;
-        let vocab = config.vocab()?;
-        check_top_k(&vocab)?;
-        let prompt = vocab.encode(&args.prompt).context("the prompt cannot be encoded")?;
-        print!("{}", args.prompt);
-        match args.no_cache {
-            true => sample::generate_uncached(&runner, &prompt, args.chars, args.temperature, |id| emit(&vocab, id))?,
-            false => sample::generate(&runner, &prompt, args.chars, args.temperature, |id| emit(&vocab, id))?,
-        };
-    }
-    println!();
-    Ok(())
-}
-
-fn eval(args: &EvalArgs) -> Result<()> {
-    let print = |name: &str, loss: f64| {
-        println!("{name}_loss: {loss:.6}");
-        println!("{name}_perplexity: {:.6}", loss.exp());
-    };
-    let splits = |vocab: &Vocab, source: &str| -> Result<Vec<i32>> {
-        let corpus = data::load_corpus(source)?;
-        vocab.encode(&corpus.text).context("the corpus does not fit the model's vocabulary")
-    };
-    ensure!(args.eval_batches != Some(0), "--eval-batches must be at least 1");
-    if saved_model::is_saved_model(&args.run) {
-        let model = saved_model::Loaded::load(&args.run, args.load.vocab.as_deref(), &args.load.session, 0, None)?;
-        let source = args.data.clone().unwrap_or_else(data::default_source);
-        let encoded = splits(&model.vocab, &source)?;
-        let (train_data, val_data) = data::split(&encoded);
-        let block = model.block_size.unwrap_or(DEFAULT_BLOCK_SIZE);
-        let sample = args.eval_batches.map(|n| (n, saved_model::batch_size(&args.run).unwrap_or(DEFAULT_BATCH_SIZE)));
-        print("val", train::evaluate_with(|x, y| model.loss(x, y), val_data, block, sample, 0)?);
-        if args.split == Split::All {
-            print("train", train::evaluate_with(|x, y| model.loss(x, y), train_data, block, sample, 0)?);
+        Command::Graph(args) => {
+            let path = graph::write_text(&args.to_config()?, &args.out)?;
+            println!("wrote {}", path.display());
+            Ok(())
         }
-        return Ok(());
     }
-    ensure!(args.load.vocab.is_none(), "--vocab is for SavedModels; a run directory has its vocabulary in config.json");
-    let dir = RunDir::open(&args.run)?;
-    // Evaluation draws nothing at random: the seed does not matter.
-    let (config, runner) = train::load_run(&dir, GraphOptions::new(0), args.load.device, &args.load.session)?;
-    let source = args.data.clone().unwrap_or_else(|| config.data.source.clone());
-    let encoded = splits(&config.vocab()?, &source)?;
-    let (train_data, val_data) = data::split(&encoded);
-    let block = config.train.block_size;
-    let sample = args.eval_batches.map(|n| (n, config.train.batch_size));
-    print("val", train::evaluate(&runner, val_data, block, sample, 0)?);
-    if args.split == Split::All {
-        print("train", train::evaluate(&runner, train_data, block, sample, 0)?);
-    }
-    Ok(())
-}
-
-fn graph(args: &GraphArgs) -> Result<()> {
-    let model = ModelConfig {
-        arch: args.model,
-        vocab_size: args.vocab_size,
-        n_embd: args.embedding_dim,
-        n_layer: args.n_layer,
-        n_head: args.n_head,
-        block_size: args.block_size,
-        dropout: args.dropout,
-    };
-    let path = crate::write_graph(&model, &args.out)?;
-    println!("wrote {}", path.display());
-    Ok(())
 }

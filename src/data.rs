@@ -15,10 +15,13 @@ use sha2::{Digest, Sha256};
 pub const TINY_SHAKESPEARE_URL: &str =
     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt";
 /// SHA-256 of that corpus: 1,115,394 characters, 65 distinct.
-pub const TINY_SHAKESPEARE_SHA256: &str =
-    "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed";
+pub const TINY_SHAKESPEARE_SHA256: &str = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed";
 /// The notebook's `shuffle(10000)`.
 pub const NOTEBOOK_SHUFFLE_BUFFER: usize = 10_000;
+/// The notebook's `block_size`: characters per training window.
+pub const NOTEBOOK_BLOCK_SIZE: usize = 64;
+/// The notebook's `batch_size`: windows per batch.
+pub const NOTEBOOK_BATCH_SIZE: usize = 32;
 
 /// A loaded corpus and where it came from.
 #[derive(Debug, Clone)]
@@ -112,9 +115,11 @@ pub fn fetch_cached(url: &str, expected_sha256: Option<&str>, cache: &Path) -> R
     let mut tmp = tempfile::NamedTempFile::new_in(cache)?;
     // Drawn on stderr only when it is a terminal.
     let bar = indicatif::ProgressBar::new(response.content_length().unwrap_or(0)).with_style(
-        indicatif::ProgressStyle::with_template("downloading {msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-            .expect("a valid template")
-            .progress_chars("=> "),
+        indicatif::ProgressStyle::with_template(
+            "downloading {msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .expect("a valid template")
+        .progress_chars("=> "),
     );
     bar.set_message(url.rsplit('/').next().unwrap_or(url).to_string());
     let mut hasher = Sha256::new();
@@ -133,7 +138,7 @@ pub fn fetch_cached(url: &str, expected_sha256: Option<&str>, cache: &Path) -> R
     if let Some(want) = expected_sha256 {
         ensure!(got == want, "downloaded {url} has SHA-256 {got}, expected {want}");
     }
-    crate::checkpoint::set_readable(tmp.as_file())?;
+    crate::files::set_readable(tmp.as_file())?;
     tmp.persist(&path).with_context(|| format!("saving {}", path.display()))?;
     Ok(path)
 }
@@ -268,6 +273,7 @@ pub struct WindowOrder {
     kind: OrderKind,
 }
 
+#[allow(clippy::large_enum_variant)] // one value per epoch
 enum OrderKind {
     InOrder,
     Permuted(Vec<u32>),
@@ -380,9 +386,9 @@ mod tests {
     use super::*;
 
     pub fn corpus_path() -> PathBuf {
-        std::env::var_os("MINIGPT_DATA").map(PathBuf::from).unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/tinyshakespeare.txt")
-        })
+        std::env::var_os("MINIGPT_DATA")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/tinyshakespeare.txt"))
     }
 
     #[test]
@@ -427,7 +433,8 @@ mod tests {
 
     #[test]
     fn every_shuffle_visits_each_window_once() {
-        for shuffle in [Shuffle::None, Shuffle::Global, Shuffle::Buffer(10), Shuffle::Buffer(1000), Shuffle::Buffer(1)] {
+        for shuffle in [Shuffle::None, Shuffle::Global, Shuffle::Buffer(10), Shuffle::Buffer(1000), Shuffle::Buffer(1)]
+        {
             let mut got = epoch_windows(537, shuffle, 0);
             got.sort();
             assert_eq!(got, (0..537).collect::<Vec<_>>(), "{shuffle:?}");

@@ -1,161 +1,647 @@
-//! The whole graph of a run, built once: the model's forward pass, the loss, its gradients
-//! (the `GradientTape` equivalent), Adam, initialisation, weight feeds, checkpoint save/restore
-//! and, for generation, the sampler; plus the session that runs it.
+//! Graphs by purpose, and the [`Runner`] that owns one with its session.
+//!
+//! An inference graph (`generate`, `eval`, serving) holds the model's forward pass, the loss, the
+//! next-character logits with their attention caches, and, for the bigram, the in-graph sampling
+//! loop. A training graph adds the loss's gradients (the `GradientTape` equivalent), Adam,
+//! TensorBoard summaries and the checkpoint's save ops. Both can initialise, set, read and
+//! restore the model's weights.
+
+use std::collections::BTreeSet;
+use std::path::Path;
 
 use anyhow::{ensure, Context, Result};
-use tensorflow::{
-    ops, DataType, Graph, Operation, Output, Scope, Session, SessionRunArgs, Tensor, TensorType,
-};
+use prost::Message;
+use tensorflow::{ops, DataType, Operation, Output, Scope, Session, SessionRunArgs, Tensor, TensorType};
 
-use crate::model::{Dropout, Forward, LanguageModel, ModelConfig};
+use crate::device::SessionConfig;
+use crate::loss::{self, CrossEntropy};
+use crate::model::{CacheSpec, Dropout, Forward, LanguageModel, ModelConfig};
 use crate::optim::{Adam, AdamConfig};
-use crate::sample::{Sampler, SamplerConfig};
+use crate::proto;
+use crate::sampler::{Cache, Chain, NextLogits, SamplerConfig};
 use crate::summary::Summaries;
-use crate::tfx::{self, SessionConfig, Var};
+use crate::tfx::{self, Var};
 
-/// How to build a [`ModelGraph`].
+/// The checkpoint key of the input pipeline's position.
+pub const POSITION_KEY: &str = "data/position";
+
+/// What a graph is for.
+#[derive(Debug, Clone)]
+pub enum Purpose {
+    /// Forward pass, loss and next-character logits; with a sampler, the bigram's in-graph loop.
+    Inference { chain: Option<SamplerConfig> },
+    /// Adds gradients, the optimizer, checkpoint saving and (if asked) TensorBoard summaries.
+    Training { adam: AdamConfig, summaries: bool },
+}
+
+/// How to build a graph.
 #[derive(Debug, Clone)]
 pub struct GraphOptions {
+    /// Float or Double (the gradient checks).
     pub dtype: DataType,
-    /// Graph seed: fixes the initial weights.
+    /// Graph seed: fixes the initial weights and dropout's masks.
     pub seed: i64,
-    pub adam: AdamConfig,
-    /// TensorFlow device for every op (e.g. `/device:GPU:0`); `None` lets TensorFlow place them.
-    pub device: Option<String>,
-    /// Adds the sampling ops.
-    pub sampler: Option<SamplerConfig>,
-    /// Adds the TensorBoard summary ops.
-    pub summaries: bool,
+    pub purpose: Purpose,
 }
 
 impl GraphOptions {
-    pub fn new(seed: i64) -> Self {
-        Self { dtype: DataType::Float, seed, adam: AdamConfig::default(), device: None, sampler: None, summaries: false }
+    pub fn inference(seed: i64) -> Self {
+        Self { dtype: DataType::Float, seed, purpose: Purpose::Inference { chain: None } }
+    }
+
+    /// An inference graph with the in-graph sampling loop (models whose next character depends
+    /// on the last one only).
+    pub fn sampling(sampler: SamplerConfig) -> Self {
+        Self { dtype: DataType::Float, seed: sampler.seed, purpose: Purpose::Inference { chain: Some(sampler) } }
+    }
+
+    pub fn training(seed: i64, adam: AdamConfig) -> Self {
+        Self { dtype: DataType::Float, seed, purpose: Purpose::Training { adam, summaries: false } }
     }
 }
 
-pub struct ModelGraph {
-    /// The root scope, which owns the graph.
-    pub scope: Scope,
-    pub model: Box<dyn LanguageModel>,
-    pub dtype: DataType,
-    /// `x`: [B, T] int32 placeholder.
-    pub tokens: Operation,
-    /// `y`: [B, T] int32 placeholder.
-    pub targets: Operation,
+/// The ops of a training graph.
+struct TrainOps {
     /// bool scalar, false unless fed: true in train steps (dropout).
-    pub training: Operation,
-    /// [B, T, V]
-    pub logits: Output,
-    /// Mean sparse categorical cross-entropy over all B·T positions.
-    pub loss: Output,
-    /// d loss / d variable, in `model.variables()` order.
-    pub grads: Vec<Output>,
-    pub optimizer: Adam,
-    /// One Adam step (fetch `loss` with it to get the pre-step loss, as Keras' train_step).
-    pub train_op: Operation,
-    /// Initialises every variable.
-    pub init: Operation,
-    /// For each model variable, a placeholder `<name>/value` and the op assigning it.
-    pub setters: Vec<(Operation, Operation)>,
-    /// String scalar placeholder naming the checkpoint prefix for `save` and `restore`.
-    pub ckpt_prefix: Operation,
-    /// int64 [2] placeholder saved with every checkpoint as `data/position`: (epoch, batches done
-    /// in it), where the input pipeline resumes.
-    pub ckpt_position: Operation,
-    pub save: Operation,
-    pub restore: Operation,
-    /// `RestoreV2` of `data/position` alone (a checkpoint written elsewhere may lack it).
-    pub restore_position: Operation,
-    pub sampler: Option<Sampler>,
-    pub summaries: Option<Summaries>,
+    training: Operation,
+    /// d loss / d variable, in the model's variable order.
+    grads: Vec<Output>,
+    optimizer: Adam,
+    /// One Adam step (fetch the loss with it to get the pre-step loss, as Keras' train_step).
+    train_op: Operation,
+    /// Every variable and the data position to the checkpoint at the fed prefix.
+    save: Operation,
+    /// int64 [2] placeholder saved as `data/position`: (epoch, batches done in it).
+    position: Operation,
+    /// `RestoreV2` of `data/position` alone.
+    restore_position: Operation,
+    summaries: Option<Summaries>,
 }
 
-impl ModelGraph {
-    pub fn build(cfg: &ModelConfig, opts: &GraphOptions) -> Result<Self> {
-        cfg.validate()?;
-        Self::build_graph(cfg, opts).context("building the TensorFlow graph")
+/// The next-character ops of an inference graph: `sample/context` [1, L] (and, with caches, the
+/// `sample/past/*` keys and values of earlier positions) → `logits` [1, V] of the next character
+/// (and `sample/present/*`, the caches with the context's positions added).
+struct NextOps {
+    context: Operation,
+    past: Vec<Operation>,
+    present: Vec<Output>,
+    logits: Output,
+    cache: Option<CacheSpec>,
+}
+
+/// The graph's ops, as built.
+struct Parts {
+    /// The root scope, which owns the graph.
+    scope: Scope,
+    model: Box<dyn LanguageModel>,
+    dtype: DataType,
+    /// `x`: [B, T] int32.
+    tokens: Operation,
+    /// `y`: [B, T] int32.
+    targets: Operation,
+    /// [B, T, V] (an inference graph's without dropout, a training graph's with its `training` flag)
+    logits: Output,
+    /// [] mean cross-entropy
+    loss: Output,
+    /// Initialises every variable.
+    init: Operation,
+    /// For each model variable, a placeholder `<name>/value` and the op assigning it.
+    setters: Vec<(Operation, Operation)>,
+    /// Every checkpointed variable (the model's, then the optimizer's) and its read.
+    reads: Vec<(Var, Output)>,
+    /// String scalar naming the checkpoint for `restore` (and `save`).
+    prefix: Operation,
+    restore: Operation,
+    train: Option<TrainOps>,
+    next: Option<NextOps>,
+    chain: Option<Chain>,
+}
+
+/// A graph with its session: the only way the rest of minigpt runs TensorFlow graphs.
+pub struct Runner {
+    g: Parts,
+    session: Session,
+}
+
+impl Runner {
+    /// Builds `model`'s graph for `opts.purpose` on the session's device, and its session.
+    pub fn new(model: &ModelConfig, opts: &GraphOptions, session: SessionConfig) -> Result<Self> {
+        model.validate()?;
+        let device = session.graph_device()?;
+        let g = build(model, opts, device.as_deref()).context("building the TensorFlow graph")?;
+        let session =
+            Session::new(&session.session_options()?, &g.scope.graph()).context("creating the TensorFlow session")?;
+        Ok(Self { g, session })
     }
 
-    fn build_graph(cfg: &ModelConfig, opts: &GraphOptions) -> tensorflow::Result<Self> {
-        let root = Scope::new_root_scope();
-        let mut placed = root.with_device(opts.device.as_deref().unwrap_or(""));
-        let scope = &mut placed;
-        let dtype = opts.dtype;
-        let model = cfg.build(dtype, opts.seed, scope)?;
-        let vars = model.variables();
+    pub fn model(&self) -> &dyn LanguageModel {
+        self.g.model.as_ref()
+    }
 
-        let tokens = tfx::placeholder("x", DataType::Int32, &[-1, -1], scope)?;
-        let targets = tfx::placeholder("y", DataType::Int32, &[-1, -1], scope)?;
-        let optimizer = Adam::new(&vars, &opts.adam, dtype, scope)?;
-        let no = ops::constant(false, scope)?;
-        let training = ops::PlaceholderWithDefault::new().shape(tensorflow::Shape::from(Some(vec![]))).build(no, &mut scope.with_op_name("training"))?;
-        let dropout = Dropout { training: training.clone().into(), step: optimizer.iterations.read(scope)?, seed: opts.seed };
-        let forward = model.forward(tokens.clone().into(), Some(&dropout), scope)?;
-        let logits = forward.logits.clone(); // [B, T, V]
-        let (loss, grads, squares) = loss_and_grads(&forward, targets.clone().into(), &vars, cfg.vocab_size, scope)?;
+    /// The model's trainable variables, in a fixed order.
+    pub fn variables(&self) -> Vec<Var> {
+        self.g.model.variables()
+    }
 
-        // AdamW decays matrices, not biases, norms or embedding tables.
-        let decayed: Vec<bool> = vars.iter().map(|v| v.shape.len() >= 2 && !forward.lookups.iter().any(|l| l.var == v.name)).collect();
-        let train_op = optimizer.apply(&vars, &grads, &squares, &decayed, &opts.adam, dtype, &mut scope.with_op_name("train_step"))?;
+    fn training(&self) -> Result<&TrainOps> {
+        self.g.train.as_ref().context("this graph was built for inference: it has no training ops")
+    }
 
-        let all_vars: Vec<Var> = vars.iter().cloned().chain(optimizer.variables()).collect();
-        let inits: Vec<Operation> = all_vars.iter().map(|v| v.initializer.clone()).collect();
-        let init = tfx::group("init", &inits, scope)?;
+    /// Runs the initialisers (fresh weights, zero slots).
+    pub fn init(&self) -> Result<()> {
+        let mut args = SessionRunArgs::new();
+        args.add_target(&self.g.init);
+        self.session.run(&mut args).context("initialising variables")
+    }
 
-        let mut setters = Vec::with_capacity(vars.len());
-        for var in &vars {
-            let dims: Vec<i64> = var.shape.iter().map(|&d| d as i64).collect();
-            let value = tfx::placeholder(&format!("{}/value", var.name), var.dtype, &dims, scope)?;
-            let assign = ops::assign_variable_op(var.handle.clone(), value.clone(), &mut scope.with_op_name(&format!("{}/set", var.name)))?;
-            setters.push((value, assign));
+    /// Sets the model's variables (in [`Runner::variables`] order).
+    pub fn set_weights<T: TensorType>(&self, values: &[Tensor<T>]) -> Result<()> {
+        ensure!(
+            values.len() == self.g.setters.len(),
+            "expected {} weight tensors, got {}",
+            self.g.setters.len(),
+            values.len()
+        );
+        let mut args = SessionRunArgs::new();
+        for ((value, assign), t) in self.g.setters.iter().zip(values) {
+            args.add_feed(value, 0, t);
+            args.add_target(assign);
         }
+        self.session.run(&mut args).context("setting weights")
+    }
 
-        let ckpt = checkpoint_ops(&all_vars, scope)?;
-        let sampler = match &opts.sampler {
-            Some(s) => Some(Sampler::build(model.as_ref(), cfg.vocab_size, s, opts.seed, scope)?),
-            None => None,
-        };
-        let summaries = match opts.summaries {
-            true => Some(Summaries::build(loss.clone(), optimizer.learning_rate.clone(), scope)?),
-            false => None,
-        };
-        Ok(Self {
-            summaries,
-            scope: root,
-            model,
-            dtype,
-            tokens,
-            targets,
-            training,
-            logits,
-            loss,
-            grads,
-            optimizer,
-            train_op,
-            init,
-            setters,
-            ckpt_prefix: ckpt.prefix,
-            ckpt_position: ckpt.position,
-            save: ckpt.save,
-            restore: ckpt.restore,
-            restore_position: ckpt.restore_position,
-            sampler,
+    /// Current values of the variables named `names`.
+    fn read<T: TensorType>(&self, names: impl Iterator<Item = String>) -> Result<Vec<Tensor<T>>> {
+        let mut args = SessionRunArgs::new();
+        let mut tokens = Vec::new();
+        for name in names {
+            let (_, read) =
+                self.g.reads.iter().find(|(v, _)| v.name == name).with_context(|| format!("no variable {name}"))?;
+            tokens.push(args.request_fetch(&read.operation, read.index));
+        }
+        self.session.run(&mut args).context("reading variables")?;
+        tokens.into_iter().map(|t| owned(args.fetch::<T>(t)?)).collect()
+    }
+
+    /// The model's weights (in [`Runner::variables`] order).
+    pub fn weights<T: TensorType>(&self) -> Result<Vec<Tensor<T>>> {
+        self.read(self.variables().into_iter().map(|v| v.name))
+    }
+
+    /// Adam's first and second moments (m, v), in [`Runner::variables`] order.
+    pub fn adam_moments<T: TensorType>(&self) -> Result<[Vec<Tensor<T>>; 2]> {
+        let adam = &self.training()?.optimizer;
+        Ok([self.read(adam.m.iter().map(|v| v.name.clone()))?, self.read(adam.v.iter().map(|v| v.name.clone()))?])
+    }
+
+    /// Steps applied so far (Keras' `optimizer.iterations`).
+    pub fn iterations(&self) -> Result<i64> {
+        let adam = &self.training()?.optimizer;
+        Ok(self.read::<i64>(std::iter::once(adam.iterations.name.clone()))?[0][0])
+    }
+
+    /// The learning rate of the coming step.
+    pub fn learning_rate<T: TensorType + Copy>(&self) -> Result<T> {
+        let lr = self.training()?.optimizer.learning_rate.clone();
+        let mut args = SessionRunArgs::new();
+        let token = args.request_fetch(&lr.operation, lr.index);
+        self.session.run(&mut args).context("reading the learning rate")?;
+        Ok(args.fetch::<T>(token)?[0])
+    }
+
+    /// Fetches `outputs` with the batch fed; `train_mode` feeds the training flag (dropout on).
+    fn fetch<T: TensorType>(
+        &self,
+        outputs: &[Output],
+        x: &Tensor<i32>,
+        y: Option<&Tensor<i32>>,
+        train_mode: bool,
+    ) -> Result<Vec<Tensor<T>>> {
+        let flag = Tensor::from(train_mode);
+        let mut args = SessionRunArgs::new();
+        args.add_feed(&self.g.tokens, 0, x);
+        if let Some(y) = y {
+            args.add_feed(&self.g.targets, 0, y);
+        }
+        if train_mode {
+            args.add_feed(&self.training()?.training, 0, &flag);
+        }
+        let tokens: Vec<_> = outputs.iter().map(|o| args.request_fetch(&o.operation, o.index)).collect();
+        self.session.run(&mut args).context("running the graph")?;
+        tokens.into_iter().map(|t| owned(args.fetch::<T>(t)?)).collect()
+    }
+
+    /// tokens [B, T] → logits [B, T, V].
+    pub fn logits<T: TensorType>(&self, x: &Tensor<i32>) -> Result<Tensor<T>> {
+        Ok(self.fetch(std::slice::from_ref(&self.g.logits), x, None, false)?.remove(0))
+    }
+
+    /// Mean loss on a batch, without training (no dropout).
+    pub fn loss<T: TensorType + Copy>(&self, x: &Tensor<i32>, y: &Tensor<i32>) -> Result<T> {
+        self.loss_in_mode(x, y, false)
+    }
+
+    /// Mean loss on a batch as a train step (`train_mode`, dropout on) or evaluation sees it,
+    /// without changing any variable.
+    pub fn loss_in_mode<T: TensorType + Copy>(&self, x: &Tensor<i32>, y: &Tensor<i32>, train_mode: bool) -> Result<T> {
+        Ok(self.fetch::<T>(std::slice::from_ref(&self.g.loss), x, Some(y), train_mode)?[0][0])
+    }
+
+    /// The loss and its gradient for every model variable, without changing any variable.
+    pub fn loss_and_gradients<T: TensorType + Copy>(
+        &self,
+        x: &Tensor<i32>,
+        y: &Tensor<i32>,
+        train_mode: bool,
+    ) -> Result<(T, Vec<Tensor<T>>)> {
+        let mut outputs = vec![self.g.loss.clone()];
+        outputs.extend(self.training()?.grads.iter().cloned());
+        let mut got = self.fetch::<T>(&outputs, x, Some(y), train_mode)?;
+        let loss = got.remove(0)[0];
+        Ok((loss, got))
+    }
+
+    /// One Adam step on the batch; returns the loss before the step.
+    pub fn train_step<T: TensorType + Copy>(&self, x: &Tensor<i32>, y: &Tensor<i32>) -> Result<T> {
+        self.train_step_with(x, y, None)
+    }
+
+    /// [`Runner::train_step`] that also writes its loss and learning rate to TensorBoard at `step`.
+    pub fn train_step_logged(&self, x: &Tensor<i32>, y: &Tensor<i32>, step: u64) -> Result<f32> {
+        self.train_step_with(x, y, Some(step))
+    }
+
+    fn train_step_with<T: TensorType + Copy>(
+        &self,
+        x: &Tensor<i32>,
+        y: &Tensor<i32>,
+        logged_at: Option<u64>,
+    ) -> Result<T> {
+        let train = self.training()?;
+        let flag = Tensor::from(true);
+        let step = Tensor::from(logged_at.unwrap_or(0) as i64);
+        let mut args = SessionRunArgs::new();
+        args.add_feed(&self.g.tokens, 0, x);
+        args.add_feed(&self.g.targets, 0, y);
+        args.add_feed(&train.training, 0, &flag);
+        args.add_target(&train.train_op);
+        if logged_at.is_some() {
+            let summaries = train.summaries.as_ref().context("the graph was built without summary ops")?;
+            summaries.add_graph_writes(&mut args, &step);
+        }
+        let loss = args.request_fetch(&self.g.loss.operation, self.g.loss.index);
+        self.session.run(&mut args).context("running the train step")?;
+        Ok(args.fetch::<T>(loss)?[0])
+    }
+
+    /// One Adam step traced by TensorFlow (`RunOptions.trace_level = FULL_TRACE`): the loss and
+    /// the serialized `RunMetadata` (its `step_stats` time every op on every device).
+    pub fn train_step_traced(&self, x: &Tensor<i32>, y: &Tensor<i32>) -> Result<(f32, Vec<u8>)> {
+        let train = self.training()?;
+        let flag = Tensor::from(true);
+        let options =
+            proto::RunOptions { trace_level: proto::run_options::TraceLevel::FullTrace as i32, ..Default::default() };
+        let options = options.encode_to_vec();
+        let mut args = SessionRunArgs::new();
+        args.add_feed(&self.g.tokens, 0, x);
+        args.add_feed(&self.g.targets, 0, y);
+        args.add_feed(&train.training, 0, &flag);
+        args.add_target(&train.train_op);
+        args.set_run_options(&options);
+        args.set_request_metadata(true);
+        let loss = args.request_fetch(&self.g.loss.operation, self.g.loss.index);
+        self.session.run(&mut args).context("running the traced train step")?;
+        let metadata = args.get_metadata().unwrap_or_default().to_vec();
+        Ok((args.fetch::<f32>(loss)?[0], metadata))
+    }
+
+    fn summaries(&self) -> Result<&Summaries> {
+        self.training()?.summaries.as_ref().context("the graph was built without summary ops")
+    }
+
+    /// Opens (creates) the TensorBoard event file in `dir`.
+    pub fn open_events(&self, dir: &Path) -> Result<()> {
+        self.summaries()?.open(&self.session, dir)
+    }
+
+    /// Writes `values` (tags from [`crate::summary::FED_TAGS`]) at `step`, then flushes.
+    pub fn write_scalars(&self, step: u64, values: &[(&str, f32)]) -> Result<()> {
+        self.summaries()?.write(&self.session, step, values)
+    }
+
+    /// Writes every checkpointed variable and the data `position` (epoch, batches done in it)
+    /// to the V2 checkpoint `prefix` (`prefix.index`, `prefix.data-00000-of-00001`).
+    pub fn save(&self, prefix: &str, position: [i64; 2]) -> Result<()> {
+        let train = self.training()?;
+        let prefix_t = Tensor::from(prefix.to_string());
+        let position = Tensor::new(&[2]).with_values(&position)?;
+        let mut args = SessionRunArgs::new();
+        args.add_feed(&self.g.prefix, 0, &prefix_t);
+        args.add_feed(&train.position, 0, &position);
+        args.add_target(&train.save);
+        self.session.run(&mut args).with_context(|| format!("saving checkpoint {prefix}"))
+    }
+
+    /// Restores every checkpointed variable (an inference graph: the model's) from `prefix`.
+    pub fn restore(&self, prefix: &str) -> Result<()> {
+        let prefix_t = Tensor::from(prefix.to_string());
+        let mut args = SessionRunArgs::new();
+        args.add_feed(&self.g.prefix, 0, &prefix_t);
+        args.add_target(&self.g.restore);
+        self.session.run(&mut args).with_context(|| format!("restoring checkpoint {prefix}"))
+    }
+
+    /// The data position stored in the checkpoint `prefix`.
+    pub fn restore_position(&self, prefix: &str) -> Result<[i64; 2]> {
+        let train = self.training()?;
+        let prefix_t = Tensor::from(prefix.to_string());
+        let mut args = SessionRunArgs::new();
+        args.add_feed(&self.g.prefix, 0, &prefix_t);
+        let token = args.request_fetch(&train.restore_position, 0);
+        self.session.run(&mut args).with_context(|| format!("reading {POSITION_KEY} from checkpoint {prefix}"))?;
+        let t = args.fetch::<i64>(token)?;
+        ensure!(
+            t.len() == 2 && t[0] >= 0 && t[1] >= 0,
+            "checkpoint {prefix}: {POSITION_KEY} is {:?}, not (epoch, batch)",
+            &t[..]
+        );
+        Ok([t[0], t[1]])
+    }
+
+    /// The tensors a SavedModel's signatures and saver name. Adds `export/train_step/loss` (the
+    /// loss, fetched after a train step) and `export/save/filename` (the prefix, after a save).
+    pub fn serving_tensors(&self) -> Result<ServingTensors> {
+        let train = self.training()?;
+        let scope = self.g.scope.new_sub_scope("export");
+        let step = std::slice::from_ref(&train.train_op);
+        let loss = ops::identity(
+            self.g.loss.clone(),
+            &mut scope.with_op_name("train_step/loss").with_control_dependencies(step),
+        )?;
+        let save = std::slice::from_ref(&train.save);
+        let filename = ops::identity(
+            self.g.prefix.clone(),
+            &mut scope.with_op_name("save/filename").with_control_dependencies(save),
+        )?;
+        let name = |o: &Output| -> Result<String> { Ok(format!("{}:{}", o.operation.name()?, o.index)) };
+        Ok(ServingTensors {
+            tokens: name(&self.g.tokens.clone().into())?,
+            targets: name(&self.g.targets.clone().into())?,
+            logits: name(&self.g.logits)?,
+            loss_after_step: name(&loss.into())?,
+            filename: name(&self.g.prefix.clone().into())?,
+            save: name(&filename.into())?,
+            restore: self.g.restore.name()?,
         })
     }
 
-    pub fn graph(&self) -> impl std::ops::Deref<Target = Graph> + '_ {
-        self.scope.graph()
+    /// The serialized `GraphDef`.
+    pub fn graph_def(&self) -> Result<Vec<u8>> {
+        Ok(self.g.scope.graph().graph_def()?)
     }
 
-    /// Every variable a checkpoint holds: the model's, then Adam's slots and step count.
-    pub fn checkpoint_variables(&self) -> Vec<Var> {
-        self.model.variables().into_iter().chain(self.optimizer.variables()).collect()
+    /// The graph as text (TensorFlow's printer).
+    pub fn graph_text(&self) -> Result<String> {
+        Ok(tfx::graph_text(&self.g.scope.graph())?)
+    }
+
+    /// The type of every op in the graph.
+    pub fn op_types(&self) -> BTreeSet<String> {
+        self.g.scope.graph().operation_iter().filter_map(|op| op.op_type().ok()).collect()
+    }
+
+    /// The names of every op in the graph.
+    pub fn op_names(&self) -> Vec<String> {
+        self.g.scope.graph().operation_iter().filter_map(|op| op.name().ok()).collect()
     }
 }
 
-/// Mean sparse categorical cross-entropy, its gradients, and for each embedding table the sum of
-/// its per-lookup gradient rows squared (what Keras' Adam squares; see [`Adam::apply`]).
+/// Tensor and op names (`op:index`) a SavedModel refers to.
+pub struct ServingTensors {
+    pub tokens: String,
+    pub targets: String,
+    pub logits: String,
+    pub loss_after_step: String,
+    pub filename: String,
+    pub save: String,
+    pub restore: String,
+}
+
+impl NextLogits for Runner {
+    fn next_logits(&self, window: &[i32], cache: &mut Cache) -> Result<Vec<f32>> {
+        let next = self.g.next.as_ref().context("this graph was built for training: it has no generation ops")?;
+        ensure!(self.g.dtype == DataType::Float, "generation runs float32 graphs");
+        ensure!(!window.is_empty(), "the prompt is empty: give at least one character");
+        let Some(spec) = next.cache else {
+            let context = Tensor::new(&[1, window.len() as u64]).with_values(window)?;
+            let mut args = SessionRunArgs::new();
+            args.add_feed(&next.context, 0, &context);
+            let logits = args.request_fetch(&next.logits.operation, next.logits.index);
+            self.session.run(&mut args).context("sampling")?;
+            return Ok(args.fetch::<f32>(logits)?.to_vec());
+        };
+        if cache.tensors.is_empty() || cache.len >= window.len() {
+            cache.len = 0;
+            cache.tensors = (0..next.past.len()).map(|_| Tensor::new(&[1, spec.heads, 0, spec.head_dim])).collect();
+        }
+        let new = &window[cache.len..];
+        let tokens = Tensor::new(&[1, new.len() as u64]).with_values(new)?;
+        // Once the window is full it slides with the next character: no use for the caches then.
+        let keep = self.context_size().is_none_or(|block| window.len() < block);
+        let past = std::mem::take(&mut cache.tensors);
+        let (logits, present) = {
+            let mut args = SessionRunArgs::new();
+            args.add_feed(&next.context, 0, &tokens);
+            for (op, t) in next.past.iter().zip(&past) {
+                args.add_feed(op, 0, t);
+            }
+            let logits = args.request_fetch(&next.logits.operation, next.logits.index);
+            let present: Vec<_> = if keep {
+                next.present.iter().map(|p| args.request_fetch(&p.operation, p.index)).collect()
+            } else {
+                Vec::new()
+            };
+            self.session.run(&mut args).context("sampling")?;
+            let present: Vec<Tensor<f32>> = present.into_iter().map(|t| args.fetch(t)).collect::<Result<_, _>>()?;
+            (args.fetch::<f32>(logits)?.to_vec(), present)
+        };
+        cache.len = if keep { window.len() } else { 0 };
+        cache.tensors = present;
+        Ok(logits)
+    }
+
+    fn context_size(&self) -> Option<usize> {
+        self.g.model.context_size()
+    }
+
+    fn chain(&self, last: i32, count: usize, sampler: &SamplerConfig) -> Result<Option<Vec<i32>>> {
+        match &self.g.chain {
+            Some(chain) if chain.sampler.seed == sampler.seed && chain.sampler.top_k == sampler.top_k => {
+                Ok(Some(chain.run(&self.session, last, count, sampler.temperature)?))
+            }
+            _ => Ok(None),
+        }
+    }
+}
+
+/// The graph of `model` for `opts.purpose`, every op on `device`.
+fn build(model_cfg: &ModelConfig, opts: &GraphOptions, device: Option<&str>) -> tensorflow::Result<Parts> {
+    let root = Scope::new_root_scope();
+    let mut placed = root.with_device(device.unwrap_or(""));
+    let scope = &mut placed;
+    let dtype = opts.dtype;
+    let model = model_cfg.build(dtype, opts.seed, scope)?;
+    let vars = model.variables();
+    let vocab = model_cfg.vocab_size as i64;
+    let tokens = tfx::placeholder("x", DataType::Int32, &[-1, -1], scope)?;
+    let targets = tfx::placeholder("y", DataType::Int32, &[-1, -1], scope)?;
+    let mut checkpointed = vars.clone();
+    let (logits, loss, learning, next, chain) = match &opts.purpose {
+        Purpose::Training { adam, summaries } => {
+            let optimizer = Adam::new(&vars, adam, dtype, scope)?;
+            let no = ops::constant(false, scope)?;
+            let training = ops::PlaceholderWithDefault::new()
+                .shape(tensorflow::Shape::from(Some(vec![])))
+                .build(no, &mut scope.with_op_name("training"))?;
+            let dropout =
+                Dropout { training: training.clone().into(), step: optimizer.iterations.read(scope)?, seed: opts.seed };
+            let forward = model.forward(tokens.clone().into(), Some(&dropout), scope)?;
+            let xent = loss::cross_entropy(forward.logits.clone(), targets.clone().into(), vocab, scope)?;
+            let (grads, squares) = gradients(&xent, &forward, &vars, scope)?;
+            // AdamW decays matrices, not biases, norms or embedding tables.
+            let decayed: Vec<bool> =
+                vars.iter().map(|v| v.shape.len() >= 2 && !forward.lookups.iter().any(|l| l.var == v.name)).collect();
+            let train_op = optimizer.apply(&vars, &grads, &squares, &decayed, &mut scope.with_op_name("train_step"))?;
+            let summaries = match summaries {
+                true => Some(Summaries::build(xent.loss.clone(), optimizer.learning_rate.clone(), scope)?),
+                false => None,
+            };
+            checkpointed.extend(optimizer.variables());
+            (forward.logits, xent.loss, Some((training, grads, optimizer, train_op, summaries)), None, None)
+        }
+        Purpose::Inference { chain } => {
+            let forward = model.forward(tokens.clone().into(), None, scope)?;
+            let xent = loss::cross_entropy(forward.logits.clone(), targets.clone().into(), vocab, scope)?;
+            let next = next_ops(model.as_ref(), vocab, scope)?;
+            let chain = match chain {
+                Some(sampler) if model.context_size() == Some(1) => {
+                    Some(Chain::build(logits_table(model.as_ref(), vocab, scope)?, vocab, sampler, scope)?)
+                }
+                _ => None,
+            };
+            (forward.logits, xent.loss, None, Some(next), chain)
+        }
+    };
+    let inits: Vec<Operation> = checkpointed.iter().map(|v| v.initializer.clone()).collect();
+    let init = tfx::group("init", &inits, scope)?;
+    let mut setters = Vec::with_capacity(vars.len());
+    for var in &vars {
+        let dims: Vec<i64> = var.shape.iter().map(|&d| d as i64).collect();
+        let value = tfx::placeholder(&format!("{}/value", var.name), var.dtype, &dims, scope)?;
+        let assign = ops::assign_variable_op(
+            var.handle.clone(),
+            value.clone(),
+            &mut scope.with_op_name(&format!("{}/set", var.name)),
+        )?;
+        setters.push((value, assign));
+    }
+    let mut reads = Vec::with_capacity(checkpointed.len());
+    for v in &checkpointed {
+        reads.push((v.clone(), v.read(&mut scope.with_op_name(&format!("read/{}", v.name)))?));
+    }
+    let prefix = tfx::placeholder("checkpoint/prefix", DataType::String, &[], scope)?;
+    let restore = restore_ops(&checkpointed, prefix.clone().into(), scope)?;
+    let train = match learning {
+        Some((training, grads, optimizer, train_op, summaries)) => {
+            let (save, position, restore_position) = save_ops(&reads, prefix.clone().into(), scope)?;
+            Some(TrainOps { training, grads, optimizer, train_op, save, position, restore_position, summaries })
+        }
+        None => None,
+    };
+    Ok(Parts {
+        scope: root,
+        model,
+        dtype,
+        tokens,
+        targets,
+        logits,
+        loss,
+        init,
+        setters,
+        reads,
+        prefix,
+        restore,
+        train,
+        next,
+        chain,
+    })
+}
+
+/// The next-character ops (see [`NextOps`]). A model whose next character depends on the last
+/// one only reads its row of the [V, V] logits table, the same numbers the in-graph loop draws
+/// from.
+fn next_ops(model: &dyn LanguageModel, vocab: i64, scope: &mut Scope) -> tensorflow::Result<NextOps> {
+    let context = tfx::placeholder("sample/context", DataType::Int32, &[1, -1], scope)?;
+    if let Some(spec) = model.cache() {
+        let (h, d) = (spec.heads as i64, spec.head_dim as i64);
+        let dtype = model.variables()[0].dtype;
+        let past: Vec<Operation> = (0..spec.tensors)
+            .map(|i| tfx::placeholder(&format!("sample/past/{i}"), dtype, &[1, h, -1, d], scope))
+            .collect::<tensorflow::Result<_>>()?;
+        let past_outputs: Vec<Output> = past.iter().map(|p| p.clone().into()).collect();
+        let (logits, present) = model.forward_cached(context.clone().into(), &past_outputs, scope)?; // [1, L, V]
+        let present = present
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| Ok(ops::identity(p, &mut scope.with_op_name(&format!("sample/present/{i}")))?.into()))
+            .collect::<tensorflow::Result<_>>()?;
+        let logits = slice_last(logits, 3, scope)?; // [1, V]
+        return Ok(NextOps { context, past, present, logits, cache: Some(spec) });
+    }
+    let logits = if model.context_size() == Some(1) {
+        let table = logits_table(model, vocab, scope)?; // [V, V]
+        let last = slice_last(context.clone().into(), 2, scope)?; // [1]
+        ops::gather_v2(table, last, ops::constant(0i32, scope)?, scope)?.into() // [1, V]
+    } else {
+        let logits = model.forward(context.clone().into(), None, scope)?.logits; // [1, L, V]
+        slice_last(logits, 3, scope)? // [1, V]
+    };
+    Ok(NextOps { context, past: Vec::new(), present: Vec::new(), logits, cache: None })
+}
+
+/// [V, V]: the logits after each character, the model run on each id alone.
+fn logits_table(model: &dyn LanguageModel, vocab: i64, scope: &mut Scope) -> tensorflow::Result<Output> {
+    let v = vocab as i32;
+    let range = ops::range(ops::constant(0i32, scope)?, ops::constant(v, scope)?, ops::constant(1i32, scope)?, scope)?;
+    let ids = ops::reshape(range, tfx::shape_const(&[-1, 1], scope)?, scope)?; // [V, 1]
+    let logits = model.forward(ids.into(), None, scope)?.logits; // [V, 1, V]
+    Ok(ops::reshape(logits, tfx::shape_const(&[vocab, vocab], scope)?, scope)?.into())
+}
+
+/// `x[:, -1]` of a rank-2 or `x[:, -1, :]` of a rank-3 tensor.
+fn slice_last(x: Output, rank: usize, scope: &mut Scope) -> tensorflow::Result<Output> {
+    let (begin, end, strides): (Vec<i32>, Vec<i32>, Vec<i32>) = match rank {
+        2 => (vec![0, -1], vec![0, 0], vec![1, 1]),
+        _ => (vec![0, -1, 0], vec![0, 0, 0], vec![1, 1, 1]),
+    };
+    let n = rank as u64;
+    let mask = if rank == 2 { 0b01 } else { 0b101 };
+    Ok(ops::StridedSlice::new()
+        .begin_mask(mask)
+        .end_mask(mask)
+        .shrink_axis_mask(0b010)
+        .build(
+            x,
+            tfx::constant(&begin, &[n], scope)?,
+            tfx::constant(&end, &[n], scope)?,
+            tfx::constant(&strides, &[n], scope)?,
+            scope,
+        )?
+        .into())
+}
+
+/// The loss's gradients, and for each embedding table the sum of its per-lookup gradient rows
+/// squared (what Keras' Adam squares; see [`Adam::apply`]).
 ///
 /// The C++ gradient registry has no gradient for `SparseSoftmaxCrossEntropyWithLogits`, but the
 /// op's second output is d(per-token loss)/d(logits) = softmax − onehot; times 1/N it is
@@ -163,50 +649,42 @@ impl ModelGraph {
 /// `add_gradients` frees its `dx` array before TensorFlow reads it, so that upstream gradient
 /// cannot be passed directly.) It is passed through a surrogate
 /// `Σ logits · stop_gradient(dlogits)`, whose gradient at the logits is `dlogits` exactly.
-fn loss_and_grads(
+fn gradients(
+    xent: &CrossEntropy,
     forward: &Forward,
-    targets: Output,
     vars: &[Var],
-    vocab_size: u64,
     scope: &mut Scope,
-) -> tensorflow::Result<(Output, Vec<Output>, Vec<Option<Output>>)> {
-    let logits = forward.logits.clone();
-    let scope = &mut scope.new_sub_scope("loss");
-    let dtype = logits.operation.get_attr_type("T")?;
-    let shape = tfx::shape_const(&[-1, vocab_size as i64], scope)?;
-    let logits_2d = ops::reshape(logits, shape, scope)?; // [N, V]
-    let flat = tfx::shape_const(&[-1], scope)?;
-    let labels = ops::reshape(targets, flat, scope)?; // [N]
-    let xent = ops::sparse_softmax_cross_entropy_with_logits(logits_2d.clone(), labels.clone(), scope)?; // [N], [N, V]
-    let axis = tfx::shape_const(&[0], scope)?;
-    let loss: Output = ops::mean(xent.output(0), axis, &mut scope.with_op_name("loss"))?.into(); // []
-
-    let n = ops::size(labels, scope)?;
+) -> tensorflow::Result<(Vec<Output>, Vec<Option<Output>>)> {
+    let scope = &mut scope.new_sub_scope("loss_gradient");
+    let dtype = xent.logits_2d.operation.output_type(xent.logits_2d.index as usize);
+    let n = ops::size(xent.labels.clone(), scope)?;
     let n = ops::Cast::new().DstT(dtype).build(n, scope)?;
     let one = tfx::scalar(dtype, 1.0, scope)?;
     let inv_n = ops::real_div(one, n, scope)?; // 1/N
-    let dlogits = ops::mul(xent.output(1), inv_n, scope)?; // [N, V]
+    let dlogits = ops::mul(xent.backprop.clone(), inv_n, scope)?; // [N, V]
     let dlogits = ops::stop_gradient(dlogits, scope)?;
-    let surrogate = ops::mul(logits_2d, dlogits, scope)?; // [N, V]
+    let surrogate = ops::mul(xent.logits_2d.clone(), dlogits, scope)?; // [N, V]
     let axes = tfx::shape_const(&[0, 1], scope)?;
     let surrogate: Output = ops::sum(surrogate, axes, &mut scope.with_op_name("surrogate"))?.into(); // []
     let mut xs: Vec<Output> = vars.iter().map(|v| v.handle.clone()).collect();
     xs.extend(forward.lookups.iter().map(|l| l.rows.clone()));
     let names = vars.iter().map(|v| v.name.as_str()).chain(forward.lookups.iter().map(|l| l.var.as_str()));
     let grads = scope.graph_mut().add_gradients(Some("gradients"), &[surrogate], &xs, None)?;
+    let internal = |message: &str| tensorflow::Status::new_set_lossy(tensorflow::Code::Internal, message);
     let mut grads = grads
         .into_iter()
         .zip(names)
-        .map(|(g, name)| g.ok_or_else(|| tensorflow::Status::new_set_lossy(tensorflow::Code::Internal, &format!("no gradient reaches {name}"))))
+        .map(|(g, name)| g.ok_or_else(|| internal(&format!("no gradient reaches {name}"))))
         .collect::<tensorflow::Result<Vec<_>>>()?;
     let row_grads = grads.split_off(vars.len());
 
     let mut squares: Vec<Option<Output>> = vec![None; vars.len()];
     let scope = &mut scope.new_sub_scope("lookup_squares");
     for (lookup, d_rows) in forward.lookups.iter().zip(row_grads) {
-        let i = vars.iter().position(|v| v.name == lookup.var).ok_or_else(|| {
-            tensorflow::Status::new_set_lossy(tensorflow::Code::Internal, &format!("lookup of unknown variable {}", lookup.var))
-        })?;
+        let i = vars
+            .iter()
+            .position(|v| v.name == lookup.var)
+            .ok_or_else(|| internal(&format!("lookup of unknown variable {}", lookup.var)))?;
         let (rows, width) = (vars[i].shape[0] as i64, vars[i].shape[1] as i64);
         let d_rows = ops::reshape(d_rows, tfx::shape_const(&[-1, width], scope)?, scope)?; // [N, C]
         let ids = ops::reshape(lookup.ids.clone(), tfx::shape_const(&[-1], scope)?, scope)?; // [N]
@@ -217,36 +695,31 @@ fn loss_and_grads(
             None => sum.into(),
         });
     }
-    Ok((loss, grads, squares))
+    Ok((grads, squares))
 }
 
-/// The checkpoint key of the input pipeline's position.
-pub const POSITION_KEY: &str = "data/position";
-
-struct CheckpointOps {
-    prefix: Operation,
-    position: Operation,
-    save: Operation,
-    restore: Operation,
-    restore_position: Operation,
-}
-
-/// `SaveV2` of every variable and the data position, by name, at a fed prefix; `RestoreV2` of the
-/// variables, and of the position on its own.
-fn checkpoint_ops(vars: &[Var], scope: &mut Scope) -> tensorflow::Result<CheckpointOps> {
-    let prefix = tfx::placeholder("checkpoint/prefix", DataType::String, &[], scope)?;
+/// `SaveV2` of every read variable and the data position at `prefix`; `RestoreV2` of the position.
+fn save_ops(
+    reads: &[(Var, Output)],
+    prefix: Output,
+    scope: &mut Scope,
+) -> tensorflow::Result<(Operation, Operation, Operation)> {
     let position = tfx::placeholder("checkpoint/position", DataType::Int64, &[2], scope)?;
-    let mut names: Vec<String> = vars.iter().map(|v| v.name.clone()).collect();
-    let dtypes: Vec<DataType> = vars.iter().map(|v| v.dtype).collect();
-    let mut tensors = Vec::with_capacity(vars.len() + 1);
-    for v in vars {
-        tensors.push(v.read(&mut scope.with_op_name(&format!("save/read/{}", v.name)))?);
-    }
+    let mut names: Vec<String> = reads.iter().map(|(v, _)| v.name.clone()).collect();
+    let mut tensors: Vec<Output> = reads.iter().map(|(_, r)| r.clone()).collect();
     names.push(POSITION_KEY.to_string());
     tensors.push(position.clone().into());
-    let save = tfx::save_v2(prefix.clone().into(), &names, &tensors, scope)?;
-    names.pop();
-    let restored = tfx::restore_v2("restore", prefix.clone().into(), &names, &dtypes, scope)?;
+    let save = tfx::save_v2(prefix.clone(), &names, &tensors, scope)?;
+    let restore_position =
+        tfx::restore_v2("restore_position", prefix, &[POSITION_KEY.to_string()], &[DataType::Int64], scope)?;
+    Ok((save, position, restore_position))
+}
+
+/// `RestoreV2` of `vars` by name from `prefix`, each assigned to its variable.
+fn restore_ops(vars: &[Var], prefix: Output, scope: &mut Scope) -> tensorflow::Result<Operation> {
+    let names: Vec<String> = vars.iter().map(|v| v.name.clone()).collect();
+    let dtypes: Vec<DataType> = vars.iter().map(|v| v.dtype).collect();
+    let restored = tfx::restore_v2("restore", prefix, &names, &dtypes, scope)?;
     let mut assigns = Vec::with_capacity(vars.len());
     for (i, v) in vars.iter().enumerate() {
         assigns.push(ops::assign_variable_op(
@@ -255,9 +728,7 @@ fn checkpoint_ops(vars: &[Var], scope: &mut Scope) -> tensorflow::Result<Checkpo
             &mut scope.with_op_name(&format!("restore/assign/{}", v.name)),
         )?);
     }
-    let restore = tfx::group("restore/all", &assigns, scope)?;
-    let restore_position = tfx::restore_v2("restore_position", prefix.clone().into(), &[POSITION_KEY.to_string()], &[DataType::Int64], scope)?;
-    Ok(CheckpointOps { prefix, position, save, restore, restore_position })
+    tfx::group("restore/all", &assigns, scope)
 }
 
 /// A copy of a fetched tensor in a buffer of its own. TensorFlow may hand out one buffer for
@@ -267,119 +738,32 @@ fn owned<T: TensorType>(t: Tensor<T>) -> Result<Tensor<T>> {
     Ok(Tensor::new(t.dims()).with_values(&t[..])?)
 }
 
-/// A [`ModelGraph`] with its session.
-pub struct Runner {
-    pub g: ModelGraph,
-    pub session: Session,
-    /// `true`, fed to `training` in train steps.
-    training: Tensor<bool>,
+/// `minigpt graph`: writes `<dir>/<arch>.pbtxt`, the text GraphDef of `model`'s training graph
+/// (seed [`GRAPH_SEED`]).
+pub fn write_text(model: &ModelConfig, dir: &Path) -> Result<std::path::PathBuf> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let arch = format!("{:?}", model.arch).to_lowercase();
+    let path = dir.join(format!("{arch}.pbtxt"));
+    crate::files::write_atomic(&path, text(model)?.as_bytes())?;
+    Ok(path)
 }
 
-impl Runner {
-    pub fn new(g: ModelGraph, config: SessionConfig) -> Result<Self> {
-        let session = Session::new(&config.session_options()?, &g.graph()).context("creating the TensorFlow session")?;
-        Ok(Self { g, session, training: Tensor::from(true) })
-    }
+/// Seed of the graphs written to `graphs/`.
+pub const GRAPH_SEED: i64 = 1337;
 
-    /// Runs the initialisers (fresh weights, zero slots).
-    pub fn init(&self) -> Result<()> {
-        let mut args = SessionRunArgs::new();
-        args.add_target(&self.g.init);
-        self.session.run(&mut args).context("initialising variables")
-    }
-
-    /// One Adam step on the batch; returns the loss before the step.
-    pub fn train_step<T: TensorType + Copy>(&self, x: &Tensor<i32>, y: &Tensor<i32>) -> Result<T> {
-        self.train_step_with(x, y, |_| {})
-    }
-
-    /// [`Runner::train_step`] with more feeds and targets added to the same run by `extra`.
-    pub(crate) fn train_step_with<'a, T: TensorType + Copy>(
-        &'a self,
-        x: &'a Tensor<i32>,
-        y: &'a Tensor<i32>,
-        extra: impl FnOnce(&mut SessionRunArgs<'a>),
-    ) -> Result<T> {
-        let mut args = SessionRunArgs::new();
-        args.add_feed(&self.g.tokens, 0, x);
-        args.add_feed(&self.g.targets, 0, y);
-        args.add_feed(&self.g.training, 0, &self.training);
-        args.add_target(&self.g.train_op);
-        extra(&mut args);
-        let loss = args.request_fetch(&self.g.loss.operation, self.g.loss.index);
-        self.session.run(&mut args).context("running the train step")?;
-        Ok(args.fetch::<T>(loss)?[0])
-    }
-
-    /// Mean loss on a batch, without training.
-    pub fn loss<T: TensorType + Copy>(&self, x: &Tensor<i32>, y: &Tensor<i32>) -> Result<T> {
-        Ok(self.fetch_with_batch::<T>(std::slice::from_ref(&self.g.loss), x, y)?.remove(0)[0])
-    }
-
-    /// Fetches `outputs` with the batch fed.
-    pub fn fetch_with_batch<T: TensorType>(&self, outputs: &[Output], x: &Tensor<i32>, y: &Tensor<i32>) -> Result<Vec<Tensor<T>>> {
-        let mut args = SessionRunArgs::new();
-        args.add_feed(&self.g.tokens, 0, x);
-        args.add_feed(&self.g.targets, 0, y);
-        let tokens: Vec<_> = outputs.iter().map(|o| args.request_fetch(&o.operation, o.index)).collect();
-        self.session.run(&mut args).context("running the graph")?;
-        tokens.into_iter().map(|t| owned(args.fetch::<T>(t)?)).collect()
-    }
-
-    /// Current values of the given variables.
-    pub fn read<T: TensorType>(&self, vars: &[Var]) -> Result<Vec<Tensor<T>>> {
-        let mut args = SessionRunArgs::new();
-        let mut reads = Vec::with_capacity(vars.len());
-        // The checkpoint's save op reads every variable; reuse those reads by name.
-        for v in vars {
-            let op = self.g.graph().operation_by_name_required(&format!("save/read/{}", v.name))?;
-            reads.push(args.request_fetch(&op, 0));
-        }
-        self.session.run(&mut args).context("reading variables")?;
-        reads.into_iter().map(|t| owned(args.fetch::<T>(t)?)).collect()
-    }
-
-    /// Sets the model's variables (in `model.variables()` order).
-    pub fn set_weights<T: TensorType>(&self, values: &[Tensor<T>]) -> Result<()> {
-        ensure!(values.len() == self.g.setters.len(), "expected {} weight tensors, got {}", self.g.setters.len(), values.len());
-        let mut args = SessionRunArgs::new();
-        for ((value, assign), t) in self.g.setters.iter().zip(values) {
-            args.add_feed(value, 0, t);
-            args.add_target(assign);
-        }
-        self.session.run(&mut args).context("setting weights")
-    }
-
-    /// Writes every variable and the data `position` (epoch, batches done in it) to the V2
-    /// checkpoint `prefix` (`prefix.index`, `prefix.data-00000-of-00001`).
-    pub fn save(&self, prefix: &str, position: [i64; 2]) -> Result<()> {
-        let prefix_t = Tensor::from(prefix.to_string());
-        let position = Tensor::new(&[2]).with_values(&position)?;
-        let mut args = SessionRunArgs::new();
-        args.add_feed(&self.g.ckpt_prefix, 0, &prefix_t);
-        args.add_feed(&self.g.ckpt_position, 0, &position);
-        args.add_target(&self.g.save);
-        self.session.run(&mut args).with_context(|| format!("saving checkpoint {prefix}"))
-    }
-
-    /// Restores every variable from the V2 checkpoint `prefix`.
-    pub fn restore(&self, prefix: &str) -> Result<()> {
-        let prefix_t = Tensor::from(prefix.to_string());
-        let mut args = SessionRunArgs::new();
-        args.add_feed(&self.g.ckpt_prefix, 0, &prefix_t);
-        args.add_target(&self.g.restore);
-        self.session.run(&mut args).with_context(|| format!("restoring checkpoint {prefix}"))
-    }
-
-    /// The data position stored in the checkpoint `prefix`.
-    pub fn restore_position(&self, prefix: &str) -> Result<[i64; 2]> {
-        let prefix_t = Tensor::from(prefix.to_string());
-        let mut args = SessionRunArgs::new();
-        args.add_feed(&self.g.ckpt_prefix, 0, &prefix_t);
-        let token = args.request_fetch(&self.g.restore_position, 0);
-        self.session.run(&mut args).with_context(|| format!("reading {POSITION_KEY} from checkpoint {prefix}"))?;
-        let t = args.fetch::<i64>(token)?;
-        ensure!(t.len() == 2 && t[0] >= 0 && t[1] >= 0, "checkpoint {prefix}: {POSITION_KEY} is {:?}, not (epoch, batch)", &t[..]);
-        Ok([t[0], t[1]])
-    }
+/// The text GraphDef of a model's training graph, as `minigpt graph` writes it.
+pub fn text(model: &ModelConfig) -> Result<String> {
+    let opts = GraphOptions {
+        purpose: Purpose::Training { adam: AdamConfig::default(), summaries: false },
+        ..GraphOptions::inference(GRAPH_SEED)
+    };
+    model.validate()?;
+    let g = build(model, &opts, None).context("building the TensorFlow graph")?;
+    let body = tfx::graph_text(&g.scope.graph())?;
+    let arch = format!("{:?}", model.arch).to_lowercase();
+    Ok(format!(
+        "# The training graph of minigpt's {arch} model (vocab_size {}, n_embd {}, seed {GRAPH_SEED}).\n\
+         # Written by `minigpt graph --model {arch} --out graphs/`; tests/graphs.rs checks it is current.\n{body}",
+        model.vocab_size, model.n_embd,
+    ))
 }

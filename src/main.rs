@@ -63,9 +63,7 @@ fn main() -> ExitCode {
             ExitCode::from(130)
         }
         Err(e) => {
-            // TensorFlow's messages can span lines (`\n\t [[{{node ...}}]]`): keep one line.
-            let message = format!("{e:#}");
-            eprintln!("error: {}", message.split_whitespace().collect::<Vec<_>>().join(" "));
+            eprintln!("error: {}", minigpt::text::error_line(&e));
             ExitCode::FAILURE
         }
     }

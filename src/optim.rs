@@ -32,11 +32,56 @@ pub struct AdamConfig {
 
 impl Default for AdamConfig {
     fn default() -> Self {
-        Self { learning_rate: 1e-3, beta_1: 0.9, beta_2: 0.999, epsilon: 1e-7, warmup_steps: 0, decay_steps: None, min_lr: 0.0, weight_decay: 0.0, clip_norm: None }
+        Self {
+            learning_rate: 1e-3,
+            beta_1: 0.9,
+            beta_2: 0.999,
+            epsilon: 1e-7,
+            warmup_steps: 0,
+            decay_steps: None,
+            min_lr: 0.0,
+            weight_decay: 0.0,
+            clip_norm: None,
+        }
     }
 }
 
 impl AdamConfig {
+    /// The rules the command line applies, and `config.json` when read back.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        use anyhow::ensure;
+        ensure!(
+            self.learning_rate > 0.0 && self.learning_rate.is_finite(),
+            "--lr must be a positive number, not {}",
+            self.learning_rate
+        );
+        ensure!(
+            self.min_lr >= 0.0 && self.min_lr <= self.learning_rate,
+            "--min-lr must be between 0 and --lr, not {}",
+            self.min_lr
+        );
+        ensure!(
+            self.weight_decay >= 0.0 && self.weight_decay.is_finite(),
+            "--weight-decay must be 0 or more, not {}",
+            self.weight_decay
+        );
+        ensure!(
+            (0.0..1.0).contains(&self.beta_1) && (0.0..1.0).contains(&self.beta_2),
+            "--beta1 and --beta2 must be in [0, 1)"
+        );
+        ensure!(
+            self.epsilon > 0.0 && self.epsilon.is_finite(),
+            "epsilon must be a positive number, not {}",
+            self.epsilon
+        );
+        ensure!(self.clip_norm.is_none_or(|c| c > 0.0 && c.is_finite()), "--grad-clip must be a positive number");
+        ensure!(
+            self.decay_steps.is_none_or(|d| d > self.warmup_steps),
+            "--lr-decay-steps must be larger than --warmup-steps"
+        );
+        Ok(())
+    }
+
     /// The learning rate of step `it` (from 0), as the graph computes it (nanoGPT's schedule):
     /// `lr·(it+1)/(warmup+1)` during warm-up, then a cosine from `lr` to `min_lr` at `decay_steps`.
     pub fn learning_rate_at(&self, it: u64) -> f64 {
@@ -51,7 +96,6 @@ impl AdamConfig {
         let ratio = (it - warmup) as f64 / (decay.saturating_sub(warmup)).max(1) as f64;
         self.min_lr + 0.5 * (1.0 + (std::f64::consts::PI * ratio).cos()) * (lr - self.min_lr)
     }
-
 }
 
 pub struct Adam {
@@ -61,6 +105,8 @@ pub struct Adam {
     pub iterations: Var,
     /// The learning rate, a scalar that defaults to the configured one and can be fed per step.
     pub learning_rate: Output,
+    cfg: AdamConfig,
+    dtype: DataType,
 }
 
 pub const ITERATIONS: &str = "optimizer/iterations";
@@ -77,7 +123,7 @@ impl Adam {
             schedule(&iterations, cfg, dtype, &mut scope.new_sub_scope("schedule"))?
         };
         let learning_rate = tfx::scalar_with_default("optimizer/learning_rate", lr, scope)?;
-        Ok(Self { m, v, iterations, learning_rate })
+        Ok(Self { m, v, iterations, learning_rate, cfg: *cfg, dtype })
     }
 
     /// One Adam step on every variable, then `iterations += 1`: Keras 3's `Adam.update_step`, op
@@ -94,10 +140,9 @@ impl Adam {
         grads: &[Output],
         squares: &[Option<Output>],
         decayed: &[bool],
-        cfg: &AdamConfig,
-        dtype: DataType,
         scope: &mut Scope,
     ) -> tensorflow::Result<Operation> {
+        let (cfg, dtype) = (&self.cfg, self.dtype);
         let scope = &mut scope.new_sub_scope("adam");
         let (grads, squares) = match cfg.clip_norm {
             Some(clip) => clip_by_global_norm(grads, squares, clip, dtype, &mut scope.new_sub_scope("clip"))?,
@@ -125,14 +170,19 @@ impl Adam {
         for (i, (var, grad)) in vars.iter().zip(&grads).enumerate() {
             let (m, v) = (&self.m[i], &self.v[i]);
             let m_old = m.read(scope)?;
-            let m_new = ops::add_v2(m_old.clone(), ops::mul(ops::sub(grad.clone(), m_old, scope)?, keep_1.clone(), scope)?, scope)?;
+            let m_new = ops::add_v2(
+                m_old.clone(),
+                ops::mul(ops::sub(grad.clone(), m_old, scope)?, keep_1.clone(), scope)?,
+                scope,
+            )?;
             let grad = grad.clone();
             let g2: Output = match squares.get(i).cloned().flatten() {
                 Some(s) => s,
                 None => ops::square(grad.clone(), scope)?.into(),
             };
             let v_old = v.read(scope)?;
-            let v_new = ops::add_v2(v_old.clone(), ops::mul(ops::sub(g2, v_old, scope)?, keep_2.clone(), scope)?, scope)?;
+            let v_new =
+                ops::add_v2(v_old.clone(), ops::mul(ops::sub(g2, v_old, scope)?, keep_2.clone(), scope)?, scope)?;
             let step = ops::real_div(
                 ops::mul(m_new.clone(), alpha.clone(), scope)?,
                 ops::add_v2(ops::sqrt(v_new.clone(), scope)?, epsilon.clone(), scope)?,
@@ -190,7 +240,13 @@ fn schedule(iterations: &Var, cfg: &AdamConfig, dtype: DataType, scope: &mut Sco
 
 /// `g · clip / max(‖g‖, clip)` for every gradient, ‖g‖ the global norm over all of them; the
 /// per-lookup squares scale by the square of that factor.
-fn clip_by_global_norm(grads: &[Output], squares: &[Option<Output>], clip: f64, dtype: DataType, scope: &mut Scope) -> tensorflow::Result<(Vec<Output>, Vec<Option<Output>>)> {
+fn clip_by_global_norm(
+    grads: &[Output],
+    squares: &[Option<Output>],
+    clip: f64,
+    dtype: DataType,
+    scope: &mut Scope,
+) -> tensorflow::Result<(Vec<Output>, Vec<Option<Output>>)> {
     let mut sum: Option<Output> = None;
     for g in grads {
         let rank = ops::rank(g.clone(), scope)?;
@@ -204,12 +260,24 @@ fn clip_by_global_norm(grads: &[Output], squares: &[Option<Output>], clip: f64, 
     let Some(sum) = sum else { return Ok((grads.to_vec(), squares.to_vec())) };
     let norm = ops::sqrt(sum, scope)?;
     let clip_t = tfx::scalar(dtype, clip, scope)?;
-    let factor: Output = ops::real_div(clip_t.clone(), ops::maximum(norm, clip_t, &mut scope.with_op_name("clip/global_norm_or_clip"))?, scope)?.into();
+    let factor: Output = ops::real_div(
+        clip_t.clone(),
+        ops::maximum(norm, clip_t, &mut scope.with_op_name("clip/global_norm_or_clip"))?,
+        scope,
+    )?
+    .into();
     let factor2: Output = ops::square(factor.clone(), scope)?.into();
-    let grads = grads.iter().map(|g| Ok(ops::mul(g.clone(), factor.clone(), scope)?.into())).collect::<tensorflow::Result<Vec<Output>>>()?;
+    let grads = grads
+        .iter()
+        .map(|g| Ok(ops::mul(g.clone(), factor.clone(), scope)?.into()))
+        .collect::<tensorflow::Result<Vec<Output>>>()?;
     let squares = squares
         .iter()
-        .map(|s| s.clone().map(|s| -> tensorflow::Result<Output> { Ok(ops::mul(s, factor2.clone(), scope)?.into()) }).transpose())
+        .map(|s| {
+            s.clone()
+                .map(|s| -> tensorflow::Result<Output> { Ok(ops::mul(s, factor2.clone(), scope)?.into()) })
+                .transpose()
+        })
         .collect::<tensorflow::Result<Vec<_>>>()?;
     Ok((grads, squares))
 }

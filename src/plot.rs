@@ -8,34 +8,36 @@ use std::sync::OnceLock;
 use anyhow::{anyhow, Context, Result};
 use plotters::prelude::*;
 
+use crate::run::MetricsRow;
+
 const FONT: &str = "sans-serif";
 
 fn register_font() -> Result<()> {
     static REGISTERED: OnceLock<bool> = OnceLock::new();
-    let ok = *REGISTERED.get_or_init(|| plotters::style::register_font(FONT, FontStyle::Normal, dejavu::sans::regular()).is_ok());
+    let ok = *REGISTERED
+        .get_or_init(|| plotters::style::register_font(FONT, FontStyle::Normal, dejavu::sans::regular()).is_ok());
     ok.then_some(()).ok_or_else(|| anyhow!("the embedded font could not be loaded"))
 }
 
-/// (step, loss) of the logged training losses and of the validation losses in `metrics.csv`.
-pub fn series(metrics_csv: &str) -> (Vec<(f64, f64)>, Vec<(f64, f64)>) {
+/// (step, loss) points of a curve.
+pub type Points = Vec<(f64, f64)>;
+
+/// The logged training losses and the validation losses.
+pub fn series(rows: &[MetricsRow]) -> (Points, Points) {
     let (mut train, mut val) = (Vec::new(), Vec::new());
-    for line in metrics_csv.lines().skip(1) {
-        let f: Vec<&str> = line.split(',').collect();
-        let (Some(step), Some(loss)) = (f.first().and_then(|s| s.parse::<f64>().ok()), f.get(2).and_then(|s| s.parse::<f64>().ok())) else {
-            continue;
-        };
-        match f.get(3).and_then(|s| s.parse::<f64>().ok()) {
-            Some(v) => val.push((step, v)),
-            None => train.push((step, loss)),
+    for row in rows {
+        match row.val_loss {
+            Some(v) => val.push((row.step as f64, v)),
+            None => train.push((row.step as f64, row.loss as f64)),
         }
     }
     (train, val)
 }
 
-/// Draws `metrics_csv` into the PNG `path` (written beside it, then renamed into place).
-pub fn write_loss_plot(metrics_csv: &str, path: &Path) -> Result<()> {
+/// Draws `rows` into the PNG `path` (written beside it, then renamed into place).
+pub fn write_loss_plot(rows: &[MetricsRow], path: &Path) -> Result<()> {
     register_font()?;
-    let (train, val) = series(metrics_csv);
+    let (train, val) = series(rows);
     let points = train.iter().chain(&val).filter(|(_, l)| l.is_finite());
     let (mut max_step, mut lo, mut hi) = (1.0f64, f64::INFINITY, f64::NEG_INFINITY);
     for &(s, l) in points {

@@ -1,141 +1,78 @@
-//! SavedModel export: a run as a directory Python's `tf.saved_model.load` reads (DESIGN.md §4).
+//! SavedModels both ways (DESIGN.md §4), and the one way `generate` and `eval` open a model.
 //!
-//! The layout is a TF1-style SavedModel, which TensorFlow 2 loads through its v1 loader:
+//! Export: a TF1-style SavedModel, which TensorFlow 2 loads through its v1 loader:
 //! `saved_model.pb` (one MetaGraph tagged `serve` holding the training graph, a `SaverDef` naming
 //! the checkpoint ops, and the signatures), `variables/variables.{index,data-00000-of-00001}` (a V2
 //! checkpoint of every variable), and `assets.extra/vocab.json` and `assets.extra/minigpt.json`.
 //! The crate's own `SavedModelBuilder` leaves out what Python's loader needs (the saver's tensor
-//! names with `:0`, the save tensor), so the protos are written here with prost.
+//! names with `:0`, the save tensor), so the protos are written here with the generated types.
+//!
+//! Import: any SavedModel with a `serving_default` signature int32 [B, T] → float32 [B, T, V],
+//! through TensorFlow's C++ loader; its weights for `train --init-from`.
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use prost::Message;
-use tensorflow::{ops, DataType, Operation, Output, Scope, SessionRunArgs, Tensor};
+use serde::Deserialize;
+use tensorflow::{DataType, Operation, Output, Scope, Session, SessionRunArgs, Tensor};
 
-use crate::checkpoint::{path_str, RunConfig, RunDir};
-use crate::data::Vocab;
-use crate::tfx::{self, CheckpointEntry, CheckpointReader};
-use crate::cli::SessionArgs;
-use crate::device::DeviceChoice;
-use crate::graph::{GraphOptions, Runner};
-use crate::train;
+use crate::data::{self, Vocab, NOTEBOOK_BATCH_SIZE, NOTEBOOK_BLOCK_SIZE};
+use crate::device::{DeviceChoice, SessionConfig};
+use crate::files::path_str;
+use crate::graph::Runner;
+use crate::loss;
+use crate::model::ModelConfig;
+use crate::proto;
+use crate::run::{DataInfo, Load, RunConfig, RunDir};
+use crate::sampler::{Cache, NextLogits, SamplerConfig};
+use crate::text::one_line;
+use crate::tfx::{self, CheckpointEntry, CheckpointReader, Var};
 
 /// The signature Python's `model.signatures["serving_default"]` finds: `tokens` → `logits`.
 pub const SERVING: &str = "serving_default";
 /// One Adam step: `x`, `y` → `loss` (before the step).
 pub const TRAIN_STEP: &str = "train_step";
 pub const SERVE_TAG: &str = "serve";
-
-#[derive(Clone, PartialEq, Message)]
-struct SavedModel {
-    #[prost(int64, tag = "1")]
-    saved_model_schema_version: i64,
-    #[prost(message, repeated, tag = "2")]
-    meta_graphs: Vec<MetaGraphDef>,
-}
-
-#[derive(Clone, PartialEq, Message)]
-struct MetaGraphDef {
-    #[prost(message, optional, tag = "1")]
-    meta_info_def: Option<MetaInfoDef>,
-    /// A serialized `GraphDef` (an embedded message and `bytes` share their wire format).
-    #[prost(bytes = "vec", tag = "2")]
-    graph_def: Vec<u8>,
-    #[prost(message, optional, tag = "3")]
-    saver_def: Option<SaverDef>,
-    #[prost(btree_map = "string, message", tag = "5")]
-    signature_def: BTreeMap<String, SignatureDef>,
-}
-
-#[derive(Clone, PartialEq, Message)]
-struct MetaInfoDef {
-    #[prost(string, repeated, tag = "4")]
-    tags: Vec<String>,
-    #[prost(string, tag = "5")]
-    tensorflow_version: String,
-}
-
-#[derive(Clone, PartialEq, Message)]
-struct SaverDef {
-    #[prost(string, tag = "1")]
-    filename_tensor_name: String,
-    #[prost(string, tag = "2")]
-    save_tensor_name: String,
-    #[prost(string, tag = "3")]
-    restore_op_name: String,
-    #[prost(int32, tag = "4")]
-    max_to_keep: i32,
-    /// `CheckpointFormatVersion`: 2 is V2.
-    #[prost(int32, tag = "7")]
-    version: i32,
-}
-
-#[derive(Clone, PartialEq, Message)]
-struct SignatureDef {
-    #[prost(btree_map = "string, message", tag = "1")]
-    inputs: BTreeMap<String, TensorInfo>,
-    #[prost(btree_map = "string, message", tag = "2")]
-    outputs: BTreeMap<String, TensorInfo>,
-    #[prost(string, tag = "3")]
-    method_name: String,
-}
-
-#[derive(Clone, PartialEq, Message)]
-struct TensorInfo {
-    #[prost(string, tag = "1")]
-    name: String,
-    /// `DataType` enum value.
-    #[prost(int32, tag = "2")]
-    dtype: i32,
-    #[prost(message, optional, tag = "3")]
-    tensor_shape: Option<TensorShape>,
-}
-
-#[derive(Clone, PartialEq, Message)]
-struct TensorShape {
-    #[prost(message, repeated, tag = "2")]
-    dim: Vec<Dim>,
-}
-
-#[derive(Clone, PartialEq, Message)]
-struct Dim {
-    #[prost(int64, tag = "1")]
-    size: i64,
-}
+const MINIGPT_JSON: &str = "assets.extra/minigpt.json";
+const VOCAB_JSON: &str = "assets.extra/vocab.json";
 
 /// `op:index` with its dtype and shape (-1: unknown size).
-fn tensor_info(output: &Output, dtype: DataType, dims: &[i64]) -> Result<TensorInfo> {
-    Ok(TensorInfo {
-        name: format!("{}:{}", output.operation.name()?, output.index),
-        dtype: match dtype {
-            DataType::Float => 1,
-            DataType::Int32 => 3,
-            other => anyhow::bail!("no SavedModel signature of {other} tensors"),
-        },
-        tensor_shape: Some(TensorShape { dim: dims.iter().map(|&size| Dim { size }).collect() }),
-    })
+fn tensor_info(name: &str, dtype: proto::DataType, dims: &[i64]) -> proto::TensorInfo {
+    proto::TensorInfo {
+        dtype: dtype as i32,
+        tensor_shape: Some(proto::TensorShapeProto {
+            dim: dims.iter().map(|&size| proto::tensor_shape_proto::Dim { size, ..Default::default() }).collect(),
+            ..Default::default()
+        }),
+        encoding: Some(proto::tensor_info::Encoding::Name(name.to_string())),
+    }
 }
 
-fn signature(inputs: Vec<(&str, TensorInfo)>, outputs: Vec<(&str, TensorInfo)>) -> SignatureDef {
-    SignatureDef {
+fn signature(inputs: Vec<(&str, proto::TensorInfo)>, outputs: Vec<(&str, proto::TensorInfo)>) -> proto::SignatureDef {
+    proto::SignatureDef {
         inputs: inputs.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
         outputs: outputs.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
         method_name: "tensorflow/serving/predict".into(),
+        ..Default::default()
     }
 }
 
 /// Writes the run in `run` as a SavedModel at `out` (built in a temporary folder beside it, then
 /// renamed into place).
-pub fn export(run: &Path, out: &Path, session: &SessionArgs) -> Result<PathBuf> {
+pub fn export(run: &Path, out: &Path, session: SessionConfig) -> Result<PathBuf> {
     ensure!(!out.exists(), "{} already exists: choose another --out (or delete it)", out.display());
     let dir = RunDir::open(run)?;
-    let (config, runner) = train::load_run(&dir, GraphOptions::new(0), DeviceChoice::Cpu, session)?;
+    let (config, runner) =
+        dir.load(Load::Training { summaries: false }, SessionConfig { device: DeviceChoice::Cpu, ..session })?;
     let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-    let tmp = tempfile::Builder::new().prefix(".minigpt-export-").tempdir_in(parent).with_context(|| format!("writing into {}", parent.display()))?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".minigpt-export-")
+        .tempdir_in(parent)
+        .with_context(|| format!("writing into {}", parent.display()))?;
     write(&config, &runner, tmp.path())?;
     let tmp = tmp.keep();
     #[cfg(unix)]
@@ -148,38 +85,46 @@ pub fn export(run: &Path, out: &Path, session: &SessionArgs) -> Result<PathBuf> 
 }
 
 fn write(config: &RunConfig, runner: &Runner, dir: &Path) -> Result<()> {
-    let g = &runner.g;
-    // Fetching `train_step/loss` runs the step; `save/filename` is the saver's save tensor.
-    let scope: Scope = g.scope.new_sub_scope("export");
-    let loss = ops::identity(g.loss.clone(), &mut scope.with_op_name("train_step/loss").with_control_dependencies(std::slice::from_ref(&g.train_op)))?;
-    let saved = ops::identity(g.ckpt_prefix.clone(), &mut scope.with_op_name("save/filename").with_control_dependencies(std::slice::from_ref(&g.save)))?;
-
+    let t = runner.serving_tensors()?;
     let vocab = config.model.vocab_size as i64;
-    let tokens = tensor_info(&g.tokens.clone().into(), DataType::Int32, &[-1, -1])?;
-    let targets = tensor_info(&g.targets.clone().into(), DataType::Int32, &[-1, -1])?;
+    let (int32, float) = (proto::DataType::DtInt32, proto::DataType::DtFloat);
+    let tokens = tensor_info(&t.tokens, int32, &[-1, -1]);
     let mut signatures = BTreeMap::new();
-    signatures.insert(SERVING.to_string(), signature(vec![("tokens", tokens.clone())], vec![("logits", tensor_info(&g.logits, DataType::Float, &[-1, -1, vocab])?)]));
-    signatures.insert(TRAIN_STEP.to_string(), signature(vec![("x", tokens), ("y", targets)], vec![("loss", tensor_info(&loss.into(), DataType::Float, &[])?)]));
-    let meta = MetaGraphDef {
-        meta_info_def: Some(MetaInfoDef { tags: vec![SERVE_TAG.into()], tensorflow_version: tensorflow::version().unwrap_or_default() }),
-        graph_def: g.graph().graph_def()?,
-        saver_def: Some(SaverDef {
-            filename_tensor_name: format!("{}:0", g.ckpt_prefix.name()?),
-            save_tensor_name: format!("{}:0", saved.name()?),
-            restore_op_name: g.restore.name()?,
+    signatures.insert(
+        SERVING.to_string(),
+        signature(vec![("tokens", tokens.clone())], vec![("logits", tensor_info(&t.logits, float, &[-1, -1, vocab]))]),
+    );
+    let step = signature(
+        vec![("x", tokens), ("y", tensor_info(&t.targets, int32, &[-1, -1]))],
+        vec![("loss", tensor_info(&t.loss_after_step, float, &[]))],
+    );
+    signatures.insert(TRAIN_STEP.to_string(), step);
+    let meta = proto::MetaGraphDef {
+        meta_info_def: Some(proto::meta_graph_def::MetaInfoDef {
+            tags: vec![SERVE_TAG.into()],
+            tensorflow_version: tensorflow::version().unwrap_or_default(),
+            ..Default::default()
+        }),
+        graph_def: Some(proto::GraphDef::decode(&runner.graph_def()?[..]).context("decoding the graph")?),
+        saver_def: Some(proto::SaverDef {
+            filename_tensor_name: t.filename,
+            save_tensor_name: t.save,
+            restore_op_name: t.restore,
             max_to_keep: 1,
-            version: 2,
+            version: proto::saver_def::CheckpointFormatVersion::V2 as i32,
+            ..Default::default()
         }),
         signature_def: signatures,
+        ..Default::default()
     };
-    let model = SavedModel { saved_model_schema_version: 1, meta_graphs: vec![meta] };
+    let model = proto::SavedModel { saved_model_schema_version: 1, meta_graphs: vec![meta] };
 
     fs::create_dir_all(dir.join("variables"))?;
     fs::create_dir_all(dir.join("assets.extra"))?;
     runner.save(path_str(&dir.join("variables/variables"))?, [config.epochs_done as i64, 0])?;
     write_file(&dir.join("saved_model.pb"), &model.encode_to_vec())?;
-    write_file(&dir.join("assets.extra/vocab.json"), (serde_json::to_string(&config.vocab)? + "\n").as_bytes())?;
-    write_file(&dir.join("assets.extra/minigpt.json"), (serde_json::to_string_pretty(config)? + "\n").as_bytes())?;
+    write_file(&dir.join(VOCAB_JSON), (serde_json::to_string(&config.vocab)? + "\n").as_bytes())?;
+    write_file(&dir.join(MINIGPT_JSON), (serde_json::to_string_pretty(config)? + "\n").as_bytes())?;
     Ok(())
 }
 
@@ -202,43 +147,58 @@ pub fn vocabulary(dir: &Path, vocab_file: Option<&Path>) -> Result<Vocab> {
             Err(_) => Ok(Vocab::from_text(&text)),
         };
     }
-    let path = dir.join("assets.extra/vocab.json");
+    let path = dir.join(VOCAB_JSON);
     ensure!(
         path.is_file(),
-        "{} carries no vocabulary (no assets.extra/vocab.json): give --vocab FILE, a JSON array of its characters or the text it was trained on",
+        "{} carries no vocabulary (no {VOCAB_JSON}): give --vocab FILE, a JSON array of its characters or \
+         the text it was trained on",
         dir.display()
     );
     let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let chars: Vec<String> = serde_json::from_str(&text).with_context(|| format!("{} is not a JSON array of strings", path.display()))?;
+    let chars: Vec<String> =
+        serde_json::from_str(&text).with_context(|| format!("{} is not a JSON array of strings", path.display()))?;
     Vocab::from_strings(&chars).with_context(|| format!("{}", path.display()))
 }
 
-/// `assets.extra/minigpt.json`, if there is one and it is JSON.
-fn minigpt_json(dir: &Path) -> Option<serde_json::Value> {
-    serde_json::from_str(&fs::read_to_string(dir.join("assets.extra/minigpt.json")).ok()?).ok()
+/// `assets.extra/minigpt.json`. minigpt writes a run's whole [`RunConfig`] there; other exporters
+/// may write part of it (`python_export/export_savedmodel.py` writes `model`, `train.block_size`,
+/// `train.batch_size` and `steps_done`), so every field is optional and what is present is used.
+#[derive(Debug, Default, Deserialize)]
+pub struct Declared {
+    pub model: Option<ModelConfig>,
+    #[serde(default)]
+    pub train: DeclaredTraining,
+    pub steps_done: Option<u64>,
+    pub data: Option<DataInfo>,
 }
 
-/// The model `assets.extra/minigpt.json` declares: `None` without one, an error if it does not
-/// parse.
-fn declared_model(dir: &Path) -> Result<Option<crate::model::ModelConfig>> {
-    match minigpt_json(dir) {
-        Some(json) if json.get("model").is_some() => Ok(Some(
-            serde_json::from_value(json["model"].clone()).with_context(|| format!("{}: assets.extra/minigpt.json: its \"model\" is not a model configuration", dir.display()))?,
-        )),
-        _ => Ok(None),
+/// The part of `train` a SavedModel's user needs.
+#[derive(Debug, Default, Deserialize)]
+pub struct DeclaredTraining {
+    pub block_size: Option<usize>,
+    pub batch_size: Option<usize>,
+}
+
+impl Declared {
+    /// The file of `dir`, if it has one; an error if it does not parse.
+    pub fn read(dir: &Path) -> Result<Option<Self>> {
+        let path = dir.join(MINIGPT_JSON);
+        if !path.is_file() {
+            return Ok(None);
+        }
+        let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let declared: Self = serde_json::from_str(&text).with_context(|| format!("{} is not valid", path.display()))?;
+        if let Some(model) = &declared.model {
+            model.validate().with_context(|| format!("{}: its model", path.display()))?;
+        }
+        Ok(Some(declared))
     }
-}
 
-/// The context the model takes: a GPT's position table, else `train.block_size` from
-/// `assets.extra/minigpt.json`, if it says.
-fn block_size(dir: &Path) -> Option<usize> {
-    let limit = declared_model(dir).ok().flatten().and_then(|m| m.context_limit());
-    limit.or_else(|| minigpt_json(dir)?["train"]["block_size"].as_u64()).map(|b| b as usize)
-}
-
-/// `train.batch_size` from `assets.extra/minigpt.json`, if it says.
-pub fn batch_size(dir: &Path) -> Option<usize> {
-    minigpt_json(dir)?["train"]["batch_size"].as_u64().map(|b| b as usize)
+    /// The context the model takes: a GPT's position table, else the training window.
+    pub fn context(&self) -> Option<usize> {
+        let limit = self.model.as_ref().and_then(|m| m.context_limit()).map(|b| b as usize);
+        limit.or(self.train.block_size)
+    }
 }
 
 /// Picks a signature's tensor: `preferred` keys first, else the only one; checks its dtype and rank.
@@ -249,11 +209,18 @@ fn pick<'a>(
     dtype: DataType,
     rank: usize,
 ) -> Result<(&'a str, &'a tensorflow::TensorInfo)> {
-    let found = preferred.iter().find_map(|k| tensors.get_key_value(*k)).or_else(|| (tensors.len() == 1).then(|| tensors.iter().next()).flatten());
+    let found = preferred
+        .iter()
+        .find_map(|k| tensors.get_key_value(*k))
+        .or_else(|| (tensors.len() == 1).then(|| tensors.iter().next()).flatten());
     let mut keys: Vec<&str> = tensors.keys().map(String::as_str).collect();
     keys.sort();
     let Some((key, info)) = found else {
-        anyhow::bail!("{SERVING}: expected {what} {} (or a single one), found {}", preferred.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(" or "), if keys.is_empty() { "none".into() } else { keys.join(", ") });
+        let wanted = preferred.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(" or ");
+        bail!(
+            "{SERVING}: expected {what} {wanted} (or a single one), found {}",
+            if keys.is_empty() { "none".into() } else { keys.join(", ") }
+        );
     };
     ensure!(info.dtype() == dtype, "{SERVING}: {what} `{key}` is {}, expected {dtype}", info.dtype());
     if let Some(dims) = info.shape().dims() {
@@ -264,67 +231,76 @@ fn pick<'a>(
 
 fn output_of(graph: &tensorflow::Graph, info: &tensorflow::TensorInfo) -> Result<Output> {
     let name = info.name();
-    let operation = graph.operation_by_name_required(&name.name).with_context(|| format!("the graph has no tensor {}:{}", name.name, name.index))?;
+    let operation = graph
+        .operation_by_name_required(&name.name)
+        .with_context(|| format!("the graph has no tensor {}:{}", name.name, name.index))?;
     Ok(Output { operation, index: name.index })
 }
 
 /// A SavedModel loaded for inference through its `serving_default` signature, with minigpt's
-/// sampling and loss ops added to its graph.
+/// loss added to its graph.
 pub struct Loaded {
     /// Owns the graph the SavedModel was loaded into.
-    pub scope: Scope,
-    pub session: tensorflow::Session,
+    _scope: Scope,
+    session: Session,
     pub vocab: Vocab,
-    /// The context the model was trained on, if its `minigpt.json` says.
-    pub block_size: Option<usize>,
+    /// Its `assets.extra/minigpt.json`, if any.
+    pub declared: Option<Declared>,
     tokens: Output,
     logits: Output,
-    temperature: Output,
-    next: Output,
     labels: Operation,
     loss: Output,
 }
 
 impl Loaded {
-    /// Loads `dir` (tag `serve`). `seed` and `top_k` set the sampler, as for a run.
-    pub fn load(dir: &Path, vocab_file: Option<&Path>, session: &SessionArgs, seed: i64, top_k: Option<u32>) -> Result<Self> {
+    /// Loads `dir` (tag `serve`).
+    pub fn load(dir: &Path, vocab_file: Option<&Path>, session: SessionConfig) -> Result<Self> {
         let vocab = vocabulary(dir, vocab_file)?;
+        let declared = Declared::read(dir)?;
         let mut scope = Scope::new_root_scope();
-        let options = session.to_config().session_options()?;
+        let options = session.session_options()?;
         let bundle = tensorflow::SavedModelBundle::load(&options, [SERVE_TAG], &mut scope.graph_mut(), dir)
             .map_err(|e| anyhow::anyhow!("{}: not a SavedModel with the `{SERVE_TAG}` tag: {e}", dir.display()))?;
         let signature = bundle.meta_graph_def().get_signature(SERVING).map_err(|_| {
-            let mut names: Vec<&str> = bundle.meta_graph_def().signatures().keys().map(String::as_str).filter(|k| !k.starts_with("__")).collect();
+            let mut names: Vec<&str> = bundle
+                .meta_graph_def()
+                .signatures()
+                .keys()
+                .map(String::as_str)
+                .filter(|k| !k.starts_with("__"))
+                .collect();
             names.sort();
             anyhow::anyhow!("{}: no `{SERVING}` signature (it has: {})", dir.display(), names.join(", "))
         })?;
-        let (_, tokens) = pick("input", signature.inputs(), &["tokens"], DataType::Int32, 2).with_context(|| dir.display().to_string())?;
-        let (key, logits) = pick("output", signature.outputs(), &["logits", "output_0"], DataType::Float, 3).with_context(|| dir.display().to_string())?;
+        let (_, tokens) = pick("input", signature.inputs(), &["tokens"], DataType::Int32, 2)
+            .with_context(|| dir.display().to_string())?;
+        let (key, logits) = pick("output", signature.outputs(), &["logits", "output_0"], DataType::Float, 3)
+            .with_context(|| dir.display().to_string())?;
         if let Some(v) = logits.shape().dims().and_then(|_| logits.shape()[2]) {
-            ensure!(v as usize == vocab.len(), "{}: `{key}` has {v} classes but the vocabulary {} characters", dir.display(), vocab.len());
+            ensure!(
+                v as usize == vocab.len(),
+                "{}: `{key}` has {v} classes but the vocabulary {} characters",
+                dir.display(),
+                vocab.len()
+            );
         }
-        let (tokens, logits) = { let g = scope.graph(); (output_of(&g, tokens)?, output_of(&g, logits)?) };
-
+        let (tokens, logits) = {
+            let g = scope.graph();
+            (output_of(&g, tokens)?, output_of(&g, logits)?)
+        };
         let s = &mut scope.new_sub_scope("minigpt");
-        let one = ops::constant(1.0f32, s)?;
-        let temperature = tfx::scalar_with_default("minigpt/temperature", one.into(), s)?;
-        let cfg = crate::sample::SamplerConfig { top_k };
-        let last = crate::sample::slice_last(logits.clone(), 3, s)?; // [B, V]
-        let scaled = crate::sample::scale(last, temperature.clone(), &cfg, s)?;
-        let next = crate::sample::multinomial(scaled, seed, Some("minigpt/next"), s)?;
         let labels = tfx::placeholder("minigpt/labels", DataType::Int32, &[-1, -1], s)?;
-        let logits_2d = ops::reshape(logits.clone(), tfx::shape_const(&[-1, vocab.len() as i64], s)?, s)?;
-        let flat = ops::reshape(labels.clone(), tfx::shape_const(&[-1], s)?, s)?;
-        let xent = ops::sparse_softmax_cross_entropy_with_logits(logits_2d, flat, s)?;
-        let loss = ops::mean(xent.output(0), tfx::shape_const(&[0], s)?, s)?.into();
-        let loaded = Self { session: bundle.session, vocab, block_size: block_size(dir), scope, tokens, logits, temperature, next, labels, loss };
+        let loss = loss::cross_entropy(logits.clone(), labels.clone().into(), vocab.len() as i64, s)?.loss;
+        let loaded = Self { session: bundle.session, vocab, declared, _scope: scope, tokens, logits, labels, loss };
         // One token through the model: a SavedModel whose signature reads variables its restore
         // op does not write fails here, not halfway through a command.
         loaded.logits(&Tensor::new(&[1, 1])).map_err(|e| {
             anyhow::anyhow!(
-                "{}: its `{SERVING}` signature does not run after loading ({}); a SavedModel written from Python with Keras 3 variables inside a tf.Module must also track their `.value` tf.Variables (see python_export/export_savedmodel.py)",
+                "{}: its `{SERVING}` signature does not run after loading ({}); a SavedModel written from \
+                 Python with Keras 3 variables inside a tf.Module must also track their `.value` tf.Variables \
+                 (see python_export/export_savedmodel.py)",
                 dir.display(),
-                format!("{e:#}").split_whitespace().collect::<Vec<_>>().join(" ")
+                one_line(&format!("{e:#}"))
             )
         })?;
         Ok(loaded)
@@ -348,16 +324,103 @@ impl Loaded {
         self.session.run(&mut args).context("computing the loss")?;
         Ok(args.fetch::<f32>(t)?[0])
     }
+}
 
-    /// The next id after `context`, drawn with the `Multinomial` op.
-    pub fn next(&self, context: &[i32], temperature: &Tensor<f32>) -> Result<i32> {
-        let context = Tensor::new(&[1, context.len() as u64]).with_values(context)?;
-        let mut args = SessionRunArgs::new();
-        args.add_feed(&self.tokens.operation, self.tokens.index, &context);
-        args.add_feed(&self.temperature.operation, self.temperature.index, temperature);
-        let t = args.request_fetch(&self.next.operation, self.next.index);
-        self.session.run(&mut args).context("sampling")?;
-        Ok(args.fetch::<i64>(t)?[0] as i32)
+impl NextLogits for Loaded {
+    /// A pass over the whole window (a SavedModel's signature keeps no cache).
+    fn next_logits(&self, window: &[i32], _cache: &mut Cache) -> Result<Vec<f32>> {
+        ensure!(!window.is_empty(), "the prompt is empty: give at least one character");
+        let tokens = Tensor::new(&[1, window.len() as u64]).with_values(window)?;
+        let logits = self.logits(&tokens)?; // [1, L, V]
+        let v = self.vocab.len();
+        ensure!(
+            logits.len() == window.len() * v,
+            "`{SERVING}` returned {} values for {} positions of {v} classes",
+            logits.len(),
+            window.len()
+        );
+        Ok(logits[logits.len() - v..].to_vec())
+    }
+
+    fn context_size(&self) -> Option<usize> {
+        self.declared.as_ref().and_then(Declared::context)
+    }
+}
+
+/// How `generate` and `eval` open a run directory or a SavedModel.
+#[derive(Debug, Clone, Default)]
+pub struct OpenOptions {
+    /// The vocabulary of a SavedModel that carries none.
+    pub vocab: Option<PathBuf>,
+    pub session: SessionConfig,
+    /// For a run directory: build the bigram's in-graph sampling loop for this sampler.
+    pub sampler: Option<SamplerConfig>,
+}
+
+/// A model to sample from or evaluate: a run directory's newest checkpoint, or a SavedModel.
+#[allow(clippy::large_enum_variant)] // one value per command
+pub enum Source {
+    Run { config: RunConfig, runner: Runner },
+    Saved(Loaded),
+}
+
+impl Source {
+    pub fn open(path: &Path, opts: &OpenOptions) -> Result<Self> {
+        if is_saved_model(path) {
+            return Ok(Self::Saved(Loaded::load(path, opts.vocab.as_deref(), opts.session)?));
+        }
+        ensure!(opts.vocab.is_none(), "--vocab is for SavedModels; a run directory has its vocabulary in config.json");
+        let (config, runner) = RunDir::open(path)?.load(Load::Inference { sampler: opts.sampler }, opts.session)?;
+        Ok(Self::Run { config, runner })
+    }
+
+    pub fn vocab(&self) -> Result<Vocab> {
+        match self {
+            Self::Run { config, .. } => config.vocab(),
+            Self::Saved(loaded) => Ok(loaded.vocab.clone()),
+        }
+    }
+
+    pub fn next_logits(&self) -> &dyn NextLogits {
+        match self {
+            Self::Run { runner, .. } => runner,
+            Self::Saved(loaded) => loaded,
+        }
+    }
+
+    /// Mean cross-entropy of the model on a batch.
+    pub fn loss(&self, x: &Tensor<i32>, y: &Tensor<i32>) -> Result<f32> {
+        match self {
+            Self::Run { runner, .. } => runner.loss(x, y),
+            Self::Saved(loaded) => loaded.loss(x, y),
+        }
+    }
+
+    /// The window evaluation uses: the run's (or the SavedModel's declared) training window,
+    /// else the notebook's.
+    pub fn block_size(&self) -> usize {
+        match self {
+            Self::Run { config, .. } => config.train.block_size,
+            Self::Saved(loaded) => loaded.declared.as_ref().and_then(Declared::context).unwrap_or(NOTEBOOK_BLOCK_SIZE),
+        }
+    }
+
+    /// The batch size the model was trained with, if known, else the notebook's.
+    pub fn batch_size(&self) -> usize {
+        match self {
+            Self::Run { config, .. } => config.train.batch_size,
+            Self::Saved(loaded) => {
+                loaded.declared.as_ref().and_then(|d| d.train.batch_size).unwrap_or(NOTEBOOK_BATCH_SIZE)
+            }
+        }
+    }
+
+    /// The corpus to evaluate on by default: the run's own, else `--data`'s default.
+    pub fn data_source(&self) -> String {
+        match self {
+            Self::Run { config, .. } => config.data.source.clone(),
+            Self::Saved(_) => data::default_source(),
+        }
     }
 }
 
@@ -366,21 +429,43 @@ impl Loaded {
 /// (`model/dense/_kernel/.ATTRIBUTES/VARIABLE_VALUE`); failing that, by its shape, when every
 /// entry of that shape holds the same values (Keras' `model.export()` lists its variables by
 /// number, some twice).
-pub fn import_weights(dir: &Path, vars: &[crate::tfx::Var]) -> Result<Vec<Tensor<f32>>> {
+pub fn import_weights(dir: &Path, vars: &[Var]) -> Result<Vec<Tensor<f32>>> {
     let reader = variables_reader(dir)?;
     let entries = reader.entries()?;
     let model_entries: Vec<&CheckpointEntry> = entries
         .iter()
-        .filter(|e| e.dtype == DataType::Float && !e.key.starts_with("optimizer/") && !e.key.starts_with('_') && !e.key.ends_with("/m") && !e.key.ends_with("/v"))
+        .filter(|e| {
+            e.dtype == DataType::Float
+                && !e.key.starts_with("optimizer/")
+                && !e.key.starts_with('_')
+                && !e.key.ends_with("/m")
+                && !e.key.ends_with("/v")
+        })
         .collect();
     let mut out = Vec::with_capacity(vars.len());
     for var in vars {
         let shape: Vec<i64> = var.shape.iter().map(|&d| d as i64).collect();
         let exact: Vec<&CheckpointEntry> = model_entries.iter().copied().filter(|e| e.key == var.name).collect();
-        let by_name = if exact.is_empty() { model_entries.iter().copied().filter(|e| names_match(&e.key, &var.name)).collect() } else { exact };
-        let candidates = if by_name.is_empty() { model_entries.iter().copied().filter(|e| e.shape == shape).collect() } else { by_name };
-        ensure!(!candidates.is_empty(), "{}: no variable for {} {:?} (it holds: {})", dir.display(), var.name, shape, describe(&model_entries));
-        let values: Vec<Tensor<f32>> = candidates.iter().map(|e| reader.tensor_f32(&e.key)).collect::<Result<_, _>>()?;
+        let by_name = if exact.is_empty() {
+            model_entries.iter().copied().filter(|e| names_match(&e.key, &var.name)).collect()
+        } else {
+            exact
+        };
+        let candidates = if by_name.is_empty() {
+            model_entries.iter().copied().filter(|e| e.shape == shape).collect()
+        } else {
+            by_name
+        };
+        ensure!(
+            !candidates.is_empty(),
+            "{}: no variable for {} {:?} (it holds: {})",
+            dir.display(),
+            var.name,
+            shape,
+            describe(&model_entries)
+        );
+        let values: Vec<Tensor<f32>> =
+            candidates.iter().map(|e| reader.tensor_f32(&e.key)).collect::<Result<_, _>>()?;
         ensure!(
             values.windows(2).all(|w| w[0][..] == w[1][..]),
             "{}: which variable is {} is ambiguous ({})",
@@ -388,8 +473,15 @@ pub fn import_weights(dir: &Path, vars: &[crate::tfx::Var]) -> Result<Vec<Tensor
             var.name,
             describe(&candidates)
         );
-        ensure!(candidates[0].shape == shape, "{}: {} is {:?} there, {:?} in this model", dir.display(), var.name, candidates[0].shape, shape);
-        out.push(values.into_iter().next().unwrap());
+        ensure!(
+            candidates[0].shape == shape,
+            "{}: {} is {:?} there, {:?} in this model",
+            dir.display(),
+            var.name,
+            candidates[0].shape,
+            shape
+        );
+        out.extend(values.into_iter().next());
     }
     Ok(out)
 }
@@ -414,24 +506,28 @@ fn names_match(key: &str, name: &str) -> bool {
 
 /// The model configuration of a SavedModel: the one its `minigpt.json` declares, else the
 /// notebook's model with the width of the embedding table among its weights.
-pub fn model_config(dir: &Path, vocab_size: u64) -> Result<crate::model::ModelConfig> {
-    if let Some(model) = declared_model(dir)? {
+pub fn model_config(dir: &Path, vocab_size: u64) -> Result<ModelConfig> {
+    if let Some(model) = Declared::read(dir)?.and_then(|d| d.model) {
         ensure!(
             model.vocab_size == vocab_size,
             "{}: its minigpt.json declares a vocabulary of {}, its vocabulary has {vocab_size}",
             dir.display(),
             model.vocab_size
         );
-        model.validate().with_context(|| format!("{}: the model its minigpt.json declares", dir.display()))?;
         return Ok(model);
     }
-    let probe = crate::model::ModelConfig::bigram(vocab_size, 1);
     let entries = variables_reader(dir)?.entries()?;
+    let table = |e: &&CheckpointEntry| {
+        e.dtype == DataType::Float
+            && e.shape.len() == 2
+            && e.shape[0] == vocab_size as i64
+            && !e.key.starts_with("optimizer/")
+    };
     let embedding = entries
         .iter()
-        .filter(|e| e.dtype == DataType::Float && e.shape.len() == 2 && e.shape[0] == vocab_size as i64 && !e.key.starts_with("optimizer/"))
+        .filter(table)
         .find(|e| names_match(&e.key, "embedding/embeddings"))
-        .or_else(|| entries.iter().find(|e| e.dtype == DataType::Float && e.shape.len() == 2 && e.shape[0] == vocab_size as i64 && !e.key.starts_with("optimizer/")))
+        .or_else(|| entries.iter().find(table))
         .with_context(|| format!("{}: no [{vocab_size}, width] embedding table among its variables", dir.display()))?;
-    Ok(crate::model::ModelConfig { n_embd: embedding.shape[1] as u64, ..probe })
+    Ok(ModelConfig::bigram(vocab_size, embedding.shape[1] as u64))
 }

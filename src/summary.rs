@@ -5,9 +5,9 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use tensorflow::{ops, DataType, Operation, Output, Scope, SessionRunArgs, Tensor};
+use tensorflow::{ops, DataType, Operation, Output, Scope, Session, SessionRunArgs, Tensor};
 
-use crate::graph::Runner;
+use crate::files::path_str;
 use crate::tfx;
 
 /// The summary ops of a training graph. `loss` and `learning_rate` write the graph's own tensors
@@ -17,8 +17,8 @@ pub struct Summaries {
     create: Operation,
     /// int64 scalar placeholder: the step every write is stamped with.
     step: Operation,
-    pub loss: Operation,
-    pub learning_rate: Operation,
+    loss: Operation,
+    learning_rate: Operation,
     fed: Vec<(String, Operation, Operation)>,
     flush: Operation,
 }
@@ -29,7 +29,10 @@ pub const FED_TAGS: [&str; 2] = ["val_loss", "tokens_per_s"];
 impl Summaries {
     pub fn build(loss: Output, learning_rate: Output, scope: &mut Scope) -> tensorflow::Result<Self> {
         let scope = &mut scope.new_sub_scope("summary");
-        let writer: Output = ops::SummaryWriter::new().shared_name("minigpt_events").build(&mut scope.with_op_name("summary/writer"))?.into();
+        let writer: Output = ops::SummaryWriter::new()
+            .shared_name("minigpt_events")
+            .build(&mut scope.with_op_name("summary/writer"))?
+            .into();
         let logdir = tfx::placeholder("summary/logdir", DataType::String, &[], scope)?;
         let create = ops::create_summary_file_writer(
             writer.clone(),
@@ -42,7 +45,13 @@ impl Summaries {
         let step = tfx::placeholder("summary/step", DataType::Int64, &[], scope)?;
         let write = |tag: &str, value: Output, scope: &mut Scope| {
             let tag_t = ops::constant(tag.to_string(), scope)?;
-            ops::write_scalar_summary(writer.clone(), step.clone(), tag_t, value, &mut scope.with_op_name(&format!("summary/write/{tag}")))
+            ops::write_scalar_summary(
+                writer.clone(),
+                step.clone(),
+                tag_t,
+                value,
+                &mut scope.with_op_name(&format!("summary/write/{tag}")),
+            )
         };
         let loss = write("loss", loss, scope)?;
         let learning_rate = write("learning_rate", learning_rate, scope)?;
@@ -57,46 +66,37 @@ impl Summaries {
     }
 }
 
-impl Runner {
-    fn summaries(&self) -> Result<&Summaries> {
-        self.g.summaries.as_ref().context("the graph was built without summary ops")
-    }
-
+impl Summaries {
     /// Opens (creates) the event file in `dir`.
-    pub fn open_events(&self, dir: &Path) -> Result<()> {
-        let s = self.summaries()?;
+    pub fn open(&self, session: &Session, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let logdir = Tensor::from(crate::checkpoint::path_str(dir)?.to_string());
+        let logdir = Tensor::from(path_str(dir)?.to_string());
         let mut args = SessionRunArgs::new();
-        args.add_feed(&s.logdir, 0, &logdir);
-        args.add_target(&s.create);
-        self.session.run(&mut args).with_context(|| format!("creating the event file in {}", dir.display()))
+        args.add_feed(&self.logdir, 0, &logdir);
+        args.add_target(&self.create);
+        session.run(&mut args).with_context(|| format!("creating the event file in {}", dir.display()))
     }
 
-    /// One Adam step that also writes its loss and learning rate at `step`; returns the loss.
-    pub fn train_step_logged(&self, x: &Tensor<i32>, y: &Tensor<i32>, step: u64) -> Result<f32> {
-        let s = self.summaries()?;
-        let step = Tensor::from(step as i64);
-        self.train_step_with(x, y, |args| {
-            args.add_feed(&s.step, 0, &step);
-            args.add_target(&s.loss);
-            args.add_target(&s.learning_rate);
-        })
+    /// Adds the writes of the graph's own loss and learning rate, stamped `step`, to a run.
+    pub fn add_graph_writes<'a>(&'a self, args: &mut SessionRunArgs<'a>, step: &'a Tensor<i64>) {
+        args.add_feed(&self.step, 0, step);
+        args.add_target(&self.loss);
+        args.add_target(&self.learning_rate);
     }
 
     /// Writes `values` (tags from [`FED_TAGS`]) at `step`, then flushes the event file.
-    pub fn write_scalars(&self, step: u64, values: &[(&str, f32)]) -> Result<()> {
-        let s = self.summaries()?;
+    pub fn write(&self, session: &Session, step: u64, values: &[(&str, f32)]) -> Result<()> {
         let step = Tensor::from(step as i64);
         let tensors: Vec<Tensor<f32>> = values.iter().map(|&(_, v)| Tensor::from(v)).collect();
         let mut args = SessionRunArgs::new();
-        args.add_feed(&s.step, 0, &step);
+        args.add_feed(&self.step, 0, &step);
         for ((tag, _), value) in values.iter().zip(&tensors) {
-            let (_, placeholder, op) = s.fed.iter().find(|(t, _, _)| t == tag).with_context(|| format!("no summary tag {tag}"))?;
+            let (_, placeholder, op) =
+                self.fed.iter().find(|(t, _, _)| t == tag).with_context(|| format!("no summary tag {tag}"))?;
             args.add_feed(placeholder, 0, value);
             args.add_target(op);
         }
-        args.add_target(&s.flush);
-        self.session.run(&mut args).context("writing summaries")
+        args.add_target(&self.flush);
+        session.run(&mut args).context("writing summaries")
     }
 }

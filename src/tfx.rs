@@ -1,14 +1,11 @@
-//! Small graph-building helpers the `tensorflow` crate lacks: resource variables, list-input
-//! ops, constants, session options and the text form of a graph.
+//! What the `tensorflow` crate lacks: resource variables, list-input ops, constants, TensorFlow's
+//! checkpoint reader and the text form of a graph (C API calls the crate does not bind).
 
 use std::ffi::c_char;
 
 use tensorflow_sys as tf_sys;
 
-use tensorflow::{
-    ops, DataType, Graph, Operation, Output, Scope, SessionOptions, Shape, Status, Tensor,
-    TensorType,
-};
+use tensorflow::{ops, DataType, Graph, Operation, Output, Scope, Shape, Status, Tensor, TensorType};
 
 /// A resource variable (`VarHandleOp`), as Keras and `tf.Variable` make them.
 #[derive(Debug, Clone)]
@@ -108,76 +105,49 @@ pub fn concat(values: &[Output], axis: i32, scope: &mut Scope) -> tensorflow::Re
     Ok(nd.finish()?.into())
 }
 
-/// `SaveV2` of `tensors` under `names` at the string scalar `prefix` (the crate's generated
-/// builder cannot take a list input).
-pub fn save_v2(prefix: Output, names: &[String], tensors: &[Output], scope: &mut Scope) -> tensorflow::Result<Operation> {
+/// The `tensor_names` and `shape_and_slices` inputs of `SaveV2` and `RestoreV2` (`<name>/...`):
+/// every tensor whole.
+fn checkpoint_keys(name: &str, names: &[String], scope: &mut Scope) -> tensorflow::Result<(Output, Output)> {
     let n = names.len() as u64;
-    let names_t = constant(names, &[n], &mut scope.with_op_name("save/tensor_names"))?;
-    let slices = constant(&vec![String::new(); names.len()], &[n], &mut scope.with_op_name("save/shape_and_slices"))?;
+    let keys = constant(names, &[n], &mut scope.with_op_name(&format!("{name}/tensor_names")))?;
+    let whole = vec![String::new(); names.len()];
+    let slices = constant(&whole, &[n], &mut scope.with_op_name(&format!("{name}/shape_and_slices")))?;
+    Ok((keys, slices))
+}
+
+/// `save/SaveV2` of `tensors` under `names` at the string scalar `prefix` (the crate's generated
+/// builder cannot take a list input).
+pub fn save_v2(
+    prefix: Output,
+    names: &[String],
+    tensors: &[Output],
+    scope: &mut Scope,
+) -> tensorflow::Result<Operation> {
+    let (keys, slices) = checkpoint_keys("save", names, scope)?;
     let mut graph = scope.graph_mut();
     let mut nd = graph.new_operation("SaveV2", "save/SaveV2")?;
     nd.add_input(prefix);
-    nd.add_input(names_t);
+    nd.add_input(keys);
     nd.add_input(slices);
     nd.add_input_list(tensors);
     nd.finish()
 }
 
 /// `<name>/RestoreV2` of `names` (with `dtypes`) from the string scalar `prefix`.
-pub fn restore_v2(name: &str, prefix: Output, names: &[String], dtypes: &[DataType], scope: &mut Scope) -> tensorflow::Result<Operation> {
-    let n = names.len() as u64;
-    let names_t = constant(names, &[n], &mut scope.with_op_name(&format!("{name}/tensor_names")))?;
-    let slices = constant(&vec![String::new(); names.len()], &[n], &mut scope.with_op_name(&format!("{name}/shape_and_slices")))?;
-    ops::RestoreV2::new().dtypes(dtypes.to_vec()).build(prefix, names_t, slices, &mut scope.with_op_name(&format!("{name}/RestoreV2")))
-}
-
-/// Threading and placement settings, encoded as the `ConfigProto` TensorFlow expects.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct SessionConfig {
-    /// Threads inside one op (0: TensorFlow's choice, all cores).
-    pub intra_op_threads: u32,
-    /// Ops run in parallel (0: TensorFlow's choice).
-    pub inter_op_threads: u32,
-    /// Let ops without a kernel on the requested device run elsewhere.
-    pub allow_soft_placement: bool,
-    /// XLA JIT compilation of the graph (`global_jit_level = ON_1`).
-    pub xla: bool,
-}
-
-impl SessionConfig {
-    /// The `ConfigProto` wire bytes (fields 2, 5 and 7 are varints; 10 is `graph_options`).
-    pub fn to_proto(self) -> Vec<u8> {
-        let mut out = Vec::new();
-        for (field, value) in [
-            (2u8, self.intra_op_threads as u64),
-            (5, self.inter_op_threads as u64),
-            (7, self.allow_soft_placement as u64),
-        ] {
-            if value != 0 {
-                out.push(field << 3);
-                let mut v = value;
-                while v >= 0x80 {
-                    out.push((v as u8) | 0x80);
-                    v >>= 7;
-                }
-                out.push(v as u8);
-            }
-        }
-        if self.xla {
-            // graph_options (10) { optimizer_options (3) { global_jit_level (5) = ON_1 } }
-            out.extend_from_slice(&[(10 << 3) | 2, 4, (3 << 3) | 2, 2, 5 << 3, 1]);
-        }
-        out
-    }
-
-    pub fn session_options(self) -> tensorflow::Result<SessionOptions> {
-        if self.xla {
-            enable_cpu_jit();
-        }
-        let mut options = SessionOptions::new();
-        options.set_config(&self.to_proto())?;
-        Ok(options)
-    }
+pub fn restore_v2(
+    name: &str,
+    prefix: Output,
+    names: &[String],
+    dtypes: &[DataType],
+    scope: &mut Scope,
+) -> tensorflow::Result<Operation> {
+    let (keys, slices) = checkpoint_keys(name, names, scope)?;
+    ops::RestoreV2::new().dtypes(dtypes.to_vec()).build(
+        prefix,
+        keys,
+        slices,
+        &mut scope.with_op_name(&format!("{name}/RestoreV2")),
+    )
 }
 
 #[repr(C)]
@@ -193,10 +163,23 @@ extern "C" {
     fn TF_DeleteCheckpointReader(reader: *mut TfCheckpointReader);
     fn TF_CheckpointReaderSize(reader: *mut TfCheckpointReader) -> i32;
     fn TF_CheckpointReaderGetVariable(reader: *mut TfCheckpointReader, index: i32) -> *const c_char;
-    fn TF_CheckpointReaderGetVariableDataType(reader: *mut TfCheckpointReader, name: *const c_char) -> tf_sys::TF_DataType;
+    fn TF_CheckpointReaderGetVariableDataType(
+        reader: *mut TfCheckpointReader,
+        name: *const c_char,
+    ) -> tf_sys::TF_DataType;
     fn TF_CheckpointReaderGetVariableNumDims(reader: *mut TfCheckpointReader, name: *const c_char) -> i32;
-    fn TF_CheckpointReaderGetVariableShape(reader: *mut TfCheckpointReader, name: *const c_char, dims: *mut i64, num_dims: i32, status: *mut tf_sys::TF_Status);
-    fn TF_CheckpointReaderGetTensor(reader: *mut TfCheckpointReader, name: *const c_char, status: *mut tf_sys::TF_Status) -> *mut tf_sys::TF_Tensor;
+    fn TF_CheckpointReaderGetVariableShape(
+        reader: *mut TfCheckpointReader,
+        name: *const c_char,
+        dims: *mut i64,
+        num_dims: i32,
+        status: *mut tf_sys::TF_Status,
+    );
+    fn TF_CheckpointReaderGetTensor(
+        reader: *mut TfCheckpointReader,
+        name: *const c_char,
+        status: *mut tf_sys::TF_Status,
+    ) -> *mut tf_sys::TF_Tensor;
 }
 
 /// One entry of a checkpoint: its key, dtype and shape.
@@ -225,7 +208,8 @@ fn status_result(status: *mut tf_sys::TF_Status) -> Result<(), Status> {
 
 impl CheckpointReader {
     pub fn open(prefix: &str) -> Result<Self, Status> {
-        let name = std::ffi::CString::new(prefix).map_err(|_| Status::new_set_lossy(tensorflow::Code::InvalidArgument, "checkpoint path contains NUL"))?;
+        let name = std::ffi::CString::new(prefix)
+            .map_err(|_| Status::new_set_lossy(tensorflow::Code::InvalidArgument, "checkpoint path contains NUL"))?;
         // SAFETY: the status is deleted on every path; the reader is owned by the returned value.
         unsafe {
             let status = tf_sys::TF_NewStatus();
@@ -267,29 +251,59 @@ impl CheckpointReader {
         }
     }
 
-    /// The float32 tensor stored under `key`.
-    pub fn tensor_f32(&self, key: &str) -> Result<Tensor<f32>, Status> {
-        let name = std::ffi::CString::new(key).map_err(|_| Status::new_set_lossy(tensorflow::Code::InvalidArgument, "key contains NUL"))?;
-        // SAFETY: the returned TF_Tensor is checked for its dtype and size, copied, and deleted.
+    /// Reads every entry once, so that a truncated or corrupt data file (each tensor carries a
+    /// checksum) is found even where a restore of some of its entries would not look.
+    pub fn verify(&self) -> Result<(), Status> {
+        for entry in self.entries()? {
+            self.tensor(&entry.key)
+                .map_err(|e| Status::new_set_lossy(tensorflow::Code::DataLoss, &format!("{}: {e}", entry.key)))?;
+        }
+        Ok(())
+    }
+
+    /// The tensor stored under `key`, as TensorFlow returns it.
+    fn tensor(&self, key: &str) -> Result<OwnedTensor, Status> {
+        let name = std::ffi::CString::new(key)
+            .map_err(|_| Status::new_set_lossy(tensorflow::Code::InvalidArgument, "key contains NUL"))?;
+        // SAFETY: the status is deleted; the returned TF_Tensor is owned by the result.
         unsafe {
             let status = tf_sys::TF_NewStatus();
             let raw = TF_CheckpointReaderGetTensor(self.raw, name.as_ptr(), status);
             let result = status_result(status);
             tf_sys::TF_DeleteStatus(status);
+            let owned = OwnedTensor(raw);
             result?;
+            Ok(owned)
+        }
+    }
+
+    /// The float32 tensor stored under `key`.
+    pub fn tensor_f32(&self, key: &str) -> Result<Tensor<f32>, Status> {
+        let t = self.tensor(key)?;
+        // SAFETY: `t.0` is a live TF_Tensor; its data is copied only if dtype and size match.
+        unsafe {
+            let raw = t.0;
             let dims: Vec<u64> = (0..tf_sys::TF_NumDims(raw)).map(|d| tf_sys::TF_Dim(raw, d) as u64).collect();
-            let is_float = tf_sys::TF_TensorType(raw) == tf_sys::TF_FLOAT;
-            let bytes = tf_sys::TF_TensorByteSize(raw);
             let mut out = Tensor::<f32>::new(&dims);
-            let ok = is_float && bytes == out.len() * 4;
-            if ok {
-                std::ptr::copy_nonoverlapping(tf_sys::TF_TensorData(raw) as *const f32, out.as_mut_ptr(), out.len());
-            }
-            tf_sys::TF_DeleteTensor(raw);
+            let ok = tf_sys::TF_TensorType(raw) == tf_sys::TF_FLOAT && tf_sys::TF_TensorByteSize(raw) == out.len() * 4;
             if !ok {
-                return Err(Status::new_set_lossy(tensorflow::Code::InvalidArgument, &format!("checkpoint entry {key} is not a float32 tensor")));
+                let message = format!("checkpoint entry {key} is not a float32 tensor");
+                return Err(Status::new_set_lossy(tensorflow::Code::InvalidArgument, &message));
             }
+            std::ptr::copy_nonoverlapping(tf_sys::TF_TensorData(raw) as *const f32, out.as_mut_ptr(), out.len());
             Ok(out)
+        }
+    }
+}
+
+/// A `TF_Tensor` the checkpoint reader returned, deleted on drop.
+struct OwnedTensor(*mut tf_sys::TF_Tensor);
+
+impl Drop for OwnedTensor {
+    fn drop(&mut self) {
+        if !self.0.is_null() {
+            // SAFETY: a TF_Tensor this value owns, deleted once.
+            unsafe { tf_sys::TF_DeleteTensor(self.0) }
         }
     }
 }
@@ -298,16 +312,6 @@ impl Drop for CheckpointReader {
     fn drop(&mut self) {
         // SAFETY: `raw` came from TF_NewCheckpointReader and is deleted once.
         unsafe { TF_DeleteCheckpointReader(self.raw) }
-    }
-}
-
-/// On CPU, `global_jit_level` clusters nothing unless XLA's `--tf_xla_cpu_global_jit` flag is
-/// set; TensorFlow reads `TF_XLA_FLAGS` once, when XLA first runs in the process.
-fn enable_cpu_jit() {
-    const FLAG: &str = "--tf_xla_cpu_global_jit";
-    let flags = std::env::var("TF_XLA_FLAGS").unwrap_or_default();
-    if !flags.split_whitespace().any(|f| f == FLAG) {
-        std::env::set_var("TF_XLA_FLAGS", format!("{flags} {FLAG}").trim());
     }
 }
 

@@ -2,10 +2,10 @@
 
 mod common;
 
-use minigpt::graph::{GraphOptions, ModelGraph, Runner};
-use minigpt::model::{Arch, ModelConfig};
+use minigpt::device::SessionConfig;
+use minigpt::graph::{GraphOptions, Runner};
+use minigpt::model::ModelConfig;
 use minigpt::optim::AdamConfig;
-use minigpt::tfx::SessionConfig;
 use tensorflow::Tensor;
 
 fn to_f64(t: &Tensor<f32>) -> Vec<f64> {
@@ -15,11 +15,12 @@ fn to_f64(t: &Tensor<f32>) -> Vec<f64> {
 #[test]
 fn two_steps_follow_keras_adam() {
     let cfg = ModelConfig::bigram(11, 6);
-    let runner = Runner::new(ModelGraph::build(&cfg, &GraphOptions::new(5)).unwrap(), SessionConfig::default()).unwrap();
+    let runner =
+        Runner::new(&cfg, &GraphOptions::training(5, AdamConfig::default()), SessionConfig::default()).unwrap();
     runner.init().unwrap();
     let x = Tensor::new(&[2, 3]).with_values(&[0, 4, 9, 10, 2, 2]).unwrap();
     let y = Tensor::new(&[2, 3]).with_values(&[4, 9, 1, 2, 2, 7]).unwrap();
-    let vars = runner.g.model.variables();
+    let vars = runner.variables();
     let AdamConfig { learning_rate: lr, beta_1: b1, beta_2: b2, epsilon: eps, .. } = AdamConfig::default();
     assert_eq!((lr, b1, b2, eps), (1e-3, 0.9, 0.999, 1e-7));
     // The graph holds the hyperparameters as float32 constants, as Keras does; Python computes
@@ -27,15 +28,15 @@ fn two_steps_follow_keras_adam() {
     let (keep_1, keep_2) = ((1.0 - b1) as f32 as f64, (1.0 - b2) as f32 as f64);
     let [lr, b1, b2, eps] = [lr, b1, b2, eps].map(|h| h as f32 as f64);
 
-    let mut w: Vec<Vec<f64>> = runner.read::<f32>(&vars).unwrap().iter().map(to_f64).collect();
+    let mut w: Vec<Vec<f64>> = runner.weights::<f32>().unwrap().iter().map(to_f64).collect();
     let mut m: Vec<Vec<f64>> = w.iter().map(|v| vec![0.0; v.len()]).collect();
     let mut v2 = m.clone();
     for t in 1..=2 {
-        let g: Vec<Vec<f64>> = runner.fetch_with_batch::<f32>(&runner.g.grads, &x, &y).unwrap().iter().map(to_f64).collect();
+        let g: Vec<Vec<f64>> = runner.loss_and_gradients::<f32>(&x, &y, false).unwrap().1.iter().map(to_f64).collect();
         // What Adam squares: g² for the dense layer; for the embedding, Keras' IndexedSlices rows
         // (one per lookup, d loss/d row = dlogits · kernelᵀ) squared, then summed per token.
         let mut sq: Vec<Vec<f64>> = g.iter().map(|gi| gi.iter().map(|v| v * v).collect()).collect();
-        let logits = to_f64(&runner.fetch_with_batch::<f32>(std::slice::from_ref(&runner.g.logits), &x, &y).unwrap()[0]);
+        let logits = to_f64(&runner.logits::<f32>(&x).unwrap());
         let (vocab, width, n) = (11, 6, x.len());
         sq[0] = vec![0.0; vocab * width];
         for pos in 0..n {
@@ -59,25 +60,29 @@ fn two_steps_follow_keras_adam() {
                 w[i][j] -= alpha * m[i][j] / (v2[i][j].sqrt() + eps);
             }
         }
-        let got_w: Vec<Tensor<f32>> = runner.read(&vars).unwrap();
-        let got_m: Vec<Tensor<f32>> = runner.read(&runner.g.optimizer.m).unwrap();
-        let got_v: Vec<Tensor<f32>> = runner.read(&runner.g.optimizer.v).unwrap();
+        let got_w: Vec<Tensor<f32>> = runner.weights().unwrap();
+        let [got_m, got_v]: [Vec<Tensor<f32>>; 2] = runner.adam_moments().unwrap();
         for i in 0..vars.len() {
             let name = &vars[i].name;
             common::assert_close(&format!("{name} after step {t}"), &to_f64(&got_w[i]), &w[i], 1e-7, 1e-6);
             common::assert_close(&format!("{name}/m after step {t}"), &to_f64(&got_m[i]), &m[i], 1e-9, 1e-5);
             common::assert_close(&format!("{name}/v after step {t}"), &to_f64(&got_v[i]), &v2[i], 1e-12, 1e-5);
         }
-        let iterations: Vec<Tensor<i64>> = runner.read(std::slice::from_ref(&runner.g.optimizer.iterations)).unwrap();
-        assert_eq!(iterations[0][0], t as i64);
+        assert_eq!(runner.iterations().unwrap(), t as i64);
     }
 }
 
 #[test]
 fn the_learning_rate_warms_up_then_decays_along_a_cosine() {
     let cfg = ModelConfig::bigram(11, 6);
-    let adam = AdamConfig { learning_rate: 1e-2, warmup_steps: 5, decay_steps: Some(20), min_lr: 1e-3, ..AdamConfig::default() };
-    let runner = Runner::new(ModelGraph::build(&cfg, &GraphOptions { adam, ..GraphOptions::new(5) }).unwrap(), SessionConfig::default()).unwrap();
+    let adam = AdamConfig {
+        learning_rate: 1e-2,
+        warmup_steps: 5,
+        decay_steps: Some(20),
+        min_lr: 1e-3,
+        ..AdamConfig::default()
+    };
+    let runner = Runner::new(&cfg, &GraphOptions::training(5, adam), SessionConfig::default()).unwrap();
     runner.init().unwrap();
     let x = Tensor::new(&[1, 3]).with_values(&[0, 4, 9]).unwrap();
     let lr_of = |it: u64| adam.learning_rate_at(it);
@@ -86,9 +91,9 @@ fn the_learning_rate_warms_up_then_decays_along_a_cosine() {
     assert!((lr_of(20) - 1e-3).abs() < 1e-15 && (lr_of(30) - 1e-3).abs() < 1e-15);
     assert!((lr_of(12) - (1e-3 + 0.5 * (1.0 + (std::f64::consts::PI * 7.0 / 15.0).cos()) * 9e-3)).abs() < 1e-15);
     for it in 0..26u64 {
-        let lr: Vec<Tensor<f32>> = runner.fetch_with_batch(std::slice::from_ref(&runner.g.optimizer.learning_rate), &x, &x).unwrap();
+        let lr: f32 = runner.learning_rate().unwrap();
         let want = lr_of(it);
-        assert!((lr[0][0] as f64 - want).abs() <= 1e-6 * want, "step {it}: graph {} vs {want}", lr[0][0]);
+        assert!((lr as f64 - want).abs() <= 1e-6 * want, "step {it}: graph {lr} vs {want}");
         let _: f32 = runner.train_step(&x, &x).unwrap();
     }
 }
@@ -97,19 +102,19 @@ fn the_learning_rate_warms_up_then_decays_along_a_cosine() {
 fn adamw_decays_matrices_only_and_clipping_bounds_the_global_norm() {
     let cfg = ModelConfig::bigram(11, 6);
     let adam = AdamConfig { weight_decay: 0.1, clip_norm: Some(1e-3), ..AdamConfig::default() };
-    let runner = Runner::new(ModelGraph::build(&cfg, &GraphOptions { adam, ..GraphOptions::new(5) }).unwrap(), SessionConfig::default()).unwrap();
+    let runner = Runner::new(&cfg, &GraphOptions::training(5, adam), SessionConfig::default()).unwrap();
     runner.init().unwrap();
     let x = Tensor::new(&[2, 3]).with_values(&[0, 4, 9, 10, 2, 3]).unwrap();
     let y = Tensor::new(&[2, 3]).with_values(&[4, 9, 1, 2, 3, 7]).unwrap();
-    let vars = runner.g.model.variables();
-    let w0: Vec<Vec<f64>> = runner.read::<f32>(&vars).unwrap().iter().map(to_f64).collect();
-    let g: Vec<Vec<f64>> = runner.fetch_with_batch::<f32>(&runner.g.grads, &x, &y).unwrap().iter().map(to_f64).collect();
+    let vars = runner.variables();
+    let w0: Vec<Vec<f64>> = runner.weights::<f32>().unwrap().iter().map(to_f64).collect();
+    let g: Vec<Vec<f64>> = runner.loss_and_gradients::<f32>(&x, &y, false).unwrap().1.iter().map(to_f64).collect();
     let norm = g.iter().flatten().map(|v| v * v).sum::<f64>().sqrt();
     assert!(norm > 1e-2, "the test needs clipping to bite: norm {norm}");
     let factor = 1e-3 / norm;
     let _: f32 = runner.train_step(&x, &y).unwrap();
-    let w1: Vec<Vec<f64>> = runner.read::<f32>(&vars).unwrap().iter().map(to_f64).collect();
-    let m1: Vec<Vec<f64>> = runner.read::<f32>(&runner.g.optimizer.m).unwrap().iter().map(to_f64).collect();
+    let w1: Vec<Vec<f64>> = runner.weights::<f32>().unwrap().iter().map(to_f64).collect();
+    let m1: Vec<Vec<f64>> = runner.adam_moments::<f32>().unwrap()[0].iter().map(to_f64).collect();
 
     let (lr, b1, b2, eps) = (1e-3f32 as f64, 0.9f32 as f64, 0.999f32 as f64, 1e-7f32 as f64);
     let alpha = lr * (1.0 - b2).sqrt() / (1.0 - b1);
@@ -125,7 +130,12 @@ fn adamw_decays_matrices_only_and_clipping_bounds_the_global_norm() {
             // Only the kernel (a matrix, not an embedding) decays: var·(1 − lr·wd) first.
             let decayed = if i == 1 { w0[i][j] * (1.0 - lr * 0.1) } else { w0[i][j] };
             let want = decayed - m * alpha / (v.sqrt() + eps);
-            assert!((w1[i][j] - want).abs() <= 1e-6 * want.abs().max(1e-3), "{}[{j}]: {} vs {want}", vars[i].name, w1[i][j]);
+            assert!(
+                (w1[i][j] - want).abs() <= 1e-6 * want.abs().max(1e-3),
+                "{}[{j}]: {} vs {want}",
+                vars[i].name,
+                w1[i][j]
+            );
         }
     }
     // The embedding does not decay: rows no token looked up (5..9 minus 9) keep their values.

@@ -5,20 +5,23 @@ mod common;
 
 use std::process::Command;
 
-use minigpt::checkpoint::RunDir;
-use minigpt::device::DeviceChoice;
-use minigpt::graph::GraphOptions;
+use minigpt::device::{DeviceChoice, SessionConfig};
+use minigpt::run::{Load, RunDir};
 
+/// The run's newest checkpoint in a training graph (the optimizer's variables too).
+fn load(run: &std::path::Path) -> minigpt::graph::Runner {
+    let session = SessionConfig { device: DeviceChoice::Cpu, ..Default::default() };
+    RunDir::open(run).unwrap().load(Load::Training { summaries: false }, session).unwrap().1
+}
 
 #[test]
 fn python_reads_the_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
     let run = common::small_run(tmp.path(), 30_000, &["--max-steps", "7", "--eval-batches", "1"]);
 
-    let dir = RunDir::open(&run).unwrap();
-    let (_, runner) = minigpt::train::load_run(&dir, GraphOptions::new(1), DeviceChoice::Cpu, &Default::default()).unwrap();
-    let vars = runner.g.model.variables();
-    let values: Vec<tensorflow::Tensor<f32>> = runner.read(&vars).unwrap();
+    let runner = load(&run);
+    let vars = runner.variables();
+    let values: Vec<tensorflow::Tensor<f32>> = runner.weights().unwrap();
 
     let script = r#"
 import sys, numpy as np, tensorflow as tf
@@ -79,25 +82,31 @@ for k, name in enumerate(["embedding/embeddings", "dense/kernel", "dense/bias"])
     tensors += [value.reshape(shapes[name]), np.zeros(shapes[name], np.float32), np.zeros(shapes[name], np.float32)]
 names.append("optimizer/iterations")
 tensors.append(np.array(100, np.int64))
-tf.raw_ops.SaveV2(prefix=ckpt_dir + "/ckpt-100", tensor_names=names, shape_and_slices=[""] * len(names), tensors=tensors)
+tf.raw_ops.SaveV2(prefix=ckpt_dir + "/ckpt-100", tensor_names=names, shape_and_slices=[""] * len(names),
+                  tensors=tensors)
 tf.compat.v1.train.update_checkpoint_state(ckpt_dir, "ckpt-100", all_model_checkpoint_paths=["ckpt-3", "ckpt-100"])
 "#;
-    let out = Command::new(common::python()).env("TF_CPP_MIN_LOG_LEVEL", "3").arg("-c").arg(script).arg(run.join("ckpt")).output().unwrap();
+    let out = Command::new(common::python())
+        .env("TF_CPP_MIN_LOG_LEVEL", "3")
+        .arg("-c")
+        .arg(script)
+        .arg(run.join("ckpt"))
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
-    let dir = RunDir::open(&run).unwrap();
-    let (_, runner) = minigpt::train::load_run(&dir, GraphOptions::new(1), DeviceChoice::Cpu, &Default::default()).unwrap();
-    let vars = runner.g.model.variables();
-    let values: Vec<tensorflow::Tensor<f32>> = runner.read(&vars).unwrap();
+    let runner = load(&run);
+    let vars = runner.variables();
+    let values: Vec<tensorflow::Tensor<f32>> = runner.weights().unwrap();
     for (k, (var, value)) in vars.iter().zip(&values).enumerate() {
         for (i, &v) in value.iter().enumerate() {
             let want = ((i % 97) as f32) * 0.01f32 - 0.3f32 + (0.001 * k as f64) as f32;
             assert_eq!(v, want, "{}[{i}]", var.name);
         }
     }
-    let iterations: Vec<tensorflow::Tensor<i64>> = runner.read(std::slice::from_ref(&runner.g.optimizer.iterations)).unwrap();
-    assert_eq!(iterations[0][0], 100);
+    assert_eq!(runner.iterations().unwrap(), 100);
     // The command line uses it too.
-    let out = common::minigpt().args(["generate", "--prompt", "A", "--chars", "20", "--run"]).arg(&run).output().unwrap();
+    let out =
+        common::minigpt().args(["generate", "--prompt", "A", "--chars", "20", "--run"]).arg(&run).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }

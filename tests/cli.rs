@@ -50,15 +50,22 @@ fn train_then_generate_and_eval() {
     for file in ["config.json", "metrics.csv", "loss.png", "ckpt/checkpoint", "ckpt/ckpt-120.index"] {
         assert!(run.join(file).is_file(), "{file} missing");
     }
-    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["steps_done"], 120);
     let vocab = config["vocab"].as_array().unwrap().len();
-    assert!(stdout.contains(&format!("model: bigram, {} parameters", minigpt::info::thousands((2 * vocab * 128 + vocab) as u64))), "{stdout}");
+    assert!(
+        stdout.contains(&format!(
+            "model: bigram, {} parameters",
+            minigpt::text::thousands((2 * vocab * 128 + vocab) as u64)
+        )),
+        "{stdout}"
+    );
     let info = minigpt().arg("info").arg("--run").arg(&run).output().unwrap();
     assert!(info.status.success());
     let info = String::from_utf8_lossy(&info.stdout);
     for needle in [
-        format!("parameters:   {}", minigpt::info::thousands((2 * vocab * 128 + vocab) as u64)),
+        format!("parameters:   {}", minigpt::text::thousands((2 * vocab * 128 + vocab) as u64)),
         format!("vocabulary:   {vocab} characters"),
         "trained:      120 steps".to_string(),
         "last losses:  train ".to_string(),
@@ -162,6 +169,16 @@ fn bad_input_gives_one_clear_line() {
     fails_with(&["generate", "--run", run_s, "--prompt", "To"], "ckpt-5 damaged");
     std::fs::remove_file(run.join("ckpt/checkpoint")).unwrap();
     fails_with(&["generate", "--run", run_s, "--prompt", "To"], "has no checkpoint");
+    // A hand-edited config.json is checked by the command line's rules.
+    let config = std::fs::read_to_string(run.join("config.json")).unwrap();
+    for (field, bad, needle) in
+        [("batch_size", "0", "--batch-size must be at least 1"), ("learning_rate", "-1", "--lr must be")]
+    {
+        let edited = config.replacen(&format!("\"{field}\": "), &format!("\"{field}\": {bad}, \"was_{field}\": "), 1);
+        std::fs::write(run.join("config.json"), edited).unwrap();
+        fails_with(&["generate", "--run", run_s, "--prompt", "To"], needle);
+        fails_with(&["train", "--resume", "--out", run_s], needle);
+    }
     std::fs::write(run.join("config.json"), "{ not json").unwrap();
     fails_with(&["generate", "--run", run_s, "--prompt", "To"], "not a valid run config");
 }
@@ -182,13 +199,14 @@ fn eval_every_adds_validation_points_to_the_metrics_and_the_plot() {
     let run = tmp.path().join("run");
     let out = train(&corpus, &run, 100, &["--eval-every", "25", "--log-every", "10"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let metrics = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
+    let metrics = minigpt::run::RunDir::open(&run).unwrap().read_metrics().unwrap();
     let (train_points, val_points) = minigpt::plot::series(&metrics);
-    assert_eq!(val_points.iter().map(|p| p.0 as u64).collect::<Vec<_>>(), [25, 50, 75, 100], "{metrics}");
+    assert_eq!(val_points.iter().map(|p| p.0 as u64).collect::<Vec<_>>(), [25, 50, 75, 100], "{metrics:?}");
     assert_eq!(train_points.len(), 10);
     // The lowest validation loss is kept as ckpt/best, apart from the rotation.
     let best = val_points.iter().cloned().fold((0.0, f64::INFINITY), |b, p| if p.1 < b.1 { p } else { b });
-    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["best"]["step"].as_f64(), Some(best.0), "{config}");
     assert!((config["best"]["val_loss"].as_f64().unwrap() - best.1).abs() < 1e-12);
     assert!(run.join("ckpt/best.index").is_file() && run.join("ckpt/best.data-00000-of-00001").is_file());
@@ -218,7 +236,11 @@ fn session_settings_change_speed_not_what_is_learned() {
 #[test]
 fn every_subcommand_has_help_with_defaults() {
     for (command, needles) in [
-        ("train", &["[default: 64]", "[default: 32]", "[default: 0.001]", "[default: 3]", "--resume", "--init-from", "--xla"][..]),
+        (
+            "train",
+            &["[default: 64]", "[default: 32]", "[default: 0.001]", "[default: 3]", "--resume", "--init-from", "--xla"]
+                [..],
+        ),
         ("generate", &["[default: 200]", "[default: 1337]", "--vocab", "SavedModel"][..]),
         ("eval", &["--split", "[default: val]", "SavedModel"][..]),
         ("export", &["--run", "--out"][..]),
@@ -241,37 +263,75 @@ fn optimizer_options_are_used_and_saved() {
     let tmp = tempfile::tempdir().unwrap();
     let corpus = small_corpus(tmp.path());
     let run = tmp.path().join("run");
-    let flags = ["--warmup-steps", "10", "--lr-decay-steps", "50", "--min-lr", "1e-4", "--weight-decay", "0.1", "--grad-clip", "1.0", "--beta2", "0.99"];
+    let flags = [
+        "--warmup-steps",
+        "10",
+        "--lr-decay-steps",
+        "50",
+        "--min-lr",
+        "1e-4",
+        "--weight-decay",
+        "0.1",
+        "--grad-clip",
+        "1.0",
+        "--beta2",
+        "0.99",
+    ];
     let out = train(&corpus, &run, 60, &[&flags[..], &["--log-every", "10"]].concat());
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
     let adam = &config["train"]["adam"];
     assert_eq!((adam["warmup_steps"].as_u64(), adam["decay_steps"].as_u64()), (Some(10), Some(50)));
-    assert_eq!((adam["min_lr"].as_f64(), adam["weight_decay"].as_f64(), adam["clip_norm"].as_f64(), adam["beta_2"].as_f64()), (Some(1e-4), Some(0.1), Some(1.0), Some(0.99)));
+    assert_eq!(
+        (adam["min_lr"].as_f64(), adam["weight_decay"].as_f64(), adam["clip_norm"].as_f64(), adam["beta_2"].as_f64()),
+        (Some(1e-4), Some(0.1), Some(1.0), Some(0.99))
+    );
     // A different optimizer, a different run.
     let plain = train(&corpus, &tmp.path().join("plain"), 60, &["--log-every", "10"]);
     assert_ne!(losses(&out.stdout), losses(&plain.stdout));
-    fails_with(&["train", "--data", corpus.to_str().unwrap(), "--out", &tmp.path().join("x").to_string_lossy(), "--warmup-steps", "10", "--lr-decay-steps", "5"], "--lr-decay-steps must be larger");
+    fails_with(
+        &[
+            "train",
+            "--data",
+            corpus.to_str().unwrap(),
+            "--out",
+            &tmp.path().join("x").to_string_lossy(),
+            "--warmup-steps",
+            "10",
+            "--lr-decay-steps",
+            "5",
+        ],
+        "--lr-decay-steps must be larger",
+    );
 }
 
 #[test]
 fn the_transformer_trains_with_dropout_and_says_what_it_is() {
     let tmp = tempfile::tempdir().unwrap();
     let corpus = small_corpus(tmp.path());
-    let gpt = ["--model", "gpt", "--n-layer", "2", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "8", "--log-every", "10"];
+    let flags = format!("{} --block-size 16 --batch-size 8 --log-every 10", common::TINY_GPT);
+    let gpt: Vec<&str> = flags.split(' ').collect();
     let run = tmp.path().join("gpt");
     let out = train(&corpus, &run, 30, &[&gpt[..], &["--dropout", "0.2"]].concat());
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     // Token and position tables, 2 blocks of 12 variables, the final LayerNorm and the head.
     let (v, c) = (String::from_utf8(out.stdout.clone()).unwrap(), 16u64);
-    let vocab: u64 = serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap()["vocab"].as_array().unwrap().len() as u64;
+    let vocab: u64 =
+        serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap()
+            ["vocab"]
+            .as_array()
+            .unwrap()
+            .len() as u64;
     let block = 2 * c + 3 * c * c + 3 * c + c * c + c + 2 * c + 4 * c * c + 4 * c + 4 * c * c + c;
     let params = vocab * c + 16 * c + 2 * block + 2 * c + c * vocab + vocab;
-    assert!(v.contains(&format!("{} parameters", minigpt::info::thousands(params))), "{v}");
-    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    assert!(v.contains(&format!("{} parameters", minigpt::text::thousands(params))), "{v}");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
     assert_eq!((config["model"]["arch"].as_str(), config["model"]["dropout"].as_f64()), (Some("gpt"), Some(0.2)));
     let info = minigpt().arg("info").arg("--run").arg(&run).output().unwrap();
-    assert!(String::from_utf8_lossy(&info.stdout).contains("model:        gpt, 2 blocks, 2 heads, n_embd 16, block 16, dropout 0.2"));
+    assert!(String::from_utf8_lossy(&info.stdout)
+        .contains("model:        gpt, 2 blocks, 2 heads, n_embd 16, block 16, dropout 0.2"));
     // Dropout changes what is learned; without it, another run.
     let plain = train(&corpus, &tmp.path().join("plain"), 30, &gpt);
     assert_ne!(losses(&out.stdout), losses(&plain.stdout));
@@ -280,5 +340,8 @@ fn the_transformer_trains_with_dropout_and_says_what_it_is() {
     let c = corpus.to_str().unwrap();
     fails_with(&["train", "--data", c, "--out", &x, "--dropout", "0.1"], "--dropout applies to --model gpt");
     fails_with(&["train", "--data", c, "--out", &x, "--model", "gpt", "--dropout", "1"], "--dropout must be in [0, 1)");
-    fails_with(&["train", "--data", c, "--out", &x, "--model", "gpt", "--n-head", "3"], "--n-head (3) must divide --n-embd (128)");
+    fails_with(
+        &["train", "--data", c, "--out", &x, "--model", "gpt", "--n-head", "3"],
+        "--n-head (3) must divide --n-embd (128)",
+    );
 }

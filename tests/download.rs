@@ -35,7 +35,9 @@ fn ok_response(body: &str) -> Vec<u8> {
 }
 
 fn files_in(dir: &Path) -> Vec<String> {
-    std::fs::read_dir(dir).map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect()).unwrap_or_default()
+    std::fs::read_dir(dir)
+        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default()
 }
 
 #[test]
@@ -60,7 +62,18 @@ fn the_cli_downloads_a_url_corpus_into_minigpt_cache() {
     let text = BODY.repeat(40);
     let (base, server) = serve(vec![ok_response(&text)]);
     common::minigpt()
-        .args(["train", "--data", &format!("{base}/corpus.txt"), "--block-size", "8", "--batch-size", "4", "--max-steps", "3", "-q"])
+        .args([
+            "train",
+            "--data",
+            &format!("{base}/corpus.txt"),
+            "--block-size",
+            "8",
+            "--batch-size",
+            "4",
+            "--max-steps",
+            "3",
+            "-q",
+        ])
         .arg("--out")
         .arg(run.path().join("r"))
         .env("MINIGPT_CACHE", cache.path())
@@ -85,7 +98,8 @@ fn a_wrong_hash_is_refused_and_nothing_is_cached() {
 #[test]
 fn a_404_is_an_error_naming_the_status() {
     let cache = tempfile::tempdir().unwrap();
-    let (base, server) = serve(vec![b"HTTP/1.1 404 Not Found\r\nContent-Length: 9\r\nConnection: close\r\n\r\nnot found".to_vec()]);
+    let (base, server) =
+        serve(vec![b"HTTP/1.1 404 Not Found\r\nContent-Length: 9\r\nConnection: close\r\n\r\nnot found".to_vec()]);
     let err = fetch_cached(&format!("{base}/missing.txt"), None, cache.path()).unwrap_err();
     assert!(format!("{err:#}").contains("404"), "{err:#}");
     assert!(files_in(cache.path()).is_empty());

@@ -3,32 +3,26 @@
 
 mod common;
 
-use minigpt::graph::{GraphOptions, ModelGraph, Runner};
-use minigpt::model::{Arch, ModelConfig};
-use minigpt::tfx::SessionConfig;
-use tensorflow::{DataType, Output, SessionRunArgs, Tensor};
+use minigpt::device::SessionConfig;
+use minigpt::graph::{GraphOptions, Runner};
+use minigpt::model::ModelConfig;
+use minigpt::optim::AdamConfig;
+use tensorflow::{DataType, Tensor};
 
-/// `outputs` on the batch, in a train step's mode (`training`: dropout on) or not, without
-/// changing any variable.
-fn fetch(runner: &Runner, outputs: &[Output], x: &Tensor<i32>, y: &Tensor<i32>, training: bool) -> Vec<Tensor<f64>> {
-    let flag = Tensor::from(training);
-    let mut args = SessionRunArgs::new();
-    args.add_feed(&runner.g.tokens, 0, x);
-    args.add_feed(&runner.g.targets, 0, y);
-    args.add_feed(&runner.g.training, 0, &flag);
-    let tokens: Vec<_> = outputs.iter().map(|o| args.request_fetch(&o.operation, o.index)).collect();
-    runner.session.run(&mut args).unwrap();
-    tokens.into_iter().map(|t| args.fetch(t).unwrap()).collect()
+/// A training graph in float64.
+fn runner(cfg: &ModelConfig, seed: i64) -> Runner {
+    let opts = GraphOptions { dtype: DataType::Double, ..GraphOptions::training(seed, AdamConfig::default()) };
+    let runner = Runner::new(cfg, &opts, SessionConfig::default()).unwrap();
+    runner.init().unwrap();
+    runner
 }
 
 /// Checks every element of every gradient (with dropout's masks when `training`); returns the
 /// analytic gradients.
 fn check(cfg: &ModelConfig, x: &Tensor<i32>, y: &Tensor<i32>, training: bool) -> Vec<Tensor<f64>> {
-    let opts = GraphOptions { dtype: DataType::Double, ..GraphOptions::new(3) };
-    let runner = Runner::new(ModelGraph::build(cfg, &opts).unwrap(), SessionConfig::default()).unwrap();
-    runner.init().unwrap();
-    let vars = runner.g.model.variables();
-    let mut weights: Vec<Tensor<f64>> = runner.read(&vars).unwrap();
+    let runner = runner(cfg, 3);
+    let vars = runner.variables();
+    let mut weights: Vec<Tensor<f64>> = runner.weights().unwrap();
     // Move every vector (biases, LayerNorm scales and offsets) off its initial constant, so its
     // gradient is checked at a general point.
     for (w, var) in weights.iter_mut().zip(&vars) {
@@ -39,8 +33,8 @@ fn check(cfg: &ModelConfig, x: &Tensor<i32>, y: &Tensor<i32>, training: bool) ->
         }
     }
     runner.set_weights(&weights).unwrap();
-    let analytic = fetch(&runner, &runner.g.grads, x, y, training);
-    let loss = |runner: &Runner| fetch(runner, std::slice::from_ref(&runner.g.loss), x, y, training)[0][0];
+    let analytic = runner.loss_and_gradients::<f64>(x, y, training).unwrap().1;
+    let loss = |runner: &Runner| runner.loss_in_mode::<f64>(x, y, training).unwrap();
 
     let eps = 1e-6;
     for (v, var) in vars.iter().enumerate() {
@@ -99,15 +93,9 @@ fn every_gpt_gradient_with_dropout_matches_finite_differences() {
 fn dropout_acts_in_train_steps_only() {
     let x = Tensor::new(&[4, 8]).with_values(&(0..32).map(|i| i % 9).collect::<Vec<i32>>()).unwrap();
     let y = Tensor::new(&[4, 8]).with_values(&(0..32).map(|i| (i * 5 + 1) % 9).collect::<Vec<i32>>()).unwrap();
-    let runner = |dropout: f64| {
-        let cfg = ModelConfig { dropout, ..ModelConfig::gpt(9, 16, 2, 2, 8) };
-        let opts = GraphOptions { dtype: DataType::Double, ..GraphOptions::new(5) };
-        let r = Runner::new(ModelGraph::build(&cfg, &opts).unwrap(), SessionConfig::default()).unwrap();
-        r.init().unwrap();
-        r
-    };
-    let (plain, dropped) = (runner(0.0), runner(0.5));
-    let loss = |r: &Runner, training: bool| fetch(r, std::slice::from_ref(&r.g.loss), &x, &y, training)[0][0];
+    let build = |dropout: f64| runner(&ModelConfig { dropout, ..ModelConfig::gpt(9, 16, 2, 2, 8) }, 5);
+    let (plain, dropped) = (build(0.0), build(0.5));
+    let loss = |r: &Runner, training: bool| r.loss_in_mode::<f64>(&x, &y, training).unwrap();
     // Outside train steps the model is the one without dropout, exactly.
     assert_eq!(loss(&dropped, false), loss(&plain, false));
     // In a train step it differs, the same way each time the step is run ...
@@ -116,8 +104,7 @@ fn dropout_acts_in_train_steps_only() {
     assert_eq!(first, loss(&dropped, true));
     // ... and the next step draws other masks: a train step reports the first loss; with its
     // weights put back, the step after it sees the same model with other masks.
-    let vars = dropped.g.model.variables();
-    let weights: Vec<Tensor<f64>> = dropped.read(&vars).unwrap();
+    let weights: Vec<Tensor<f64>> = dropped.weights().unwrap();
     let pre_step: f64 = dropped.train_step(&x, &y).unwrap();
     assert_eq!(pre_step, first);
     dropped.set_weights(&weights).unwrap();
@@ -129,11 +116,11 @@ fn dropout_acts_in_train_steps_only() {
 fn gpt_attention_is_causal() {
     // Changing a later token leaves the logits of every earlier position unchanged.
     let cfg = ModelConfig::gpt(9, 8, 2, 2, 6);
-    let runner = Runner::new(ModelGraph::build(&cfg, &GraphOptions::new(4)).unwrap(), SessionConfig::default()).unwrap();
+    let runner = Runner::new(&cfg, &GraphOptions::inference(4), SessionConfig::default()).unwrap();
     runner.init().unwrap();
     let a = Tensor::new(&[1, 6]).with_values(&[1, 2, 3, 4, 5, 6]).unwrap();
     let b = Tensor::new(&[1, 6]).with_values(&[1, 2, 3, 8, 0, 7]).unwrap();
-    let logits = |x: &Tensor<i32>| runner.fetch_with_batch::<f32>(std::slice::from_ref(&runner.g.logits), x, x).unwrap().remove(0);
+    let logits = |x: &Tensor<i32>| runner.logits::<f32>(x).unwrap();
     let (la, lb) = (logits(&a), logits(&b));
     assert_eq!(&la[..3 * 9], &lb[..3 * 9], "positions 0..3 saw the future");
     assert_ne!(&la[3 * 9..4 * 9], &lb[3 * 9..4 * 9]);

@@ -54,16 +54,36 @@ fn damaged_files_give_clear_errors() {
     let corpus = tmp.path().join("small.txt");
     std::fs::write(&corpus, &text[..30_000]).unwrap();
     let run = tmp.path().join("run");
-    let out = common::minigpt().args(["train", "--max-steps", "5", "--eval-batches", "1", "-q", "--data"]).arg(&corpus).arg("--out").arg(&run).output().unwrap();
+    let out = common::minigpt()
+        .args(["train", "--max-steps", "5", "--eval-batches", "1", "-q", "--data"])
+        .arg(&corpus)
+        .arg("--out")
+        .arg(&run)
+        .output()
+        .unwrap();
     assert!(out.status.success());
     let saved = tmp.path().join("saved");
-    assert!(common::minigpt().args(["export", "--run"]).arg(&run).arg("--out").arg(&saved).output().unwrap().status.success());
+    assert!(common::minigpt()
+        .args(["export", "--run"])
+        .arg(&run)
+        .arg("--out")
+        .arg(&saved)
+        .output()
+        .unwrap()
+        .status
+        .success());
 
     // Corpora: damaged text, random bytes.
     for i in 0..8 {
         let bad = tmp.path().join(format!("corpus-{i}.txt"));
         std::fs::write(&bad, damage(&mut rng, &text.as_bytes()[..2_000])).unwrap();
-        let out = common::minigpt().args(["train", "--max-steps", "2", "--eval-batches", "1", "-q", "--block-size", "8", "--data"]).arg(&bad).arg("--out").arg(tmp.path().join(format!("r{i}"))).output().unwrap();
+        let out = common::minigpt()
+            .args(["train", "--max-steps", "2", "--eval-batches", "1", "-q", "--block-size", "8", "--data"])
+            .arg(&bad)
+            .arg("--out")
+            .arg(tmp.path().join(format!("r{i}")))
+            .output()
+            .unwrap();
         assert_graceful(&format!("corpus {i}"), &out);
     }
 
@@ -82,7 +102,13 @@ fn damaged_files_give_clear_errors() {
         for round in 0..4 {
             std::fs::write(file, damage(&mut rng, &good)).unwrap();
             let what = format!("{} round {round}", file.display());
-            assert_graceful(&what, &minigpt(&["generate", "--prompt", "To be", "--chars", "5", "--run"], if file.starts_with(&saved) { &saved } else { &run }));
+            assert_graceful(
+                &what,
+                &minigpt(
+                    &["generate", "--prompt", "To be", "--chars", "5", "--run"],
+                    if file.starts_with(&saved) { &saved } else { &run },
+                ),
+            );
             assert_graceful(&what, &minigpt(&["info", "--run"], if file.starts_with(&saved) { &saved } else { &run }));
         }
         std::fs::write(file, &good).unwrap();

@@ -37,16 +37,27 @@ fn sigint_checkpoints_exits_130_and_the_run_resumes() {
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(130), "{}", String::from_utf8_lossy(&out.stderr));
     let message = common::last_stderr_line(&out);
-    assert!(message.starts_with("interrupted at step ") && message.contains("minigpt train --resume --out"), "{message}");
+    assert!(
+        message.starts_with("interrupted at step ") && message.contains("minigpt train --resume --out"),
+        "{message}"
+    );
     let step: u64 = message["interrupted at step ".len()..].split(':').next().unwrap().parse().unwrap();
     assert!(step > 100);
     assert!(run.join(format!("ckpt/ckpt-{step}.index")).is_file());
-    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["steps_done"], step);
 
     // Resuming carries on from that step (the lock went with the process).
-    let resumed = common::minigpt().args(["train", "--resume", "--max-steps", &(step + 20).to_string(), "--out"]).arg(&run).output().unwrap();
+    let resumed = common::minigpt()
+        .args(["train", "--resume", "--max-steps", &(step + 20).to_string(), "--out"])
+        .arg(&run)
+        .output()
+        .unwrap();
     assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
     let stdout = String::from_utf8_lossy(&resumed.stdout);
-    assert!(stdout.contains(&format!("(step {step},")) && stdout.contains(&format!("trained {} steps", step + 20)), "{stdout}");
+    assert!(
+        stdout.contains(&format!("(step {step},")) && stdout.contains(&format!("trained {} steps", step + 20)),
+        "{stdout}"
+    );
 }

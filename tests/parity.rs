@@ -6,7 +6,8 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use minigpt::{data, parity};
+use common::parity;
+use minigpt::data;
 
 fn python(root: &Path) -> PathBuf {
     let python = std::env::var_os("MINIGPT_PYTHON").map(PathBuf::from).unwrap_or_else(|| root.join(".venv/bin/python"));

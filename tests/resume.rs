@@ -26,7 +26,17 @@ fn run(args: &[&str]) -> Output {
 }
 
 fn train(corpus: &Path, dir: &Path, extra: &[&str]) -> Output {
-    let base = ["train", "--data", corpus.to_str().unwrap(), "--out", dir.to_str().unwrap(), "--block-size", "16", "--log-every", "3"];
+    let base = [
+        "train",
+        "--data",
+        corpus.to_str().unwrap(),
+        "--out",
+        dir.to_str().unwrap(),
+        "--block-size",
+        "16",
+        "--log-every",
+        "3",
+    ];
     run(&[&base[..], &["--save-every", "10", "--keep", "2"], extra].concat())
 }
 
@@ -35,11 +45,19 @@ fn step_lines(out: &Output) -> Vec<String> {
 }
 
 fn train_rows(dir: &Path) -> Vec<String> {
-    std::fs::read_to_string(dir.join("metrics.csv")).unwrap().lines().filter(|l| l.ends_with(',')).map(str::to_string).collect()
+    std::fs::read_to_string(dir.join("metrics.csv"))
+        .unwrap()
+        .lines()
+        .filter(|l| l.ends_with(','))
+        .map(str::to_string)
+        .collect()
 }
 
 fn checkpoint_files(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir.join("ckpt")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let mut names: Vec<String> = std::fs::read_dir(dir.join("ckpt"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
     names.sort();
     names
 }
@@ -53,7 +71,10 @@ fn assert_same_run((whole, all): (&Path, &Output), (split, first, second): (&Pat
     assert_eq!(train_rows(whole), train_rows(split));
     for ext in ["data-00000-of-00001", "index"] {
         let file = format!("ckpt-{last_step}.{ext}");
-        let (a, b) = (std::fs::read(whole.join("ckpt").join(&file)).unwrap(), std::fs::read(split.join("ckpt").join(&file)).unwrap());
+        let (a, b) = (
+            std::fs::read(whole.join("ckpt").join(&file)).unwrap(),
+            std::fs::read(split.join("ckpt").join(&file)).unwrap(),
+        );
         assert!(a == b, "{file} differs");
     }
 }
@@ -74,7 +95,15 @@ fn a_resumed_run_matches_an_uninterrupted_one_bit_for_bit() {
     // beside the best by validation loss.
     assert_eq!(
         checkpoint_files(&whole),
-        ["best.data-00000-of-00001", "best.index", "checkpoint", "ckpt-50.data-00000-of-00001", "ckpt-50.index", "ckpt-57.data-00000-of-00001", "ckpt-57.index"]
+        [
+            "best.data-00000-of-00001",
+            "best.index",
+            "checkpoint",
+            "ckpt-50.data-00000-of-00001",
+            "ckpt-50.index",
+            "ckpt-57.data-00000-of-00001",
+            "ckpt-57.index"
+        ]
     );
     let best = |dir: &Path| std::fs::read(dir.join("ckpt/best.data-00000-of-00001")).unwrap();
     assert!(best(&whole) == best(&split), "the resumed run's best checkpoint differs");
@@ -82,13 +111,21 @@ fn a_resumed_run_matches_an_uninterrupted_one_bit_for_bit() {
     // A finished run says so; settings of the run cannot be changed on resume.
     let out = minigpt().args(["train", "--resume", "--out", whole.to_str().unwrap()]).output().unwrap();
     assert!(!out.status.success());
-    assert!(last_stderr_line(&out).contains("the run is complete (57 steps, 3 epochs done)"), "{}", last_stderr_line(&out));
+    assert!(
+        last_stderr_line(&out).contains("the run is complete (57 steps, 3 epochs done)"),
+        "{}",
+        last_stderr_line(&out)
+    );
     let out = minigpt().args(["train", "--resume", "--out", whole.to_str().unwrap(), "--lr", "0.1"]).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot be used with"));
     // More epochs continue it.
     let more = run(&["train", "--resume", "--out", whole.to_str().unwrap(), "--epochs", "4", "-q"]);
-    assert!(String::from_utf8_lossy(&more.stdout).contains("trained 76 steps"), "{}", String::from_utf8_lossy(&more.stdout));
+    assert!(
+        String::from_utf8_lossy(&more.stdout).contains("trained 76 steps"),
+        "{}",
+        String::from_utf8_lossy(&more.stdout)
+    );
 }
 
 #[test]
@@ -124,7 +161,10 @@ fn a_damaged_checkpoint_is_named_and_the_previous_one_used() {
     let out = eval();
     assert!(!out.status.success());
     let last = last_stderr_line(&out);
-    assert!(last.starts_with("error: no usable checkpoint in") && last.contains("ckpt-30") && last.contains("ckpt-20"), "{last}");
+    assert!(
+        last.starts_with("error: no usable checkpoint in") && last.contains("ckpt-30") && last.contains("ckpt-20"),
+        "{last}"
+    );
 }
 
 #[test]
@@ -135,7 +175,19 @@ fn a_diverging_run_stops_at_the_first_non_finite_loss_keeping_the_last_good_chec
     let diverge = |name: &str, lr: &str| {
         let dir = tmp.path().join(name);
         let out = minigpt()
-            .args(["train", "--block-size", "16", "--lr", lr, "--save-every", "1", "--data", corpus.to_str().unwrap(), "--out", dir.to_str().unwrap()])
+            .args([
+                "train",
+                "--block-size",
+                "16",
+                "--lr",
+                lr,
+                "--save-every",
+                "1",
+                "--data",
+                corpus.to_str().unwrap(),
+                "--out",
+                dir.to_str().unwrap(),
+            ])
             .output()
             .unwrap();
         assert!(!out.status.success());
@@ -152,10 +204,20 @@ fn a_diverging_run_stops_at_the_first_non_finite_loss_keeping_the_last_good_chec
     let (dir, line) = diverge("later", "1e17");
     let step: u64 = line.split("at step ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
     assert!(step > 1, "{line}");
-    assert!(line.contains(&format!("the newest checkpoint is still {}", dir.join(format!("ckpt/ckpt-{}", step - 1)).display())), "{line}");
+    assert!(
+        line.contains(&format!(
+            "the newest checkpoint is still {}",
+            dir.join(format!("ckpt/ckpt-{}", step - 1)).display()
+        )),
+        "{line}"
+    );
     assert!(!dir.join(format!("ckpt/ckpt-{step}.index")).exists());
     let again = minigpt().args(["train", "--resume", "--out", dir.to_str().unwrap()]).output().unwrap();
-    assert!(last_stderr_line(&again).contains(&format!("the loss became inf at step {step}")), "{}", last_stderr_line(&again));
+    assert!(
+        last_stderr_line(&again).contains(&format!("the loss became inf at step {step}")),
+        "{}",
+        last_stderr_line(&again)
+    );
 }
 
 #[test]
@@ -168,14 +230,19 @@ fn a_failed_save_is_a_clear_error_and_leaves_the_previous_checkpoint() {
     // Where TensorFlow will put ckpt-20's data file, a directory: its write fails, as on a full
     // or read-only disk (a permission change would not stop root).
     std::fs::create_dir(ckpt.join(".partial-ckpt-20.data-00000-of-00001")).unwrap();
-    let out = minigpt().args(["train", "--resume", "--out", dir.to_str().unwrap(), "--max-steps", "30", "-q"]).output().unwrap();
+    let out = minigpt()
+        .args(["train", "--resume", "--out", dir.to_str().unwrap(), "--max-steps", "30", "-q"])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let line = last_stderr_line(&out);
     assert!(line.starts_with("error: writing checkpoint ckpt-20 failed (the newest checkpoint is still"), "{line}");
     // (The resumed run wrote ckpt-19 at the end of epoch 1 before failing at step 20.)
     assert!(line.contains("ckpt-19)") && line.contains("Is a directory"), "{line}");
     assert!(!ckpt.join("ckpt-20.index").exists());
-    assert!(std::fs::read_to_string(ckpt.join("checkpoint")).unwrap().starts_with("model_checkpoint_path: \"ckpt-19\""));
+    assert!(std::fs::read_to_string(ckpt.join("checkpoint"))
+        .unwrap()
+        .starts_with("model_checkpoint_path: \"ckpt-19\""));
     let after = minigpt().args(["eval", "--run", dir.to_str().unwrap()]).output().unwrap();
     assert!(after.status.success(), "{}", String::from_utf8_lossy(&after.stderr));
 }
@@ -186,7 +253,8 @@ fn a_resumed_gpt_run_with_dropout_matches_an_uninterrupted_one_bit_for_bit() {
     let tmp = tempfile::tempdir().unwrap();
     let corpus = tiny_corpus(tmp.path());
     let (whole, split) = (tmp.path().join("whole"), tmp.path().join("split"));
-    let gpt = ["--model", "gpt", "--n-layer", "2", "--n-head", "2", "--n-embd", "16", "--dropout", "0.2", "--shuffle", "global", "--epochs", "2"];
+    let flags = format!("{} --dropout 0.2 --shuffle global --epochs 2", common::TINY_GPT);
+    let gpt: Vec<&str> = flags.split(' ').collect();
     let all = train(&corpus, &whole, &gpt);
     let first = train(&corpus, &split, &[&gpt[..], &["--max-steps", "25"]].concat());
     let second = run(&["train", "--resume", "--out", split.to_str().unwrap(), "--log-every", "3", "--max-steps", "38"]);

@@ -5,13 +5,18 @@ mod common;
 
 use std::process::Command;
 
-use minigpt::checkpoint::RunDir;
-use minigpt::device::DeviceChoice;
-use minigpt::graph::GraphOptions;
+use minigpt::device::{DeviceChoice, SessionConfig};
+use minigpt::graph::Runner;
+use minigpt::run::{Load, RunConfig, RunDir};
 use ndarray::ArrayD;
 use ndarray_npy::ReadNpyExt;
 use tensorflow::Tensor;
 
+/// The run's newest checkpoint in an inference graph.
+fn load(run: &std::path::Path) -> (RunConfig, Runner) {
+    let session = SessionConfig { device: DeviceChoice::Cpu, ..Default::default() };
+    RunDir::open(run).unwrap().load(Load::Inference { sampler: None }, session).unwrap()
+}
 
 #[test]
 fn python_loads_the_export_and_computes_minigpts_logits() {
@@ -24,17 +29,35 @@ fn python_loads_the_export_and_computes_minigpts_logits() {
 fn python_loads_a_gpt_export_and_minigpt_reads_it_back() {
     let tmp = tempfile::tempdir().unwrap();
     // With dropout, which serving must not apply (the logits are compared with minigpt's).
-    let gpt = ["--model", "gpt", "--n-layer", "2", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "4", "--dropout", "0.2"];
-    let run = common::small_run(tmp.path(), 30_000, &[&gpt[..], &["--max-steps", "20", "--eval-batches", "1"]].concat());
+    let flags = format!("{} --block-size 16 --batch-size 4 --dropout 0.2", common::TINY_GPT);
+    let gpt: Vec<&str> = flags.split(' ').collect();
+    let run =
+        common::small_run(tmp.path(), 30_000, &[&gpt[..], &["--max-steps", "20", "--eval-batches", "1"]].concat());
     check_export(tmp.path(), &run, 16);
     let model = tmp.path().join("exported");
     // minigpt samples from it (cropping to its 16 positions) and fine-tunes it as the GPT it is.
-    let out = common::minigpt().args(["generate", "--prompt", "ROMEO:", "--chars", "40", "--run"]).arg(&model).output().unwrap();
+    let out = common::minigpt()
+        .args(["generate", "--prompt", "ROMEO:", "--chars", "40", "--run"])
+        .arg(&model)
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8(out.stdout).unwrap().trim_end_matches('\n').chars().count(), "ROMEO:".len() + 40);
     let tuned = tmp.path().join("tuned");
     let out = common::minigpt()
-        .args(["train", "-q", "--max-steps", "5", "--eval-batches", "1", "--batch-size", "4", "--block-size", "16", "--data"])
+        .args([
+            "train",
+            "-q",
+            "--max-steps",
+            "5",
+            "--eval-batches",
+            "1",
+            "--batch-size",
+            "4",
+            "--block-size",
+            "16",
+            "--data",
+        ])
         .arg(tmp.path().join("small.txt"))
         .arg("--init-from")
         .arg(&model)
@@ -43,7 +66,8 @@ fn python_loads_a_gpt_export_and_minigpt_reads_it_back() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tuned.join("config.json")).unwrap()).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tuned.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["model"]["arch"], "gpt");
     assert_eq!(config["model"]["n_layer"], 2);
     // Its shape is the SavedModel's: a longer context than its position table, or another model,
@@ -111,11 +135,11 @@ print(json.dumps(json.load(open(model_dir + "/assets.extra/vocab.json"))))
     let vocab: Vec<String> = serde_json::from_str(lines.next().unwrap()).unwrap();
     let python_logits = ArrayD::<f32>::read_npy(std::fs::File::open(&npy).unwrap()).unwrap();
 
-    let (config, runner) = minigpt::train::load_run(&RunDir::open(run).unwrap(), GraphOptions::new(0), DeviceChoice::Cpu, &Default::default()).unwrap();
+    let (config, runner) = load(run);
     assert_eq!(vocab, config.vocab);
     let x = Tensor::new(&[2, t as u64]).with_values(&tokens).unwrap();
     let y = Tensor::new(&[2, t as u64]).with_values(&targets).unwrap();
-    let ours: Vec<Tensor<f32>> = runner.fetch_with_batch(&[runner.g.logits.clone(), runner.g.loss.clone()], &x, &y).unwrap();
+    let ours: Vec<Tensor<f32>> = vec![runner.logits(&x).unwrap(), Tensor::from(runner.loss::<f32>(&x, &y).unwrap())];
     assert_eq!(python_logits.shape(), [2, t, config.model.vocab_size as usize]);
     let max_diff = ours[0].iter().zip(python_logits.iter()).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
     let scale = python_logits.iter().fold(1.0f32, |m, l| m.max(l.abs()));
@@ -146,7 +170,17 @@ fn python_savedmodels_load_generate_evaluate_and_fine_tune() {
 
     // The notebook's model, trained 30 steps by Python, in both SavedModel flavours.
     let script = root.join("python_export/export_savedmodel.py");
-    python(&[script.as_os_str(), "--data".as_ref(), p("small.txt").as_os_str(), "--steps".as_ref(), "30".as_ref(), "--out".as_ref(), p("py").as_os_str(), "--keras-export".as_ref(), p("keras").as_os_str()]);
+    python(&[
+        script.as_os_str(),
+        "--data".as_ref(),
+        p("small.txt").as_os_str(),
+        "--steps".as_ref(),
+        "30".as_ref(),
+        "--out".as_ref(),
+        p("py").as_os_str(),
+        "--keras-export".as_ref(),
+        p("keras").as_os_str(),
+    ]);
     // Python's logits for fixed tokens, from each.
     let tokens: Vec<i32> = (0..60).map(|i| (i * 13 + 1) % 30).collect();
     let logits_script = r#"
@@ -156,10 +190,18 @@ for d, key, out in [(sys.argv[2], "logits", sys.argv[3]), (sys.argv[4], "output_
     np.save(out, tf.saved_model.load(d).signatures["serving_default"](tokens=tokens)[key].numpy())
 "#;
     let json = serde_json::to_string(&tokens).unwrap();
-    python(&["-c".as_ref(), logits_script.as_ref(), json.as_ref(), p("py").as_os_str(), p("py.npy").as_os_str(), p("keras").as_os_str(), p("keras.npy").as_os_str()]);
+    python(&[
+        "-c".as_ref(),
+        logits_script.as_ref(),
+        json.as_ref(),
+        p("py").as_os_str(),
+        p("py.npy").as_os_str(),
+        p("keras").as_os_str(),
+        p("keras.npy").as_os_str(),
+    ]);
     let x = Tensor::new(&[2, 30]).with_values(&tokens).unwrap();
     for (dir, npy, vocab) in [("py", "py.npy", None), ("keras", "keras.npy", Some(p("small.txt")))] {
-        let loaded = minigpt::saved_model::Loaded::load(&p(dir), vocab.as_deref(), &Default::default(), 1, None).unwrap();
+        let loaded = minigpt::saved_model::Loaded::load(&p(dir), vocab.as_deref(), Default::default()).unwrap();
         let want = ArrayD::<f32>::read_npy(std::fs::File::open(p(npy)).unwrap()).unwrap();
         let diff = max_abs_diff(&loaded.logits(&x).unwrap(), &want);
         assert!(diff <= 1e-6, "{dir}: logits differ by {diff}");
@@ -171,36 +213,73 @@ for d, key, out in [(sys.argv[2], "logits", sys.argv[3]), (sys.argv[4], "output_
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8(out.stdout).unwrap()
     };
-    let val_loss = |stdout: &str| -> f64 { stdout.lines().find_map(|l| l.strip_prefix("val_loss: ")).unwrap().parse().unwrap() };
-    let generated = ok(minigpt(&["generate".as_ref(), "--run".as_ref(), p("py").as_os_str(), "--prompt".as_ref(), "The".as_ref(), "--chars".as_ref(), "40".as_ref()]));
+    let val_loss =
+        |stdout: &str| -> f64 { stdout.lines().find_map(|l| l.strip_prefix("val_loss: ")).unwrap().parse().unwrap() };
+    let generated = ok(minigpt(&[
+        "generate".as_ref(),
+        "--run".as_ref(),
+        p("py").as_os_str(),
+        "--prompt".as_ref(),
+        "The".as_ref(),
+        "--chars".as_ref(),
+        "40".as_ref(),
+    ]));
     assert_eq!(generated.trim_end_matches('\n').chars().count(), 43, "{generated}");
-    let before = val_loss(&ok(minigpt(&["eval".as_ref(), "--run".as_ref(), p("py").as_os_str(), "--data".as_ref(), p("small.txt").as_os_str()])));
-    let keras = val_loss(&ok(minigpt(&["eval".as_ref(), "--run".as_ref(), p("keras").as_os_str(), "--data".as_ref(), p("small.txt").as_os_str(), "--vocab".as_ref(), p("small.txt").as_os_str()])));
+    // `eval` of a SavedModel on the small corpus, with `--vocab FILE` if given.
+    let eval = |dir: &str, vocab: Option<std::path::PathBuf>| {
+        let mut args: Vec<std::ffi::OsString> = vec!["eval".into(), "--data".into(), p("small.txt").into()];
+        args.extend(["--run".into(), p(dir).into()]);
+        if let Some(v) = vocab {
+            args.extend(["--vocab".into(), v.into()]);
+        }
+        val_loss(&ok(common::minigpt().args(&args).output().unwrap()))
+    };
+    let before = eval("py", None);
+    let keras = eval("keras", Some(p("small.txt")));
     assert!((before - keras).abs() < 1e-6, "the two exports of one model: {before} vs {keras}");
     // The vocabulary as a JSON array works as well as the corpus text.
-    let vocab_json = p("py").join("assets.extra/vocab.json");
-    let keras_json = val_loss(&ok(minigpt(&["eval".as_ref(), "--run".as_ref(), p("keras").as_os_str(), "--data".as_ref(), p("small.txt").as_os_str(), "--vocab".as_ref(), vocab_json.as_os_str()])));
+    let keras_json = eval("keras", Some(p("py").join("assets.extra/vocab.json")));
     assert_eq!(keras, keras_json);
     let info = ok(minigpt(&["info".as_ref(), "--run".as_ref(), p("py").as_os_str()]));
     assert!(info.contains("model:        bigram, n_embd 128") && info.contains("trained:      30 steps"), "{info}");
     let info = ok(minigpt(&["info".as_ref(), "--run".as_ref(), p("keras").as_os_str()]));
-    assert!(info.contains("vocabulary:   none (give --vocab") && info.contains("variables/0/.ATTRIBUTES/VARIABLE_VALUE ["), "{info}");
-    let out = minigpt(&["eval".as_ref(), "--run".as_ref(), p("keras").as_os_str(), "--data".as_ref(), p("small.txt").as_os_str()]);
-    assert!(!out.status.success() && common::last_stderr_line(&out).contains("carries no vocabulary"), "{}", common::last_stderr_line(&out));
+    assert!(
+        info.contains("vocabulary:   none (give --vocab") && info.contains("variables/0/.ATTRIBUTES/VARIABLE_VALUE ["),
+        "{info}"
+    );
+    let out = minigpt(&[
+        "eval".as_ref(),
+        "--run".as_ref(),
+        p("keras").as_os_str(),
+        "--data".as_ref(),
+        p("small.txt").as_os_str(),
+    ]);
+    assert!(
+        !out.status.success() && common::last_stderr_line(&out).contains("carries no vocabulary"),
+        "{}",
+        common::last_stderr_line(&out)
+    );
 
     // Fine-tuning from Python's weights lowers the loss; minigpt's export of it loads in Python.
-    ok(minigpt(&["train".as_ref(), "--init-from".as_ref(), p("py").as_os_str(), "--data".as_ref(), p("small.txt").as_os_str(), "--out".as_ref(), p("tuned").as_os_str(), "--max-steps".as_ref(), "150".as_ref(), "-q".as_ref()]));
-    let after = val_loss(&ok(minigpt(&["eval".as_ref(), "--run".as_ref(), p("tuned").as_os_str()])));
+    let words = |line: String| ok(common::minigpt().args(line.split(' ')).output().unwrap());
+    let (py, small, tuned) = (p("py"), p("small.txt"), p("tuned"));
+    words(format!(
+        "train --init-from {} --data {} --out {} --max-steps 150 -q",
+        py.display(),
+        small.display(),
+        tuned.display()
+    ));
+    let after = val_loss(&words(format!("eval --run {}", tuned.display())));
     assert!(after < before - 0.05, "fine-tuning: val loss {before} -> {after}");
-    ok(minigpt(&["export".as_ref(), "--run".as_ref(), p("tuned").as_os_str(), "--out".as_ref(), p("tuned-sm").as_os_str()]));
+    words(format!("export --run {} --out {}", tuned.display(), p("tuned-sm").display()));
     let back = r#"
 import json, sys, numpy as np, tensorflow as tf
 tokens = tf.constant(np.array(json.loads(sys.argv[1]), np.int32).reshape(2, 30))
 np.save(sys.argv[3], tf.saved_model.load(sys.argv[2]).signatures["serving_default"](tokens=tokens)["logits"].numpy())
 "#;
     python(&["-c".as_ref(), back.as_ref(), json.as_ref(), p("tuned-sm").as_os_str(), p("tuned.npy").as_os_str()]);
-    let (_, runner) = minigpt::train::load_run(&RunDir::open(&p("tuned")).unwrap(), GraphOptions::new(0), DeviceChoice::Cpu, &Default::default()).unwrap();
-    let ours: Vec<Tensor<f32>> = runner.fetch_with_batch(std::slice::from_ref(&runner.g.logits), &x, &x).unwrap();
+    let (_, runner) = load(&p("tuned"));
+    let ours: Vec<Tensor<f32>> = vec![runner.logits(&x).unwrap()];
     let diff = max_abs_diff(&ours[0], &ArrayD::<f32>::read_npy(std::fs::File::open(p("tuned.npy")).unwrap()).unwrap());
     assert!(diff <= 1e-6, "fine-tuned export: logits differ by {diff}");
 }
@@ -230,7 +309,8 @@ for name, sigs in [("no-serving", {"predict": m.ints}), ("float-input", {"servin
         ("float-input", "input `tokens` is Float, expected Int32"),
         ("missing", "not a run directory"),
     ] {
-        let out = common::minigpt().args(["generate", "--prompt", "ab", "--run"]).arg(tmp.path().join(dir)).output().unwrap();
+        let out =
+            common::minigpt().args(["generate", "--prompt", "ab", "--run"]).arg(tmp.path().join(dir)).output().unwrap();
         assert!(!out.status.success());
         let line = common::last_stderr_line(&out);
         assert!(line.starts_with("error: ") && line.contains(needle), "{dir}: {line}");

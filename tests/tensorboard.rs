@@ -5,7 +5,6 @@ mod common;
 
 use std::process::Command;
 
-
 #[test]
 fn python_reads_the_scalars_minigpt_wrote() {
     let tmp = tempfile::tempdir().unwrap();
@@ -20,7 +19,13 @@ for path in sorted(glob.glob(sys.argv[1] + "/events/events.out.tfevents.*")):
             value = float(tf.make_ndarray(v.tensor)) if v.HasField("tensor") else v.simple_value
             print(v.tag, event.step, repr(value))
 "#;
-    let py = Command::new(common::python()).env("TF_CPP_MIN_LOG_LEVEL", "3").arg("-c").arg(script).arg(&run).output().unwrap();
+    let py = Command::new(common::python())
+        .env("TF_CPP_MIN_LOG_LEVEL", "3")
+        .arg("-c")
+        .arg(script)
+        .arg(&run)
+        .output()
+        .unwrap();
     assert!(py.status.success(), "{}", String::from_utf8_lossy(&py.stderr));
     let stdout = String::from_utf8(py.stdout).unwrap();
     let events: Vec<(String, u64, f64)> = stdout
@@ -33,7 +38,7 @@ for path in sorted(glob.glob(sys.argv[1] + "/events/events.out.tfevents.*")):
     let of = |tag: &str| -> Vec<(u64, f64)> { events.iter().filter(|e| e.0 == tag).map(|e| (e.1, e.2)).collect() };
 
     // Every loss and validation loss of metrics.csv, at its step, to float32 precision.
-    let metrics = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
+    let metrics = minigpt::run::RunDir::open(&run).unwrap().read_metrics().unwrap();
     let (train, val) = minigpt::plot::series(&metrics);
     let close = |a: &[(u64, f64)], b: &[(f64, f64)]| {
         a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.0 as f64 == y.0 && (x.1 - y.1).abs() <= 1e-6 * y.1.abs())

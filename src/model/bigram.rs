@@ -15,7 +15,13 @@ pub struct Bigram {
 }
 
 impl Bigram {
-    pub fn new(vocab_size: u64, n_embd: u64, dtype: DataType, seed: i64, scope: &mut Scope) -> tensorflow::Result<Self> {
+    pub fn new(
+        vocab_size: u64,
+        n_embd: u64,
+        dtype: DataType,
+        seed: i64,
+        scope: &mut Scope,
+    ) -> tensorflow::Result<Self> {
         let embedding = Embedding::new("embedding", vocab_size, n_embd, dtype, (seed, 1), scope)?;
         let dense = Dense::new("dense", n_embd, vocab_size, dtype, (seed, 2), scope)?;
         Ok(Self { embedding, dense, vocab_size, n_embd })
@@ -24,7 +30,12 @@ impl Bigram {
 
 impl LanguageModel for Bigram {
     /// tokens: [B, T] int32 -> logits [B, T, V]
-    fn forward(&self, tokens: Output, _dropout: Option<&super::Dropout>, scope: &mut Scope) -> tensorflow::Result<Forward> {
+    fn forward(
+        &self,
+        tokens: Output,
+        _dropout: Option<&super::Dropout>,
+        scope: &mut Scope,
+    ) -> tensorflow::Result<Forward> {
         let scope = &mut scope.new_sub_scope("mini_gpt");
         let lookup = self.embedding.apply(tokens.clone(), scope)?;
         let x = lookup.rows.clone(); // [B, T, C]

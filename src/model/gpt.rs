@@ -2,20 +2,13 @@
 //! pre-LayerNorm blocks of causal multi-head self-attention and a 4× GELU MLP, each added back
 //! to the residual stream; a final LayerNorm; a linear head to the vocabulary.
 
+use std::cell::Cell;
+
 use tensorflow::{ops, DataType, Output, Scope};
 
 use super::layers::{self, Dense, Embedding, LayerNorm};
 use super::{CacheSpec, Dropout, Forward, LanguageModel, ModelConfig};
 use crate::tfx::{self, Var};
-
-struct Block {
-    ln_1: LayerNorm,
-    qkv: Dense,  // [C, 3C]
-    proj: Dense, // [C, C]
-    ln_2: LayerNorm,
-    fc: Dense,  // [C, 4C]
-    out: Dense, // [4C, C]
-}
 
 /// Shapes of one forward pass, computed from the tokens (not from activations: see
 /// [`layers::DropoutPass::apply`]), its dropout, and the cached keys and values it continues from.
@@ -29,12 +22,184 @@ struct Pass<'a> {
     /// T
     t: Output,
     dropout: Option<layers::DropoutPass<'a>>,
-    /// Keys and values of the P earlier positions, 2 per block: [B, H, P, D].
-    past: Option<&'a [Output]>,
-    /// P (0 without `past`)
+    /// P (0 without cached positions)
     p: Output,
     /// [T, P + T]: the causal mask, added to the attention scores.
     mask: Output,
+}
+
+impl Pass<'_> {
+    /// Dropout at `site` of x with shape `dims` (shape tensors), when this pass has dropout.
+    fn dropout(&self, x: Output, dims: &[Output], site: i64, scope: &mut Scope) -> tensorflow::Result<Output> {
+        match &self.dropout {
+            Some(dropout) => dropout.apply(x, tfx::concat(dims, 0, scope)?, site, scope),
+            None => Ok(x),
+        }
+    }
+}
+
+/// What the model's variables are made with: their dtype, and for each initializer an op seed of
+/// its own, in creation order.
+struct Params {
+    dtype: DataType,
+    seed: i64,
+    stream: Cell<i64>,
+}
+
+impl Params {
+    /// (graph seed, the next op seed)
+    fn seeds(&self) -> (i64, i64) {
+        self.stream.set(self.stream.get() + 1);
+        (self.seed, self.stream.get())
+    }
+
+    fn dense(&self, name: &str, n_in: u64, n_out: u64, scope: &mut Scope) -> tensorflow::Result<Dense> {
+        Dense::new(name, n_in, n_out, self.dtype, self.seeds(), scope)
+    }
+}
+
+/// Causal multi-head self-attention: one fused query/key/value projection, `n_head` heads of
+/// `n_embd / n_head`, an output projection.
+struct Attention {
+    qkv: Dense,  // [C, 3C]
+    proj: Dense, // [C, C]
+    n_embd: i64,
+    n_head: i64,
+}
+
+impl Attention {
+    /// `<name>/qkv/{kernel,bias}`, `<name>/proj/{kernel,bias}`.
+    fn new(name: &str, cfg: &ModelConfig, p: &Params, scope: &mut Scope) -> tensorflow::Result<Self> {
+        let c = cfg.n_embd;
+        let qkv = p.dense(&format!("{name}/qkv"), c, 3 * c, scope)?;
+        let proj = p.dense(&format!("{name}/proj"), c, c, scope)?;
+        Ok(Self { qkv, proj, n_embd: c as i64, n_head: cfg.n_head as i64 })
+    }
+
+    /// x [B, T, C] after the `past` keys and values ([B, H, P, D] each) -> [B, T, C], and the keys
+    /// and values of all P + T positions. Dropout sites `site` (the attention weights) and
+    /// `site + 1` (the output).
+    fn forward(
+        &self,
+        x: Output,
+        past: Option<[Output; 2]>,
+        pass: &Pass,
+        site: i64,
+        scope: &mut Scope,
+    ) -> tensorflow::Result<(Output, [Output; 2])> {
+        let (bt, c, h) = (&pass.bt, self.n_embd, self.n_head);
+        let d = c / h;
+        let qkv = dense3(&self.qkv, x, bt, 3 * c, scope)?; // [B, T, 3C]
+        let parts = ops::Split::new().num_split(3).build(ops::constant(2i32, scope)?, qkv, scope)?; // 3 × [B, T, C]
+        let heads_shape = tfx::concat(&[bt.clone(), tfx::shape_const(&[h, d], scope)?], 0, scope)?; // (B, T, H, D)
+        let perm = tfx::shape_const(&[0, 2, 1, 3], scope)?;
+        let mut heads = Vec::new();
+        for i in 0..3 {
+            let z = ops::reshape(parts.output(i), heads_shape.clone(), scope)?; // [B, T, H, D]
+            heads.push(Output::from(ops::transpose(z, perm.clone(), scope)?)); // [B, H, T, D]
+        }
+        let dtype = output_dtype(&heads[0]);
+        // Keras' MultiHeadAttention scales the queries, not the scores.
+        let q = ops::mul(heads[0].clone(), tfx::scalar(dtype, 1.0 / (d as f64).sqrt(), scope)?, scope)?;
+        let (mut k, mut v) = (heads[1].clone(), heads[2].clone()); // [B, H, T, D]
+        if let Some([past_k, past_v]) = past {
+            k = tfx::concat(&[past_k, k], 2, scope)?; // [B, H, P + T, D]
+            v = tfx::concat(&[past_v, v], 2, scope)?;
+        }
+        let scores = ops::BatchMatMulV2::new().adj_y(true).build(q, k.clone(), scope)?; // [B, H, T, P + T]
+        let masked = ops::add_v2(scores, pass.mask.clone(), scope)?;
+        let att = ops::softmax(masked, scope)?; // [B, H, T, P + T]
+                                                // (A pass with dropout has no cached positions: P = 0 here.)
+        let dims = [pass.b.clone(), tfx::shape_const(&[h], scope)?, pass.t1.clone(), pass.t1.clone()];
+        let att = pass.dropout(att.into(), &dims, site, scope)?;
+        let y = ops::BatchMatMulV2::new().build(att, v.clone(), scope)?; // [B, H, T, D]
+        let y = ops::transpose(y, perm, scope)?; // [B, T, H, D]
+        let merged = tfx::concat(&[bt.clone(), tfx::shape_const(&[c], scope)?], 0, scope)?;
+        let y = ops::reshape(y, merged, scope)?; // [B, T, C]
+        let y = dense3(&self.proj, y.into(), bt, c, scope)?;
+        let y = pass.dropout(y, &[bt.clone(), tfx::shape_const(&[c], scope)?], site + 1, scope)?;
+        Ok((y, [k, v]))
+    }
+
+    fn variables(&self) -> [Var; 4] {
+        [self.qkv.kernel.clone(), self.qkv.bias.clone(), self.proj.kernel.clone(), self.proj.bias.clone()]
+    }
+}
+
+/// The MLP: C → 4C, exact GELU, → C.
+struct Mlp {
+    fc: Dense,  // [C, 4C]
+    out: Dense, // [4C, C]
+    n_embd: i64,
+}
+
+impl Mlp {
+    /// `<name>/fc/{kernel,bias}`, `<name>/out/{kernel,bias}`.
+    fn new(name: &str, cfg: &ModelConfig, p: &Params, scope: &mut Scope) -> tensorflow::Result<Self> {
+        let c = cfg.n_embd;
+        let fc = p.dense(&format!("{name}/fc"), c, 4 * c, scope)?;
+        let out = p.dense(&format!("{name}/out"), 4 * c, c, scope)?;
+        Ok(Self { fc, out, n_embd: c as i64 })
+    }
+
+    /// x [B, T, C] -> [B, T, C]; dropout site `site` on the output.
+    fn forward(&self, x: Output, pass: &Pass, site: i64, scope: &mut Scope) -> tensorflow::Result<Output> {
+        let c = self.n_embd;
+        let hidden = dense3(&self.fc, x, &pass.bt, 4 * c, scope)?; // [B, T, 4C]
+        let hidden = gelu(hidden, scope)?;
+        let y = dense3(&self.out, hidden, &pass.bt, c, scope)?; // [B, T, C]
+        pass.dropout(y, &[pass.bt.clone(), tfx::shape_const(&[c], scope)?], site, scope)
+    }
+
+    fn variables(&self) -> [Var; 4] {
+        [self.fc.kernel.clone(), self.fc.bias.clone(), self.out.kernel.clone(), self.out.bias.clone()]
+    }
+}
+
+/// A pre-LayerNorm transformer block: `x + attn(ln_1(x))`, then `x + mlp(ln_2(x))`.
+struct Block {
+    ln_1: LayerNorm,
+    attn: Attention,
+    ln_2: LayerNorm,
+    mlp: Mlp,
+    /// Dropout sites 3i+1 (attention weights), 3i+2 (attention output), 3i+3 (MLP output).
+    first_site: i64,
+}
+
+impl Block {
+    /// Block `i`: variables under `gpt/h<i>/`.
+    fn new(i: u64, cfg: &ModelConfig, p: &Params, scope: &mut Scope) -> tensorflow::Result<Self> {
+        let name = |part: &str| format!("gpt/h{i}/{part}");
+        let ln_1 = LayerNorm::new(&name("ln_1"), cfg.n_embd, p.dtype, scope)?;
+        let attn = Attention::new(&name("attn"), cfg, p, scope)?;
+        let ln_2 = LayerNorm::new(&name("ln_2"), cfg.n_embd, p.dtype, scope)?;
+        let mlp = Mlp::new(&name("mlp"), cfg, p, scope)?;
+        Ok(Self { ln_1, attn, ln_2, mlp, first_site: 3 * i as i64 + 1 })
+    }
+
+    /// x [B, T, C] -> [B, T, C], and the block's keys and values of all P + T positions.
+    fn forward(
+        &self,
+        x: Output,
+        past: Option<[Output; 2]>,
+        pass: &Pass,
+        scope: &mut Scope,
+    ) -> tensorflow::Result<(Output, [Output; 2])> {
+        let h = self.ln_1.apply(x.clone(), scope)?; // [B, T, C]
+        let (a, kv) = self.attn.forward(h, past, pass, self.first_site, scope)?;
+        let x: Output = ops::add_v2(x, a, scope)?.into(); // residual
+        let h = self.ln_2.apply(x.clone(), scope)?;
+        let m = self.mlp.forward(h, pass, self.first_site + 2, scope)?;
+        Ok((ops::add_v2(x, m, scope)?.into(), kv))
+    }
+
+    fn variables(&self) -> Vec<Var> {
+        let mut vars = vec![self.ln_1.gamma.clone(), self.ln_1.beta.clone()];
+        vars.extend(self.attn.variables());
+        vars.extend([self.ln_2.gamma.clone(), self.ln_2.beta.clone()]);
+        vars.extend(self.mlp.variables());
+        vars
+    }
 }
 
 pub struct Gpt {
@@ -49,129 +214,64 @@ pub struct Gpt {
 impl Gpt {
     pub fn new(cfg: &ModelConfig, dtype: DataType, seed: i64, scope: &mut Scope) -> tensorflow::Result<Self> {
         let (v, c) = (cfg.vocab_size, cfg.n_embd);
-        let mut stream = 0;
-        let mut seeds = || {
-            stream += 1;
-            (seed, stream)
-        };
-        let wte = Embedding::new("gpt/wte", v, c, dtype, seeds(), scope)?;
-        let wpe = Embedding::new("gpt/wpe", cfg.block_size, c, dtype, seeds(), scope)?;
-        let mut blocks = Vec::new();
-        for i in 0..cfg.n_layer {
-            let name = |part: &str| format!("gpt/h{i}/{part}");
-            blocks.push(Block {
-                ln_1: LayerNorm::new(&name("ln_1"), c, dtype, scope)?,
-                qkv: Dense::new(&name("attn/qkv"), c, 3 * c, dtype, seeds(), scope)?,
-                proj: Dense::new(&name("attn/proj"), c, c, dtype, seeds(), scope)?,
-                ln_2: LayerNorm::new(&name("ln_2"), c, dtype, scope)?,
-                fc: Dense::new(&name("mlp/fc"), c, 4 * c, dtype, seeds(), scope)?,
-                out: Dense::new(&name("mlp/out"), 4 * c, c, dtype, seeds(), scope)?,
-            });
-        }
+        let p = Params { dtype, seed, stream: Cell::new(0) };
+        let wte = Embedding::new("gpt/wte", v, c, dtype, p.seeds(), scope)?;
+        let wpe = Embedding::new("gpt/wpe", cfg.block_size, c, dtype, p.seeds(), scope)?;
+        let blocks = (0..cfg.n_layer).map(|i| Block::new(i, cfg, &p, scope)).collect::<tensorflow::Result<_>>()?;
         let ln_f = LayerNorm::new("gpt/ln_f", c, dtype, scope)?;
-        let head = Dense::new("gpt/head", c, v, dtype, seeds(), scope)?;
+        let head = p.dense("gpt/head", c, v, scope)?;
         Ok(Self { wte, wpe, blocks, ln_f, head, cfg: cfg.clone() })
-    }
-
-    /// Dropout at `site` of x with shape `dims` (shape tensors), when this pass has dropout.
-    fn dropout(&self, x: Output, dims: &[Output], site: i64, pass: &Pass, scope: &mut Scope) -> tensorflow::Result<Output> {
-        match &pass.dropout {
-            Some(dropout) => dropout.apply(x, tfx::concat(dims, 0, scope)?, site, scope),
-            None => Ok(x),
-        }
-    }
-
-    /// Causal multi-head self-attention of block i: x [B, T, C] -> [B, T, C], and the keys and
-    /// values of all P + T positions [B, H, P + T, D]. Dropout sites 3i+1 (the attention weights)
-    /// and 3i+2 (the output).
-    fn attention(&self, i: usize, x: Output, pass: &Pass, scope: &mut Scope) -> tensorflow::Result<(Output, [Output; 2])> {
-        let block = &self.blocks[i];
-        let bt = &pass.bt;
-        let (c, h) = (self.cfg.n_embd as i64, self.cfg.n_head as i64);
-        let d = c / h;
-        let qkv = dense3(&block.qkv, x, bt, 3 * c, scope)?; // [B, T, 3C]
-        let parts = ops::Split::new().num_split(3).build(ops::constant(2i32, scope)?, qkv, scope)?; // 3 × [B, T, C]
-        let heads_shape = tfx::concat(&[bt.clone(), tfx::shape_const(&[h, d], scope)?], 0, scope)?; // (B, T, H, D)
-        let perm = tfx::shape_const(&[0, 2, 1, 3], scope)?;
-        let mut heads = Vec::new();
-        for i in 0..3 {
-            let z = ops::reshape(parts.output(i), heads_shape.clone(), scope)?; // [B, T, H, D]
-            heads.push(Output::from(ops::transpose(z, perm.clone(), scope)?)); // [B, H, T, D]
-        }
-        let dtype = x_dtype(&heads[0])?;
-        // Keras' MultiHeadAttention scales the queries, not the scores.
-        let q = ops::mul(heads[0].clone(), tfx::scalar(dtype, 1.0 / (d as f64).sqrt(), scope)?, scope)?;
-        let (mut k, mut v) = (heads[1].clone(), heads[2].clone()); // [B, H, T, D]
-        if let Some(past) = pass.past {
-            k = tfx::concat(&[past[2 * i].clone(), k], 2, scope)?; // [B, H, P + T, D]
-            v = tfx::concat(&[past[2 * i + 1].clone(), v], 2, scope)?;
-        }
-        let scores = ops::BatchMatMulV2::new().adj_y(true).build(q, k.clone(), scope)?; // [B, H, T, P + T]
-        let masked = ops::add_v2(scores, pass.mask.clone(), scope)?;
-        let att = ops::softmax(masked, scope)?; // [B, H, T, P + T]
-        // (`run` allows no dropout with a past: P = 0 here.)
-        let dims = [pass.b.clone(), tfx::shape_const(&[h], scope)?, pass.t1.clone(), pass.t1.clone()];
-        let att = self.dropout(att.into(), &dims, 3 * i as i64 + 1, pass, scope)?;
-        let y = ops::BatchMatMulV2::new().build(att, v.clone(), scope)?; // [B, H, T, D]
-        let y = ops::transpose(y, perm, scope)?; // [B, T, H, D]
-        let merged = tfx::concat(&[bt.clone(), tfx::shape_const(&[c], scope)?], 0, scope)?;
-        let y = ops::reshape(y, merged, scope)?; // [B, T, C]
-        let y = dense3(&block.proj, y.into(), bt, c, scope)?;
-        let y = self.dropout(y, &[bt.clone(), tfx::shape_const(&[c], scope)?], 3 * i as i64 + 2, pass, scope)?;
-        Ok((y, [k, v]))
-    }
-
-    /// The MLP: x [B, T, C] -> [B, T, C] through 4C with GELU; dropout site 3i+3 for block i.
-    fn mlp(&self, i: usize, x: Output, pass: &Pass, scope: &mut Scope) -> tensorflow::Result<Output> {
-        let block = &self.blocks[i];
-        let c = self.cfg.n_embd as i64;
-        let hidden = dense3(&block.fc, x, &pass.bt, 4 * c, scope)?;
-        let hidden = gelu(hidden, scope)?;
-        let y = dense3(&block.out, hidden, &pass.bt, c, scope)?;
-        self.dropout(y, &[pass.bt.clone(), tfx::shape_const(&[c], scope)?], 3 * i as i64 + 3, pass, scope)
     }
 
     /// tokens [B, T] at positions P..P+T after `past` (P = 0 without) -> the forward pass and
     /// the keys and values of all P + T positions, 2 per block.
-    fn run(&self, tokens: Output, dropout: Option<&Dropout>, past: Option<&[Output]>, scope: &mut Scope) -> tensorflow::Result<(Forward, Vec<Output>)> {
+    fn run(
+        &self,
+        tokens: Output,
+        dropout: Option<&Dropout>,
+        past: Option<&[Output]>,
+        scope: &mut Scope,
+    ) -> tensorflow::Result<(Forward, Vec<Output>)> {
+        if dropout.is_some() && past.is_some() {
+            return Err(tensorflow::Status::new_set_lossy(
+                tensorflow::Code::InvalidArgument,
+                "dropout applies to train steps, which have no cached positions",
+            ));
+        }
         let scope = &mut scope.new_sub_scope("gpt");
         let bt: Output = ops::shape(tokens.clone(), scope)?.into(); // (B, T)
         let t1 = element(&bt, 1, scope)?;
         let scalar = tfx::shape_const(&[], scope)?;
         let t = ops::reshape(t1.clone(), scalar.clone(), scope)?.into();
         let p: Output = match past {
-            Some(past) => ops::reshape(element(&ops::shape(past[0].clone(), scope)?.into(), 2, scope)?, scalar, scope)?.into(),
+            Some(past) => {
+                ops::reshape(element(&ops::shape(past[0].clone(), scope)?.into(), 2, scope)?, scalar, scope)?.into()
+            }
             None => ops::constant(0i32, scope)?.into(),
         };
-        if dropout.is_some() && past.is_some() {
-            return Err(tensorflow::Status::new_set_lossy(tensorflow::Code::InvalidArgument, "dropout applies to train steps, which have no cached positions"));
-        }
         let dtype = self.wte.embeddings.dtype;
         let mask = causal_bias(&p, &t, dtype, scope)?;
         let dropout = match dropout {
             Some(d) if self.cfg.dropout > 0.0 => Some(layers::DropoutPass::new(self.cfg.dropout, dtype, d, scope)?),
             _ => None,
         };
-        let pass = Pass { b: element(&bt, 0, scope)?, t1, t, bt, dropout, past, p, mask };
+        let pass = Pass { b: element(&bt, 0, scope)?, t1, t, bt, dropout, p, mask };
         let tok = self.wte.apply(tokens, scope)?; // rows [B, T, C]
         let end = ops::add_v2(pass.p.clone(), pass.t.clone(), scope)?;
         let positions = ops::range(pass.p.clone(), end, ops::constant(1i32, scope)?, scope)?; // P..P+T
         let pos = self.wpe.apply(positions.into(), scope)?; // rows [T, C]
         let x = ops::add_v2(tok.rows.clone(), pos.rows.clone(), scope)?.into(); // [B, T, C]
         let c = tfx::shape_const(&[self.cfg.n_embd as i64], scope)?;
-        let mut x = self.dropout(x, &[pass.bt.clone(), c], 0, &pass, scope)?;
+        let mut x = pass.dropout(x, &[pass.bt.clone(), c], 0, scope)?;
         let mut present = Vec::with_capacity(2 * self.blocks.len());
-        for i in 0..self.blocks.len() {
-            let h = self.blocks[i].ln_1.apply(x.clone(), scope)?;
-            let (a, kv) = self.attention(i, h, &pass, scope)?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            let block_past = past.map(|p| [p[2 * i].clone(), p[2 * i + 1].clone()]);
+            let (y, kv) = block.forward(x, block_past, &pass, scope)?;
             present.extend(kv);
-            x = ops::add_v2(x, a, scope)?.into();
-            let h = self.blocks[i].ln_2.apply(x.clone(), scope)?;
-            let m = self.mlp(i, h, &pass, scope)?;
-            x = ops::add_v2(x, m, scope)?.into();
+            x = y;
         }
         let x = self.ln_f.apply(x, scope)?;
-        let logits = dense3(&self.head, x, &pass.bt, self.cfg.vocab_size as i64, scope)?;
+        let logits = dense3(&self.head, x, &pass.bt, self.cfg.vocab_size as i64, scope)?; // [B, T, V]
         Ok((Forward { logits, lookups: vec![tok, pos] }, present))
     }
 }
@@ -187,20 +287,25 @@ impl LanguageModel for Gpt {
         Some(CacheSpec { tensors: 2 * self.blocks.len(), heads: h, head_dim: c / h })
     }
 
-    fn forward_cached(&self, tokens: Output, past: &[Output], scope: &mut Scope) -> tensorflow::Result<(Output, Vec<Output>)> {
+    fn forward_cached(
+        &self,
+        tokens: Output,
+        past: &[Output],
+        scope: &mut Scope,
+    ) -> tensorflow::Result<(Output, Vec<Output>)> {
         let (forward, present) = self.run(tokens, None, Some(past), scope)?;
         Ok((forward.logits, present))
     }
 
     fn variables(&self) -> Vec<Var> {
         let mut vars = vec![self.wte.embeddings.clone(), self.wpe.embeddings.clone()];
-        for b in &self.blocks {
-            vars.extend([b.ln_1.gamma.clone(), b.ln_1.beta.clone()]);
-            vars.extend([b.qkv.kernel.clone(), b.qkv.bias.clone(), b.proj.kernel.clone(), b.proj.bias.clone()]);
-            vars.extend([b.ln_2.gamma.clone(), b.ln_2.beta.clone()]);
-            vars.extend([b.fc.kernel.clone(), b.fc.bias.clone(), b.out.kernel.clone(), b.out.bias.clone()]);
-        }
-        vars.extend([self.ln_f.gamma.clone(), self.ln_f.beta.clone(), self.head.kernel.clone(), self.head.bias.clone()]);
+        vars.extend(self.blocks.iter().flat_map(Block::variables));
+        vars.extend([
+            self.ln_f.gamma.clone(),
+            self.ln_f.beta.clone(),
+            self.head.kernel.clone(),
+            self.head.bias.clone(),
+        ]);
         vars
     }
 
@@ -230,8 +335,8 @@ fn element(shape: &Output, i: i32, scope: &mut Scope) -> tensorflow::Result<Outp
     Ok(ops::StridedSlice::new().build(shape.clone(), at(i, scope)?, at(i + 1, scope)?, at(1, scope)?, scope)?.into())
 }
 
-fn x_dtype(x: &Output) -> tensorflow::Result<DataType> {
-    Ok(x.operation.output_type(x.index as usize))
+fn output_dtype(x: &Output) -> DataType {
+    x.operation.output_type(x.index as usize)
 }
 
 /// A Dense layer on [B, T, n_in] (`bt` = (B, T)) -> [B, T, n_out].
@@ -245,7 +350,7 @@ fn dense3(dense: &Dense, x: Output, bt: &Output, n_out: i64, scope: &mut Scope) 
 
 /// Exact GELU, `x·Φ(x) = ½x(1 + erf(x/√2))` (TensorFlow 2.21 has no Gelu op).
 fn gelu(x: Output, scope: &mut Scope) -> tensorflow::Result<Output> {
-    let dtype = x_dtype(&x)?;
+    let dtype = output_dtype(&x);
     let scaled = ops::mul(x.clone(), tfx::scalar(dtype, std::f64::consts::FRAC_1_SQRT_2, scope)?, scope)?;
     let cdf = ops::add_v2(tfx::scalar(dtype, 1.0, scope)?, ops::erf(scaled, scope)?, scope)?;
     let half_x = ops::mul(x, tfx::scalar(dtype, 0.5, scope)?, scope)?;

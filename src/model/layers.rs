@@ -65,7 +65,14 @@ pub struct Embedding {
 }
 
 impl Embedding {
-    pub fn new(name: &str, vocab_size: u64, n_embd: u64, dtype: DataType, seeds: (i64, i64), scope: &mut Scope) -> tensorflow::Result<Self> {
+    pub fn new(
+        name: &str,
+        vocab_size: u64,
+        n_embd: u64,
+        dtype: DataType,
+        seeds: (i64, i64),
+        scope: &mut Scope,
+    ) -> tensorflow::Result<Self> {
         let shape = [vocab_size, n_embd];
         let init = uniform_init(0.05, &shape, dtype, seeds, &mut scope.new_sub_scope(&format!("{name}/init")))?;
         Ok(Self { embeddings: Var::new(&format!("{name}/embeddings"), dtype, &shape, init, scope)? })
@@ -88,7 +95,14 @@ pub struct Dense {
 }
 
 impl Dense {
-    pub fn new(name: &str, n_in: u64, n_out: u64, dtype: DataType, seeds: (i64, i64), scope: &mut Scope) -> tensorflow::Result<Self> {
+    pub fn new(
+        name: &str,
+        n_in: u64,
+        n_out: u64,
+        dtype: DataType,
+        seeds: (i64, i64),
+        scope: &mut Scope,
+    ) -> tensorflow::Result<Self> {
         let limit = (6.0 / (n_in + n_out) as f64).sqrt();
         let shape = [n_in, n_out];
         let init = uniform_init(limit, &shape, dtype, seeds, &mut scope.new_sub_scope(&format!("{name}/init")))?;
@@ -117,7 +131,11 @@ impl LayerNorm {
     pub const EPSILON: f64 = 1e-5;
 
     pub fn new(name: &str, width: u64, dtype: DataType, scope: &mut Scope) -> tensorflow::Result<Self> {
-        let ones = ops::fill(tfx::shape_const(&[width as i64], scope)?, tfx::scalar(dtype, 1.0, scope)?, &mut scope.new_sub_scope(&format!("{name}/gamma_init")))?;
+        let ones = ops::fill(
+            tfx::shape_const(&[width as i64], scope)?,
+            tfx::scalar(dtype, 1.0, scope)?,
+            &mut scope.new_sub_scope(&format!("{name}/gamma_init")),
+        )?;
         let gamma = Var::new(&format!("{name}/gamma"), dtype, &[width], ones.into(), scope)?;
         let zeros = tfx::zeros(dtype, &[width], &mut scope.new_sub_scope(&format!("{name}/beta_init")))?;
         let beta = Var::new(&format!("{name}/beta"), dtype, &[width], zeros, scope)?;
@@ -129,9 +147,14 @@ impl LayerNorm {
     pub fn apply(&self, x: Output, scope: &mut Scope) -> tensorflow::Result<Output> {
         let axis = ops::constant(-1i32, scope)?;
         let mean = ops::Mean::new().keep_dims(true).build(x.clone(), axis.clone(), scope)?; // [..., 1]
-        let var = ops::Mean::new().keep_dims(true).build(ops::squared_difference(x.clone(), mean.clone(), scope)?, axis, scope)?;
+        let var = ops::Mean::new().keep_dims(true).build(
+            ops::squared_difference(x.clone(), mean.clone(), scope)?,
+            axis,
+            scope,
+        )?;
         let eps = tfx::scalar(self.gamma.dtype, Self::EPSILON, scope)?;
-        let inv = ops::mul(ops::rsqrt(ops::add_v2(var, eps, scope)?, scope)?, self.gamma.read(scope)?, scope)?; // [..., C]
+        let rsqrt = ops::rsqrt(ops::add_v2(var, eps, scope)?, scope)?; // [..., 1]
+        let inv = ops::mul(rsqrt, self.gamma.read(scope)?, scope)?; // [..., C]
         let shift = ops::sub(self.beta.read(scope)?, ops::mul(mean, inv.clone(), scope)?, scope)?; // [..., C]
         Ok(ops::add_v2(ops::mul(x, inv, scope)?, shift, scope)?.into())
     }

@@ -57,7 +57,12 @@ pub trait LanguageModel {
     /// positions P.. after `past` (the [`CacheSpec`]'s tensors, each [B, H, P, D]) -> logits
     /// [B, T, V] and the caches of all P + T positions. Each new position costs one position's
     /// work, not a pass over the whole context.
-    fn forward_cached(&self, _tokens: Output, _past: &[Output], _scope: &mut Scope) -> tensorflow::Result<(Output, Vec<Output>)> {
+    fn forward_cached(
+        &self,
+        _tokens: Output,
+        _past: &[Output],
+        _scope: &mut Scope,
+    ) -> tensorflow::Result<(Output, Vec<Output>)> {
         Err(tensorflow::Status::new_set_lossy(tensorflow::Code::Unimplemented, "this model keeps no attention cache"))
     }
 }
@@ -70,11 +75,6 @@ pub struct CacheSpec {
     pub head_dim: u64,
 }
 
-/// Trainable parameters of a built model.
-pub fn parameters(model: &dyn LanguageModel) -> u64 {
-    model.variables().iter().map(|v| v.shape.iter().product::<u64>()).sum()
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Arch {
@@ -85,7 +85,56 @@ pub enum Arch {
     Gpt,
 }
 
-/// Everything needed to rebuild a model's graph; saved with every run.
+/// A model's shape as chosen before the corpus is read (its vocabulary gives the rest).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelShape {
+    pub arch: Arch,
+    /// Embedding width (the notebook's `embedding_dim`, 128).
+    pub n_embd: u64,
+    /// Transformer blocks (gpt).
+    pub n_layer: u64,
+    /// Attention heads per block (gpt); must divide `n_embd`.
+    pub n_head: u64,
+    /// Dropout rate in train steps (gpt).
+    pub dropout: f64,
+}
+
+impl ModelShape {
+    /// The rules every model configuration obeys, from the command line or read back from disk.
+    pub fn validate(&self) -> Result<()> {
+        ensure!(self.n_embd > 0, "--n-embd must be at least 1");
+        if self.arch == Arch::Gpt {
+            ensure!(self.n_layer > 0, "--n-layer must be at least 1");
+            ensure!(
+                self.n_head > 0 && self.n_embd.is_multiple_of(self.n_head),
+                "--n-head ({}) must divide --n-embd ({})",
+                self.n_head,
+                self.n_embd
+            );
+        }
+        ensure!((0.0..1.0).contains(&self.dropout), "--dropout must be in [0, 1), not {}", self.dropout);
+        ensure!(
+            self.dropout == 0.0 || self.arch == Arch::Gpt,
+            "--dropout applies to --model gpt (the notebook's model has none)"
+        );
+        Ok(())
+    }
+
+    /// The full configuration, once the vocabulary and the context are known.
+    pub fn with(&self, vocab_size: u64, block_size: u64) -> ModelConfig {
+        ModelConfig {
+            arch: self.arch,
+            vocab_size,
+            n_embd: self.n_embd,
+            n_layer: self.n_layer,
+            n_head: self.n_head,
+            block_size: if self.arch == Arch::Gpt { block_size } else { 0 },
+            dropout: self.dropout,
+        }
+    }
+}
+
+/// Everything needed to rebuild a model's graph; saved with every run (`config.json`'s `model`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelConfig {
     pub arch: Arch,
@@ -99,7 +148,9 @@ pub struct ModelConfig {
     /// Attention heads per block (gpt); must divide `n_embd`.
     #[serde(default)]
     pub n_head: u64,
-    /// Longest context (gpt): the size of the position table.
+    /// The size of the position table (gpt), the longest context it takes; 0 for the bigram,
+    /// whose logits depend on the last character only. (Training windows are `train.block_size`,
+    /// which may be shorter when fine-tuning.)
     #[serde(default)]
     pub block_size: u64,
     /// Dropout rate in training (gpt).
@@ -116,6 +167,16 @@ impl ModelConfig {
     /// The transformer, without dropout.
     pub fn gpt(vocab_size: u64, n_embd: u64, n_layer: u64, n_head: u64, block_size: u64) -> Self {
         Self { arch: Arch::Gpt, vocab_size, n_embd, n_layer, n_head, block_size, dropout: 0.0 }
+    }
+
+    pub fn shape(&self) -> ModelShape {
+        ModelShape {
+            arch: self.arch,
+            n_embd: self.n_embd,
+            n_layer: self.n_layer,
+            n_head: self.n_head,
+            dropout: self.dropout,
+        }
     }
 
     /// The longest context the model takes (the GPT's position table), if it has a limit.
@@ -135,16 +196,9 @@ impl ModelConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
-        ensure!(self.vocab_size > 0, "vocab_size must be positive");
-        ensure!(self.n_embd > 0, "the embedding dimension must be positive");
-        if self.arch == Arch::Gpt {
-            ensure!(self.n_layer > 0, "--n-layer must be at least 1");
-            ensure!(self.n_head > 0 && self.n_embd % self.n_head == 0, "--n-head ({}) must divide --n-embd ({})", self.n_head, self.n_embd);
-            ensure!(self.block_size > 0, "--block-size must be at least 1");
-        }
-        ensure!((0.0..1.0).contains(&self.dropout), "--dropout must be in [0, 1), not {}", self.dropout);
-        ensure!(self.dropout == 0.0 || self.arch == Arch::Gpt, "--dropout applies to --model gpt (the notebook's model has none)");
-        Ok(())
+        ensure!(self.vocab_size > 0, "vocab_size must be at least 1");
+        ensure!(self.arch != Arch::Gpt || self.block_size > 0, "--block-size must be at least 1");
+        self.shape().validate()
     }
 
     /// Builds the model's variables in `scope`; `seed` fixes their initial values.
@@ -154,4 +208,17 @@ impl ModelConfig {
             Arch::Gpt => Box::new(gpt::Gpt::new(self, dtype, seed, scope)?),
         })
     }
+
+    /// Trainable parameters, counted from the variables the model's builder makes (in a scratch
+    /// graph holding nothing else).
+    pub fn parameter_count(&self) -> Result<u64> {
+        self.validate()?;
+        let model = self.build(DataType::Float, 0, &mut Scope::new_root_scope())?;
+        Ok(parameters(model.as_ref()))
+    }
+}
+
+/// Trainable parameters of a built model.
+pub fn parameters(model: &dyn LanguageModel) -> u64 {
+    model.variables().iter().map(|v| v.shape.iter().product::<u64>()).sum()
 }

@@ -1,14 +1,19 @@
-//! Helpers shared by the integration tests.
+//! Helpers shared by the integration tests (and `make parity`'s example).
 #![allow(dead_code)]
+
+pub mod parity;
 
 use std::path::PathBuf;
 
 /// The Tiny Shakespeare copy the tests use: `$MINIGPT_DATA`, else `../shared/data`.
 pub fn corpus_path() -> PathBuf {
-    std::env::var_os("MINIGPT_DATA").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/tinyshakespeare.txt")
-    })
+    std::env::var_os("MINIGPT_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/tinyshakespeare.txt"))
 }
+
+/// The flags of a small transformer the tests train in seconds.
+pub const TINY_GPT: &str = "--model gpt --n-layer 2 --n-head 2 --n-embd 16";
 
 /// The pinned Python of `make setup`, with TensorFlow.
 pub fn python() -> &'static str {
@@ -21,10 +26,12 @@ pub fn python() -> &'static str {
 /// with `args` added, quietly; returns the run directory.
 pub fn small_run(dir: &std::path::Path, chars: usize, args: &[&str]) -> PathBuf {
     let text = std::fs::read_to_string(corpus_path()).unwrap();
+    std::fs::create_dir_all(dir).unwrap();
     let corpus = dir.join("small.txt");
     std::fs::write(&corpus, &text[..chars]).unwrap();
     let run = dir.join("run");
-    let out = minigpt().args(["train", "-q", "--data"]).arg(&corpus).arg("--out").arg(&run).args(args).output().unwrap();
+    let out =
+        minigpt().args(["train", "-q", "--data"]).arg(&corpus).arg("--out").arg(&run).args(args).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     run
 }
@@ -36,24 +43,42 @@ pub fn minigpt() -> assert_cmd::Command {
     cmd
 }
 
+/// How far `got` is from `want`, elementwise.
+#[derive(Debug, Clone, Copy)]
+pub struct Comparison {
+    /// max |Δ| (NaN if any difference is NaN).
+    pub max_abs: f64,
+    /// The index where |Δ| exceeds atol + rtol·|want| the most (0 if none does).
+    pub worst: usize,
+    /// Every element within atol + rtol·|want|.
+    pub passed: bool,
+}
+
+/// Compares `got` with `want` elementwise: |Δ| ≤ atol + rtol·|want|.
+pub fn compare(got: &[f64], want: &[f64], atol: f64, rtol: f64) -> Comparison {
+    let (mut worst_excess, mut worst, mut max_abs) = (f64::NEG_INFINITY, 0usize, 0.0f64);
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let d = (g - w).abs();
+        if d.is_nan() {
+            return Comparison { max_abs: f64::NAN, worst: i, passed: false };
+        }
+        max_abs = max_abs.max(d);
+        let excess = d - (atol + rtol * w.abs());
+        if excess > worst_excess {
+            (worst_excess, worst) = (excess, i);
+        }
+    }
+    Comparison { max_abs, worst, passed: got.len() == want.len() && worst_excess <= 0.0 }
+}
+
 /// Asserts `got` ≈ `want` elementwise (|Δ| ≤ atol + rtol·|want|), naming the worst index.
 pub fn assert_close(what: &str, got: &[f64], want: &[f64], atol: f64, rtol: f64) {
     assert_eq!(got.len(), want.len(), "{what}: lengths differ");
-    let (mut worst, mut worst_i, mut max_abs) = (0.0f64, 0usize, 0.0f64);
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        let d = (g - w).abs();
-        max_abs = max_abs.max(d);
-        let excess = d - (atol + rtol * w.abs());
-        if excess > worst || (i == 0 && excess > 0.0) {
-            worst = excess;
-            worst_i = i;
-        }
-    }
+    let c = compare(got, want, atol, rtol);
     assert!(
-        worst <= 0.0,
-        "{what}: index {worst_i}: got {}, want {} (max |Δ| {max_abs:e}, atol {atol:e}, rtol {rtol:e})",
-        got[worst_i],
-        want[worst_i]
+        c.passed,
+        "{what}: index {}: got {}, want {} (max |Δ| {:e}, atol {atol:e}, rtol {rtol:e})",
+        c.worst, got[c.worst], want[c.worst], c.max_abs
     );
 }
 

@@ -1,7 +1,8 @@
-//! Parity with the notebook: minigpt's own graph against what Python TensorFlow computed with the
-//! notebook's code. `python_export/make_fixtures.py` writes the fixtures (its docstring describes
-//! the folder); [`check`] loads the same initial weights into minigpt's graph, feeds the same
-//! batches and returns one [`Check`] per quantity.
+//! Parity with the notebook (shared by tests/parity.rs and `make parity`): minigpt's own graph
+//! against what Python TensorFlow computed with the notebook's code.
+//! `python_export/make_fixtures.py` writes the fixtures (its docstring describes the folder);
+//! [`check`] loads the same initial weights into minigpt's graph, feeds the same batches and
+//! returns one [`Check`] per quantity.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -9,16 +10,18 @@ use std::process::Command;
 
 use anyhow::{bail, ensure, Context, Result};
 use ndarray::ArrayD;
-use ndarray_npy::{ReadableElement, ReadNpyExt};
+use ndarray_npy::{ReadNpyExt, ReadableElement};
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 use tensorflow::{Tensor, TensorType};
 
-use crate::data::{self, Batches, Corpus, Shuffle, Vocab, NOTEBOOK_SHUFFLE_BUFFER};
-use crate::graph::{GraphOptions, ModelGraph, Runner};
-use crate::model::ModelConfig;
-use crate::sample::{self, SamplerConfig};
-use crate::tfx::SessionConfig;
+use minigpt::data::{self, Batches, Corpus, Shuffle, Vocab, NOTEBOOK_SHUFFLE_BUFFER};
+use minigpt::device::SessionConfig;
+use minigpt::graph::{GraphOptions, Runner};
+use minigpt::model::ModelConfig;
+use minigpt::optim::AdamConfig;
+use minigpt::sample::{self, Generation};
+use minigpt::sampler::SamplerConfig;
 
 /// One compared quantity: `diff` is the measured difference, passing when `diff ≤ tolerance`.
 #[derive(Debug, Clone)]
@@ -45,7 +48,11 @@ impl fmt::Display for Table<'_> {
         writeln!(f, "{:<width$}  {:<22}  {:>10}  {:>9}  result", "quantity", "measure", "difference", "tolerance")?;
         for c in self.0 {
             let result = if c.passed() { "PASS" } else { "FAIL" };
-            writeln!(f, "{:<width$}  {:<22}  {:>10.3e}  {:>9.0e}  {result}", c.quantity, c.measure, c.diff, c.tolerance)?;
+            writeln!(
+                f,
+                "{:<width$}  {:<22}  {:>10.3e}  {:>9.0e}  {result}",
+                c.quantity, c.measure, c.diff, c.tolerance
+            )?;
         }
         Ok(())
     }
@@ -110,6 +117,13 @@ struct Generated {
 struct Fixtures(PathBuf);
 
 impl Fixtures {
+    /// `manifest.json`.
+    fn manifest<T: serde::de::DeserializeOwned>(&self) -> Result<T> {
+        let path = self.0.join("manifest.json");
+        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display()))
+    }
+
     fn array<T: ReadableElement>(&self, rel: &str) -> Result<ArrayD<T>> {
         let path = self.0.join(rel);
         let file = std::fs::File::open(&path).with_context(|| format!("opening fixture {}", path.display()))?;
@@ -132,11 +146,7 @@ impl Fixtures {
 /// `session` (e.g. to see what XLA changes).
 pub fn check(dir: &Path, corpus: &Corpus, session: SessionConfig) -> Result<Vec<Check>> {
     let fx = Fixtures(dir.to_path_buf());
-    let manifest_path = dir.join("manifest.json");
-    let manifest: Manifest = serde_json::from_slice(
-        &std::fs::read(&manifest_path).with_context(|| format!("reading {}", manifest_path.display()))?,
-    )
-    .with_context(|| format!("parsing {}", manifest_path.display()))?;
+    let manifest: Manifest = fx.manifest()?;
     let m = &manifest;
     ensure!(
         m.data_sha256 == corpus.sha256,
@@ -147,14 +157,13 @@ pub fn check(dir: &Path, corpus: &Corpus, session: SessionConfig) -> Result<Vec<
     );
     let vocab = Vocab::from_strings(&m.vocab)?;
     let cfg = ModelConfig::bigram(vocab.len() as u64, m.embedding_dim);
-    let opts = GraphOptions { sampler: Some(SamplerConfig::default()), ..GraphOptions::new(m.generate.seed) };
     let new_runner = || -> Result<Runner> {
-        let runner = Runner::new(ModelGraph::build(&cfg, &opts)?, session)?;
+        let runner = Runner::new(&cfg, &GraphOptions::training(m.generate.seed, AdamConfig::default()), session)?;
         runner.init()?;
         Ok(runner)
     };
     let runner = new_runner()?;
-    let names: Vec<String> = runner.g.model.variables().iter().map(|v| v.name.clone()).collect();
+    let names: Vec<String> = runner.variables().iter().map(|v| v.name.clone()).collect();
     let init = fx.vars("init", &names, "")?;
     runner.set_weights(&init)?;
     let mut checks = Vec::new();
@@ -171,7 +180,15 @@ pub fn check(dir: &Path, corpus: &Corpus, session: SessionConfig) -> Result<Vec<
     };
     let (x0, y0) = batch(0)?;
     let tolerances = Tolerances { logits: 1e-5, loss: 1e-6, grads: 1e-6 };
-    checks.extend(forward_checks(&runner, &fx, &names, (&x0, &y0), ("", ", batch 0", "batch0/"), m.batch0_loss, tolerances)?);
+    checks.extend(forward_checks(
+        &runner,
+        &fx,
+        &names,
+        (&x0, &y0),
+        ("", ", batch 0", "batch0/"),
+        m.batch0_loss,
+        tolerances,
+    )?);
 
     // Adam steps on the given batches.
     let mut losses = Vec::with_capacity(m.steps);
@@ -186,7 +203,11 @@ pub fn check(dir: &Path, corpus: &Corpus, session: SessionConfig) -> Result<Vec<
 
     // Generation from the trained weights with the notebook's seed and prompt.
     let prompt = vocab.encode(&m.generate.prompt).map_err(|e| anyhow::anyhow!("prompt: {e}"))?;
-    let ids = sample::generate(&runner, &prompt, m.generate.chars, 1.0, |_| Ok(()))?;
+    let sampler = SamplerConfig { seed: m.generate.seed, ..SamplerConfig::default() };
+    let generator = Runner::new(&cfg, &GraphOptions::sampling(sampler), session)?;
+    generator.set_weights(&runner.weights::<f32>()?)?;
+    let generation = Generation { chars: m.generate.chars, sampler, stepwise: false };
+    let ids = sample::generate(&generator, &prompt, &generation, |_| Ok(()))?;
     let text = format!("{}{}", m.generate.prompt, vocab.decode(&ids));
     checks.push(Check {
         quantity: format!("generate_text, {} characters", m.generate.chars),
@@ -217,14 +238,12 @@ struct GptManifest {
 /// weights, with the fixtures of `make_gpt_fixtures.py` in `dir`: logits, loss and every gradient.
 pub fn check_gpt(dir: &Path, corpus: &Corpus, session: SessionConfig) -> Result<Vec<Check>> {
     let fx = Fixtures(dir.to_path_buf());
-    let manifest_path = dir.join("manifest.json");
-    let m: GptManifest = serde_json::from_slice(&std::fs::read(&manifest_path).with_context(|| format!("reading {}", manifest_path.display()))?)
-        .with_context(|| format!("parsing {}", manifest_path.display()))?;
+    let m: GptManifest = fx.manifest()?;
     ensure!(m.data_sha256 == corpus.sha256, "the fixtures in {} were made from another corpus", dir.display());
     let cfg = ModelConfig::gpt(m.vocab_size, m.n_embd, m.n_layer, m.n_head, m.block_size);
-    let runner = Runner::new(ModelGraph::build(&cfg, &GraphOptions::new(1))?, session)?;
+    let runner = Runner::new(&cfg, &GraphOptions::training(1, AdamConfig::default()), session)?;
     runner.init()?;
-    let names: Vec<String> = runner.g.model.variables().iter().map(|v| v.name.clone()).collect();
+    let names: Vec<String> = runner.variables().iter().map(|v| v.name.clone()).collect();
     runner.set_weights(&fx.vars("init", &names, "")?)?;
     let (x, y) = (fx.tensor::<i32>("x.npy")?, fx.tensor::<i32>("y.npy")?);
     let label = format!("gpt ({} blocks, {} heads, C {}): ", m.n_layer, m.n_head, m.n_embd);
@@ -254,34 +273,39 @@ fn forward_checks(
     loss: f64,
     tol: Tolerances,
 ) -> Result<Vec<Check>> {
-    let mut fetches = vec![runner.g.logits.clone(), runner.g.loss.clone()];
-    fetches.extend(runner.g.grads.iter().cloned());
-    let got: Vec<Tensor<f32>> = runner.fetch_with_batch(&fetches, x, y)?;
-    let mut checks = vec![max_abs(&format!("{label}logits{batch}"), &got[0], &fx.array::<f32>(&format!("{folder}logits.npy"))?, tol.logits)?];
+    let logits: Tensor<f32> = runner.logits(x)?;
+    let (got_loss, grads) = runner.loss_and_gradients::<f32>(x, y, false)?;
+    let mut checks = vec![max_abs(
+        &format!("{label}logits{batch}"),
+        &logits,
+        &fx.array::<f32>(&format!("{folder}logits.npy"))?,
+        tol.logits,
+    )?];
     checks.push(Check {
         quantity: format!("{label}loss{batch}"),
-        diff: (got[1][0] as f64 - loss).abs() / loss.abs(),
+        diff: (got_loss as f64 - loss).abs() / loss.abs(),
         tolerance: tol.loss,
         measure: "|Δ| / |loss|",
     });
     for (i, name) in names.iter().enumerate() {
         let want = fx.array::<f32>(&format!("{folder}grad/{}.npy", name.replace('/', ".")))?;
-        checks.push(max_rel(&format!("{label}gradient {name}"), &got[2 + i], &want, tol.grads)?);
+        checks.push(max_rel(&format!("{label}gradient {name}"), &grads[i], &want, tol.grads)?);
     }
     Ok(checks)
 }
 
 /// Weights and Adam's m and v after `step` steps.
 fn compare_state(runner: &Runner, fx: &Fixtures, names: &[String], step: usize) -> Result<Vec<Check>> {
-    let adam = &runner.g.optimizer;
-    let weights = runner.read::<f32>(&runner.g.model.variables())?;
-    let m = runner.read::<f32>(&adam.m)?;
-    let v = runner.read::<f32>(&adam.v)?;
+    let weights = runner.weights::<f32>()?;
+    let [m, v] = runner.adam_moments::<f32>()?;
     let mut checks = Vec::new();
     for (suffix, got, label) in [("", &weights, ""), (".m", &m, " Adam m"), (".v", &v, " Adam v")] {
         let want = fx.vars(&format!("step{step}"), names, suffix)?;
         for (i, name) in names.iter().enumerate() {
-            let want = ArrayD::from_shape_vec(want[i].dims().iter().map(|&d| d as usize).collect::<Vec<_>>(), want[i].to_vec())?;
+            let want = ArrayD::from_shape_vec(
+                want[i].dims().iter().map(|&d| d as usize).collect::<Vec<_>>(),
+                want[i].to_vec(),
+            )?;
             checks.push(max_rel(&format!("step {step}: {name}{label}"), &got[i], &want, 1e-5)?);
         }
     }
@@ -321,7 +345,11 @@ fn check_pipeline(fx: &Fixtures, m: &Manifest, train: &[i32], val: &[i32]) -> Re
         }
         count += 1;
     }
-    ensure!(count == m.none_val.batches, "validation split: minigpt made {count} batches, tf.data {}", m.none_val.batches);
+    ensure!(
+        count == m.none_val.batches,
+        "validation split: minigpt made {count} batches, tf.data {}",
+        m.none_val.batches
+    );
     checks.push(Check {
         quantity: format!("batches, no shuffle, all {count} of val"),
         diff: (hex::encode(digest.finalize()) != m.none_val.sha256) as u8 as f64,
@@ -336,7 +364,12 @@ fn check_pipeline(fx: &Fixtures, m: &Manifest, train: &[i32], val: &[i32]) -> Re
         xs.chunks(t).zip(ys.chunks(t)).map(|(x, y)| x.iter().cloned().chain([y[t - 1]]).collect()).collect()
     };
     let mut theirs = Vec::new();
-    for (x, y) in sx.as_slice().context("shuffled/x.npy")?.chunks(b * t).zip(sy.as_slice().context("shuffled/y.npy")?.chunks(b * t)) {
+    for (x, y) in sx
+        .as_slice()
+        .context("shuffled/x.npy")?
+        .chunks(b * t)
+        .zip(sy.as_slice().context("shuffled/y.npy")?.chunks(b * t))
+    {
         ensure!(x[1..t] == y[..t - 1], "shuffled fixture: y is not x shifted");
         theirs.extend(windows(x, y));
     }
@@ -406,15 +439,9 @@ fn same_shape(quantity: &str, got: &Tensor<f32>, want: &ArrayD<f32>) -> Result<(
 
 /// max |Δ|, NaN if any difference is NaN.
 fn max_diff(got: &[f32], want: impl Iterator<Item = f32>) -> f64 {
-    let mut max = 0.0f64;
-    for (&g, w) in got.iter().zip(want) {
-        let d = (g as f64 - w as f64).abs();
-        if d.is_nan() {
-            return f64::NAN;
-        }
-        max = max.max(d);
-    }
-    max
+    let got: Vec<f64> = got.iter().map(|&g| g as f64).collect();
+    let want: Vec<f64> = want.map(|w| w as f64).collect();
+    super::compare(&got, &want, 0.0, 0.0).max_abs
 }
 
 /// max |Δ|.
@@ -433,10 +460,6 @@ fn max_rel(quantity: &str, got: &Tensor<f32>, want: &ArrayD<f32>, tolerance: f64
 }
 
 fn max_abs_slice(quantity: &str, got: &[f64], want: &[f64], tolerance: f64) -> Check {
-    let diff = if got.len() != want.len() {
-        f64::INFINITY
-    } else {
-        got.iter().zip(want).map(|(g, w)| (g - w).abs()).fold(0.0, f64::max)
-    };
+    let diff = if got.len() != want.len() { f64::INFINITY } else { super::compare(got, want, 0.0, 0.0).max_abs };
     Check { quantity: quantity.into(), diff, tolerance, measure: "max |Δ|" }
 }

@@ -1,6 +1,7 @@
-//! The run directory: `config.json`, `ckpt/` (TensorFlow V2 checkpoints with a `checkpoint`
-//! state file, as `tf.train.CheckpointManager` keeps them), `metrics.csv`. Every file is written
-//! to a temporary name and renamed into place.
+//! The run directory: `config.json` (a [`RunConfig`], validated when read), `ckpt/` (TensorFlow
+//! V2 checkpoints with a `checkpoint` state file, as `tf.train.CheckpointManager` keeps them),
+//! `metrics.csv` (rows of [`MetricsRow`]), and loading a run's newest checkpoint into a graph.
+//! Every file is written to a temporary name and renamed into place.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -9,10 +10,14 @@ use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::data::{Shuffle, Vocab};
-use crate::device::DeviceChoice;
-use crate::graph::Runner;
+use crate::device::{DeviceChoice, SessionConfig};
+use crate::files::{path_str, write_atomic};
+use crate::graph::{GraphOptions, Purpose, Runner};
 use crate::model::ModelConfig;
 use crate::optim::AdamConfig;
+use crate::sampler::SamplerConfig;
+use crate::text::one_line;
+use crate::tfx::CheckpointReader;
 
 /// Checkpoints kept in `ckpt/` unless `--keep` says otherwise.
 pub const KEEP_CHECKPOINTS: usize = 3;
@@ -41,6 +46,21 @@ pub struct TrainSettings {
 
 fn default_keep() -> usize {
     KEEP_CHECKPOINTS
+}
+
+impl TrainSettings {
+    /// The rules the command line applies, and `config.json` when read back.
+    pub fn validate(&self) -> Result<()> {
+        ensure!(self.block_size > 0, "--block-size must be at least 1");
+        ensure!(self.batch_size > 0, "--batch-size must be at least 1");
+        ensure!(self.epochs > 0, "--epochs must be at least 1");
+        ensure!(self.max_steps != Some(0), "--max-steps must be at least 1");
+        ensure!(self.save_every != Some(0), "--save-every must be at least 1");
+        ensure!(self.eval_every != Some(0), "--eval-every must be at least 1");
+        ensure!(self.keep > 0, "--keep must be at least 1");
+        ensure!(self.shuffle != Shuffle::Buffer(0), "the shuffle buffer must hold at least 1 window");
+        self.adam.validate()
+    }
 }
 
 /// Where the training text came from.
@@ -74,6 +94,20 @@ pub struct Best {
 }
 
 impl RunConfig {
+    /// Everything the command line checks, and that the vocabulary fits the model.
+    pub fn validate(&self) -> Result<()> {
+        self.model.validate()?;
+        self.train.validate()?;
+        if let Some(context) = self.model.context_limit() {
+            ensure!(
+                self.train.block_size as u64 <= context,
+                "--block-size {} exceeds the model's {context} positions",
+                self.train.block_size
+            );
+        }
+        self.vocab().map(|_| ())
+    }
+
     pub fn vocab(&self) -> Result<Vocab> {
         let vocab = Vocab::from_strings(&self.vocab)?;
         ensure!(
@@ -86,26 +120,24 @@ impl RunConfig {
     }
 }
 
-/// Writes `bytes` to `path` through a temporary file in the same folder and a rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).with_context(|| format!("writing {}", path.display()))?;
-    std::io::Write::write_all(&mut tmp, bytes).with_context(|| format!("writing {}", path.display()))?;
-    tmp.as_file().sync_all().ok();
-    set_readable(tmp.as_file())?;
-    tmp.persist(path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
+/// One line of `metrics.csv`: a logged training loss (`val_loss` empty), or an evaluation
+/// (`loss` the last training loss before it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetricsRow {
+    pub step: u64,
+    /// 1-based.
+    pub epoch: u64,
+    pub loss: f32,
+    pub val_loss: Option<f64>,
 }
 
-/// Temporary files are created private (0600); a finished file gets the usual 0644.
-pub fn set_readable(file: &fs::File) -> Result<()> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        file.set_permissions(fs::Permissions::from_mode(0o644))?;
-    }
-    let _ = file;
-    Ok(())
+/// What a run is loaded for.
+#[derive(Debug, Clone, Copy)]
+pub enum Load {
+    /// Evaluation and generation (with `sampler`, the bigram's in-graph loop).
+    Inference { sampler: Option<SamplerConfig> },
+    /// More training or an export: every variable, the optimizer's too.
+    Training { summaries: bool },
 }
 
 pub struct RunDir {
@@ -179,13 +211,52 @@ impl RunDir {
         self.path.join("metrics.csv")
     }
 
+    /// `config.json`, checked by the same rules as the command line's.
     pub fn read_config(&self) -> Result<RunConfig> {
         let path = self.config_path();
         let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-        let config: RunConfig = serde_json::from_str(&text).with_context(|| format!("{} is not a valid run config", path.display()))?;
-        config.model.validate().with_context(|| format!("{}", path.display()))?;
-        config.vocab().with_context(|| format!("{}", path.display()))?;
+        let config: RunConfig =
+            serde_json::from_str(&text).with_context(|| format!("{} is not a valid run config", path.display()))?;
+        config.validate().with_context(|| format!("{} is not a valid run config", path.display()))?;
         Ok(config)
+    }
+
+    /// The rows of `metrics.csv` (none if there is no such file yet).
+    pub fn read_metrics(&self) -> Result<Vec<MetricsRow>> {
+        let path = self.metrics_path();
+        if !path.exists() {
+            return Ok(Vec::new());
+        }
+        let mut reader = csv::Reader::from_path(&path).with_context(|| format!("reading {}", path.display()))?;
+        let rows = reader.deserialize().collect::<Result<Vec<MetricsRow>, _>>();
+        rows.with_context(|| format!("{} is damaged", path.display()))
+    }
+
+    pub fn write_metrics(&self, rows: &[MetricsRow]) -> Result<()> {
+        let mut writer = csv::Writer::from_writer(Vec::new());
+        for row in rows {
+            writer.serialize(row)?;
+        }
+        if rows.is_empty() {
+            writer.write_record(["step", "epoch", "loss", "val_loss"])?;
+        }
+        write_atomic(&self.metrics_path(), &writer.into_inner().context("writing metrics")?)
+    }
+
+    /// Builds the graph of the run for `what` and restores its newest usable checkpoint.
+    pub fn load(&self, what: Load, session: SessionConfig) -> Result<(RunConfig, Runner)> {
+        let config = self.read_config()?;
+        let opts = match what {
+            Load::Inference { sampler: Some(sampler) } => GraphOptions::sampling(sampler),
+            Load::Inference { sampler: None } => GraphOptions::inference(0),
+            Load::Training { summaries } => GraphOptions {
+                purpose: Purpose::Training { adam: config.train.adam, summaries },
+                ..GraphOptions::inference(config.train.seed as i64)
+            },
+        };
+        let runner = Runner::new(&config.model, &opts, session)?;
+        self.restore_latest(&runner)?;
+        Ok((config, runner))
     }
 
     pub fn write_config(&self, config: &RunConfig) -> Result<()> {
@@ -210,7 +281,11 @@ impl RunDir {
     pub fn restore_latest(&self, runner: &Runner) -> Result<PathBuf> {
         let mut damaged = Vec::new();
         for prefix in self.checkpoints()? {
-            match runner.restore(path_str(&prefix)?) {
+            let whole = |prefix: &str| -> Result<()> {
+                CheckpointReader::open(prefix).and_then(|r| r.verify()).with_context(|| format!("reading {prefix}"))?;
+                runner.restore(prefix)
+            };
+            match whole(path_str(&prefix)?) {
                 Ok(()) => {
                     if !damaged.is_empty() {
                         eprintln!("warning: using {} instead", prefix.display());
@@ -218,7 +293,7 @@ impl RunDir {
                     return Ok(prefix);
                 }
                 Err(e) => {
-                    let reason = format!("{:#}", e).split_whitespace().collect::<Vec<_>>().join(" ");
+                    let reason = one_line(&format!("{e:#}"));
                     eprintln!("warning: checkpoint {} is damaged: {reason}", prefix.display());
                     damaged.push(prefix.display().to_string());
                 }
@@ -293,7 +368,9 @@ impl RunDir {
         let name = format!("ckpt-{step}");
         if let Err(e) = self.write_checkpoint_files(runner, &name, position) {
             let previous = self.checkpoints().ok().and_then(|c| c.into_iter().next());
-            let kept = previous.map_or("no earlier checkpoint exists".to_string(), |p| format!("the newest checkpoint is still {}", p.display()));
+            let kept = previous.map_or("no earlier checkpoint exists".to_string(), |p| {
+                format!("the newest checkpoint is still {}", p.display())
+            });
             return Err(e.context(format!("writing checkpoint {name} failed ({kept})")));
         }
         let prefix = dir.join(&name);
@@ -328,8 +405,4 @@ fn remove_checkpoint_files(dir: &Path, name: &str) {
             }
         }
     }
-}
-
-pub fn path_str(path: &Path) -> Result<&str> {
-    path.to_str().with_context(|| format!("path {} is not valid UTF-8", path.display()))
 }

@@ -1,0 +1,251 @@
+//! Drawing the next character: the [`NextLogits`] seam that every model source implements (a
+//! run's graph, a loaded SavedModel), the attention [`Cache`] carried between its calls, and the
+//! [`Sampler`], TensorFlow's `Multinomial` op (what `tf.random.categorical` runs) in a graph of
+//! its own, after temperature and top-k.
+//!
+//! The bigram's in-graph `While` loop ([`chain`]) draws from the same ops with the same seeds,
+//! so it gives the same text as the step-by-step path (`Multinomial`'s stream depends on its
+//! seeds and the calls made, not on which graph holds it).
+
+use anyhow::{Context, Result};
+use tensorflow::{
+    ops, DataType, FunctionOptions, Graph, Operation, Output, Scope, Session, SessionRunArgs, Shape, Tensor,
+};
+
+use crate::device::SessionConfig;
+use crate::tfx;
+
+/// What a model offers the generation loop.
+pub trait NextLogits {
+    /// The logits [V] of the character after `window` (the last ids of the context, at most
+    /// [`NextLogits::context_size`]). `cache` holds what earlier calls computed for the first
+    /// `cache.len()` ids of this window; a model may use it and extend it, or ignore it.
+    fn next_logits(&self, window: &[i32], cache: &mut Cache) -> Result<Vec<f32>>;
+    /// How many trailing ids the next character depends on (`None`: all of them).
+    fn context_size(&self) -> Option<usize>;
+    /// The whole continuation in one call, when the model has an in-graph loop for `sampler`.
+    fn chain(&self, _last: i32, _count: usize, _sampler: &SamplerConfig) -> Result<Option<Vec<i32>>> {
+        Ok(None)
+    }
+}
+
+/// Keys and values of the first `len` positions of the current window ([1, H, len, D] each), as
+/// a model with attention caches returned them. Empty: a pass over the whole window.
+#[derive(Default)]
+pub struct Cache {
+    pub tensors: Vec<Tensor<f32>>,
+    pub len: usize,
+}
+
+impl Cache {
+    pub fn clear(&mut self) {
+        self.tensors.clear();
+        self.len = 0;
+    }
+}
+
+/// How to draw: the `Multinomial` op's seed, the temperature dividing the logits, and top-k.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SamplerConfig {
+    pub seed: i64,
+    /// Positive and finite.
+    pub temperature: f32,
+    /// Keep only the k most likely characters (at least 1).
+    pub top_k: Option<u32>,
+}
+
+impl SamplerConfig {
+    pub fn validate(&self) -> Result<()> {
+        anyhow::ensure!(self.top_k != Some(0), "--top-k must be at least 1");
+        let t = self.temperature;
+        anyhow::ensure!(t > 0.0 && t.is_finite(), "--temperature must be a positive number, got {t}");
+        Ok(())
+    }
+}
+
+impl Default for SamplerConfig {
+    fn default() -> Self {
+        Self { seed: 1337, temperature: 1.0, top_k: None }
+    }
+}
+
+/// logits [1, V] → one id, in a session of its own.
+pub struct Sampler {
+    session: Session,
+    logits: Operation,
+    temperature: Output,
+    next: Output,
+    value: Tensor<f32>,
+}
+
+impl Sampler {
+    pub fn new(cfg: &SamplerConfig) -> Result<Self> {
+        let mut scope = Scope::new_root_scope();
+        let build = |s: &mut Scope| -> tensorflow::Result<(Operation, Output, Output)> {
+            let logits = tfx::placeholder("sample/logits", DataType::Float, &[1, -1], s)?;
+            let temperature = temperature(s)?;
+            let scaled = scale(logits.clone().into(), temperature.clone(), cfg.top_k, s)?;
+            let next = multinomial(scaled, cfg.seed, Some("sample/next"), s)?;
+            Ok((logits, temperature, next))
+        };
+        let (logits, temperature, next) = build(&mut scope).context("building the sampler")?;
+        let session = Session::new(&SessionConfig::default().session_options()?, &scope.graph())
+            .context("creating the sampler's session")?;
+        Ok(Self { session, logits, temperature, next, value: Tensor::from(cfg.temperature) })
+    }
+
+    /// One id drawn from `logits` [V].
+    pub fn draw(&self, logits: &[f32]) -> Result<i32> {
+        let logits = Tensor::new(&[1, logits.len() as u64]).with_values(logits)?;
+        let mut args = SessionRunArgs::new();
+        args.add_feed(&self.logits, 0, &logits);
+        args.add_feed(&self.temperature.operation, self.temperature.index, &self.value);
+        let next = args.request_fetch(&self.next.operation, self.next.index);
+        self.session.run(&mut args).context("sampling")?;
+        Ok(args.fetch::<i64>(next)?[0] as i32)
+    }
+}
+
+/// `sample/temperature`: a float scalar, 1 unless fed.
+pub(crate) fn temperature(scope: &mut Scope) -> tensorflow::Result<Output> {
+    let one = ops::constant(1.0f32, scope)?;
+    tfx::scalar_with_default("sample/temperature", one.into(), scope)
+}
+
+/// logits [N, V] → float32 logits / temperature, all but the top k of each row set to -inf.
+pub(crate) fn scale(
+    logits: Output,
+    temperature: Output,
+    top_k: Option<u32>,
+    scope: &mut Scope,
+) -> tensorflow::Result<Output> {
+    let logits = ops::Cast::new().DstT(DataType::Float).build(logits, scope)?;
+    let scaled = ops::real_div(logits, temperature, scope)?; // [N, V]
+    let Some(k) = top_k else {
+        return Ok(scaled.into());
+    };
+    let top = ops::top_kv2(scaled.clone(), ops::constant(k as i32, scope)?, scope)?; // values [N, k], descending
+    let kth = ops::min(top.output(0), ops::constant(1i32, scope)?, scope)?; // [N]
+    let kth = ops::expand_dims(kth, ops::constant(1i32, scope)?, scope)?; // [N, 1]
+    let below = ops::less(scaled.clone(), kth, scope)?;
+    let neg_inf = ops::constant(f32::NEG_INFINITY, scope)?;
+    Ok(ops::select_v2(below, neg_inf, scaled, scope)?.into())
+}
+
+/// `tf.random.categorical(logits, 1)` with op seed 1: [N, V] → [N, 1] int64.
+pub(crate) fn multinomial(
+    logits: Output,
+    seed: i64,
+    name: Option<&str>,
+    scope: &mut Scope,
+) -> tensorflow::Result<Output> {
+    let n = ops::constant(1i32, scope)?;
+    let op = ops::Multinomial::new().seed(seed).seed2(1).output_dtype(DataType::Int64);
+    Ok(match name {
+        Some(name) => op.build(logits, n, &mut scope.with_op_name(name))?,
+        None => op.build(logits, n, scope)?,
+    }
+    .into())
+}
+
+/// The in-graph sampling loop of a model whose next character depends on the last one only:
+/// `sample/start` [1] int32 (the last prompt id) and `sample/count` (int32 scalar) → `ids`
+/// [count] int64, drawn from `table` (row = previous character), with `temperature` fed.
+pub struct Chain {
+    pub start: Operation,
+    pub count: Operation,
+    pub temperature: Output,
+    pub ids: Output,
+    /// What it was built for (temperature aside, which is fed).
+    pub sampler: SamplerConfig,
+}
+
+const COND: &str = "minigpt_sample_cond";
+const BODY: &str = "minigpt_sample_body";
+
+impl Chain {
+    /// `While(i < count)`: row = table[prev]; next = Multinomial(row); ids ++= next; prev = next.
+    /// `logits_table`: [V, V], the logits after each character. Loop variables: (i int32, count
+    /// int32, prev [1] int32, ids [k] int64, table [V, V]).
+    pub fn build(logits_table: Output, v: i64, sampler: &SamplerConfig, scope: &mut Scope) -> tensorflow::Result<Self> {
+        let scope = &mut scope.new_sub_scope("sample");
+        let temperature = temperature(scope)?;
+        let table = scale(logits_table, temperature.clone(), sampler.top_k, scope)?;
+        let table: Output = ops::identity(table, &mut scope.with_op_name("sample/table"))?.into(); // [V, V]
+        let shapes = [
+            Shape::from(Some(vec![])),
+            Shape::from(Some(vec![])),
+            Shape::from(Some(vec![Some(1)])),
+            Shape::from(Some(vec![None])),
+            Shape::from(Some(vec![Some(v), Some(v)])),
+        ];
+        let types = [DataType::Int32, DataType::Int32, DataType::Int32, DataType::Int64, DataType::Float];
+        let loop_args = |s: &mut Scope| -> tensorflow::Result<Vec<Output>> {
+            types
+                .iter()
+                .zip(&shapes)
+                .enumerate()
+                .map(|(i, (&t, shape))| {
+                    Ok(ops::Placeholder::new()
+                        .dtype(t)
+                        .shape(shape.clone())
+                        .build(&mut s.with_op_name(&format!("arg{i}")))?
+                        .into())
+                })
+                .collect()
+        };
+        let function = |g: &Graph, name: &str, args: &[Output], outs: &[Output]| {
+            g.to_function::<&str>(name, false, None, args, outs, None, &FunctionOptions::new(), None)
+        };
+
+        let c = &mut Scope::new_root_scope();
+        let args = loop_args(c)?;
+        let less = ops::less(args[0].clone(), args[1].clone(), c)?;
+        let cond = function(&c.graph(), COND, &args, &[less.into()])?;
+
+        let b = &mut Scope::new_root_scope();
+        let args = loop_args(b)?;
+        let row = ops::gather_v2(args[4].clone(), args[2].clone(), ops::constant(0i32, b)?, b)?; // [1, V]
+        let next = multinomial(row.into(), sampler.seed, None, b)?; // [1, 1]
+        let next = ops::reshape(next, tfx::shape_const(&[1], b)?, b)?; // [1]
+        let ids = tfx::concat(&[args[3].clone(), next.clone().into()], 0, b)?;
+        let prev = ops::Cast::new().DstT(DataType::Int32).build(next, b)?;
+        let i = ops::add_v2(args[0].clone(), ops::constant(1i32, b)?, b)?;
+        let body = function(&b.graph(), BODY, &args, &[i.into(), args[1].clone(), prev.into(), ids, args[4].clone()])?;
+
+        let start = tfx::placeholder("sample/start", DataType::Int32, &[1], scope)?;
+        let count = tfx::placeholder("sample/count", DataType::Int32, &[], scope)?;
+        let zero = ops::constant(0i32, scope)?;
+        let empty = tfx::constant::<i64>(&[], &[0], scope)?;
+        let inputs = [zero.into(), count.clone().into(), start.clone().into(), empty, table];
+        let mut graph = scope.graph_mut();
+        graph.copy_function(&cond, None)?;
+        graph.copy_function(&body, None)?;
+        let mut nd = graph.new_operation("While", "sample/chain")?;
+        nd.add_input_list(&inputs);
+        nd.set_attr_type_list("T", &types)?;
+        nd.set_attr_func_name("cond", COND)?;
+        nd.set_attr_func_name("body", BODY)?;
+        nd.set_attr_shape_list("output_shapes", &shapes)?;
+        nd.set_attr_int("parallel_iterations", 1)?;
+        // Inlined into the graph as Switch/Merge control flow, as tf.while_loop's are.
+        nd.set_attr_bool("_lower_using_switch_merge", true)?;
+        let op = nd.finish()?;
+        Ok(Chain { start, count, temperature, ids: Output { operation: op, index: 3 }, sampler: *sampler })
+    }
+
+    /// `count` ids after `last`, in one run of `session` (the session of the chain's graph).
+    pub fn run(&self, session: &Session, last: i32, count: usize, temperature: f32) -> Result<Vec<i32>> {
+        anyhow::ensure!(count <= i32::MAX as usize, "too many characters: {count}");
+        let start = Tensor::new(&[1]).with_values(&[last])?;
+        let count = Tensor::from(count as i32);
+        let temperature = Tensor::from(temperature);
+        let mut args = SessionRunArgs::new();
+        args.add_feed(&self.start, 0, &start);
+        args.add_feed(&self.count, 0, &count);
+        args.add_feed(&self.temperature.operation, self.temperature.index, &temperature);
+        let ids = args.request_fetch(&self.ids.operation, self.ids.index);
+        session.run(&mut args).context("sampling")?;
+        Ok(args.fetch::<i64>(ids)?.iter().map(|&id| id as i32).collect())
+    }
+}
