@@ -22,7 +22,7 @@ RUN_GPT ?= runs/gpt-$(shell date +%Y%m%d-%H%M%S)
 GPT_CONFIG := --model gpt --block-size 64 --batch-size 12 --n-layer 4 --n-head 4 --n-embd 128 \
   --dropout 0 --max-steps 2000 --lr 1e-3 --warmup-steps 100 --lr-decay-steps 2000 --min-lr 1e-4 \
   --beta2 0.99 --weight-decay 0.1 --grad-clip 1.0 --shuffle global --eval-every 250 --eval-batches 20
-DATA ?= $(or $(MINIGPT_DATA),https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt)
+DATA ?= $(or $(MINIGPT_DATA),builtin:tinyshakespeare)
 REPS ?= 3
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 

@@ -60,8 +60,9 @@ pub enum ShuffleArg {
 
 #[derive(Args, Debug)]
 pub struct TrainArgs {
-    /// Corpus: a path or an http(s) URL (downloaded once into the cache).
-    #[arg(long, env = "MINIGPT_DATA", default_value = data::TINY_SHAKESPEARE_URL, hide_env_values = true)]
+    /// Corpus: a path, an http(s) URL (downloaded once into the cache), or `builtin:tinyshakespeare`,
+    /// the notebook's corpus that ships with minigpt.
+    #[arg(long, env = "MINIGPT_DATA", default_value = data::BUILTIN, hide_env_values = true)]
     pub data: String,
     /// Run directory to create (or, with --resume, to continue).
     #[arg(long)]

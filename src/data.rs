@@ -1,5 +1,5 @@
-//! The corpus (a file, or a URL downloaded once into a SHA-256-checked cache), the character
-//! vocabulary, the notebook's 90/10 split, and its window → shuffle → batch pipeline.
+//! The corpus (built in, a file, or a URL downloaded once into a SHA-256-checked cache), the
+//! character vocabulary, the notebook's 90/10 split, and its window → shuffle → batch pipeline.
 
 use std::collections::HashMap;
 use std::fs;
@@ -33,13 +33,37 @@ pub struct Corpus {
     pub sha256: String,
 }
 
-/// The `--data` default: `$MINIGPT_DATA`, else the Tiny Shakespeare URL.
+/// The corpus minigpt ships with: Tiny Shakespeare (public domain), gzip-compressed in the
+/// repository (`data/tinyshakespeare.txt.gz`) and in the binary, checked by its SHA-256 when used.
+pub const BUILTIN: &str = "builtin:tinyshakespeare";
+const BUILTIN_GZ: &[u8] = include_bytes!("../data/tinyshakespeare.txt.gz");
+
+/// The `--data` default: `$MINIGPT_DATA`, else the built-in corpus.
 pub fn default_source() -> String {
-    std::env::var("MINIGPT_DATA").unwrap_or_else(|_| TINY_SHAKESPEARE_URL.to_string())
+    std::env::var("MINIGPT_DATA").unwrap_or_else(|_| BUILTIN.to_string())
 }
 
-/// Loads a corpus from a path or an `http(s)://` URL (downloaded through the cache).
+/// The built-in corpus's bytes, verified.
+fn builtin_bytes() -> Result<Vec<u8>> {
+    let mut bytes = Vec::with_capacity(1 << 21);
+    flate2::read::GzDecoder::new(BUILTIN_GZ).read_to_end(&mut bytes).context("decompressing the built-in corpus")?;
+    let got = sha256_hex(&bytes);
+    ensure!(
+        got == TINY_SHAKESPEARE_SHA256,
+        "the built-in corpus has SHA-256 {got}, expected {TINY_SHAKESPEARE_SHA256}"
+    );
+    Ok(bytes)
+}
+
+/// Loads a corpus: the built-in one ([`BUILTIN`]), a path, or an `http(s)://` URL (downloaded
+/// through the cache).
 pub fn load_corpus(source: &str) -> Result<Corpus> {
+    if source == BUILTIN {
+        let bytes = builtin_bytes()?;
+        let sha256 = sha256_hex(&bytes);
+        let text = String::from_utf8(bytes).context("the built-in corpus is not UTF-8")?;
+        return Ok(Corpus { text, source: source.to_string(), sha256 });
+    }
     let path = local_path(source)?;
     let bytes = fs::read(&path).with_context(|| format!("reading corpus {}", path.display()))?;
     let sha256 = sha256_hex(&bytes);
@@ -54,8 +78,18 @@ pub fn load_corpus(source: &str) -> Result<Corpus> {
     Ok(Corpus { text, source: source.to_string(), sha256 })
 }
 
-/// The local file behind a path or URL: a URL is downloaded into the cache first.
+/// The local file behind a source: a URL is downloaded into the cache first, the built-in corpus
+/// written there (for tools that read a file, such as the Python side of `make parity`).
 pub fn local_path(source: &str) -> Result<PathBuf> {
+    if source == BUILTIN {
+        let dir = cache_dir()?;
+        let path = dir.join("tinyshakespeare.txt");
+        if !fs::read(&path).is_ok_and(|b| sha256_hex(&b) == TINY_SHAKESPEARE_SHA256) {
+            fs::create_dir_all(&dir).with_context(|| format!("creating cache folder {}", dir.display()))?;
+            crate::files::write_atomic(&path, &builtin_bytes()?)?;
+        }
+        return Ok(path);
+    }
     if is_url(source) {
         let expected = (source == TINY_SHAKESPEARE_URL).then_some(TINY_SHAKESPEARE_SHA256);
         fetch_cached(source, expected, &cache_dir()?)
@@ -105,12 +139,13 @@ pub fn fetch_cached(url: &str, expected_sha256: Option<&str>, cache: &Path) -> R
         return Ok(path);
     }
     fs::create_dir_all(cache).with_context(|| format!("creating cache folder {}", cache.display()))?;
+    let offline = "(offline? omit --data for the built-in Tiny Shakespeare, or give --data PATH)";
     let mut response = reqwest::blocking::Client::builder()
         .timeout(std::time::Duration::from_secs(300))
         .build()?
         .get(url)
         .send()
-        .with_context(|| format!("downloading {url}"))?;
+        .with_context(|| format!("downloading {url} {offline}"))?;
     ensure!(response.status().is_success(), "downloading {url}: HTTP {}", response.status());
     let mut tmp = tempfile::NamedTempFile::new_in(cache)?;
     // Drawn on stderr only when it is a terminal.
@@ -385,15 +420,9 @@ impl<'a> Batches<'a> {
 mod tests {
     use super::*;
 
-    pub fn corpus_path() -> PathBuf {
-        std::env::var_os("MINIGPT_DATA")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/tinyshakespeare.txt"))
-    }
-
     #[test]
-    fn tiny_shakespeare_has_the_expected_shape() {
-        let corpus = load_corpus(corpus_path().to_str().unwrap()).unwrap();
+    fn tiny_shakespeare_is_built_in_with_the_expected_shape() {
+        let corpus = load_corpus(BUILTIN).unwrap();
         assert_eq!(corpus.sha256, TINY_SHAKESPEARE_SHA256);
         assert_eq!(corpus.text.chars().count(), 1_115_394);
         let vocab = Vocab::from_text(&corpus.text);

@@ -117,3 +117,38 @@ fn a_connection_cut_mid_body_leaves_no_partial_file() {
     assert!(files_in(cache.path()).is_empty(), "{:?}", files_in(cache.path()));
     server.join().unwrap();
 }
+
+#[test]
+fn an_unreachable_url_says_what_to_do_offline() {
+    let cache = tempfile::tempdir().unwrap();
+    // A port that was free a moment ago: nothing listens there.
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let err = fetch_cached(&format!("http://127.0.0.1:{port}/input.txt"), None, cache.path()).unwrap_err();
+    let message = format!("{err:#}");
+    assert!(message.contains("offline? omit --data for the built-in Tiny Shakespeare"), "{message}");
+    assert!(files_in(cache.path()).is_empty());
+}
+
+#[test]
+fn train_without_data_uses_the_built_in_corpus() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    // No --data, no MINIGPT_DATA, a cache with nothing in it: no network is touched.
+    let out = common::minigpt()
+        .env("MINIGPT_CACHE", tmp.path().join("cache"))
+        .args(["train", "-q", "--max-steps", "3", "--eval-batches", "1", "--out"])
+        .arg(&run)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["data"]["source"], minigpt::data::BUILTIN);
+    assert_eq!(config["data"]["sha256"], minigpt::data::TINY_SHAKESPEARE_SHA256);
+    assert_eq!(config["vocab"].as_array().unwrap().len(), 65);
+    assert!(!tmp.path().join("cache").exists(), "the built-in corpus needs no cache");
+    // And it resumes from the same built-in text.
+    let more =
+        common::minigpt().args(["train", "-q", "--resume", "--max-steps", "4", "--out"]).arg(&run).output().unwrap();
+    assert!(more.status.success(), "{}", String::from_utf8_lossy(&more.stderr));
+}

@@ -5,11 +5,19 @@ pub mod parity;
 
 use std::path::PathBuf;
 
-/// The Tiny Shakespeare copy the tests use: `$MINIGPT_DATA`, else `../shared/data`.
+/// The Tiny Shakespeare copy the tests use: `$MINIGPT_DATA`, else the built-in corpus written
+/// once to a file under the target folder.
 pub fn corpus_path() -> PathBuf {
-    std::env::var_os("MINIGPT_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/tinyshakespeare.txt"))
+    if let Some(path) = std::env::var_os("MINIGPT_DATA") {
+        return PathBuf::from(path);
+    }
+    let target = option_env!("CARGO_TARGET_TMPDIR").unwrap_or(concat!(env!("CARGO_MANIFEST_DIR"), "/target/tmp"));
+    let path = std::path::Path::new(target).join("tinyshakespeare.txt");
+    if !path.exists() {
+        let corpus = minigpt::data::load_corpus(minigpt::data::BUILTIN).unwrap();
+        minigpt::files::write_atomic(&path, corpus.text.as_bytes()).unwrap();
+    }
+    path
 }
 
 /// The flags of a small transformer the tests train in seconds.
