@@ -77,6 +77,13 @@ fn describe_saved_model(path: &Path) -> Result<String> {
             }
         }
     }
+    match saved_model::object_graph_restores(path)? {
+        0 => writeln!(out, "variables:    restored by its saver")?,
+        n => writeln!(
+            out,
+            "variables:    {n} restored through its object graph (TensorFlow's C++ loader leaves them uninitialized)"
+        )?,
+    }
     if let Some(steps) = declared.steps_done {
         writeln!(out, "trained:      {steps} steps")?;
     }

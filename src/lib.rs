@@ -10,6 +10,7 @@
 //! train
 //! sample, eval, info
 //! saved_model
+//! object_graph
 //! run, plot
 //! graph
 //! summary, sampler, loss, optim, model
@@ -26,6 +27,7 @@ pub mod graph;
 pub mod info;
 pub mod loss;
 pub mod model;
+pub mod object_graph;
 pub mod optim;
 pub mod plot;
 pub mod proto;

@@ -25,10 +25,11 @@ use crate::files::path_str;
 use crate::graph::Runner;
 use crate::loss;
 use crate::model::ModelConfig;
+use crate::object_graph::ServingVariable;
 use crate::proto;
 use crate::run::{DataInfo, Load, RunConfig, RunDir};
 use crate::sampler::{Cache, NextLogits, SamplerConfig};
-use crate::text::one_line;
+use crate::text::{self, one_line};
 use crate::tfx::{self, CheckpointEntry, CheckpointReader, Var};
 
 /// The signature Python's `model.signatures["serving_default"]` finds: `tokens` → `logits`.
@@ -201,6 +202,23 @@ impl Declared {
     }
 }
 
+/// Loads `dir` (tag `serve`) and restores what TensorFlow's C++ loader leaves uninitialized;
+/// returns how many variables that took (`minigpt info`).
+pub fn object_graph_restores(dir: &Path) -> Result<usize> {
+    let mut scope = Scope::new_root_scope();
+    let bundle = load_bundle(dir, SessionConfig::default(), &mut scope)?;
+    crate::object_graph::restore_uninitialized(dir, SERVE_TAG, &mut scope, &bundle.session)
+}
+
+/// TensorFlow's C++ loader on `dir` (tag `serve`), into `scope`'s graph.
+fn load_bundle(dir: &Path, session: SessionConfig, scope: &mut Scope) -> Result<tensorflow::SavedModelBundle> {
+    let options = session.session_options()?;
+    tensorflow::SavedModelBundle::load(&options, [SERVE_TAG], &mut scope.graph_mut(), dir).map_err(|e| {
+        let e = one_line(&e.to_string());
+        anyhow::anyhow!("{}: TensorFlow's SavedModel loader (tag `{SERVE_TAG}`) failed: {e}", dir.display())
+    })
+}
+
 /// Picks a signature's tensor: `preferred` keys first, else the only one; checks its dtype and rank.
 fn pick<'a>(
     what: &str,
@@ -246,6 +264,8 @@ pub struct Loaded {
     pub vocab: Vocab,
     /// Its `assets.extra/minigpt.json`, if any.
     pub declared: Option<Declared>,
+    /// Variables the C++ loader left uninitialized, restored through the object graph.
+    pub restored_through_object_graph: usize,
     tokens: Output,
     logits: Output,
     labels: Operation,
@@ -258,9 +278,7 @@ impl Loaded {
         let vocab = vocabulary(dir, vocab_file)?;
         let declared = Declared::read(dir)?;
         let mut scope = Scope::new_root_scope();
-        let options = session.session_options()?;
-        let bundle = tensorflow::SavedModelBundle::load(&options, [SERVE_TAG], &mut scope.graph_mut(), dir)
-            .map_err(|e| anyhow::anyhow!("{}: not a SavedModel with the `{SERVE_TAG}` tag: {e}", dir.display()))?;
+        let bundle = load_bundle(dir, session, &mut scope)?;
         let signature = bundle.meta_graph_def().get_signature(SERVING).map_err(|_| {
             let mut names: Vec<&str> = bundle
                 .meta_graph_def()
@@ -288,17 +306,27 @@ impl Loaded {
             let g = scope.graph();
             (output_of(&g, tokens)?, output_of(&g, logits)?)
         };
+        let restored = crate::object_graph::restore_uninitialized(dir, SERVE_TAG, &mut scope, &bundle.session)?;
         let s = &mut scope.new_sub_scope("minigpt");
         let labels = tfx::placeholder("minigpt/labels", DataType::Int32, &[-1, -1], s)?;
         let loss = loss::cross_entropy(logits.clone(), labels.clone().into(), vocab.len() as i64, s)?.loss;
-        let loaded = Self { session: bundle.session, vocab, declared, _scope: scope, tokens, logits, labels, loss };
+        let loaded = Self {
+            session: bundle.session,
+            vocab,
+            declared,
+            _scope: scope,
+            restored_through_object_graph: restored,
+            tokens,
+            logits,
+            labels,
+            loss,
+        };
         // One token through the model: a SavedModel whose signature reads variables its restore
         // op does not write fails here, not halfway through a command.
         loaded.logits(&Tensor::new(&[1, 1])).map_err(|e| {
             anyhow::anyhow!(
-                "{}: its `{SERVING}` signature does not run after loading ({}); a SavedModel written from \
-                 Python with Keras 3 variables inside a tf.Module must also track their `.value` tf.Variables \
-                 (see python_export/export_savedmodel.py)",
+                "{}: its `{SERVING}` signature does not run after loading ({}): a variable it reads is neither \
+                 restored by its saver nor found through its object graph",
                 dir.display(),
                 one_line(&format!("{e:#}"))
             )
@@ -425,11 +453,84 @@ impl Source {
 }
 
 /// The SavedModel's values for `vars`, from its `variables/` checkpoint. A variable is found by
-/// its name: minigpt's own (`dense/kernel`, `gpt/h0/ln_1/gamma`), or the end of an object path as Python writes them
-/// (`model/dense/_kernel/.ATTRIBUTES/VARIABLE_VALUE`); failing that, by its shape, when every
-/// entry of that shape holds the same values (Keras' `model.export()` lists its variables by
-/// number, some twice).
+/// its name: minigpt's own (`dense/kernel`, `gpt/h0/ln_1/gamma`), or the end of an object path as
+/// Python writes them (`model/dense/_kernel/.ATTRIBUTES/VARIABLE_VALUE`); failing that, by its
+/// shape, when every entry of that shape holds the same values (Keras' `model.export()` lists its
+/// variables by number, some twice). Where names cannot tell (a Keras 3 model in a `tf.Module`,
+/// whose blocks' variables are reachable only through its optimizer), the variables are taken in
+/// the order the serving signature reads them ([`from_serving_order`]).
 pub fn import_weights(dir: &Path, vars: &[Var]) -> Result<Vec<Tensor<f32>>> {
+    match import_by_name(dir, vars) {
+        Ok(values) => Ok(values),
+        Err(by_name) => match from_serving_order(dir, vars) {
+            Ok(Some(values)) => Ok(values),
+            Ok(None) => Err(by_name),
+            Err(e) => bail!(
+                "{}; nor in the order its signature reads them: {}",
+                text::error_line(&by_name),
+                text::error_line(&e)
+            ),
+        },
+    }
+}
+
+/// The model's variables as the serving signature reads them: the forward pass of a model built
+/// like minigpt's reads its weights in minigpt's variable order, and each variable's name ends
+/// like minigpt's (`embeddings`, `gamma`, `beta`, `kernel`, `bias`). Where a minigpt variable
+/// holds several of them (Keras' query, key and value kernels [C, H, D] in one [C, 3C]), they are
+/// flattened to [C, ·] (or [·] for a bias) and set side by side, as `python_export/gpt.py`'s
+/// `to_minigpt` does; a single one of another shape (the output projection [H, D, C]) is read
+/// row-major into minigpt's. `None` without an object graph.
+fn from_serving_order(dir: &Path, vars: &[Var]) -> Result<Option<Vec<Tensor<f32>>>> {
+    let read = crate::object_graph::signature_variables(dir, SERVE_TAG, SERVING)?;
+    if read.is_empty() {
+        return Ok(None);
+    }
+    let reader = variables_reader(dir)?;
+    // Read but not yet used: Keras reads each query, key and value kernel with its bias, minigpt
+    // keeps the three kernels in one variable and the three biases in the next.
+    let mut pending: Vec<&ServingVariable> = read.iter().collect();
+    let mut out = Vec::with_capacity(vars.len());
+    for var in vars {
+        let want: u64 = var.shape.iter().product();
+        let kind = var.name.rsplit('/').next().unwrap_or_default();
+        let (mut parts, mut got) = (Vec::new(), 0u64);
+        while got < want {
+            let near = pending.iter().take(8).position(|p| p.name.rsplit('/').next() == Some(kind));
+            let Some(i) = near else {
+                let next = pending.first().map_or("nothing".to_string(), |p| format!("{} {:?}", p.name, p.shape));
+                bail!("{}: {} would come next, but its signature reads {next}", dir.display(), var.name);
+            };
+            let part = pending.remove(i);
+            got += part.shape.iter().product::<i64>() as u64;
+            parts.push(part);
+        }
+        ensure!(
+            got == want,
+            "{}: {} {:?} does not fit the weights read for it ({got} values)",
+            dir.display(),
+            var.name,
+            var.shape
+        );
+        let values: Vec<Tensor<f32>> = parts.iter().map(|p| reader.tensor_f32(&p.key)).collect::<Result<_, _>>()?;
+        let rows = if var.shape.len() == 2 && parts.len() > 1 { var.shape[0] as usize } else { 1 };
+        let mut merged = Tensor::<f32>::new(&var.shape);
+        let width: usize = want as usize / rows;
+        let mut column = 0;
+        for v in &values {
+            let w = v.len() / rows;
+            for r in 0..rows {
+                merged[r * width + column..r * width + column + w].copy_from_slice(&v[r * w..(r + 1) * w]);
+            }
+            column += w;
+        }
+        out.push(merged);
+    }
+    ensure!(pending.is_empty(), "{}: its signature reads more weights than this model has", dir.display());
+    Ok(Some(out))
+}
+
+fn import_by_name(dir: &Path, vars: &[Var]) -> Result<Vec<Tensor<f32>>> {
     let reader = variables_reader(dir)?;
     let entries = reader.entries()?;
     let model_entries: Vec<&CheckpointEntry> = entries

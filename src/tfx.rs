@@ -277,6 +277,23 @@ impl CheckpointReader {
         }
     }
 
+    /// The bytes of the scalar string stored under `key` (e.g. a serialized protobuf).
+    pub fn bytes(&self, key: &str) -> Result<Vec<u8>, Status> {
+        let t = self.tensor(key)?;
+        // SAFETY: `t.0` is a live TF_Tensor; a scalar TF_STRING's data is one TF_TString, whose
+        // bytes are copied out.
+        unsafe {
+            let raw = t.0;
+            if tf_sys::TF_TensorType(raw) != tf_sys::TF_STRING || tf_sys::TF_NumDims(raw) != 0 {
+                let message = format!("checkpoint entry {key} is not a scalar string");
+                return Err(Status::new_set_lossy(tensorflow::Code::InvalidArgument, &message));
+            }
+            let tstring = tf_sys::TF_TensorData(raw) as *const tf_sys::TF_TString;
+            let data = tf_sys::TF_StringGetDataPointer(tstring) as *const u8;
+            Ok(std::slice::from_raw_parts(data, tf_sys::TF_StringGetSize(tstring)).to_vec())
+        }
+    }
+
     /// The float32 tensor stored under `key`.
     pub fn tensor_f32(&self, key: &str) -> Result<Tensor<f32>, Status> {
         let t = self.tensor(key)?;

@@ -1,0 +1,224 @@
+//! Restoring a SavedModel's variables through its object graph, as Python's
+//! `tf.saved_model.load` does.
+//!
+//! TensorFlow's C++ loader (the C API's, TensorFlow Serving's) restores variables through the
+//! MetaGraph's `SaverDef` only. A Keras 3 model saved inside a `tf.Module` with
+//! `tf.saved_model.save` has signatures that read variables that `SaverDef` never writes: after
+//! loading they are uninitialized. The SavedModel says where their values are: the graph calls
+//! each saved function with the `VarHandleOp`s of its captured variables, listed by object node
+//! id in `MetaGraphDef.object_graph_def` (the function's `bound_inputs`); each node has the same
+//! id in the checkpoint's own object graph (`_CHECKPOINTABLE_OBJECT_GRAPH`), whose
+//! `VARIABLE_VALUE` attribute gives its checkpoint key.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use prost::Message;
+use tensorflow::{ops, DataType, Operation, Output, Scope, Session, SessionRunArgs};
+
+use crate::files::path_str;
+use crate::proto;
+use crate::tfx::{self, CheckpointReader};
+
+/// The checkpoint key of the checkpoint's object graph.
+const OBJECT_GRAPH_KEY: &str = "_CHECKPOINTABLE_OBJECT_GRAPH";
+/// The attribute of a variable node holding its value.
+const VARIABLE_VALUE: &str = "VARIABLE_VALUE";
+
+/// A variable of the object graph that the loaded graph holds uninitialized.
+struct Missing {
+    name: String,
+    node: usize,
+    dtype: DataType,
+    handles: Vec<Operation>,
+}
+
+/// Initializes, from the SavedModel's checkpoint, every variable of its object graph that the
+/// loaded graph (in `scope`, run by `session`) holds uninitialized; returns how many it restored.
+pub fn restore_uninitialized(dir: &Path, tag: &str, scope: &mut Scope, session: &Session) -> Result<usize> {
+    let bytes = std::fs::read(dir.join("saved_model.pb")).with_context(|| format!("reading {}", dir.display()))?;
+    let model = proto::SavedModel::decode(&bytes[..]).with_context(|| format!("{}: saved_model.pb", dir.display()))?;
+    let meta =
+        model.meta_graphs.iter().find(|m| m.meta_info_def.as_ref().is_some_and(|i| i.tags.iter().any(|t| t == tag)));
+    let Some(objects) = meta.and_then(|m| m.object_graph_def.as_ref()) else {
+        return Ok(0); // a TF1-style SavedModel: its saver restores everything
+    };
+    let graph_def = meta
+        .and_then(|m| m.graph_def.as_ref())
+        .with_context(|| format!("{}: its MetaGraph has no graph", dir.display()))?;
+    let handles = captured_variables(graph_def, objects);
+    let mut missing = uninitialized(&handles, scope, session)?;
+    if missing.is_empty() {
+        return Ok(0);
+    }
+    let prefix = dir.join("variables/variables");
+    let reader = CheckpointReader::open(path_str(&prefix)?)
+        .with_context(|| format!("{}: cannot read the variables", dir.display()))?;
+    let graph = proto::TrackableObjectGraph::decode(&reader.bytes(OBJECT_GRAPH_KEY)?[..])
+        .with_context(|| format!("{}: its checkpoint's object graph", dir.display()))?;
+    let keys: Vec<String> = reader.entries()?.into_iter().map(|e| e.key).collect();
+    let mut restore_keys = Vec::with_capacity(missing.len());
+    for var in &missing {
+        let attribute = graph.nodes.get(var.node).and_then(|n| n.attributes.iter().find(|a| a.name == VARIABLE_VALUE));
+        match attribute {
+            Some(a) if keys.contains(&a.checkpoint_key) => restore_keys.push(a.checkpoint_key.clone()),
+            Some(a) => bail!(
+                "{}: variable {} is read by its signatures but the checkpoint has no value for it (tried {})",
+                dir.display(),
+                var.name,
+                a.checkpoint_key
+            ),
+            None => bail!(
+                "{}: variable {} is read by its signatures but the checkpoint's object graph gives no key for it \
+                 (node {} has no {VARIABLE_VALUE})",
+                dir.display(),
+                var.name,
+                var.node
+            ),
+        }
+    }
+    let restore = build_restore(&prefix, &mut missing, &restore_keys, scope).context("building the restore ops")?;
+    let mut args = SessionRunArgs::new();
+    args.add_target(&restore);
+    session
+        .run(&mut args)
+        .with_context(|| format!("{}: restoring variables through the object graph", dir.display()))?;
+    Ok(missing.iter().map(|m| m.handles.len()).sum())
+}
+
+/// The crate's data type of a `DataType` enum value (the ones variables hold).
+fn dtype(value: i32) -> DataType {
+    use proto::DataType as P;
+    match P::try_from(value) {
+        Ok(P::DtFloat) => DataType::Float,
+        Ok(P::DtDouble) => DataType::Double,
+        Ok(P::DtInt32) => DataType::Int32,
+        Ok(P::DtInt64) => DataType::Int64,
+        Ok(P::DtBool) => DataType::Bool,
+        Ok(P::DtHalf) => DataType::Half,
+        Ok(P::DtBfloat16) => DataType::BFloat16,
+        _ => DataType::UnrecognizedEnumValue(value as _),
+    }
+}
+
+/// A variable the serving signature reads: its name in the object graph, shape and checkpoint key.
+#[derive(Debug, Clone)]
+pub struct ServingVariable {
+    pub name: String,
+    pub shape: Vec<i64>,
+    pub key: String,
+}
+
+/// The variables `signature` reads, in the order its function captured them (the order the
+/// model's forward pass first reads them), with their checkpoint keys. Empty for a SavedModel
+/// without an object graph.
+pub fn signature_variables(dir: &Path, tag: &str, signature: &str) -> Result<Vec<ServingVariable>> {
+    let bytes = std::fs::read(dir.join("saved_model.pb")).with_context(|| format!("reading {}", dir.display()))?;
+    let model = proto::SavedModel::decode(&bytes[..]).with_context(|| format!("{}: saved_model.pb", dir.display()))?;
+    let meta =
+        model.meta_graphs.iter().find(|m| m.meta_info_def.as_ref().is_some_and(|i| i.tags.iter().any(|t| t == tag)));
+    let (Some(meta), Some(objects)) = (meta, meta.and_then(|m| m.object_graph_def.as_ref())) else {
+        return Ok(Vec::new());
+    };
+    let output =
+        meta.signature_def.get(signature).and_then(|s| s.outputs.values().next()).and_then(|t| match &t.encoding {
+            Some(proto::tensor_info::Encoding::Name(name)) => Some(name.split(':').next().unwrap_or(name).to_string()),
+            _ => None,
+        });
+    let call = meta.graph_def.as_ref().and_then(|g| g.node.iter().find(|n| Some(&n.name) == output.as_ref()));
+    let function = call.and_then(|node| match node.attr.get("f").and_then(|a| a.value.as_ref()) {
+        Some(proto::attr_value::Value::Func(f)) => objects.concrete_functions.get(&f.name),
+        _ => None,
+    });
+    let Some(function) = function else { return Ok(Vec::new()) };
+    let prefix = dir.join("variables/variables");
+    let reader = CheckpointReader::open(path_str(&prefix)?)
+        .with_context(|| format!("{}: cannot read the variables", dir.display()))?;
+    let graph = proto::TrackableObjectGraph::decode(&reader.bytes(OBJECT_GRAPH_KEY)?[..])
+        .with_context(|| format!("{}: its checkpoint's object graph", dir.display()))?;
+    let mut out = Vec::new();
+    for &id in &function.bound_inputs {
+        let Some(proto::saved_object::Kind::Variable(v)) = objects.nodes.get(id as usize).and_then(|n| n.kind.as_ref())
+        else {
+            continue;
+        };
+        let key = graph.nodes.get(id as usize).and_then(|n| n.attributes.iter().find(|a| a.name == VARIABLE_VALUE));
+        let key =
+            key.with_context(|| format!("{}: no checkpoint key for variable {} (node {id})", dir.display(), v.name))?;
+        let shape = v.shape.as_ref().map(|s| s.dim.iter().map(|d| d.size).collect()).unwrap_or_default();
+        out.push(ServingVariable { name: v.name.clone(), shape, key: key.checkpoint_key.clone() });
+    }
+    Ok(out)
+}
+
+/// The variables the signatures read: for each call of a saved function in the graph, its
+/// captured inputs (the trailing ones) are the `VarHandleOp`s of the function's `bound_inputs`, in
+/// order. Returns (op name, object node id, its variable's name and dtype).
+fn captured_variables(
+    graph: &proto::GraphDef,
+    objects: &proto::SavedObjectGraph,
+) -> Vec<(String, usize, String, DataType)> {
+    let mut out: Vec<(String, usize, String, DataType)> = Vec::new();
+    for node in &graph.node {
+        let function = node.attr.get("f").and_then(|a| match &a.value {
+            Some(proto::attr_value::Value::Func(f)) => objects.concrete_functions.get(&f.name),
+            _ => None,
+        });
+        let Some(function) = function else { continue };
+        let inputs: Vec<&str> = node.input.iter().map(String::as_str).filter(|i| !i.starts_with('^')).collect();
+        let captured = &inputs[inputs.len().saturating_sub(function.bound_inputs.len())..];
+        for (input, &id) in captured.iter().zip(&function.bound_inputs) {
+            let op = input.split(':').next().unwrap_or(input).to_string();
+            let variable = objects.nodes.get(id as usize).and_then(|n| match &n.kind {
+                Some(proto::saved_object::Kind::Variable(v)) => Some(v),
+                _ => None,
+            });
+            if let Some(v) = variable {
+                if !out.iter().any(|(name, ..)| *name == op) {
+                    out.push((op, id as usize, v.name.clone(), dtype(v.dtype)));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The captured variables whose `VarHandleOp`s in the loaded graph are uninitialized.
+fn uninitialized(
+    handles: &[(String, usize, String, DataType)],
+    scope: &mut Scope,
+    session: &Session,
+) -> Result<Vec<Missing>> {
+    let mut found: Vec<Missing> = Vec::new();
+    for (op, node, name, dtype) in handles {
+        let handle = scope.graph().operation_by_name(op)?;
+        if let Some(handle) = handle.filter(|h| h.op_type().is_ok_and(|t| t == "VarHandleOp")) {
+            found.push(Missing { name: format!("{name} ({op})"), node: *node, dtype: *dtype, handles: vec![handle] });
+        }
+    }
+    let s = &mut scope.new_sub_scope("minigpt_object_graph");
+    let checks: Vec<Output> = found
+        .iter()
+        .map(|m| Ok(ops::var_is_initialized_op(m.handles[0].clone(), s)?.into()))
+        .collect::<tensorflow::Result<_>>()?;
+    let mut args = SessionRunArgs::new();
+    let tokens: Vec<_> = checks.iter().map(|o| args.request_fetch(&o.operation, o.index)).collect();
+    session.run(&mut args).context("checking which variables are initialized")?;
+    let initialized: Vec<bool> = tokens.into_iter().map(|t| Ok(args.fetch::<bool>(t)?[0])).collect::<Result<_>>()?;
+    Ok(found.into_iter().zip(initialized).filter(|(_, init)| !init).map(|(m, _)| m).collect())
+}
+
+/// `RestoreV2` of `keys` from `prefix`, each value assigned to every handle of its variable.
+fn build_restore(prefix: &Path, missing: &mut [Missing], keys: &[String], scope: &mut Scope) -> Result<Operation> {
+    let s = &mut scope.new_sub_scope("minigpt_object_graph");
+    let prefix = ops::constant(path_str(prefix)?.to_string(), s)?;
+    let dtypes: Vec<DataType> = missing.iter().map(|m| m.dtype).collect();
+    let restored = tfx::restore_v2("minigpt_object_graph/restore", prefix.into(), keys, &dtypes, s)?;
+    let mut assigns = Vec::new();
+    for (i, m) in missing.iter().enumerate() {
+        for handle in &m.handles {
+            assigns.push(ops::assign_variable_op(handle.clone(), restored.output(i), s)?);
+        }
+    }
+    Ok(tfx::group("minigpt_object_graph/restore_all", &assigns, s)?)
+}
