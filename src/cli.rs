@@ -61,9 +61,10 @@ pub enum ShuffleArg {
 #[derive(Args, Debug)]
 pub struct TrainArgs {
     /// Corpus: a path, an http(s) URL (downloaded once into the cache), or `builtin:tinyshakespeare`,
-    /// the notebook's corpus that ships with minigpt.
-    #[arg(long, env = "MINIGPT_DATA", default_value = data::BUILTIN, hide_env_values = true)]
-    pub data: String,
+    /// the notebook's corpus that ships with minigpt [default: builtin:tinyshakespeare]. With
+    /// --resume it must be the text the run was trained on (the same SHA-256).
+    #[arg(long, env = "MINIGPT_DATA", hide_env_values = true)]
+    pub data: Option<String>,
     /// Run directory to create (or, with --resume, to continue).
     #[arg(long)]
     pub out: PathBuf,
@@ -74,8 +75,8 @@ pub struct TrainArgs {
     /// Model architecture.
     #[arg(long, value_enum, default_value_t = Arch::Bigram, conflicts_with = "resume")]
     pub model: Arch,
-    /// Start from the weights of a SavedModel (minigpt's or Python's; see the README) instead of
-    /// fresh ones; the vocabulary and the model are the SavedModel's.
+    /// Start from the weights of a SavedModel (minigpt's or Python's; see the README) or of a run
+    /// directory's newest checkpoint, instead of fresh ones; the vocabulary and the model are its.
     #[arg(long, conflicts_with_all = ["resume", "embedding_dim", "model", "n_layer", "n_head", "dropout"])]
     pub init_from: Option<PathBuf>,
     /// The vocabulary of an --init-from SavedModel that carries none (as for generate).
@@ -198,10 +199,15 @@ impl TrainArgs {
             keep: self.keep,
         };
         let start = if self.resume {
-            Start::Resume { max_steps: self.max_steps, epochs: self.epochs }
+            Start::Resume { data: self.data.clone(), max_steps: self.max_steps, epochs: self.epochs }
         } else if let Some(dir) = &self.init_from {
             settings.validate()?;
-            Start::InitFrom { data: self.data.clone(), dir: dir.clone(), vocab: self.vocab.clone(), settings }
+            Start::InitFrom {
+                data: self.data.clone().unwrap_or_else(data::default_source),
+                dir: dir.clone(),
+                vocab: self.vocab.clone(),
+                settings,
+            }
         } else {
             settings.validate()?;
             let model = ModelShape {
@@ -212,7 +218,7 @@ impl TrainArgs {
                 dropout: self.dropout,
             };
             model.validate()?;
-            Start::New { data: self.data.clone(), model, settings }
+            Start::New { data: self.data.clone().unwrap_or_else(data::default_source), model, settings }
         };
         let report = Report { log_every: self.log_every, eval_batches: self.eval_batches, quiet: self.quiet };
         Ok(TrainConfig { out: self.out.clone(), start, session: self.session.to_config(self.device), report })
@@ -270,10 +276,11 @@ pub struct GenerateArgs {
     /// Characters to generate.
     #[arg(long, default_value_t = 200)]
     pub chars: usize,
-    /// Divides the logits: below 1 is more conservative, above 1 more random.
+    /// Divides the logits: below 1 is more conservative, above 1 more random; any positive value
+    /// works (towards 0 it always picks the most likely character).
     #[arg(long, default_value_t = 1.0)]
     pub temperature: f32,
-    /// Sample only among the k most likely characters.
+    /// Sample only among the k most likely characters (all of them if k exceeds the vocabulary).
     #[arg(long)]
     pub top_k: Option<u32>,
     /// Seed of the sampler; the same seed gives the same text.

@@ -68,6 +68,14 @@ pub fn run(cfg: &EvalConfig) -> Result<()> {
     let source = Source::open(&cfg.run, &cfg.open)?;
     let vocab = source.vocab()?;
     let corpus = data::load_corpus(&cfg.data.clone().unwrap_or_else(|| source.data_source()))?;
+    if let Source::Run { config, .. } = &source {
+        if corpus.sha256 != config.data.sha256 {
+            eprintln!(
+                "note: evaluating on {} (SHA-256 {}), not the text the run was trained on: {} (SHA-256 {})",
+                corpus.source, corpus.sha256, config.data.source, config.data.sha256
+            );
+        }
+    }
     let encoded = vocab.encode(&corpus.text).context("the corpus does not fit the model's vocabulary")?;
     let (train_data, val_data) = data::split(&encoded);
     let sample = cfg.eval_batches.map(|n| (n, source.batch_size()));

@@ -151,12 +151,15 @@ pub struct RunLock {
 }
 
 impl RunDir {
-    /// Creates a new run directory; refuses one that already holds a run.
+    /// Creates a new run directory; refuses one that already holds a run. A directory whose run
+    /// stopped before its first checkpoint (config.json, no `ckpt/checkpoint`) holds nothing to
+    /// resume: it is started afresh.
     pub fn create(path: &Path) -> Result<Self> {
         let dir = Self { path: path.to_path_buf() };
+        let unfinished = dir.config_path().exists() && !dir.ckpt_dir().join("checkpoint").exists();
         ensure!(
-            !dir.config_path().exists(),
-            "{} already holds a run: choose another --out (or delete it)",
+            !dir.config_path().exists() || unfinished,
+            "{} already holds a run: choose another --out (or delete it), or continue it with --resume",
             path.display()
         );
         fs::create_dir_all(dir.ckpt_dir()).with_context(|| format!("creating run directory {}", path.display()))?;
@@ -166,6 +169,7 @@ impl RunDir {
     /// Opens an existing run directory.
     pub fn open(path: &Path) -> Result<Self> {
         let dir = Self { path: path.to_path_buf() };
+        ensure!(!path.is_file(), "{} is a file, not a run directory or a SavedModel", path.display());
         ensure!(path.is_dir(), "{} is not a run directory (it does not exist)", path.display());
         ensure!(dir.config_path().is_file(), "{} is not a run directory (no config.json)", path.display());
         Ok(dir)
@@ -277,14 +281,25 @@ impl RunDir {
     }
 
     /// Restores the newest checkpoint that reads back whole. A damaged one (truncated, corrupt,
-    /// missing a file) is named in a warning on stderr and the one before it is tried.
+    /// missing a file) is named in a warning on stderr and the one before it is tried. One whose
+    /// variables do not have the shapes `config.json`'s model gives them is an error naming the
+    /// variable (config.json does not describe it). A checkpoint rotated away while it was being
+    /// read (another process trains in the run) is not damage: the state file is read again.
     pub fn restore_latest(&self, runner: &Runner) -> Result<PathBuf> {
         let mut damaged = Vec::new();
-        for prefix in self.checkpoints()? {
+        let mut listed = self.checkpoints()?;
+        let mut rereads = 0;
+        let mut i = 0;
+        while i < listed.len() {
+            let prefix = listed[i].clone();
             let whole = |prefix: &str| -> Result<()> {
-                CheckpointReader::open(prefix).and_then(|r| r.verify()).with_context(|| format!("reading {prefix}"))?;
+                let reader = CheckpointReader::open(prefix).with_context(|| format!("reading {prefix}"))?;
+                reader.verify().with_context(|| format!("reading {prefix}"))?;
                 runner.restore(prefix)
             };
+            // (A restore assigns whatever shape it reads: check first, or a wrong config.json
+            // fails later as a shape error deep in TensorFlow.)
+            self.check_shapes(runner, &prefix)?;
             match whole(path_str(&prefix)?) {
                 Ok(()) => {
                     if !damaged.is_empty() {
@@ -293,13 +308,79 @@ impl RunDir {
                     return Ok(prefix);
                 }
                 Err(e) => {
-                    let reason = one_line(&format!("{e:#}"));
-                    eprintln!("warning: checkpoint {} is damaged: {reason}", prefix.display());
+                    let now = self.checkpoints().unwrap_or_default();
+                    if now != listed && rereads < 10 {
+                        // Rotated away by a writer: start again from the newest.
+                        (listed, i, rereads) = (now, 0, rereads + 1);
+                        damaged.clear();
+                        continue;
+                    }
+                    eprintln!("warning: checkpoint {} is damaged: {}", prefix.display(), one_line(&format!("{e:#}")));
                     damaged.push(prefix.display().to_string());
                 }
             }
+            i += 1;
         }
         bail!("no usable checkpoint in {}: {} damaged", self.ckpt_dir().display(), damaged.join(", "))
+    }
+
+    /// An error naming the first variable of the graph that `prefix` lacks or holds in another
+    /// shape (a config.json that does not describe the checkpoint), if it can be read that far.
+    fn check_shapes(&self, runner: &Runner, prefix: &Path) -> Result<()> {
+        let Ok(entries) = CheckpointReader::open(path_str(prefix)?).and_then(|r| r.entries()) else { return Ok(()) };
+        let config = self.config_path();
+        for var in runner.variables() {
+            let want: Vec<i64> = var.shape.iter().map(|&d| d as i64).collect();
+            match entries.iter().find(|e| e.key == var.name) {
+                None => bail!(
+                    "{} does not match checkpoint {}: the model it describes has a variable {} {want:?} that the \
+                     checkpoint lacks",
+                    config.display(),
+                    prefix.display(),
+                    var.name
+                ),
+                Some(e) if e.shape != want => bail!(
+                    "{} does not match checkpoint {}: {} is {:?} there, {want:?} by config.json's model",
+                    config.display(),
+                    prefix.display(),
+                    var.name,
+                    e.shape
+                ),
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The values of `vars` in the newest usable checkpoint, by name (`train --init-from RUN`).
+    pub fn weights(&self, vars: &[crate::tfx::Var]) -> Result<Vec<tensorflow::Tensor<f32>>> {
+        let mut last = None;
+        for prefix in self.checkpoints()? {
+            let read = || -> Result<Vec<tensorflow::Tensor<f32>>> {
+                let reader = CheckpointReader::open(path_str(&prefix)?)?;
+                reader.verify()?;
+                let mut values = Vec::with_capacity(vars.len());
+                for var in vars {
+                    let value =
+                        reader.tensor_f32(&var.name).with_context(|| format!("{}: {}", prefix.display(), var.name))?;
+                    let want: Vec<u64> = var.shape.clone();
+                    ensure!(
+                        value.dims() == want.as_slice(),
+                        "{}: {} is {:?}, {want:?} here",
+                        prefix.display(),
+                        var.name,
+                        value.dims()
+                    );
+                    values.push(value);
+                }
+                Ok(values)
+            };
+            match read() {
+                Ok(values) => return Ok(values),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("{} has no checkpoint", self.path.display())))
     }
 
     /// Saves the weights (and the rest of the checkpoint) as `ckpt/best`, apart from the
@@ -342,8 +423,9 @@ impl RunDir {
         write_atomic(&state, text.as_bytes())
     }
 
-    /// Removes `ckpt/ckpt-<step>` from the state file and disk (its weights turned out bad); the
-    /// checkpoint before it becomes the newest.
+    /// Removes `ckpt/ckpt-<step>` from the state file and disk if its weights are not all finite
+    /// (a non-finite loss came from them); the checkpoint before it becomes the newest. A
+    /// checkpoint whose weights are finite is kept: the loss went bad for another reason.
     pub fn discard_checkpoint(&self, step: u64) -> Result<()> {
         let dir = self.ckpt_dir();
         let name = format!("ckpt-{step}");
@@ -351,6 +433,14 @@ impl RunDir {
         let Ok(text) = fs::read_to_string(&state) else { return Ok(()) };
         let mut kept = checkpoint_paths(&text);
         if !kept.contains(&name) {
+            return Ok(());
+        }
+        let reader = CheckpointReader::open(path_str(&dir.join(&name))?)?;
+        let mut finite = true;
+        for e in reader.entries()?.iter().filter(|e| e.dtype == tensorflow::DataType::Float) {
+            finite &= reader.tensor_f32(&e.key)?.iter().all(|v| v.is_finite());
+        }
+        if finite {
             return Ok(());
         }
         kept.retain(|n| n != &name);

@@ -77,9 +77,6 @@ pub fn generate(
 pub fn run(cfg: &GenerateConfig) -> Result<()> {
     let source = Source::open(&cfg.run, &OpenOptions { sampler: Some(cfg.generation.sampler), ..cfg.open.clone() })?;
     let vocab = source.vocab()?;
-    if let Some(k) = cfg.generation.sampler.top_k {
-        ensure!(k as usize <= vocab.len(), "--top-k {k} exceeds the vocabulary size {}", vocab.len());
-    }
     let prompt = vocab.encode(&cfg.prompt).context("the prompt cannot be encoded")?;
     ensure!(!prompt.is_empty(), "the prompt is empty: give at least one character");
     let mut out = std::io::stdout().lock();

@@ -57,8 +57,13 @@ pub struct SamplerConfig {
 impl SamplerConfig {
     pub fn validate(&self) -> Result<()> {
         anyhow::ensure!(self.top_k != Some(0), "--top-k must be at least 1");
+        // Below the smallest normal float, TensorFlow's kernels read the temperature as 0.
         let t = self.temperature;
-        anyhow::ensure!(t > 0.0 && t.is_finite(), "--temperature must be a positive number, got {t}");
+        anyhow::ensure!(
+            t >= f32::MIN_POSITIVE && t.is_finite(),
+            "--temperature must be a positive number from {:e} up, got {t:e}",
+            f32::MIN_POSITIVE
+        );
         Ok(())
     }
 }
@@ -112,7 +117,11 @@ pub(crate) fn temperature(scope: &mut Scope) -> tensorflow::Result<Output> {
     tfx::scalar_with_default("sample/temperature", one.into(), scope)
 }
 
-/// logits [N, V] → float32 logits / temperature, all but the top k of each row set to -inf.
+/// logits [N, V] → float32 (logits − max) / temperature, all but the top k of each row set to
+/// −inf. The largest logit of each row becomes 0, so every temperature that passes validation
+/// (however small) leaves the row finite where it matters: the most likely characters stay at 0,
+/// the others go to −inf at worst, and `Multinomial` draws among the best (greedy decoding as
+/// T → 0). `k` larger than the vocabulary keeps every character (nanoGPT clamps it the same way).
 pub(crate) fn scale(
     logits: Output,
     temperature: Output,
@@ -120,11 +129,22 @@ pub(crate) fn scale(
     scope: &mut Scope,
 ) -> tensorflow::Result<Output> {
     let logits = ops::Cast::new().DstT(DataType::Float).build(logits, scope)?;
-    let scaled = ops::real_div(logits, temperature, scope)?; // [N, V]
+    let last = ops::constant(-1i32, scope)?;
+    let max = ops::Max::new().keep_dims(true).build(logits.clone(), last, scope)?; // [N, 1]
+    let shifted = ops::sub(logits, max, scope)?; // [N, V], each row's largest 0
+    let scaled = ops::real_div(shifted, temperature, scope)?; // [N, V]
     let Some(k) = top_k else {
         return Ok(scaled.into());
     };
-    let top = ops::top_kv2(scaled.clone(), ops::constant(k as i32, scope)?, scope)?; // values [N, k], descending
+    let v = ops::Slice::new().build(
+        ops::shape(scaled.clone(), scope)?,
+        ops::constant(&[1i32][..], scope)?,
+        ops::constant(&[1i32][..], scope)?,
+        scope,
+    )?; // [1] = (V)
+    let k = ops::minimum(ops::constant(&[k as i32][..], scope)?, v, scope)?; // [1]
+    let k = ops::reshape(k, tfx::shape_const(&[], scope)?, scope)?; // min(k, V)
+    let top = ops::top_kv2(scaled.clone(), k, scope)?; // values [N, k], descending
     let kth = ops::min(top.output(0), ops::constant(1i32, scope)?, scope)?; // [N]
     let kth = ops::expand_dims(kth, ops::constant(1i32, scope)?, scope)?; // [N, 1]
     let below = ops::less(scaled.clone(), kth, scope)?;

@@ -40,8 +40,9 @@ pub enum Start {
     New { data: String, model: ModelShape, settings: TrainSettings },
     /// The weights, vocabulary and model of a SavedModel (`vocab`: for one that carries none).
     InitFrom { data: String, dir: PathBuf, vocab: Option<PathBuf>, settings: TrainSettings },
-    /// The run in `out`, from its newest checkpoint, its bounds raised if given.
-    Resume { max_steps: Option<u64>, epochs: Option<u64> },
+    /// The run in `out`, from its newest checkpoint, its bounds raised if given; `data`, if given,
+    /// must be the text it was trained on.
+    Resume { data: Option<String>, max_steps: Option<u64>, epochs: Option<u64> },
 }
 
 /// How training reports.
@@ -61,13 +62,21 @@ fn stop_flag() -> &'static Arc<AtomicBool> {
     FLAG.get_or_init(|| Arc::new(AtomicBool::new(false)))
 }
 
-/// Makes Ctrl-C and SIGTERM stop training cleanly at the end of the current step; a second one
-/// exits at once (code 130).
+/// True until the step loop starts: before it there is nothing to save.
+fn loading_flag() -> &'static Arc<AtomicBool> {
+    static FLAG: OnceLock<Arc<AtomicBool>> = OnceLock::new();
+    FLAG.get_or_init(|| Arc::new(AtomicBool::new(true)))
+}
+
+/// Makes Ctrl-C and SIGTERM exit at once (code 130) while the run is being set up (corpus,
+/// download, graph), and stop training cleanly at the end of the current step once it trains; a
+/// second one then exits at once.
 pub fn stop_on_signals() -> Result<()> {
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register_conditional_shutdown(signal, 130, stop_flag().clone())
-            .context("installing the signal handler")?;
-        signal_hook::flag::register(signal, stop_flag().clone()).context("installing the signal handler")?;
+        let installed = "installing the signal handler";
+        signal_hook::flag::register_conditional_shutdown(signal, 130, loading_flag().clone()).context(installed)?;
+        signal_hook::flag::register_conditional_shutdown(signal, 130, stop_flag().clone()).context(installed)?;
+        signal_hook::flag::register(signal, stop_flag().clone()).context(installed)?;
     }
     Ok(())
 }
@@ -97,7 +106,7 @@ pub struct TrainSummary {
 pub fn run(cfg: &TrainConfig) -> Result<()> {
     stop_on_signals()?;
     let summary = match &cfg.start {
-        Start::Resume { max_steps, epochs } => resume(cfg, *max_steps, *epochs)?,
+        Start::Resume { data, max_steps, epochs } => resume(cfg, data.as_deref(), *max_steps, *epochs)?,
         Start::New { data, .. } | Start::InitFrom { data, .. } => train(cfg, &data::load_corpus(data)?)?,
     };
     println!(
@@ -119,6 +128,14 @@ pub fn train(cfg: &TrainConfig, corpus: &Corpus) -> Result<TrainSummary> {
             let vocab = Vocab::from_text(&corpus.text);
             let model = model.with(vocab.len() as u64, settings.block_size as u64);
             (settings, vocab, model)
+        }
+        Start::InitFrom { dir, vocab: vocab_file, settings, .. } if !saved_model::is_saved_model(dir) => {
+            ensure!(
+                vocab_file.is_none(),
+                "--vocab is for SavedModels; a run directory has its vocabulary in config.json"
+            );
+            let from = RunDir::open(dir).context("--init-from takes a SavedModel or a run directory")?.read_config()?;
+            (settings, from.vocab()?, from.model)
         }
         Start::InitFrom { dir, vocab, settings, .. } => {
             let vocab = saved_model::vocabulary(dir, vocab.as_deref())?;
@@ -161,7 +178,11 @@ pub fn train(cfg: &TrainConfig, corpus: &Corpus) -> Result<TrainSummary> {
         );
     }
     if let Start::InitFrom { dir, .. } = &cfg.start {
-        runner.set_weights(&saved_model::import_weights(dir, &runner.variables())?)?;
+        let weights = match saved_model::is_saved_model(dir) {
+            true => saved_model::import_weights(dir, &runner.variables())?,
+            false => RunDir::open(dir)?.weights(&runner.variables())?,
+        };
+        runner.set_weights(&weights)?;
     }
     let dir = RunDir::create(&cfg.out)?;
     let _lock = dir.lock()?;
@@ -180,7 +201,7 @@ pub fn train(cfg: &TrainConfig, corpus: &Corpus) -> Result<TrainSummary> {
 /// Continues the run in `cfg.out` from its newest usable checkpoint: the same weights, Adam
 /// state and place in the data, so a resumed run computes what an uninterrupted one would, bit
 /// for bit.
-fn resume(cfg: &TrainConfig, max_steps: Option<u64>, epochs: Option<u64>) -> Result<TrainSummary> {
+fn resume(cfg: &TrainConfig, data: Option<&str>, max_steps: Option<u64>, epochs: Option<u64>) -> Result<TrainSummary> {
     let dir = RunDir::open(&cfg.out)?;
     let _lock = dir.lock()?;
     let mut config = dir.read_config()?;
@@ -190,14 +211,20 @@ fn resume(cfg: &TrainConfig, max_steps: Option<u64>, epochs: Option<u64>) -> Res
     if let Some(n) = epochs {
         config.train.epochs = n;
     }
-    let corpus = data::load_corpus(&config.data.source)?;
-    ensure!(
-        corpus.sha256 == config.data.sha256,
-        "the run was trained on {} with SHA-256 {}, which now has SHA-256 {}",
-        config.data.source,
-        config.data.sha256,
-        corpus.sha256
-    );
+    let corpus = data::load_corpus(data.unwrap_or(&config.data.source))?;
+    let trained_on = format!("{} (SHA-256 {})", config.data.source, config.data.sha256);
+    match data {
+        Some(given) => ensure!(
+            corpus.sha256 == config.data.sha256,
+            "--data {given} (SHA-256 {}) is not the text this run was trained on, {trained_on}: resume without --data",
+            corpus.sha256
+        ),
+        None => ensure!(
+            corpus.sha256 == config.data.sha256,
+            "the run was trained on {trained_on}, which now has SHA-256 {}: give that text with --data",
+            corpus.sha256
+        ),
+    }
     let vocab = config.vocab()?;
     let encoded = vocab.encode(&corpus.text)?;
     let (train_data, val_data) = data::split(&encoded);
@@ -432,6 +459,7 @@ fn run_steps(
         Recorder { runner, dir, config, report, val_data, metrics, progress, last_loss: f32::NAN, val_loss: f64::NAN };
     let mut global_step = at.step;
     runner.open_events(&dir.path.join("events"))?;
+    loading_flag().store(false, Ordering::Relaxed);
 
     'epochs: for epoch in at.epoch..s.epochs {
         rec.progress.epoch(epoch);
