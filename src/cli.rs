@@ -17,7 +17,7 @@ use crate::run::{TrainSettings, KEEP_CHECKPOINTS};
 use crate::sample::{self, GenerateConfig, Generation};
 use crate::sampler::SamplerConfig;
 use crate::saved_model::{self, OpenOptions};
-use crate::train::{self, Report, Start, TrainConfig, NOTEBOOK_EPOCHS};
+use crate::train::{self, Given, Report, Start, TrainConfig, DEFAULT_SEED, NOTEBOOK_EPOCHS};
 
 #[derive(Parser, Debug)]
 #[command(name = "minigpt", version, about = "Train and sample a character-level GPT on TensorFlow, from Rust")]
@@ -68,13 +68,13 @@ pub struct TrainArgs {
     /// Run directory to create (or, with --resume, to continue).
     #[arg(long)]
     pub out: PathBuf,
-    /// Continue the run in --out from its newest checkpoint, with its own settings (--max-steps
-    /// and --epochs may raise its bounds).
+    /// Continue the run in --out from its newest checkpoint, with its own settings: other flags
+    /// given must equal them (--max-steps and --epochs may raise its bounds, --device move it).
     #[arg(long)]
     pub resume: bool,
-    /// Model architecture.
-    #[arg(long, value_enum, default_value_t = Arch::Bigram, conflicts_with = "resume")]
-    pub model: Arch,
+    /// Model architecture [default: bigram]
+    #[arg(long, value_enum)]
+    pub model: Option<Arch>,
     /// Start from the weights of a SavedModel (minigpt's or Python's; see the README) or of a run
     /// directory's newest checkpoint, instead of fresh ones; the vocabulary and the model are its.
     #[arg(long, conflicts_with_all = ["resume", "embedding_dim", "model", "n_layer", "n_head", "dropout"])]
@@ -88,74 +88,76 @@ pub struct TrainArgs {
     /// Stop after this many steps in all (whichever of this and --epochs ends first).
     #[arg(long)]
     pub max_steps: Option<u64>,
-    /// Characters per training window.
-    #[arg(long, default_value_t = NOTEBOOK_BLOCK_SIZE, conflicts_with = "resume")]
-    pub block_size: usize,
-    /// Windows per batch.
-    #[arg(long, default_value_t = NOTEBOOK_BATCH_SIZE, conflicts_with = "resume")]
-    pub batch_size: usize,
-    /// Embedding width.
-    #[arg(long, alias = "n-embd", default_value_t = 128, conflicts_with = "resume")]
-    pub embedding_dim: u64,
-    /// Transformer blocks (--model gpt).
-    #[arg(long, default_value_t = 4, conflicts_with = "resume")]
-    pub n_layer: u64,
-    /// Attention heads per block (--model gpt); must divide the embedding width.
-    #[arg(long, default_value_t = 4, conflicts_with = "resume")]
-    pub n_head: u64,
+    /// Characters per training window [default: 64]
+    #[arg(long)]
+    pub block_size: Option<usize>,
+    /// Windows per batch [default: 32]
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Embedding width [default: 128]
+    #[arg(long, alias = "n-embd")]
+    pub embedding_dim: Option<u64>,
+    /// Transformer blocks (--model gpt) [default: 4]
+    #[arg(long)]
+    pub n_layer: Option<u64>,
+    /// Attention heads per block (--model gpt); must divide the embedding width [default: 4]
+    #[arg(long)]
+    pub n_head: Option<u64>,
     /// Dropout rate in train steps (--model gpt): after the embeddings, on the attention weights,
-    /// after each attention and MLP.
-    #[arg(long, default_value_t = 0.0, conflicts_with = "resume")]
-    pub dropout: f64,
-    /// Adam's learning rate (the peak, with a schedule).
-    #[arg(long, default_value_t = 1e-3, conflicts_with = "resume")]
-    pub lr: f64,
-    /// Linear learning-rate warm-up over this many steps.
-    #[arg(long, default_value_t = 0, conflicts_with = "resume")]
-    pub warmup_steps: u64,
+    /// after each attention and MLP [default: 0]
+    #[arg(long)]
+    pub dropout: Option<f64>,
+    /// Adam's learning rate (the peak, with a schedule) [default: 0.001]
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Linear learning-rate warm-up over this many steps [default: 0]
+    #[arg(long)]
+    pub warmup_steps: Option<u64>,
     /// Cosine decay of the learning rate from the end of warm-up to --min-lr at this step.
-    #[arg(long, conflicts_with = "resume")]
+    #[arg(long)]
     pub lr_decay_steps: Option<u64>,
-    /// The learning rate after --lr-decay-steps.
-    #[arg(long, default_value_t = 0.0, requires = "lr_decay_steps", conflicts_with = "resume")]
-    pub min_lr: f64,
-    /// AdamW weight decay of matrices (not biases, norms or embeddings); 0: plain Adam.
-    #[arg(long, default_value_t = 0.0, conflicts_with = "resume")]
-    pub weight_decay: f64,
-    /// Adam's beta_1.
-    #[arg(long, default_value_t = 0.9, conflicts_with = "resume")]
-    pub beta1: f64,
-    /// Adam's beta_2.
-    #[arg(long, default_value_t = 0.999, conflicts_with = "resume")]
-    pub beta2: f64,
+    /// The learning rate after --lr-decay-steps [default: 0]
+    #[arg(long, requires = "lr_decay_steps")]
+    pub min_lr: Option<f64>,
+    /// AdamW weight decay of matrices (not biases, norms or embeddings); 0: plain Adam [default: 0]
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// Adam's beta_1 [default: 0.9]
+    #[arg(long)]
+    pub beta1: Option<f64>,
+    /// Adam's beta_2 [default: 0.999]
+    #[arg(long)]
+    pub beta2: Option<f64>,
     /// Clip gradients to this global norm.
-    #[arg(long, conflicts_with = "resume")]
+    #[arg(long)]
     pub grad_clip: Option<f64>,
-    /// Seed of every random source (initial weights, shuffling).
-    #[arg(long, default_value_t = 1337, conflicts_with = "resume")]
-    pub seed: u64,
-    /// How windows are shuffled each epoch.
-    #[arg(long, value_enum, default_value_t = ShuffleArg::Buffer, conflicts_with = "resume")]
-    pub shuffle: ShuffleArg,
+    /// Seed of every random source (initial weights, shuffling) [default: 1337]
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// How windows are shuffled each epoch [default: buffer (the notebook's shuffle(10000), which
+    /// walks the text nearly in order) for --model bigram, global for --model gpt, which trains
+    /// far better with it]
+    #[arg(long, value_enum)]
+    pub shuffle: Option<ShuffleArg>,
     /// Also write a checkpoint every this many steps (one is always written at each epoch's end
     /// and at the end of the run).
-    #[arg(long, conflicts_with = "resume")]
+    #[arg(long)]
     pub save_every: Option<u64>,
     /// Also evaluate every this many steps (validation loss in the log, metrics.csv, loss.png).
-    #[arg(long, conflicts_with = "resume")]
+    #[arg(long)]
     pub eval_every: Option<u64>,
-    /// Checkpoints to keep (the newest).
-    #[arg(long, default_value_t = KEEP_CHECKPOINTS, conflicts_with = "resume")]
-    pub keep: usize,
+    /// Checkpoints to keep (the newest) [default: 3]
+    #[arg(long)]
+    pub keep: Option<usize>,
     /// Print the loss every this many steps.
     #[arg(long, default_value_t = 100)]
     pub log_every: u64,
     /// Validation batches per evaluation (default: every validation window).
     #[arg(long)]
     pub eval_batches: Option<usize>,
-    /// Where the graph runs.
-    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
-    pub device: DeviceChoice,
+    /// Where the graph runs [default: auto].
+    #[arg(long, value_enum)]
+    pub device: Option<DeviceChoice>,
     #[command(flatten)]
     pub session: SessionArgs,
     /// Print only the summary.
@@ -171,35 +173,57 @@ impl TrainArgs {
         ensure!(self.eval_batches != Some(0), "--eval-batches must be at least 1");
         ensure!(self.epochs != Some(0), "--epochs must be at least 1");
         ensure!(self.max_steps != Some(0), "--max-steps must be at least 1");
+        let arch = self.model.unwrap_or(Arch::Bigram);
+        let shuffle = match self.shuffle {
+            Some(ShuffleArg::Buffer) => Shuffle::Buffer(NOTEBOOK_SHUFFLE_BUFFER),
+            Some(ShuffleArg::Global) => Shuffle::Global,
+            Some(ShuffleArg::None) => Shuffle::None,
+            None if arch == Arch::Gpt => Shuffle::Global,
+            None => Shuffle::Buffer(NOTEBOOK_SHUFFLE_BUFFER),
+        };
+        let defaults = AdamConfig::default();
         let settings = TrainSettings {
             epochs: self.epochs.unwrap_or(NOTEBOOK_EPOCHS),
             max_steps: self.max_steps,
-            block_size: self.block_size,
-            batch_size: self.batch_size,
+            block_size: self.block_size.unwrap_or(NOTEBOOK_BLOCK_SIZE),
+            batch_size: self.batch_size.unwrap_or(NOTEBOOK_BATCH_SIZE),
             adam: AdamConfig {
-                learning_rate: self.lr,
-                beta_1: self.beta1,
-                beta_2: self.beta2,
-                warmup_steps: self.warmup_steps,
+                learning_rate: self.lr.unwrap_or(defaults.learning_rate),
+                beta_1: self.beta1.unwrap_or(defaults.beta_1),
+                beta_2: self.beta2.unwrap_or(defaults.beta_2),
+                warmup_steps: self.warmup_steps.unwrap_or(0),
                 decay_steps: self.lr_decay_steps,
-                min_lr: self.min_lr,
-                weight_decay: self.weight_decay,
+                min_lr: self.min_lr.unwrap_or(0.0),
+                weight_decay: self.weight_decay.unwrap_or(0.0),
                 clip_norm: self.grad_clip,
-                ..AdamConfig::default()
+                ..defaults
             },
-            shuffle: match self.shuffle {
-                ShuffleArg::Buffer => Shuffle::Buffer(NOTEBOOK_SHUFFLE_BUFFER),
-                ShuffleArg::Global => Shuffle::Global,
-                ShuffleArg::None => Shuffle::None,
-            },
-            seed: self.seed,
-            device: self.device,
+            shuffle,
+            seed: self.seed.unwrap_or(DEFAULT_SEED),
+            device: self.device.unwrap_or_default(),
             save_every: self.save_every,
             eval_every: self.eval_every,
-            keep: self.keep,
+            keep: self.keep.unwrap_or(KEEP_CHECKPOINTS),
+        };
+        let model = ModelShape {
+            arch,
+            n_embd: self.embedding_dim.unwrap_or(128),
+            n_layer: self.n_layer.unwrap_or(4),
+            n_head: self.n_head.unwrap_or(4),
+            dropout: self.dropout.unwrap_or(0.0),
         };
         let start = if self.resume {
-            Start::Resume { data: self.data.clone(), max_steps: self.max_steps, epochs: self.epochs }
+            Start::Resume {
+                data: self.data.clone(),
+                max_steps: self.max_steps,
+                epochs: self.epochs,
+                device: self.device,
+                given: Given {
+                    flags: self.given(),
+                    settings,
+                    model: model.with(0, self.block_size.unwrap_or(0) as u64),
+                },
+            }
         } else if let Some(dir) = &self.init_from {
             settings.validate()?;
             Start::InitFrom {
@@ -210,18 +234,43 @@ impl TrainArgs {
             }
         } else {
             settings.validate()?;
-            let model = ModelShape {
-                arch: self.model,
-                n_embd: self.embedding_dim,
-                n_layer: self.n_layer,
-                n_head: self.n_head,
-                dropout: self.dropout,
-            };
             model.validate()?;
             Start::New { data: self.data.clone().unwrap_or_else(data::default_source), model, settings }
         };
         let report = Report { log_every: self.log_every, eval_batches: self.eval_batches, quiet: self.quiet };
-        Ok(TrainConfig { out: self.out.clone(), start, session: self.session.to_config(self.device), report })
+        Ok(TrainConfig {
+            out: self.out.clone(),
+            start,
+            session: self.session.to_config(self.device.unwrap_or_default()),
+            report,
+        })
+    }
+
+    /// The run settings given on the command line, by flag.
+    fn given(&self) -> Vec<&'static str> {
+        let flags = [
+            ("--model", self.model.is_some()),
+            ("--block-size", self.block_size.is_some()),
+            ("--batch-size", self.batch_size.is_some()),
+            ("--embedding-dim", self.embedding_dim.is_some()),
+            ("--n-layer", self.n_layer.is_some()),
+            ("--n-head", self.n_head.is_some()),
+            ("--dropout", self.dropout.is_some()),
+            ("--lr", self.lr.is_some()),
+            ("--warmup-steps", self.warmup_steps.is_some()),
+            ("--lr-decay-steps", self.lr_decay_steps.is_some()),
+            ("--min-lr", self.min_lr.is_some()),
+            ("--weight-decay", self.weight_decay.is_some()),
+            ("--beta1", self.beta1.is_some()),
+            ("--beta2", self.beta2.is_some()),
+            ("--grad-clip", self.grad_clip.is_some()),
+            ("--seed", self.seed.is_some()),
+            ("--shuffle", self.shuffle.is_some()),
+            ("--save-every", self.save_every.is_some()),
+            ("--eval-every", self.eval_every.is_some()),
+            ("--keep", self.keep.is_some()),
+        ];
+        flags.into_iter().filter(|(_, given)| *given).map(|(flag, _)| flag).collect()
     }
 }
 

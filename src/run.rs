@@ -423,30 +423,25 @@ impl RunDir {
         write_atomic(&state, text.as_bytes())
     }
 
-    /// Removes `ckpt/ckpt-<step>` from the state file and disk if its weights are not all finite
-    /// (a non-finite loss came from them); the checkpoint before it becomes the newest. A
-    /// checkpoint whose weights are finite is kept: the loss went bad for another reason.
-    pub fn discard_checkpoint(&self, step: u64) -> Result<()> {
+    /// Takes `ckpt/ckpt-<step>` out of the rotation (a non-finite loss came from its weights):
+    /// the checkpoint before it becomes the newest. Nothing is deleted: its files are kept as
+    /// `ckpt/diverged-ckpt-<step>.*`, out of the way of a resumed run.
+    pub fn discard_checkpoint(&self, step: u64) -> Result<Option<PathBuf>> {
         let dir = self.ckpt_dir();
         let name = format!("ckpt-{step}");
         let state = dir.join("checkpoint");
-        let Ok(text) = fs::read_to_string(&state) else { return Ok(()) };
+        let Ok(text) = fs::read_to_string(&state) else { return Ok(None) };
         let mut kept = checkpoint_paths(&text);
         if !kept.contains(&name) {
-            return Ok(());
-        }
-        let reader = CheckpointReader::open(path_str(&dir.join(&name))?)?;
-        let mut finite = true;
-        for e in reader.entries()?.iter().filter(|e| e.dtype == tensorflow::DataType::Float) {
-            finite &= reader.tensor_f32(&e.key)?.iter().all(|v| v.is_finite());
-        }
-        if finite {
-            return Ok(());
+            return Ok(None);
         }
         kept.retain(|n| n != &name);
         self.write_state(&kept)?;
-        remove_checkpoint_files(&dir, &name);
-        Ok(())
+        for suffix in [".data-00000-of-00001", ".index"] {
+            let (from, to) = (dir.join(format!("{name}{suffix}")), dir.join(format!("diverged-{name}{suffix}")));
+            fs::rename(&from, &to).with_context(|| format!("renaming {} to {}", from.display(), to.display()))?;
+        }
+        Ok(Some(dir.join(format!("diverged-{name}"))))
     }
 
     /// Saves `ckpt/ckpt-<step>` with the data `position`, makes it the latest, and deletes all

@@ -11,16 +11,18 @@ use anyhow::{bail, ensure, Context, Result};
 use tensorflow::Tensor;
 
 use crate::data::{self, Batches, Corpus, Vocab};
-use crate::device::SessionConfig;
+use crate::device::{DeviceChoice, SessionConfig};
 use crate::eval;
 use crate::graph::{GraphOptions, Purpose, Runner};
-use crate::model::ModelShape;
+use crate::model::{ModelConfig, ModelShape};
 use crate::run::{Best, DataInfo, MetricsRow, RunConfig, RunDir, TrainSettings};
 use crate::saved_model;
 use crate::text::thousands;
 
 /// The notebook's `EPOCHS`.
 pub const NOTEBOOK_EPOCHS: u64 = 3;
+/// The seed of every random source unless `--seed` says otherwise.
+pub const DEFAULT_SEED: u64 = 1337;
 
 /// What `minigpt train` does, validated.
 #[derive(Debug, Clone)]
@@ -40,9 +42,70 @@ pub enum Start {
     New { data: String, model: ModelShape, settings: TrainSettings },
     /// The weights, vocabulary and model of a SavedModel (`vocab`: for one that carries none).
     InitFrom { data: String, dir: PathBuf, vocab: Option<PathBuf>, settings: TrainSettings },
-    /// The run in `out`, from its newest checkpoint, its bounds raised if given; `data`, if given,
-    /// must be the text it was trained on.
-    Resume { data: Option<String>, max_steps: Option<u64>, epochs: Option<u64> },
+    /// The run in `out`, from its newest checkpoint, its bounds raised if given, on `device` if
+    /// given; `data`, if given, must be the text it was trained on, and the `given` settings the
+    /// run's own.
+    Resume {
+        data: Option<String>,
+        max_steps: Option<u64>,
+        epochs: Option<u64>,
+        device: Option<DeviceChoice>,
+        given: Given,
+    },
+}
+
+/// Run settings given with `--resume`: each must equal the run's (a user re-running the command
+/// that started the run, with `--resume` added, is continuing it).
+#[derive(Debug, Clone)]
+pub struct Given {
+    pub flags: Vec<&'static str>,
+    /// The settings and model as those flags (and defaults for the others) make them.
+    pub settings: TrainSettings,
+    pub model: ModelConfig,
+}
+
+impl Given {
+    /// Where in config.json each flag's value is kept.
+    const FIELDS: [(&'static str, &'static str); 20] = [
+        ("--model", "/model/arch"),
+        ("--block-size", "/train/block_size"),
+        ("--batch-size", "/train/batch_size"),
+        ("--embedding-dim", "/model/n_embd"),
+        ("--n-layer", "/model/n_layer"),
+        ("--n-head", "/model/n_head"),
+        ("--dropout", "/model/dropout"),
+        ("--lr", "/train/adam/learning_rate"),
+        ("--warmup-steps", "/train/adam/warmup_steps"),
+        ("--lr-decay-steps", "/train/adam/decay_steps"),
+        ("--min-lr", "/train/adam/min_lr"),
+        ("--weight-decay", "/train/adam/weight_decay"),
+        ("--beta1", "/train/adam/beta_1"),
+        ("--beta2", "/train/adam/beta_2"),
+        ("--grad-clip", "/train/adam/clip_norm"),
+        ("--seed", "/train/seed"),
+        ("--shuffle", "/train/shuffle"),
+        ("--save-every", "/train/save_every"),
+        ("--eval-every", "/train/eval_every"),
+        ("--keep", "/train/keep"),
+    ];
+
+    /// An error naming the first flag whose value differs from the run's.
+    fn check(&self, run: &RunConfig) -> Result<()> {
+        let stored = serde_json::to_value(run)?;
+        let asked = serde_json::json!({ "model": self.model, "train": self.settings });
+        for flag in &self.flags {
+            let Some((_, field)) = Self::FIELDS.iter().find(|(f, _)| f == flag) else { continue };
+            let (want, have) = (asked.pointer(field), stored.pointer(field));
+            ensure!(
+                want == have,
+                "{flag} {} differs from the run's {} (config.json {field}): a resumed run keeps its settings; \
+                 leave {flag} out, or start a new run",
+                want.map_or("none".into(), |v| v.to_string()),
+                have.map_or("none".into(), |v| v.to_string())
+            );
+        }
+        Ok(())
+    }
 }
 
 /// How training reports.
@@ -106,7 +169,7 @@ pub struct TrainSummary {
 pub fn run(cfg: &TrainConfig) -> Result<()> {
     stop_on_signals()?;
     let summary = match &cfg.start {
-        Start::Resume { data, max_steps, epochs } => resume(cfg, data.as_deref(), *max_steps, *epochs)?,
+        Start::Resume { .. } => resume(cfg)?,
         Start::New { data, .. } | Start::InitFrom { data, .. } => train(cfg, &data::load_corpus(data)?)?,
     };
     println!(
@@ -201,10 +264,18 @@ pub fn train(cfg: &TrainConfig, corpus: &Corpus) -> Result<TrainSummary> {
 /// Continues the run in `cfg.out` from its newest usable checkpoint: the same weights, Adam
 /// state and place in the data, so a resumed run computes what an uninterrupted one would, bit
 /// for bit.
-fn resume(cfg: &TrainConfig, data: Option<&str>, max_steps: Option<u64>, epochs: Option<u64>) -> Result<TrainSummary> {
+fn resume(cfg: &TrainConfig) -> Result<TrainSummary> {
+    let Start::Resume { data, max_steps, epochs, device, given } = &cfg.start else {
+        bail!("a new run is trained, not resumed");
+    };
+    let (data, max_steps, epochs) = (data.as_deref(), *max_steps, *epochs);
     let dir = RunDir::open(&cfg.out)?;
     let _lock = dir.lock()?;
     let mut config = dir.read_config()?;
+    given.check(&config)?;
+    if let Some(device) = device {
+        config.train.device = *device;
+    }
     if let Some(n) = max_steps {
         config.train.max_steps = Some(n);
     }
@@ -472,12 +543,15 @@ fn run_steps(
                 if logged { runner.train_step_logged(&x, &y, global_step)? } else { runner.train_step(&x, &y)? };
             if !loss.is_finite() {
                 // The loss of step g is that of the weights saved as ckpt-g, if any: not good ones.
-                dir.discard_checkpoint(global_step)?;
+                let aside = dir.discard_checkpoint(global_step)?;
                 let last = dir.checkpoints().ok().and_then(|c| c.into_iter().next());
                 let kept = last.map_or("no good checkpoint is left".to_string(), |p| {
                     format!("the newest checkpoint is still {}", p.display())
                 });
-                bail!("training stopped: the loss became {loss} at step {global_step} (try a lower --lr); {kept}");
+                let aside = aside.map_or(String::new(), |p| format!(" (its weights are kept as {})", p.display()));
+                bail!(
+                    "training stopped: the loss became {loss} at step {global_step}{aside} (try a lower --lr); {kept}"
+                );
             }
             rec.last_loss = loss;
             if logged {

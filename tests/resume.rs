@@ -118,7 +118,7 @@ fn a_resumed_run_matches_an_uninterrupted_one_bit_for_bit() {
     );
     let out = minigpt().args(["train", "--resume", "--out", whole.to_str().unwrap(), "--lr", "0.1"]).output().unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot be used with"));
+    assert!(last_stderr_line(&out).contains("--lr 0.1 differs from the run's 0.001"), "{}", last_stderr_line(&out));
     // More epochs continue it.
     let more = run(&["train", "--resume", "--out", whole.to_str().unwrap(), "--epochs", "4", "-q"]);
     assert!(
@@ -198,6 +198,7 @@ fn a_diverging_run_stops_at_the_first_non_finite_loss_keeping_the_last_good_chec
     // ckpt-1 holds the weights whose loss was NaN: it is discarded, ckpt-0 does not exist.
     assert!(line.ends_with("no good checkpoint is left"), "{line}");
     assert!(!dir.join("ckpt/ckpt-1.index").exists());
+    assert!(dir.join("ckpt/diverged-ckpt-1.index").exists(), "the diverged weights are kept aside, not deleted");
 
     // With a lower rate it diverges later; the checkpoint before the bad step (whose own loss
     // was finite) stays the newest, and the run resumes from it.

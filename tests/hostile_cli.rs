@@ -1,0 +1,346 @@
+//! The hostile and careless cases, as a table: each input → exit code, the pattern of the last
+//! stderr line, and what must still be true afterwards (the run directory usable, no file left
+//! behind, no checkpoint lost). Plus signals while a run is still loading.
+
+mod common;
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// One case: how to break things, the command, and what must come out.
+struct Case {
+    name: &'static str,
+    /// Changes a copy of the base run (`run`) and the folder it sits in before the command.
+    setup: fn(&Path, &Path),
+    /// The command's arguments; `RUN`, `DIR` and `CORPUS` stand for the run, the folder and the
+    /// corpus it was trained on.
+    args: &'static str,
+    code: i32,
+    /// Part of the last stderr line (errors) or of stdout (successes).
+    says: &'static str,
+    /// What must hold afterwards.
+    after: fn(&Path, &Path),
+}
+
+fn no_setup(_: &Path, _: &Path) {}
+fn nothing(_: &Path, _: &Path) {}
+
+/// Replaces `"field": value` (its first occurrence) in the run's config.json.
+fn edit_config(run: &Path, field: &str, value: &str) {
+    let path = run.join("config.json");
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let (section, key) = field.split_once('.').unwrap();
+    let target = if section == "adam" { &mut config["train"]["adam"] } else { &mut config[section] };
+    target[key] = serde_json::from_str(value).unwrap();
+    std::fs::write(path, serde_json::to_string_pretty(&config).unwrap()).unwrap();
+}
+
+fn checkpoint_kept(run: &Path, _: &Path) {
+    assert!(run.join("ckpt/ckpt-5.index").is_file() && run.join("ckpt/ckpt-5.data-00000-of-00001").is_file());
+}
+
+fn no_run_made(_: &Path, dir: &Path) {
+    assert!(!dir.join("new").exists(), "a run directory was left behind");
+}
+
+fn usable(run: &Path, _: &Path) {
+    let out =
+        common::minigpt().args(["generate", "--prompt", "To", "--chars", "5", "--run"]).arg(run).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+const CASES: &[Case] = &[
+    Case {
+        name: "corpus is a FIFO",
+        setup: |_, dir| assert!(Command::new("mkfifo").arg(dir.join("fifo")).status().unwrap().success()),
+        args: "train --data DIR/fifo --out DIR/new",
+        code: 1,
+        says: "is a FIFO: give a text file or a URL",
+        after: no_run_made,
+    },
+    Case {
+        name: "corpus is a device",
+        setup: no_setup,
+        args: "train --data /dev/zero --out DIR/new",
+        code: 1,
+        says: "/dev/zero is a device",
+        after: no_run_made,
+    },
+    Case {
+        name: "corpus is a directory",
+        setup: no_setup,
+        args: "train --data DIR --out DIR/new",
+        code: 1,
+        says: "is a directory",
+        after: no_run_made,
+    },
+    Case {
+        name: "a subnormal temperature",
+        setup: no_setup,
+        args: "generate --run RUN --prompt To --temperature 1e-39",
+        code: 1,
+        says: "--temperature must be a positive number from 1.1754944e-38 up",
+        after: nothing,
+    },
+    Case {
+        name: "the smallest normal temperature picks the best",
+        setup: no_setup,
+        args: "generate --run RUN --prompt To --chars 30 --temperature 1.2e-38",
+        code: 0,
+        says: "To",
+        after: nothing,
+    },
+    Case {
+        name: "a huge temperature",
+        setup: no_setup,
+        args: "generate --run RUN --prompt To --chars 30 --temperature 3e38",
+        code: 0,
+        says: "To",
+        after: nothing,
+    },
+    Case {
+        name: "top-k beyond the vocabulary",
+        setup: no_setup,
+        args: "generate --run RUN --prompt To --chars 30 --top-k 100000",
+        code: 0,
+        says: "To",
+        after: nothing,
+    },
+    Case {
+        name: "config.json with batch_size 0",
+        setup: |run, _| edit_config(run, "train.batch_size", "0"),
+        args: "train --resume --out RUN",
+        code: 1,
+        says: "config.json is not a valid run config: --batch-size must be at least 1",
+        after: checkpoint_kept,
+    },
+    Case {
+        name: "config.json with block_size 0",
+        setup: |run, _| edit_config(run, "train.block_size", "0"),
+        args: "train --resume --out RUN --max-steps 8",
+        code: 1,
+        says: "--block-size must be at least 1",
+        after: checkpoint_kept,
+    },
+    Case {
+        name: "config.json with learning_rate -1",
+        setup: |run, _| edit_config(run, "adam.learning_rate", "-1"),
+        args: "train --resume --out RUN --max-steps 8",
+        code: 1,
+        says: "--lr must be a positive number, not -1",
+        after: checkpoint_kept,
+    },
+    Case {
+        name: "config.json n_embd not the checkpoint's",
+        setup: |run, _| edit_config(run, "model.n_embd", "64"),
+        args: "generate --run RUN --prompt To",
+        code: 1,
+        says: "does not match checkpoint",
+        after: checkpoint_kept,
+    },
+    Case {
+        name: "config.json arch not the checkpoint's",
+        setup: |run, _| {
+            edit_config(run, "model.arch", "\"gpt\"");
+            edit_config(run, "model.n_layer", "1");
+            edit_config(run, "model.n_head", "1");
+            edit_config(run, "model.block_size", "64");
+        },
+        args: "eval --run RUN",
+        code: 1,
+        says: "the model it describes has a variable gpt/wte/embeddings",
+        after: checkpoint_kept,
+    },
+    Case {
+        name: "resume with another corpus",
+        setup: |_, dir| {
+            std::fs::write(dir.join("other.txt"), "another text altogether, long enough to matter ".repeat(200))
+                .unwrap()
+        },
+        args: "train --resume --out RUN --data DIR/other.txt --max-steps 8",
+        code: 1,
+        says: "is not the text this run was trained on",
+        after: checkpoint_kept,
+    },
+    Case {
+        name: "resume with the same corpus and the same flags",
+        setup: no_setup,
+        args: "train --resume --out RUN --data CORPUS --max-steps 8 --eval-batches 1 --seed 1337 --batch-size 32",
+        code: 0,
+        says: "trained 8 steps",
+        after: usable,
+    },
+    Case {
+        name: "resume with a flag of another value",
+        setup: no_setup,
+        args: "train --resume --out RUN --max-steps 8 --batch-size 16",
+        code: 1,
+        says: "--batch-size 16 differs from the run's 32",
+        after: checkpoint_kept,
+    },
+    Case {
+        name: "generate from a file",
+        setup: no_setup,
+        args: "generate --run CORPUS --prompt To",
+        code: 1,
+        says: "is a file, not a run directory or a SavedModel",
+        after: nothing,
+    },
+    Case {
+        name: "init-from a run directory",
+        setup: no_setup,
+        args: "train --init-from RUN --data CORPUS --out DIR/new --max-steps 3 --eval-batches 1 -q",
+        code: 0,
+        says: "trained 3 steps",
+        after: |_, dir| usable(&dir.join("new"), dir),
+    },
+    Case {
+        name: "eval on another corpus",
+        setup: |_, dir| {
+            std::fs::write(dir.join("other.txt"), "To be, or not to be: that is the question. ".repeat(400)).unwrap()
+        },
+        args: "eval --run RUN --data DIR/other.txt",
+        code: 0,
+        says: "val_loss: ",
+        after: nothing,
+    },
+    Case {
+        name: "a run stopped before its first checkpoint is started again",
+        setup: |run, _| {
+            std::fs::remove_dir_all(run.join("ckpt")).unwrap();
+        },
+        args: "train --data CORPUS --out RUN --max-steps 3 --eval-batches 1 -q",
+        code: 0,
+        says: "trained 3 steps",
+        after: usable,
+    },
+];
+
+#[test]
+fn every_hostile_case_gives_its_exit_code_and_message_and_leaves_things_usable() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = common::small_run(&tmp.path().join("base"), 30_000, &["--max-steps", "5", "--eval-batches", "1"]);
+    let corpus = tmp.path().join("base/small.txt");
+    let mut table = Vec::new();
+    for (i, case) in CASES.iter().enumerate() {
+        let dir = tmp.path().join(format!("case{i}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let run = dir.join("run");
+        copy_dir(&base, &run);
+        (case.setup)(&run, &dir);
+        let args: Vec<String> = case
+            .args
+            .split(' ')
+            .map(|a| {
+                a.replace("RUN", run.to_str().unwrap())
+                    .replace("DIR", dir.to_str().unwrap())
+                    .replace("CORPUS", corpus.to_str().unwrap())
+            })
+            .collect();
+        let out = common::minigpt().args(&args).timeout(Duration::from_secs(120)).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(!stderr.contains("panicked") && !stderr.contains("RUST_BACKTRACE"), "{}: {stderr}", case.name);
+        assert_eq!(out.status.code(), Some(case.code), "{}: {stderr}", case.name);
+        let line = common::last_stderr_line(&out);
+        if case.code == 0 {
+            assert!(stdout.contains(case.says), "{}: {stdout}", case.name);
+            assert!(!stdout.contains('\u{FFFD}'), "{}: a sample outside the vocabulary: {stdout}", case.name);
+        } else {
+            assert!(line.starts_with("error: ") && line.contains(case.says), "{}: {line}", case.name);
+        }
+        (case.after)(&run, &dir);
+        assert!(leftovers(&dir).is_empty(), "{}: left behind {:?}", case.name, leftovers(&dir));
+        table.push(format!("{:<58} exit {} {}", case.name, case.code, if case.code == 0 { "" } else { &line }));
+    }
+    println!("{}", table.join("\n"));
+}
+
+/// Temporary files a command must not leave behind.
+fn leftovers(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap().flatten() {
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if path.is_dir() {
+                stack.push(path.clone());
+            }
+            if name.starts_with(".partial-") || name.starts_with(".minigpt-export-") || name.starts_with(".tmp") {
+                found.push(path);
+            }
+        }
+    }
+    found
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap().flatten() {
+        let target = to.join(entry.file_name());
+        if entry.path().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// A server that accepts connections and never answers (a download that hangs); each accepted
+/// connection is reported on the channel.
+fn silent_server() -> (String, std::sync::mpsc::Receiver<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/input.txt", listener.local_addr().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        listener.set_nonblocking(true).unwrap();
+        let start = Instant::now();
+        let mut held = Vec::new();
+        while start.elapsed() < Duration::from_secs(60) {
+            if let Ok((stream, _)) = listener.accept() {
+                held.push(stream);
+                let _ = tx.send(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    (url, rx)
+}
+
+#[test]
+fn a_signal_while_loading_exits_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (url, connected) = silent_server();
+    for signal in [libc::SIGTERM, libc::SIGINT] {
+        let mut child = Command::new(assert_cmd::cargo::cargo_bin("minigpt"))
+            .args(["train", "--data", &url, "--out"])
+            .arg(tmp.path().join("run"))
+            .env("MINIGPT_CACHE", tmp.path().join("cache"))
+            .env("TF_CPP_MIN_LOG_LEVEL", "2")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Downloading: connected, waiting for an answer that never comes.
+        connected.recv_timeout(Duration::from_secs(30)).expect("minigpt never connected");
+        let sent = Instant::now();
+        // SAFETY: signalling our own child process.
+        assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if sent.elapsed() > Duration::from_secs(20) {
+                // SAFETY: as above.
+                unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+                panic!("signal {signal} ignored while downloading");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert_eq!(status.code(), Some(130), "signal {signal}");
+        assert!(!tmp.path().join("run").exists(), "a run directory was left behind");
+    }
+}
