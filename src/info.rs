@@ -28,10 +28,17 @@ fn describe_run(path: &Path) -> Result<String> {
     writeln!(out, "parameters:   {}", thousands(m.parameter_count()?))?;
     writeln!(out, "vocabulary:   {} characters", config.vocab.len())?;
     let t = &config.train;
+    // config.json is written after the checkpoint state: a process killed in between leaves it a
+    // checkpoint behind. The newest checkpoint's step is what a resume continues from.
+    let newest = dir
+        .checkpoints()
+        .ok()
+        .and_then(|c| c.first()?.file_name()?.to_str()?.strip_prefix("ckpt-")?.parse::<u64>().ok());
+    let steps = newest.unwrap_or(0).max(config.steps_done);
     writeln!(
         out,
         "trained:      {} steps, {} of {} epochs (block {}, batch {}, lr {}, seed {})",
-        config.steps_done, config.epochs_done, t.epochs, t.block_size, t.batch_size, t.adam.learning_rate, t.seed
+        steps, config.epochs_done, t.epochs, t.block_size, t.batch_size, t.adam.learning_rate, t.seed
     )?;
     match dir.read_metrics() {
         Ok(rows) => match rows.iter().rev().find_map(|r| r.val_loss.map(|v| (r, v))) {

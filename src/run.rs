@@ -200,6 +200,9 @@ impl RunDir {
         file.set_len(0)?;
         file.rewind()?;
         write!(file, "{}", std::process::id())?;
+        // Whoever held the lock before is gone: what it was writing when it died is garbage.
+        remove_checkpoint_files(&self.ckpt_dir(), ".partial-");
+        let _ = fs::remove_file(self.path.join(".loss-partial.png"));
         Ok(RunLock { _file: file })
     }
 
@@ -480,12 +483,17 @@ fn checkpoint_paths(text: &str) -> Vec<String> {
         .collect()
 }
 
+/// Removes `dir/<name>.*`; a `name` ending in `-` removes every `<name>*.*`.
 fn remove_checkpoint_files(dir: &Path, name: &str) {
     if let Ok(entries) = fs::read_dir(dir) {
         for entry in entries.flatten() {
             let file = entry.file_name();
             let file = file.to_string_lossy();
-            if file.strip_prefix(name).is_some_and(|rest| rest.starts_with('.')) {
+            let matches = match name.ends_with('-') {
+                true => file.starts_with(name),
+                false => file.strip_prefix(name).is_some_and(|rest| rest.starts_with('.')),
+            };
+            if matches {
                 let _ = fs::remove_file(entry.path());
             }
         }

@@ -70,8 +70,9 @@ pub fn export(run: &Path, out: &Path, session: SessionConfig) -> Result<PathBuf>
         dir.load(Load::Training { summaries: false }, SessionConfig { device: DeviceChoice::Cpu, ..session })?;
     let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    remove_stale_exports(parent);
     let tmp = tempfile::Builder::new()
-        .prefix(".minigpt-export-")
+        .prefix(&format!("{EXPORT_PREFIX}{}-", std::process::id()))
         .tempdir_in(parent)
         .with_context(|| format!("writing into {}", parent.display()))?;
     write(&config, &runner, tmp.path())?;
@@ -83,6 +84,22 @@ pub fn export(run: &Path, out: &Path, session: SessionConfig) -> Result<PathBuf>
     }
     fs::rename(&tmp, out).with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))?;
     Ok(out.to_path_buf())
+}
+
+/// Exports are built in `<parent>/.minigpt-export-<pid>-*` and renamed into place.
+const EXPORT_PREFIX: &str = ".minigpt-export-";
+
+/// Removes the temporary folders of exports whose process is gone (killed mid-export).
+fn remove_stale_exports(parent: &Path) {
+    let Ok(entries) = fs::read_dir(parent) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let pid = name.strip_prefix(EXPORT_PREFIX).and_then(|rest| rest.split('-').next()?.parse::<i32>().ok());
+        // SAFETY: kill with signal 0 only asks whether the process exists.
+        if pid.is_some_and(|pid| unsafe { libc::kill(pid, 0) } != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)) {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 fn write(config: &RunConfig, runner: &Runner, dir: &Path) -> Result<()> {
