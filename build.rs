@@ -1,9 +1,16 @@
 //! Links the TensorFlow C library from `.tf/lib` (made by `make setup` from the pip wheel) and
-//! embeds its path as an rpath, so binaries and tests run with no environment variables; and
-//! generates TensorFlow's protobuf types from `proto/tensorflow.fds.pb` (the descriptors of the
-//! pinned wheel, written by `python_export/proto_descriptors.py`) with prost-build, no protoc.
+//! embeds the wheel's own folder as an rpath, so binaries and tests run with no environment
+//! variables; and generates TensorFlow's protobuf types from `proto/tensorflow.fds.pb` (the
+//! descriptors of the pinned wheel, written by `python_export/proto_descriptors.py`) with
+//! prost-build, no protoc.
+//!
+//! `.tf/lib` holds symlinks under the names the linker expects; the rpath is the folder those
+//! symlinks point into, not `.tf/lib`. The wheel's libraries find their neighbours (CUDA's
+//! `libcudart.so.12`, cuDNN, ...) through RUNPATH entries relative to `$ORIGIN`, which the loader
+//! takes from the path it loaded them by: loaded through `.tf/lib`, `$ORIGIN/../nvidia/...` would
+//! be `.tf/lib/../nvidia/...` and CUDA would not be found.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::exit;
 
 use prost::Message;
@@ -20,7 +27,8 @@ fn link_tensorflow() {
         None => PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").unwrap()).join(".tf/lib"),
     };
     println!("cargo:rerun-if-changed={}", lib_dir.display());
-    let lib = lib_dir.join(if cfg!(target_os = "macos") { "libtensorflow.dylib" } else { "libtensorflow.so" });
+    let macos = cfg!(target_os = "macos");
+    let lib = lib_dir.join(if macos { "libtensorflow.dylib" } else { "libtensorflow.so" });
     if !lib.exists() {
         eprintln!("error: TensorFlow C library not found at {}: run `make setup` first", lib.display());
         exit(1);
@@ -29,7 +37,23 @@ fn link_tensorflow() {
     println!("cargo:rustc-link-search=native={}", lib_dir.display());
     println!("cargo:rustc-link-lib=dylib=tensorflow");
     println!("cargo:rustc-link-lib=dylib=tensorflow_framework");
-    println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib_dir.display());
+    // The real folders of both libraries (the same folder in the wheel), in load order.
+    let framework = lib_dir.join(if macos { "libtensorflow_framework.dylib" } else { "libtensorflow_framework.so" });
+    let mut rpaths: Vec<PathBuf> = Vec::new();
+    for link in [&lib, &framework] {
+        let dir = real_parent(link).unwrap_or_else(|| lib_dir.clone());
+        if !rpaths.contains(&dir) {
+            rpaths.push(dir);
+        }
+    }
+    for dir in rpaths {
+        println!("cargo:rustc-link-arg=-Wl,-rpath,{}", dir.display());
+    }
+}
+
+/// The folder that holds the file `link` resolves to (following every symlink).
+fn real_parent(link: &Path) -> Option<PathBuf> {
+    Some(link.canonicalize().ok()?.parent()?.to_path_buf())
 }
 
 fn generate_protos() {
