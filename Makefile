@@ -36,18 +36,27 @@ $(VENV_STAMP): python_export/requirements.txt Makefile
 	$(PY) -m pip install --quiet "$(TF_PACKAGE)" $$(grep -v '^tensorflow' python_export/requirements.txt | grep -v '^#')
 	touch $@
 
+# TF_LINK python,dir: links the C library of the wheel installed for `python` into `dir`, under the
+# names the linker and pkg-config expect. The links, and the pkg-config libdir, point at the wheel's
+# real folder (symlinks resolved), which is also the rpath build.rs embeds: the wheel's libraries find
+# CUDA through RUNPATHs relative to their own folder ($ORIGIN/../nvidia/...). The .pc's Libs link
+# through `dir` (the wheel has no libtensorflow.so) and carry that rpath.
+define TF_LINK
+@mkdir -p $(2)
+@tf=$$($(1) -c "import os, tensorflow as tf; print(os.path.realpath(tf.sysconfig.get_lib()))" 2>/dev/null) && \
+	  test -f "$$tf/libtensorflow_cc.so.2" || { echo "error: no libtensorflow_cc.so.2 in the installed wheel"; exit 1; }; \
+	  ln -sf "$$tf/libtensorflow_cc.so.2" $(2)/libtensorflow_cc.so.2; \
+	  ln -sf "$$tf/libtensorflow_cc.so.2" $(2)/libtensorflow.so.2; \
+	  ln -sf "$$tf/libtensorflow_cc.so.2" $(2)/libtensorflow.so; \
+	  ln -sf "$$tf/libtensorflow_framework.so.2" $(2)/libtensorflow_framework.so.2; \
+	  ln -sf "$$tf/libtensorflow_framework.so.2" $(2)/libtensorflow_framework.so; \
+	  printf 'libdir=%s\nincludedir=%s/include\n\nName: tensorflow\nDescription: TensorFlow C library (from the pip wheel)\nVersion: 2.21.0\nLibs: -L$${pcfiledir} -Wl,-rpath,$${libdir} -ltensorflow -ltensorflow_framework\nCflags: -I$${includedir}\n' "$$tf" "$$tf" > $(2)/tensorflow.pc
+@echo "TensorFlow C library linked into $(2) (from $$(dirname $$(readlink $(2)/libtensorflow_cc.so.2)))"
+endef
+
 # .tf/lib: the wheel's C library under the names the linker and pkg-config expect.
 $(TF_LIB): $(VENV_STAMP)
-	@mkdir -p .tf/lib
-	@tf=$$($(PY) -c "import os, tensorflow as tf; print(tf.sysconfig.get_lib())" 2>/dev/null) && \
-	  test -f "$$tf/libtensorflow_cc.so.2" || { echo "error: no libtensorflow_cc.so.2 in the installed wheel"; exit 1; }; \
-	  ln -sf "$$tf/libtensorflow_cc.so.2" .tf/lib/libtensorflow_cc.so.2; \
-	  ln -sf "$$tf/libtensorflow_cc.so.2" .tf/lib/libtensorflow.so.2; \
-	  ln -sf "$$tf/libtensorflow_cc.so.2" .tf/lib/libtensorflow.so; \
-	  ln -sf "$$tf/libtensorflow_framework.so.2" .tf/lib/libtensorflow_framework.so.2; \
-	  ln -sf "$$tf/libtensorflow_framework.so.2" .tf/lib/libtensorflow_framework.so; \
-	  printf 'libdir=$${pcfiledir}\nincludedir=%s/include\n\nName: tensorflow\nDescription: TensorFlow C library (from the pip wheel)\nVersion: 2.21.0\nLibs: -L$${libdir} -ltensorflow -ltensorflow_framework\nCflags: -I$${includedir}\n' "$$tf" > .tf/lib/tensorflow.pc
-	@echo "TensorFlow C library linked into .tf/lib"
+	$(call TF_LINK,$(PY),.tf/lib)
 
 build: setup
 	cargo build --release
