@@ -4,6 +4,9 @@
 #   make test    set up, check formatting and lints (rustfmt, clippy -D warnings), run every test
 #   make parity  set up, compare minigpt with the notebook under Python TensorFlow, print a table
 #   make bench   set up, time the notebook's code and minigpt side by side (bench/results.md)
+#   make gpu-check  install the CUDA wheel apart (.venv-gpu, .tf-gpu, target/gpu: ~6 GB) and check
+#                that minigpt linked against it finds CUDA inside it (no GPU needed; not in make test;
+#                make clean-gpu removes it all)
 #
 # The TensorFlow C library comes from the pinned pip wheel. For NVIDIA GPUs:
 #   make TF_PACKAGE='tensorflow[and-cuda]==2.21.0' train
@@ -26,7 +29,7 @@ DATA ?= $(or $(MINIGPT_DATA),builtin:tinyshakespeare)
 REPS ?= 3
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: setup build train train-gpt test parity bench clean-tf
+.PHONY: setup build train train-gpt test parity bench gpu-check clean-tf clean-gpu
 
 setup: $(TF_LIB)
 
@@ -83,5 +86,29 @@ bench: setup
 	cargo build --release --example bench
 	$(PY) bench/run.py --python $(PY) --minigpt target/release/examples/bench --data "$(DATA)" --reps $(REPS)
 
+# The CUDA wheel, apart from the CPU set-up: its own virtualenv, library folder and target directory.
+TF_GPU_PACKAGE ?= tensorflow[and-cuda]==2.21.0
+VENV_GPU := .venv-gpu
+PY_GPU := $(VENV_GPU)/bin/python
+TF_LIB_GPU := .tf-gpu/lib/tensorflow.pc
+
+$(VENV_GPU)/.installed: Makefile
+	test -x $(PY_GPU) || $(PYTHON) -m venv $(VENV_GPU)
+	$(PY_GPU) -m pip install --quiet --upgrade pip
+	$(PY_GPU) -m pip install --quiet "$(TF_GPU_PACKAGE)"
+	touch $@
+
+$(TF_LIB_GPU): $(VENV_GPU)/.installed
+	$(call TF_LINK,$(PY_GPU),.tf-gpu/lib)
+
+# Builds minigpt against the CUDA wheel and checks, with the loader's own trace, that TensorFlow
+# finds CUDA's libraries (and XLA's ptxas and libdevice) inside the wheel. No GPU is needed.
+gpu-check: $(TF_LIB_GPU)
+	MINIGPT_TF_LIB=$(CURDIR)/.tf-gpu/lib CARGO_TARGET_DIR=target/gpu cargo build --bin minigpt
+	$(PY_GPU) bench/gpu_check.py --minigpt target/gpu/debug/minigpt --tf-lib .tf-gpu/lib --log target/gpu/gpu-check.log
+
 clean-tf:
 	rm -rf .tf $(VENV)
+
+clean-gpu:
+	rm -rf .tf-gpu $(VENV_GPU) target/gpu
