@@ -46,6 +46,17 @@ fn link_tensorflow() {
             rpaths.push(dir);
         }
     }
+    if let Some(cusolver) = rpaths.last().and_then(|dir| cusolver(dir)) {
+        // The CUDA wheel (tensorflow[and-cuda]): once it has found a GPU, TensorFlow dlopens CUDA's
+        // libraries from libtensorflow_framework.so.2, whose RUNPATH (2.21) lists every nvidia/
+        // folder but cuSOLVER's; failing to load one, it registers no GPU. Loaded here at start-up
+        // (a library of the same soname already loaded is what dlopen returns), it is found.
+        let dir = cusolver.parent().unwrap();
+        let name = cusolver.file_name().unwrap().to_str().unwrap();
+        println!("cargo:rustc-link-arg=-L{}", dir.display());
+        println!("cargo:rustc-link-arg=-Wl,--push-state,--no-as-needed,-l:{name},--pop-state");
+        rpaths.push(dir.to_path_buf());
+    }
     for dir in rpaths {
         println!("cargo:rustc-link-arg=-Wl,-rpath,{}", dir.display());
     }
@@ -54,6 +65,21 @@ fn link_tensorflow() {
 /// The folder that holds the file `link` resolves to (following every symlink).
 fn real_parent(link: &Path) -> Option<PathBuf> {
     Some(link.canonicalize().ok()?.parent()?.to_path_buf())
+}
+
+/// `libcusolver.so.N` of the CUDA wheel installed next to TensorFlow's folder `tf_dir`, if any.
+fn cusolver(tf_dir: &Path) -> Option<PathBuf> {
+    let dir = tf_dir.join("../nvidia/cusolver/lib").canonicalize().ok()?;
+    let mut found: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            name.strip_prefix("libcusolver.so.").is_some_and(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .collect();
+    found.sort();
+    found.pop()
 }
 
 fn generate_protos() {
