@@ -4,6 +4,9 @@
 #   make test    set up, check formatting and lints (rustfmt, clippy -D warnings), run every test
 #   make parity  set up, compare minigpt with the notebook under Python TensorFlow, print a table
 #   make bench   set up, time the notebook's code and minigpt side by side (bench/results.md)
+#   make gpu-check  install the CUDA wheel apart (.venv-gpu, .tf-gpu, target/gpu: ~6 GB) and check
+#                that minigpt linked against it finds CUDA inside it (no GPU needed; not in make test;
+#                make clean-gpu removes it all)
 #
 # The TensorFlow C library comes from the pinned pip wheel. For NVIDIA GPUs:
 #   make TF_PACKAGE='tensorflow[and-cuda]==2.21.0' train
@@ -26,7 +29,7 @@ DATA ?= $(or $(MINIGPT_DATA),builtin:tinyshakespeare)
 REPS ?= 3
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: setup build train train-gpt test parity bench clean-tf
+.PHONY: setup build train train-gpt test parity bench gpu-check clean-tf clean-gpu
 
 setup: $(TF_LIB)
 
@@ -36,18 +39,27 @@ $(VENV_STAMP): python_export/requirements.txt Makefile
 	$(PY) -m pip install --quiet "$(TF_PACKAGE)" $$(grep -v '^tensorflow' python_export/requirements.txt | grep -v '^#')
 	touch $@
 
+# TF_LINK python,dir: links the C library of the wheel installed for `python` into `dir`, under the
+# names the linker and pkg-config expect. The links, and the pkg-config libdir, point at the wheel's
+# real folder (symlinks resolved), which is also the rpath build.rs embeds: the wheel's libraries find
+# CUDA through RUNPATHs relative to their own folder ($ORIGIN/../nvidia/...). The .pc's Libs link
+# through `dir` (the wheel has no libtensorflow.so) and carry that rpath.
+define TF_LINK
+@mkdir -p $(2)
+@tf=$$($(1) -c "import os, tensorflow as tf; print(os.path.realpath(tf.sysconfig.get_lib()))" 2>/dev/null) && \
+	  test -f "$$tf/libtensorflow_cc.so.2" || { echo "error: no libtensorflow_cc.so.2 in the installed wheel"; exit 1; }; \
+	  ln -sf "$$tf/libtensorflow_cc.so.2" $(2)/libtensorflow_cc.so.2; \
+	  ln -sf "$$tf/libtensorflow_cc.so.2" $(2)/libtensorflow.so.2; \
+	  ln -sf "$$tf/libtensorflow_cc.so.2" $(2)/libtensorflow.so; \
+	  ln -sf "$$tf/libtensorflow_framework.so.2" $(2)/libtensorflow_framework.so.2; \
+	  ln -sf "$$tf/libtensorflow_framework.so.2" $(2)/libtensorflow_framework.so; \
+	  printf 'libdir=%s\nincludedir=%s/include\n\nName: tensorflow\nDescription: TensorFlow C library (from the pip wheel)\nVersion: 2.21.0\nLibs: -L$${pcfiledir} -Wl,-rpath,$${libdir} -ltensorflow -ltensorflow_framework\nCflags: -I$${includedir}\n' "$$tf" "$$tf" > $(2)/tensorflow.pc
+@echo "TensorFlow C library linked into $(2) (from $$(dirname $$(readlink $(2)/libtensorflow_cc.so.2)))"
+endef
+
 # .tf/lib: the wheel's C library under the names the linker and pkg-config expect.
 $(TF_LIB): $(VENV_STAMP)
-	@mkdir -p .tf/lib
-	@tf=$$($(PY) -c "import os, tensorflow as tf; print(tf.sysconfig.get_lib())" 2>/dev/null) && \
-	  test -f "$$tf/libtensorflow_cc.so.2" || { echo "error: no libtensorflow_cc.so.2 in the installed wheel"; exit 1; }; \
-	  ln -sf "$$tf/libtensorflow_cc.so.2" .tf/lib/libtensorflow_cc.so.2; \
-	  ln -sf "$$tf/libtensorflow_cc.so.2" .tf/lib/libtensorflow.so.2; \
-	  ln -sf "$$tf/libtensorflow_cc.so.2" .tf/lib/libtensorflow.so; \
-	  ln -sf "$$tf/libtensorflow_framework.so.2" .tf/lib/libtensorflow_framework.so.2; \
-	  ln -sf "$$tf/libtensorflow_framework.so.2" .tf/lib/libtensorflow_framework.so; \
-	  printf 'libdir=$${pcfiledir}\nincludedir=%s/include\n\nName: tensorflow\nDescription: TensorFlow C library (from the pip wheel)\nVersion: 2.21.0\nLibs: -L$${libdir} -ltensorflow -ltensorflow_framework\nCflags: -I$${includedir}\n' "$$tf" > .tf/lib/tensorflow.pc
-	@echo "TensorFlow C library linked into .tf/lib"
+	$(call TF_LINK,$(PY),.tf/lib)
 
 build: setup
 	cargo build --release
@@ -74,5 +86,29 @@ bench: setup
 	cargo build --release --example bench
 	$(PY) bench/run.py --python $(PY) --minigpt target/release/examples/bench --data "$(DATA)" --reps $(REPS)
 
+# The CUDA wheel, apart from the CPU set-up: its own virtualenv, library folder and target directory.
+TF_GPU_PACKAGE ?= tensorflow[and-cuda]==2.21.0
+VENV_GPU := .venv-gpu
+PY_GPU := $(VENV_GPU)/bin/python
+TF_LIB_GPU := .tf-gpu/lib/tensorflow.pc
+
+$(VENV_GPU)/.installed: Makefile
+	test -x $(PY_GPU) || $(PYTHON) -m venv $(VENV_GPU)
+	$(PY_GPU) -m pip install --quiet --upgrade pip
+	$(PY_GPU) -m pip install --quiet "$(TF_GPU_PACKAGE)"
+	touch $@
+
+$(TF_LIB_GPU): $(VENV_GPU)/.installed
+	$(call TF_LINK,$(PY_GPU),.tf-gpu/lib)
+
+# Builds minigpt against the CUDA wheel and checks, with the loader's own trace, that TensorFlow
+# finds CUDA's libraries (and XLA's ptxas and libdevice) inside the wheel. No GPU is needed.
+gpu-check: $(TF_LIB_GPU)
+	MINIGPT_TF_LIB=$(CURDIR)/.tf-gpu/lib CARGO_TARGET_DIR=target/gpu cargo build --bin minigpt
+	$(PY_GPU) bench/gpu_check.py --minigpt target/gpu/debug/minigpt --tf-lib .tf-gpu/lib --log target/gpu/gpu-check.log
+
 clean-tf:
 	rm -rf .tf $(VENV)
+
+clean-gpu:
+	rm -rf .tf-gpu $(VENV_GPU) target/gpu

@@ -1,9 +1,16 @@
 //! Links the TensorFlow C library from `.tf/lib` (made by `make setup` from the pip wheel) and
-//! embeds its path as an rpath, so binaries and tests run with no environment variables; and
-//! generates TensorFlow's protobuf types from `proto/tensorflow.fds.pb` (the descriptors of the
-//! pinned wheel, written by `python_export/proto_descriptors.py`) with prost-build, no protoc.
+//! embeds the wheel's own folder as an rpath, so binaries and tests run with no environment
+//! variables; and generates TensorFlow's protobuf types from `proto/tensorflow.fds.pb` (the
+//! descriptors of the pinned wheel, written by `python_export/proto_descriptors.py`) with
+//! prost-build, no protoc.
+//!
+//! `.tf/lib` holds symlinks under the names the linker expects; the rpath is the folder those
+//! symlinks point into, not `.tf/lib`. The wheel's libraries find their neighbours (CUDA's
+//! `libcudart.so.12`, cuDNN, ...) through RUNPATH entries relative to `$ORIGIN`, which the loader
+//! takes from the path it loaded them by: loaded through `.tf/lib`, `$ORIGIN/../nvidia/...` would
+//! be `.tf/lib/../nvidia/...` and CUDA would not be found.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::exit;
 
 use prost::Message;
@@ -20,7 +27,8 @@ fn link_tensorflow() {
         None => PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").unwrap()).join(".tf/lib"),
     };
     println!("cargo:rerun-if-changed={}", lib_dir.display());
-    let lib = lib_dir.join(if cfg!(target_os = "macos") { "libtensorflow.dylib" } else { "libtensorflow.so" });
+    let macos = cfg!(target_os = "macos");
+    let lib = lib_dir.join(if macos { "libtensorflow.dylib" } else { "libtensorflow.so" });
     if !lib.exists() {
         eprintln!("error: TensorFlow C library not found at {}: run `make setup` first", lib.display());
         exit(1);
@@ -29,7 +37,49 @@ fn link_tensorflow() {
     println!("cargo:rustc-link-search=native={}", lib_dir.display());
     println!("cargo:rustc-link-lib=dylib=tensorflow");
     println!("cargo:rustc-link-lib=dylib=tensorflow_framework");
-    println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib_dir.display());
+    // The real folders of both libraries (the same folder in the wheel), in load order.
+    let framework = lib_dir.join(if macos { "libtensorflow_framework.dylib" } else { "libtensorflow_framework.so" });
+    let mut rpaths: Vec<PathBuf> = Vec::new();
+    for link in [&lib, &framework] {
+        let dir = real_parent(link).unwrap_or_else(|| lib_dir.clone());
+        if !rpaths.contains(&dir) {
+            rpaths.push(dir);
+        }
+    }
+    if let Some(cusolver) = rpaths.last().and_then(|dir| cusolver(dir)) {
+        // The CUDA wheel (tensorflow[and-cuda]): once it has found a GPU, TensorFlow dlopens CUDA's
+        // libraries from libtensorflow_framework.so.2, whose RUNPATH (2.21) lists every nvidia/
+        // folder but cuSOLVER's; failing to load one, it registers no GPU. Loaded here at start-up
+        // (a library of the same soname already loaded is what dlopen returns), it is found.
+        let dir = cusolver.parent().unwrap();
+        let name = cusolver.file_name().unwrap().to_str().unwrap();
+        println!("cargo:rustc-link-arg=-L{}", dir.display());
+        println!("cargo:rustc-link-arg=-Wl,--push-state,--no-as-needed,-l:{name},--pop-state");
+        rpaths.push(dir.to_path_buf());
+    }
+    for dir in rpaths {
+        println!("cargo:rustc-link-arg=-Wl,-rpath,{}", dir.display());
+    }
+}
+
+/// The folder that holds the file `link` resolves to (following every symlink).
+fn real_parent(link: &Path) -> Option<PathBuf> {
+    Some(link.canonicalize().ok()?.parent()?.to_path_buf())
+}
+
+/// `libcusolver.so.N` of the CUDA wheel installed next to TensorFlow's folder `tf_dir`, if any.
+fn cusolver(tf_dir: &Path) -> Option<PathBuf> {
+    let dir = tf_dir.join("../nvidia/cusolver/lib").canonicalize().ok()?;
+    let mut found: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            name.strip_prefix("libcusolver.so.").is_some_and(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .collect();
+    found.sort();
+    found.pop()
 }
 
 fn generate_protos() {
