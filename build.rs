@@ -57,6 +57,8 @@ fn link_tensorflow() {
         println!("cargo:rustc-link-arg=-Wl,--push-state,--no-as-needed,-l:{name},--pop-state");
         rpaths.push(dir.to_path_buf());
     }
+    // Where the wheel's TensorFlow is: minigpt looks beside it for CUDA (device diagnostics, XLA's ptxas).
+    println!("cargo:rustc-env=MINIGPT_TF_DIR={}", rpaths[0].display());
     for dir in rpaths {
         println!("cargo:rustc-link-arg=-Wl,-rpath,{}", dir.display());
     }

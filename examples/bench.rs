@@ -51,7 +51,7 @@ fn main() -> Result<()> {
         println!("{}", data::local_path(&args.data)?.display());
         return Ok(());
     }
-    let session: SessionConfig = args.session.to_config(Default::default());
+    let session: SessionConfig = args.session.to_config(Default::default())?;
 
     // Time to first step: corpus, vocabulary, graph, session, first batch, first step.
     let corpus = data::load_corpus(&args.data)?;

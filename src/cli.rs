@@ -7,7 +7,7 @@ use anyhow::{ensure, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::data::{self, Shuffle, NOTEBOOK_BATCH_SIZE, NOTEBOOK_BLOCK_SIZE, NOTEBOOK_SHUFFLE_BUFFER};
-use crate::device::{self, DeviceChoice, SessionConfig};
+use crate::device::{self, DeviceChoice, GpuConfig, SessionConfig};
 use crate::eval::{self, EvalConfig, Split};
 use crate::graph;
 use crate::info;
@@ -241,7 +241,7 @@ impl TrainArgs {
         Ok(TrainConfig {
             out: self.out.clone(),
             start,
-            session: self.session.to_config(self.device.unwrap_or_default()),
+            session: self.session.to_config(self.device.unwrap_or_default())?,
             report,
         })
     }
@@ -275,7 +275,7 @@ impl TrainArgs {
 }
 
 /// TensorFlow runtime settings shared by the commands that run a graph.
-#[derive(Args, Debug, Clone, Copy, Default)]
+#[derive(Args, Debug, Clone, Default)]
 pub struct SessionArgs {
     /// Threads inside one op (0: TensorFlow's choice, one per core).
     #[arg(long, default_value_t = 0)]
@@ -286,17 +286,37 @@ pub struct SessionArgs {
     /// Compile the graph with XLA's JIT.
     #[arg(long)]
     pub xla: bool,
+    /// The GPUs TensorFlow may use, by index (e.g. `0,2`) [default: all]. GPU memory grows as
+    /// needed rather than being taken whole at start-up.
+    #[arg(long)]
+    pub gpus: Option<String>,
+    /// Take at most this fraction of each GPU's memory (0 < F <= 1).
+    #[arg(long)]
+    pub gpu_memory_fraction: Option<f64>,
+    /// Print the device each op is placed on (TensorFlow's own log, on stderr).
+    #[arg(long)]
+    pub log_placement: bool,
 }
 
 impl SessionArgs {
     /// The session settings, on `device`.
-    pub fn to_config(&self, device: DeviceChoice) -> SessionConfig {
-        SessionConfig {
+    pub fn to_config(&self, device: DeviceChoice) -> Result<SessionConfig> {
+        let fraction = self.gpu_memory_fraction.unwrap_or(0.0);
+        ensure!(
+            self.gpu_memory_fraction.is_none() || (fraction > 0.0 && fraction <= 1.0),
+            "--gpu-memory-fraction must be in (0, 1], not {fraction}"
+        );
+        let visible = match &self.gpus {
+            Some(list) => GpuConfig::parse_list(list)?,
+            None => 0,
+        };
+        Ok(SessionConfig {
             intra_op_threads: self.intra_op_threads,
             inter_op_threads: self.inter_op_threads,
             xla: self.xla,
             device,
-        }
+            gpu: GpuConfig { memory_fraction: fraction, visible, log_placement: self.log_placement },
+        })
     }
 }
 
@@ -410,8 +430,8 @@ pub struct GraphArgs {
 }
 
 impl LoadArgs {
-    fn to_options(&self) -> OpenOptions {
-        OpenOptions { vocab: self.vocab.clone(), session: self.session.to_config(self.device), sampler: None }
+    fn to_options(&self) -> Result<OpenOptions> {
+        Ok(OpenOptions { vocab: self.vocab.clone(), session: self.session.to_config(self.device)?, sampler: None })
     }
 }
 
@@ -424,7 +444,7 @@ impl GenerateArgs {
             run: self.run.clone(),
             prompt: self.prompt.clone(),
             generation,
-            open: self.load.to_options(),
+            open: self.load.to_options()?,
         })
     }
 }
@@ -437,7 +457,7 @@ impl EvalArgs {
             data: self.data.clone(),
             split: self.split,
             eval_batches: self.eval_batches,
-            open: self.load.to_options(),
+            open: self.load.to_options()?,
         })
     }
 }
@@ -459,12 +479,12 @@ impl GraphArgs {
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Devices => device::print_devices(),
+        Command::Devices => device::print_devices(SessionConfig::default()),
         Command::Train(args) => train::run(&args.to_config()?),
         Command::Generate(args) => sample::run(&args.to_config()?),
         Command::Eval(args) => eval::run(&args.to_config()?),
         Command::Export(args) => {
-            let path = saved_model::export(&args.run, &args.out, args.session.to_config(DeviceChoice::Cpu))?;
+            let path = saved_model::export(&args.run, &args.out, args.session.to_config(DeviceChoice::Cpu)?)?;
             println!(
                 "wrote SavedModel {} (signatures serving_default: tokens -> logits, train_step: x, y -> loss)",
                 path.display()

@@ -1,6 +1,8 @@
 //! Devices and session settings: what TensorFlow sees, where a graph goes, and the
 //! `ConfigProto` (threads, soft placement, XLA) every session is made with.
 
+use std::path::Path;
+
 use anyhow::{bail, Context, Result};
 use prost::Message;
 use tensorflow::{Graph, Session, SessionOptions};
@@ -31,17 +33,55 @@ pub struct SessionConfig {
     pub xla: bool,
     /// Where the graph's ops go.
     pub device: DeviceChoice,
+    pub gpu: GpuConfig,
+}
+
+/// GPU memory and visibility, as TensorFlow users set them (memory growth,
+/// `per_process_gpu_memory_fraction`, a visible device list).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct GpuConfig {
+    /// Allocate at most this fraction of each GPU's memory (0: no limit).
+    pub memory_fraction: f64,
+    /// The GPUs TensorFlow may use, by index (bit i: GPU i); 0: all of them.
+    pub visible: u64,
+    /// Log the device of every op as the graph is placed.
+    pub log_placement: bool,
+}
+
+impl GpuConfig {
+    /// `--gpus 0,2` → GPUs 0 and 2.
+    pub fn parse_list(list: &str) -> Result<u64> {
+        let mut mask = 0u64;
+        for part in list.split(',') {
+            let i: u32 = part.trim().parse().with_context(|| format!("--gpus: {part:?} is not a GPU index"))?;
+            anyhow::ensure!(i < 64, "--gpus: GPU index {i} is out of range");
+            mask |= 1 << i;
+        }
+        Ok(mask)
+    }
+
+    fn visible_list(self) -> String {
+        (0..64).filter(|i| self.visible & (1 << i) != 0).map(|i| i.to_string()).collect::<Vec<_>>().join(",")
+    }
 }
 
 impl SessionConfig {
     /// The `ConfigProto`. Soft placement is on: ops without a kernel on the chosen device run on
-    /// the CPU.
+    /// the CPU. GPU memory grows as needed instead of being taken whole at start-up, in every
+    /// session (TensorFlow's GPU allocator is per process, so the first session decides).
     pub fn to_proto(self) -> proto::ConfigProto {
         let jit = proto::optimizer_options::GlobalJitLevel::On1;
         proto::ConfigProto {
             intra_op_parallelism_threads: self.intra_op_threads as i32,
             inter_op_parallelism_threads: self.inter_op_threads as i32,
             allow_soft_placement: true,
+            log_device_placement: self.gpu.log_placement,
+            gpu_options: Some(proto::GpuOptions {
+                allow_growth: true,
+                per_process_gpu_memory_fraction: self.gpu.memory_fraction,
+                visible_device_list: self.gpu.visible_list(),
+                ..Default::default()
+            }),
             graph_options: self.xla.then(|| proto::GraphOptions {
                 optimizer_options: Some(proto::OptimizerOptions { global_jit_level: jit as i32, ..Default::default() }),
                 ..Default::default()
@@ -52,7 +92,7 @@ impl SessionConfig {
 
     pub fn session_options(self) -> Result<SessionOptions> {
         if self.xla {
-            enable_cpu_jit();
+            enable_jit();
         }
         let mut options = SessionOptions::new();
         options.set_config(&self.to_proto().encode_to_vec()).context("setting the session's ConfigProto")?;
@@ -65,11 +105,8 @@ impl SessionConfig {
             DeviceChoice::Auto => None,
             DeviceChoice::Cpu => Some("/device:CPU:0".into()),
             DeviceChoice::Gpu => {
-                if gpu_count(&list_devices()?) == 0 {
-                    bail!(
-                        "--device gpu: TensorFlow sees no GPU (a GPU needs the tensorflow[and-cuda] wheel, \
-                         see the README)"
-                    );
+                if gpu_count(&list_devices(self)?) == 0 {
+                    bail!("--device gpu: TensorFlow sees no GPU: {}", why_no_gpu());
                 }
                 Some("/device:GPU:0".into())
             }
@@ -77,13 +114,53 @@ impl SessionConfig {
     }
 }
 
+/// The folder of the TensorFlow library minigpt was linked with (the wheel's `tensorflow/`).
+fn tensorflow_dir() -> &'static Path {
+    Path::new(env!("MINIGPT_TF_DIR"))
+}
+
+/// Why TensorFlow sees no GPU, from what is installed: a CPU-only wheel, no NVIDIA driver, or a
+/// GPU TensorFlow could not use.
+fn why_no_gpu() -> String {
+    if !tensorflow_dir().join("../nvidia/cuda_runtime").is_dir() {
+        return format!(
+            "minigpt is linked with a CPU-only TensorFlow ({}, no CUDA libraries beside it): build it with \
+             `make TF_PACKAGE='tensorflow[and-cuda]==2.21.0' build` (see the README)",
+            tensorflow_dir().display()
+        );
+    }
+    // SAFETY: dlopen and dlclose of the driver library by name, only to see whether it loads.
+    let driver = unsafe {
+        let handle = libc::dlopen(c"libcuda.so.1".as_ptr(), libc::RTLD_LAZY | libc::RTLD_LOCAL);
+        if !handle.is_null() {
+            libc::dlclose(handle);
+        }
+        !handle.is_null()
+    };
+    match driver {
+        false => "no NVIDIA driver is installed (libcuda.so.1 cannot be loaded); the CUDA libraries are there".into(),
+        true => "the driver and the CUDA libraries load, but TensorFlow registered no GPU: `minigpt devices -v` \
+                 shows its own messages"
+            .into(),
+    }
+}
+
 /// On CPU, `global_jit_level` clusters nothing unless XLA's `--tf_xla_cpu_global_jit` flag is
-/// set; TensorFlow reads `TF_XLA_FLAGS` once, when XLA first runs in the process.
-fn enable_cpu_jit() {
-    const FLAG: &str = "--tf_xla_cpu_global_jit";
-    let flags = std::env::var("TF_XLA_FLAGS").unwrap_or_default();
-    if !flags.split_whitespace().any(|f| f == FLAG) {
-        std::env::set_var("TF_XLA_FLAGS", format!("{flags} {FLAG}").trim());
+/// set; on a GPU, XLA needs `ptxas` and libdevice, which the CUDA wheel has in
+/// `nvidia/cuda_nvcc` (pinned there, ahead of any other `ptxas` on `PATH`). TensorFlow reads
+/// `TF_XLA_FLAGS` and `XLA_FLAGS` once, when XLA first runs in the process.
+fn enable_jit() {
+    add_flag("TF_XLA_FLAGS", "--tf_xla_cpu_global_jit", "--tf_xla_cpu_global_jit");
+    if let Ok(nvcc) = tensorflow_dir().join("../nvidia/cuda_nvcc").canonicalize() {
+        add_flag("XLA_FLAGS", "--xla_gpu_cuda_data_dir", &format!("--xla_gpu_cuda_data_dir={}", nvcc.display()));
+    }
+}
+
+/// Appends `flag` to the environment variable `var` unless a flag named `name` is there.
+fn add_flag(var: &str, name: &str, flag: &str) {
+    let flags = std::env::var(var).unwrap_or_default();
+    if !flags.split_whitespace().any(|f| f.split('=').next() == Some(name)) {
+        std::env::set_var(var, format!("{flags} {flag}").trim());
     }
 }
 
@@ -95,9 +172,10 @@ pub struct DeviceInfo {
     pub memory_bytes: i64,
 }
 
-pub fn list_devices() -> Result<Vec<DeviceInfo>> {
+/// The devices a session made with `config` sees.
+pub fn list_devices(config: SessionConfig) -> Result<Vec<DeviceInfo>> {
     let graph = Graph::new();
-    let session = Session::new(&SessionOptions::new(), &graph).context("starting TensorFlow")?;
+    let session = Session::new(&config.session_options()?, &graph).context("starting TensorFlow")?;
     Ok(session
         .device_list()?
         .into_iter()
@@ -110,8 +188,8 @@ pub fn gpu_count(devices: &[DeviceInfo]) -> usize {
 }
 
 /// `minigpt devices`: every device, then the notebook's line.
-pub fn print_devices() -> Result<()> {
-    let devices = list_devices()?;
+pub fn print_devices(config: SessionConfig) -> Result<()> {
+    let devices = list_devices(config)?;
     for d in &devices {
         println!("{:<28} {:<5} {:>8.1} MiB", d.name, d.kind, d.memory_bytes as f64 / (1 << 20) as f64);
     }
@@ -125,12 +203,21 @@ mod tests {
 
     #[test]
     fn the_config_proto_carries_threads_and_xla() {
-        let config = SessionConfig { intra_op_threads: 3, inter_op_threads: 2, xla: true, device: DeviceChoice::Cpu };
+        let gpu =
+            GpuConfig { memory_fraction: 0.5, visible: GpuConfig::parse_list("0,2").unwrap(), log_placement: true };
+        let config =
+            SessionConfig { intra_op_threads: 3, inter_op_threads: 2, xla: true, device: DeviceChoice::Cpu, gpu };
         let decoded = proto::ConfigProto::decode(&config.to_proto().encode_to_vec()[..]).unwrap();
         assert_eq!((decoded.intra_op_parallelism_threads, decoded.inter_op_parallelism_threads), (3, 2));
         assert!(decoded.allow_soft_placement);
         let jit = decoded.graph_options.unwrap().optimizer_options.unwrap().global_jit_level;
         assert_eq!(jit, proto::optimizer_options::GlobalJitLevel::On1 as i32);
         assert!(SessionConfig::default().to_proto().graph_options.is_none());
+        let gpu = decoded.gpu_options.unwrap();
+        assert!(gpu.allow_growth && decoded.log_device_placement);
+        assert_eq!((gpu.per_process_gpu_memory_fraction, gpu.visible_device_list.as_str()), (0.5, "0,2"));
+        // Memory growth in every session, whatever else is asked.
+        assert!(SessionConfig::default().to_proto().gpu_options.unwrap().allow_growth);
+        assert!(GpuConfig::parse_list("1,x").is_err());
     }
 }

@@ -19,7 +19,8 @@ fn quiet_tensorflow() {
         std::env::remove_var(PARKED);
         return;
     }
-    let verbose = std::env::args().skip(1).any(|a| a == "-v" || a == "--verbose");
+    // `--log-placement` is TensorFlow's own log, at its INFO level.
+    let verbose = std::env::args().skip(1).any(|a| a == "-v" || a == "--verbose" || a == "--log-placement");
     let level = match (std::env::var("TF_CPP_MIN_LOG_LEVEL").ok(), verbose) {
         (None, false) => "2",
         (Some(level), true) if level != "0" => "0",

@@ -193,6 +193,24 @@ fn devices_prints_the_notebook_line() {
 }
 
 #[test]
+fn gpu_settings_are_accepted_on_the_cpu_and_placement_is_logged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = small_corpus(tmp.path());
+    let run = tmp.path().join("run");
+    let gpu = ["--gpus", "0", "--gpu-memory-fraction", "0.5", "--log-every", "1"];
+    let out = train(&corpus, &run, 2, &gpu);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = minigpt()
+        .args(["generate", "--prompt", "To", "--chars", "3", "--log-placement", "--run"])
+        .arg(&run)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("device:CPU:0"), "no placement lines: {stderr}");
+}
+
+#[test]
 fn eval_every_adds_validation_points_to_the_metrics_and_the_plot() {
     let tmp = tempfile::tempdir().unwrap();
     let corpus = small_corpus(tmp.path());

@@ -207,6 +207,22 @@ const CASES: &[Case] = &[
         after: nothing,
     },
     Case {
+        name: "--device gpu with the CPU wheel says why",
+        setup: no_setup,
+        args: "train --data CORPUS --out DIR/new --device gpu --max-steps 2",
+        code: 1,
+        says: "TensorFlow sees no GPU: minigpt is linked with a CPU-only TensorFlow",
+        after: no_run_made,
+    },
+    Case {
+        name: "a GPU memory fraction out of range",
+        setup: no_setup,
+        args: "generate --run RUN --prompt To --gpu-memory-fraction 1.5",
+        code: 1,
+        says: "--gpu-memory-fraction must be in (0, 1], not 1.5",
+        after: nothing,
+    },
+    Case {
         name: "a run stopped before its first checkpoint is started again",
         setup: |run, _| {
             std::fs::remove_dir_all(run.join("ckpt")).unwrap();
