@@ -1,4 +1,4 @@
-//! Ctrl-C during training: the step finishes, a checkpoint is written, the process exits with
+//! Ctrl-C (and SIGTERM) during training: the step finishes, a checkpoint is written, the process exits with
 //! 130 and says how to resume; a second process on the same run directory is refused meanwhile.
 
 mod common;
@@ -8,6 +8,16 @@ use std::process::{Command, Stdio};
 
 #[test]
 fn sigint_checkpoints_exits_130_and_the_run_resumes() {
+    interrupt(libc::SIGINT);
+}
+
+#[test]
+fn sigterm_checkpoints_exits_130_and_the_run_resumes() {
+    interrupt(libc::SIGTERM);
+}
+
+/// Trains until step 100, sends `signal`, checks the checkpoint, the exit and the resume.
+fn interrupt(signal: i32) {
     let tmp = tempfile::tempdir().unwrap();
     let text = std::fs::read_to_string(common::corpus_path()).unwrap();
     let corpus = tmp.path().join("small.txt");
@@ -33,7 +43,7 @@ fn sigint_checkpoints_exits_130_and_the_run_resumes() {
     assert!(line.contains(&format!("is in use by another minigpt process (pid {})", child.id())), "{line}");
 
     // SAFETY: signalling our own child process.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(130), "{}", String::from_utf8_lossy(&out.stderr));
     let message = common::last_stderr_line(&out);
