@@ -179,7 +179,12 @@ pub fn check(dir: &Path, corpus: &Corpus, session: SessionConfig) -> Result<Vec<
         Ok((Tensor::new(&dims).with_values(&x)?, Tensor::new(&dims).with_values(&y)?))
     };
     let (x0, y0) = batch(0)?;
-    let tolerances = Tolerances { logits: 1e-5, loss: 1e-6, grads: 1e-6 };
+    // Without XLA minigpt runs the notebook's kernels: every number is the notebook's, exactly,
+    // and that is what is asserted. XLA's fused kernels round differently: `make parity --xla`
+    // shows by how much, against the tolerances of the transformer's checks.
+    let exact = !session.xla;
+    let tol = |loose: f64| if exact { 0.0 } else { loose };
+    let tolerances = Tolerances { logits: tol(1e-5), loss: tol(1e-6), grads: tol(1e-6) };
     checks.extend(forward_checks(
         &runner,
         &fx,
@@ -196,10 +201,10 @@ pub fn check(dir: &Path, corpus: &Corpus, session: SessionConfig) -> Result<Vec<
         let (x, y) = batch(i)?;
         losses.push(runner.train_step::<f32>(&x, &y)? as f64);
         if i == 0 || i + 1 == m.steps {
-            checks.extend(compare_state(&runner, &fx, &names, i + 1)?);
+            checks.extend(compare_state(&runner, &fx, &names, i + 1, tol(1e-5))?);
         }
     }
-    checks.push(max_abs_slice(&format!("train_step losses, {} steps", m.steps), &losses, &m.step_losses, 1e-5));
+    checks.push(max_abs_slice(&format!("train_step losses, {} steps", m.steps), &losses, &m.step_losses, tol(1e-5)));
 
     // Generation from the trained weights with the notebook's seed and prompt.
     let prompt = vocab.encode(&m.generate.prompt).map_err(|e| anyhow::anyhow!("prompt: {e}"))?;
@@ -219,7 +224,7 @@ pub fn check(dir: &Path, corpus: &Corpus, session: SessionConfig) -> Result<Vec<
     let encoded = vocab.encode(&corpus.text).map_err(|e| anyhow::anyhow!("corpus: {e}"))?;
     let (train, val) = data::split(&encoded);
     checks.extend(check_pipeline(&fx, m, train, val)?);
-    checks.push(check_curve(&fx, m, train, new_runner()?, &init)?);
+    checks.push(check_curve(&fx, m, train, new_runner()?, &init, tol(1e-3))?);
     Ok(checks)
 }
 
@@ -295,7 +300,7 @@ fn forward_checks(
 }
 
 /// Weights and Adam's m and v after `step` steps.
-fn compare_state(runner: &Runner, fx: &Fixtures, names: &[String], step: usize) -> Result<Vec<Check>> {
+fn compare_state(runner: &Runner, fx: &Fixtures, names: &[String], step: usize, tolerance: f64) -> Result<Vec<Check>> {
     let weights = runner.weights::<f32>()?;
     let [m, v] = runner.adam_moments::<f32>()?;
     let mut checks = Vec::new();
@@ -306,7 +311,7 @@ fn compare_state(runner: &Runner, fx: &Fixtures, names: &[String], step: usize) 
                 want[i].dims().iter().map(|&d| d as usize).collect::<Vec<_>>(),
                 want[i].to_vec(),
             )?;
-            checks.push(max_rel(&format!("step {step}: {name}{label}"), &got[i], &want, 1e-5)?);
+            checks.push(max_rel(&format!("step {step}: {name}{label}"), &got[i], &want, tolerance)?);
         }
     }
     Ok(checks)
@@ -392,7 +397,14 @@ fn check_pipeline(fx: &Fixtures, m: &Manifest, train: &[i32], val: &[i32]) -> Re
 }
 
 /// The notebook's loop for `curve_steps` steps, windows in text order, from the initial weights.
-fn check_curve(fx: &Fixtures, m: &Manifest, train: &[i32], runner: Runner, init: &[Tensor<f32>]) -> Result<Check> {
+fn check_curve(
+    fx: &Fixtures,
+    m: &Manifest,
+    train: &[i32],
+    runner: Runner,
+    init: &[Tensor<f32>],
+    tolerance: f64,
+) -> Result<Check> {
     let want = fx.array::<f32>("curve/losses.npy")?;
     runner.set_weights(init)?;
     let (t, b) = (m.block_size, m.batch_size);
@@ -410,7 +422,7 @@ fn check_curve(fx: &Fixtures, m: &Manifest, train: &[i32], runner: Runner, init:
         }
     }
     let want: Vec<f64> = want.iter().map(|&v| v as f64).collect();
-    Ok(max_abs_slice(&format!("loss every 100 steps, {} steps", m.curve_steps), &logged, &want, 1e-3))
+    Ok(max_abs_slice(&format!("loss every 100 steps, {} steps", m.curve_steps), &logged, &want, tolerance))
 }
 
 fn differing_chars(a: &str, b: &str) -> usize {
