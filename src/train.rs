@@ -229,6 +229,7 @@ pub fn train(cfg: &TrainConfig, corpus: &Corpus) -> Result<TrainSummary> {
         );
     }
     config.validate()?;
+    check_memory(&config, corpus.text.len())?;
     let runner = build_runner(&config, cfg.session)?;
     runner.init()?;
     if !cfg.report.quiet {
@@ -300,6 +301,7 @@ fn resume(cfg: &TrainConfig) -> Result<TrainSummary> {
     let encoded = vocab.encode(&corpus.text)?;
     let (train_data, val_data) = data::split(&encoded);
     check_sizes(train_data, val_data, config.train.block_size, config.train.batch_size)?;
+    check_memory(&config, corpus.text.len())?;
     let runner = build_runner(&config, cfg.session)?;
     let prefix = dir.restore_latest(&runner)?;
     let [epoch, batch] = runner
@@ -338,6 +340,62 @@ fn check_sizes(train_data: &[i32], val_data: &[i32], block_size: usize, batch_si
         "the corpus is too short: its {} validation characters hold no window of {} + 1",
         val_data.len(),
         block_size
+    );
+    Ok(())
+}
+
+/// An estimate of the memory a train step needs at its peak, in bytes: the weights, their
+/// gradients and Adam's two slots (4 × 4 bytes a parameter); the step's tensors of B·T rows (the
+/// logits, their softmax and gradients: 6 × [B·T, V]; the embeddings and their gradients: 8 ×
+/// [B·T, C]; per block, the [B·T, C] and [B·T, 4C] tensors of attention and MLP, 24 × C in all, and
+/// 4 × the attention weights [B, H, T, T]); the corpus and its ids.
+pub fn memory_needed(config: &RunConfig, corpus_bytes: usize) -> Result<u64> {
+    let m = &config.model;
+    let (b, t) = (config.train.batch_size as u64, config.train.block_size as u64);
+    let params = m.parameter_count()?;
+    let rows = b * t;
+    let per_block = 24 * rows * m.n_embd + 4 * b * m.n_head * t * t;
+    let blocks = if m.arch == crate::model::Arch::Gpt { m.n_layer } else { 0 };
+    let activations = 6 * rows * m.vocab_size + 8 * rows * m.n_embd + blocks * per_block;
+    Ok(16 * params + 4 * activations + 5 * corpus_bytes as u64)
+}
+
+/// The memory this process may still use: what the kernel says is available, or less if a
+/// cgroup limits it.
+fn memory_available() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse::<u64>()
+        .ok()?;
+    let mut available = kib * 1024;
+    let cgroup = |f: &str| std::fs::read_to_string(format!("/sys/fs/cgroup/{f}")).ok()?.trim().parse::<u64>().ok();
+    if let (Some(max), Some(current)) = (cgroup("memory.max"), cgroup("memory.current")) {
+        available = available.min(max.saturating_sub(current));
+    }
+    Some(available)
+}
+
+/// Refuses a run that cannot fit, with the numbers, before any graph is built (instead of
+/// training until the kernel kills it).
+fn check_memory(config: &RunConfig, corpus_bytes: usize) -> Result<()> {
+    let needed = memory_needed(config, corpus_bytes)?;
+    let Some(available) = memory_available() else { return Ok(()) };
+    let gib = |bytes: u64| bytes as f64 / (1u64 << 30) as f64;
+    ensure!(
+        needed <= available,
+        "this run needs about {:.1} GiB ({} parameters with their gradients and Adam's slots, a batch of {} × {} \
+         characters' activations, the corpus), more than the {:.1} GiB available: lower --batch-size, --block-size \
+         or the model's size",
+        gib(needed),
+        thousands(config.model.parameter_count()?),
+        config.train.batch_size,
+        config.train.block_size,
+        gib(available)
     );
     Ok(())
 }

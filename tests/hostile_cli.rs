@@ -223,6 +223,22 @@ const CASES: &[Case] = &[
         after: nothing,
     },
     Case {
+        name: "a batch no machine here holds",
+        setup: no_setup,
+        args: "train --out DIR/new --batch-size 1000000",
+        code: 1,
+        says: "this run needs about 337.1 GiB",
+        after: no_run_made,
+    },
+    Case {
+        name: "a model no machine here holds",
+        setup: no_setup,
+        args: "train --data CORPUS --out DIR/new --model gpt --n-embd 65536 --n-head 1 --n-layer 2",
+        code: 1,
+        says: "1564.2 GiB (103,092,846,650 parameters with their gradients",
+        after: no_run_made,
+    },
+    Case {
         name: "a run stopped before its first checkpoint is started again",
         setup: |run, _| {
             std::fs::remove_dir_all(run.join("ckpt")).unwrap();
