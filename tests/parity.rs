@@ -45,4 +45,11 @@ fn minigpt_computes_what_the_notebook_computes() {
     println!("{table}");
     assert!(checks.len() >= 28, "too few checks:\n{table}");
     assert!(checks.iter().all(|c| c.passed()), "parity failed:\n{table}");
+    // The shuffle check can fail: a global permutation, or a buffer of 1000, moves windows
+    // otherwise than tf.data's shuffle(10000).
+    for shuffle in [data::Shuffle::Global, data::Shuffle::Buffer(1000)] {
+        let (ks, critical) = parity::shuffle_against_tfdata(&out, &corpus, shuffle).unwrap();
+        println!("{shuffle:?} against tf.data's shuffle(10000): KS {ks:.4} (critical {critical:.4})");
+        assert!(ks > 5.0 * critical, "{shuffle:?}: KS {ks} is not far above {critical}");
+    }
 }

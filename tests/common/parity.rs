@@ -362,29 +362,14 @@ fn check_pipeline(fx: &Fixtures, m: &Manifest, train: &[i32], val: &[i32]) -> Re
         measure: "SHA-256 differs",
     });
 
-    // One shuffled epoch over the first 20000 validation characters: the same windows.
-    let (sx, sy) = (fx.array::<i32>("shuffled/x.npy")?, fx.array::<i32>("shuffled/y.npy")?);
+    // One shuffled epoch over the first 20000 validation characters: the same windows, and windows
+    // moved from their place in text order as far as tf.data's shuffle moves them.
     let part = &val[..20_000.min(val.len())];
-    let windows = |xs: &[i32], ys: &[i32]| -> Vec<Vec<i32>> {
-        xs.chunks(t).zip(ys.chunks(t)).map(|(x, y)| x.iter().cloned().chain([y[t - 1]]).collect()).collect()
-    };
-    let mut theirs = Vec::new();
-    for (x, y) in sx
-        .as_slice()
-        .context("shuffled/x.npy")?
-        .chunks(b * t)
-        .zip(sy.as_slice().context("shuffled/y.npy")?.chunks(b * t))
-    {
-        ensure!(x[1..t] == y[..t - 1], "shuffled fixture: y is not x shifted");
-        theirs.extend(windows(x, y));
-    }
-    let mut ours = Vec::new();
-    let mut batches = Batches::new(part, t, b, Shuffle::Buffer(NOTEBOOK_SHUFFLE_BUFFER), m.seed as u64, 0);
-    while batches.fill(&mut x, &mut y) {
-        ours.extend(windows(&x, &y));
-    }
+    let mut theirs = tfdata_shuffled(fx, m)?;
+    let mut ours = shuffled(part, t, b, Shuffle::Buffer(NOTEBOOK_SHUFFLE_BUFFER), m.seed as u64);
     let text_order: Vec<Vec<i32>> = part.windows(t + 1).take(ours.len()).map(<[i32]>::to_vec).collect();
     ensure!(ours != text_order, "minigpt's shuffled epoch came out in text order");
+    let (ks, critical) = displacement_ks(part, &ours, &theirs);
     theirs.sort();
     ours.sort();
     checks.push(Check {
@@ -393,7 +378,90 @@ fn check_pipeline(fx: &Fixtures, m: &Manifest, train: &[i32], val: &[i32]) -> Re
         tolerance: 0.0,
         measure: "windows not shared",
     });
+    checks.push(Check {
+        quantity: "shuffled epoch, how far windows move".into(),
+        diff: ks,
+        tolerance: critical,
+        measure: "two-sample KS statistic",
+    });
     Ok(checks)
+}
+
+/// The windows (`block_size + 1` ids) of tf.data's shuffled epoch in the fixtures, in the order
+/// it emitted them.
+fn tfdata_shuffled(fx: &Fixtures, m: &Manifest) -> Result<Vec<Vec<i32>>> {
+    let (t, b) = (m.block_size, m.batch_size);
+    let (sx, sy) = (fx.array::<i32>("shuffled/x.npy")?, fx.array::<i32>("shuffled/y.npy")?);
+    let mut windows = Vec::new();
+    let xs = sx.as_slice().context("shuffled/x.npy")?;
+    let ys = sy.as_slice().context("shuffled/y.npy")?;
+    for (x, y) in xs.chunks(t).zip(ys.chunks(t)) {
+        ensure!(x[1..t] == y[..t - 1], "shuffled fixture: y is not x shifted");
+        windows.push(x.iter().cloned().chain([y[t - 1]]).collect());
+    }
+    ensure!(windows.len() % b == 0, "shuffled fixture: {} windows is not whole batches of {b}", windows.len());
+    Ok(windows)
+}
+
+/// minigpt's shuffled epoch of `data` (whole batches), window by window in the order emitted.
+pub fn shuffled(data: &[i32], t: usize, b: usize, shuffle: Shuffle, seed: u64) -> Vec<Vec<i32>> {
+    let (mut x, mut y) = (vec![0; b * t], vec![0; b * t]);
+    let mut batches = Batches::new(data, t, b, shuffle, seed, 0);
+    let mut windows = Vec::new();
+    while batches.fill(&mut x, &mut y) {
+        windows
+            .extend(x.chunks(t).zip(y.chunks(t)).map(|(x, y)| x.iter().cloned().chain([y[t - 1]]).collect::<Vec<_>>()));
+    }
+    windows
+}
+
+/// The two-sample Kolmogorov–Smirnov statistic between how far each window of epoch `a` and of
+/// epoch `b` moved from its place in text order (emitted position − start in `data`), and its
+/// critical value at α = 0.001 (c(α) = 1.95). Windows that occur more than once in `data` are left
+/// out. Equal shuffles give a statistic below the critical value; a different buffer size, or a
+/// global permutation, one far above it.
+pub fn displacement_ks(data: &[i32], a: &[Vec<i32>], b: &[Vec<i32>]) -> (f64, f64) {
+    let t = a.first().map_or(1, |w| w.len());
+    let mut starts: std::collections::HashMap<&[i32], Option<usize>> = std::collections::HashMap::new();
+    for (i, w) in data.windows(t).enumerate() {
+        starts.entry(w).and_modify(|s| *s = None).or_insert(Some(i));
+    }
+    let moves = |epoch: &[Vec<i32>]| -> Vec<f64> {
+        let mut d: Vec<f64> = epoch
+            .iter()
+            .enumerate()
+            .filter_map(|(pos, w)| starts.get(w.as_slice()).copied().flatten().map(|s| pos as f64 - s as f64))
+            .collect();
+        d.sort_by(f64::total_cmp);
+        d
+    };
+    let (da, db) = (moves(a), moves(b));
+    let (n, m) = (da.len() as f64, db.len() as f64);
+    let (mut i, mut j, mut ks) = (0, 0, 0.0f64);
+    while i < da.len() && j < db.len() {
+        let v = da[i].min(db[j]);
+        while i < da.len() && da[i] <= v {
+            i += 1;
+        }
+        while j < db.len() && db[j] <= v {
+            j += 1;
+        }
+        ks = ks.max((i as f64 / n - j as f64 / m).abs());
+    }
+    (ks, 1.95 * ((n + m) / (n * m)).sqrt())
+}
+
+/// What the shuffle check compares, for other shuffles: (KS statistic, critical value) of
+/// minigpt's epoch with `shuffle` against tf.data's in the fixtures.
+pub fn shuffle_against_tfdata(dir: &Path, corpus: &Corpus, shuffle: Shuffle) -> Result<(f64, f64)> {
+    let fx = Fixtures(dir.to_path_buf());
+    let m: Manifest = fx.manifest()?;
+    let vocab = Vocab::from_strings(&m.vocab)?;
+    let encoded = vocab.encode(&corpus.text).map_err(|e| anyhow::anyhow!("corpus: {e}"))?;
+    let (_, val) = data::split(&encoded);
+    let part = &val[..20_000.min(val.len())];
+    let ours = shuffled(part, m.block_size, m.batch_size, shuffle, m.seed as u64);
+    Ok(displacement_ks(part, &ours, &tfdata_shuffled(&fx, &m)?))
 }
 
 /// The notebook's loop for `curve_steps` steps, windows in text order, from the initial weights.
