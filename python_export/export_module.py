@@ -31,6 +31,7 @@ import tensorflow as tf
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gpt as keras_gpt  # noqa: E402
 import notebook as nb  # noqa: E402
+from export_savedmodel import TOKENS, X_Y  # noqa: E402
 
 GPT_SHAPE = dict(n_embd=16, n_layer=2, n_head=2, block_size=32)
 
@@ -44,12 +45,11 @@ class Module(tf.Module):
         self.loss_fn = loss_fn
         self.optimizer = optimizer
 
-    @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int32, name="tokens")])
+    @tf.function(input_signature=TOKENS)
     def serve(self, tokens):
         return {"logits": self.model(tokens)}
 
-    @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int32, name="x"),
-                                  tf.TensorSpec([None, None], tf.int32, name="y")])
+    @tf.function(input_signature=X_Y)
     def step(self, x, y):
         with tf.GradientTape() as tape:
             loss = self.loss_fn(y, self.model(x))
@@ -72,7 +72,7 @@ class Variables(tf.Module):
         x = tf.gather(self.embeddings, tokens)
         return tf.einsum("btc,cv->btv", x, self.kernel) + self.bias
 
-    @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int32, name="tokens")])
+    @tf.function(input_signature=TOKENS)
     def serve(self, tokens):
         return {"logits": self(tokens)}
 

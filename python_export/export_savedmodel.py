@@ -24,6 +24,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import notebook as nb  # noqa: E402
 
 
+# The convention's two signatures (DESIGN.md §4): `tokens` → `logits`; `x`, `y` → `loss`.
+TOKENS = [tf.TensorSpec([None, None], tf.int32, name="tokens")]
+X_Y = [tf.TensorSpec([None, None], tf.int32, name="x"), tf.TensorSpec([None, None], tf.int32, name="y")]
+
+
 class Exported(tf.Module):
     """The trained model and optimizer, with the convention's two signatures."""
 
@@ -36,12 +41,11 @@ class Exported(tf.Module):
         # loader that follows the MetaGraph (TensorFlow's C API) finds them uninitialized.
         self.tf_variables = [v.value for v in model.variables + optimizer.variables]
 
-    @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int32, name="tokens")])
+    @tf.function(input_signature=TOKENS)
     def serve(self, tokens):
         return {"logits": self.model(tokens)}
 
-    @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int32, name="x"),
-                                  tf.TensorSpec([None, None], tf.int32, name="y")])
+    @tf.function(input_signature=X_Y)
     def step(self, x, y):
         return {"loss": nb.train_step(x, y)}
 
@@ -74,7 +78,7 @@ def main():
     if args.keras_export:
         # The notebook's model has no Input layer: without a signature Keras would export a
         # float32 input of the shape it was built with.
-        nb.model.export(args.keras_export, input_signature=[tf.TensorSpec([None, None], tf.int32, name="tokens")])
+        nb.model.export(args.keras_export, input_signature=TOKENS)
 
 
 if __name__ == "__main__":

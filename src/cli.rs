@@ -246,31 +246,31 @@ impl TrainArgs {
         })
     }
 
-    /// The run settings given on the command line, by flag.
-    fn given(&self) -> Vec<&'static str> {
+    /// The run settings given on the command line: each flag and where config.json keeps it.
+    fn given(&self) -> Vec<(&'static str, &'static str)> {
         let flags = [
-            ("--model", self.model.is_some()),
-            ("--block-size", self.block_size.is_some()),
-            ("--batch-size", self.batch_size.is_some()),
-            ("--embedding-dim", self.embedding_dim.is_some()),
-            ("--n-layer", self.n_layer.is_some()),
-            ("--n-head", self.n_head.is_some()),
-            ("--dropout", self.dropout.is_some()),
-            ("--lr", self.lr.is_some()),
-            ("--warmup-steps", self.warmup_steps.is_some()),
-            ("--lr-decay-steps", self.lr_decay_steps.is_some()),
-            ("--min-lr", self.min_lr.is_some()),
-            ("--weight-decay", self.weight_decay.is_some()),
-            ("--beta1", self.beta1.is_some()),
-            ("--beta2", self.beta2.is_some()),
-            ("--grad-clip", self.grad_clip.is_some()),
-            ("--seed", self.seed.is_some()),
-            ("--shuffle", self.shuffle.is_some()),
-            ("--save-every", self.save_every.is_some()),
-            ("--eval-every", self.eval_every.is_some()),
-            ("--keep", self.keep.is_some()),
+            ("--model", "/model/arch", self.model.is_some()),
+            ("--block-size", "/train/block_size", self.block_size.is_some()),
+            ("--batch-size", "/train/batch_size", self.batch_size.is_some()),
+            ("--embedding-dim", "/model/n_embd", self.embedding_dim.is_some()),
+            ("--n-layer", "/model/n_layer", self.n_layer.is_some()),
+            ("--n-head", "/model/n_head", self.n_head.is_some()),
+            ("--dropout", "/model/dropout", self.dropout.is_some()),
+            ("--lr", "/train/adam/learning_rate", self.lr.is_some()),
+            ("--warmup-steps", "/train/adam/warmup_steps", self.warmup_steps.is_some()),
+            ("--lr-decay-steps", "/train/adam/decay_steps", self.lr_decay_steps.is_some()),
+            ("--min-lr", "/train/adam/min_lr", self.min_lr.is_some()),
+            ("--weight-decay", "/train/adam/weight_decay", self.weight_decay.is_some()),
+            ("--beta1", "/train/adam/beta_1", self.beta1.is_some()),
+            ("--beta2", "/train/adam/beta_2", self.beta2.is_some()),
+            ("--grad-clip", "/train/adam/clip_norm", self.grad_clip.is_some()),
+            ("--seed", "/train/seed", self.seed.is_some()),
+            ("--shuffle", "/train/shuffle", self.shuffle.is_some()),
+            ("--save-every", "/train/save_every", self.save_every.is_some()),
+            ("--eval-every", "/train/eval_every", self.eval_every.is_some()),
+            ("--keep", "/train/keep", self.keep.is_some()),
         ];
-        flags.into_iter().filter(|(_, given)| *given).map(|(flag, _)| flag).collect()
+        flags.into_iter().filter(|(.., given)| *given).map(|(flag, field, _)| (flag, field)).collect()
     }
 }
 

@@ -121,6 +121,8 @@ struct Parts {
 pub struct Runner {
     g: Parts,
     session: Session,
+    /// `true`, fed to `training` in train steps (made once, not every step).
+    yes: Tensor<bool>,
 }
 
 impl Runner {
@@ -131,7 +133,7 @@ impl Runner {
         let g = build(model, opts, device.as_deref()).context("building the TensorFlow graph")?;
         let session =
             Session::new(&session.session_options()?, &g.scope.graph()).context("creating the TensorFlow session")?;
-        Ok(Self { g, session })
+        Ok(Self { g, session, yes: Tensor::from(true) })
     }
 
     pub fn model(&self) -> &dyn LanguageModel {
@@ -217,14 +219,13 @@ impl Runner {
         y: Option<&Tensor<i32>>,
         train_mode: bool,
     ) -> Result<Vec<Tensor<T>>> {
-        let flag = Tensor::from(train_mode);
         let mut args = SessionRunArgs::new();
         args.add_feed(&self.g.tokens, 0, x);
         if let Some(y) = y {
             args.add_feed(&self.g.targets, 0, y);
         }
         if train_mode {
-            args.add_feed(&self.training()?.training, 0, &flag);
+            args.add_feed(&self.training()?.training, 0, &self.yes);
         }
         let tokens: Vec<_> = outputs.iter().map(|o| args.request_fetch(&o.operation, o.index)).collect();
         self.session.run(&mut args).context("running the graph")?;
@@ -278,16 +279,15 @@ impl Runner {
         logged_at: Option<u64>,
     ) -> Result<T> {
         let train = self.training()?;
-        let flag = Tensor::from(true);
-        let step = Tensor::from(logged_at.unwrap_or(0) as i64);
+        let step = logged_at.map(|step| Tensor::from(step as i64));
         let mut args = SessionRunArgs::new();
         args.add_feed(&self.g.tokens, 0, x);
         args.add_feed(&self.g.targets, 0, y);
-        args.add_feed(&train.training, 0, &flag);
+        args.add_feed(&train.training, 0, &self.yes);
         args.add_target(&train.train_op);
-        if logged_at.is_some() {
+        if let Some(step) = &step {
             let summaries = train.summaries.as_ref().context("the graph was built without summary ops")?;
-            summaries.add_graph_writes(&mut args, &step);
+            summaries.add_graph_writes(&mut args, step);
         }
         let loss = args.request_fetch(&self.g.loss.operation, self.g.loss.index);
         self.session.run(&mut args).context("running the train step")?;
@@ -298,14 +298,13 @@ impl Runner {
     /// the serialized `RunMetadata` (its `step_stats` time every op on every device).
     pub fn train_step_traced(&self, x: &Tensor<i32>, y: &Tensor<i32>) -> Result<(f32, Vec<u8>)> {
         let train = self.training()?;
-        let flag = Tensor::from(true);
         let options =
             proto::RunOptions { trace_level: proto::run_options::TraceLevel::FullTrace as i32, ..Default::default() };
         let options = options.encode_to_vec();
         let mut args = SessionRunArgs::new();
         args.add_feed(&self.g.tokens, 0, x);
         args.add_feed(&self.g.targets, 0, y);
-        args.add_feed(&train.training, 0, &flag);
+        args.add_feed(&train.training, 0, &self.yes);
         args.add_target(&train.train_op);
         args.set_run_options(&options);
         args.set_request_metadata(true);

@@ -10,7 +10,7 @@
 //! id in the checkpoint's own object graph (`_CHECKPOINTABLE_OBJECT_GRAPH`), whose
 //! `VARIABLE_VALUE` attribute gives its checkpoint key.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use prost::Message;
@@ -25,65 +25,99 @@ const OBJECT_GRAPH_KEY: &str = "_CHECKPOINTABLE_OBJECT_GRAPH";
 /// The attribute of a variable node holding its value.
 const VARIABLE_VALUE: &str = "VARIABLE_VALUE";
 
-/// A variable of the object graph that the loaded graph holds uninitialized.
-struct Missing {
-    name: String,
-    node: usize,
-    dtype: DataType,
-    handles: Vec<Operation>,
-}
-
-/// Initializes, from the SavedModel's checkpoint, every variable of its object graph that the
-/// loaded graph (in `scope`, run by `session`) holds uninitialized; returns how many it restored.
-pub fn restore_uninitialized(dir: &Path, tag: &str, scope: &mut Scope, session: &Session) -> Result<usize> {
+/// The MetaGraph tagged `tag`, if it has an object graph (a TF2 SavedModel; a TF1-style one's
+/// saver restores everything).
+fn meta_graph(dir: &Path, tag: &str) -> Result<Option<proto::MetaGraphDef>> {
     let bytes = std::fs::read(dir.join("saved_model.pb")).with_context(|| format!("reading {}", dir.display()))?;
     let model = proto::SavedModel::decode(&bytes[..]).with_context(|| format!("{}: saved_model.pb", dir.display()))?;
-    let meta =
-        model.meta_graphs.iter().find(|m| m.meta_info_def.as_ref().is_some_and(|i| i.tags.iter().any(|t| t == tag)));
-    let Some(objects) = meta.and_then(|m| m.object_graph_def.as_ref()) else {
-        return Ok(0); // a TF1-style SavedModel: its saver restores everything
-    };
-    let graph_def = meta
-        .and_then(|m| m.graph_def.as_ref())
-        .with_context(|| format!("{}: its MetaGraph has no graph", dir.display()))?;
-    let handles = captured_variables(graph_def, objects);
-    let mut missing = uninitialized(&handles, scope, session)?;
-    if missing.is_empty() {
-        return Ok(0);
-    }
+    let tagged = |m: &proto::MetaGraphDef| m.meta_info_def.as_ref().is_some_and(|i| i.tags.iter().any(|t| t == tag));
+    Ok(model.meta_graphs.into_iter().find(|m| tagged(m) && m.object_graph_def.is_some()))
+}
+
+/// The SavedModel's checkpoint: its prefix, reader and object graph.
+fn checkpoint(dir: &Path) -> Result<(PathBuf, CheckpointReader, proto::TrackableObjectGraph)> {
     let prefix = dir.join("variables/variables");
     let reader = CheckpointReader::open(path_str(&prefix)?)
         .with_context(|| format!("{}: cannot read the variables", dir.display()))?;
     let graph = proto::TrackableObjectGraph::decode(&reader.bytes(OBJECT_GRAPH_KEY)?[..])
         .with_context(|| format!("{}: its checkpoint's object graph", dir.display()))?;
+    Ok((prefix, reader, graph))
+}
+
+/// The saved function a graph node calls, if any.
+fn called<'a>(node: &proto::NodeDef, objects: &'a proto::SavedObjectGraph) -> Option<&'a proto::SavedConcreteFunction> {
+    match node.attr.get("f").and_then(|a| a.value.as_ref()) {
+        Some(proto::attr_value::Value::Func(f)) => objects.concrete_functions.get(&f.name),
+        _ => None,
+    }
+}
+
+/// The variable at object node `id`, if it is one.
+fn variable(objects: &proto::SavedObjectGraph, id: i32) -> Option<&proto::SavedVariable> {
+    match objects.nodes.get(id as usize).and_then(|n| n.kind.as_ref()) {
+        Some(proto::saved_object::Kind::Variable(v)) => Some(v),
+        _ => None,
+    }
+}
+
+/// The checkpoint key the checkpoint's object graph gives node `id`'s value.
+fn checkpoint_key(graph: &proto::TrackableObjectGraph, id: i32) -> Option<&str> {
+    let node = graph.nodes.get(id as usize)?;
+    node.attributes.iter().find(|a| a.name == VARIABLE_VALUE).map(|a| a.checkpoint_key.as_str())
+}
+
+/// A captured variable: the `VarHandleOp` a call feeds it through, and its object node.
+struct Captured {
+    op: String,
+    node: i32,
+    name: String,
+    dtype: DataType,
+}
+
+/// A captured variable the loaded graph holds uninitialized.
+struct Missing {
+    captured: Captured,
+    handle: Operation,
+}
+
+/// Initializes, from the SavedModel's checkpoint, every variable of its object graph that the
+/// loaded graph (in `scope`, run by `session`) holds uninitialized; returns how many it restored.
+pub fn restore_uninitialized(dir: &Path, tag: &str, scope: &mut Scope, session: &Session) -> Result<usize> {
+    let Some(meta) = meta_graph(dir, tag)? else { return Ok(0) };
+    let (Some(graph_def), Some(objects)) = (&meta.graph_def, &meta.object_graph_def) else { return Ok(0) };
+    let missing = uninitialized(captured_variables(graph_def, objects), scope, session)?;
+    if missing.is_empty() {
+        return Ok(0);
+    }
+    let (prefix, reader, graph) = checkpoint(dir)?;
     let keys: Vec<String> = reader.entries()?.into_iter().map(|e| e.key).collect();
     let mut restore_keys = Vec::with_capacity(missing.len());
-    for var in &missing {
-        let attribute = graph.nodes.get(var.node).and_then(|n| n.attributes.iter().find(|a| a.name == VARIABLE_VALUE));
-        match attribute {
-            Some(a) if keys.contains(&a.checkpoint_key) => restore_keys.push(a.checkpoint_key.clone()),
-            Some(a) => bail!(
-                "{}: variable {} is read by its signatures but the checkpoint has no value for it (tried {})",
+    for Missing { captured: c, .. } in &missing {
+        match checkpoint_key(&graph, c.node) {
+            Some(key) if keys.iter().any(|k| k == key) => restore_keys.push(key.to_string()),
+            Some(key) => bail!(
+                "{}: variable {} ({}) is read by its signatures but the checkpoint has no value for it (tried {key})",
                 dir.display(),
-                var.name,
-                a.checkpoint_key
+                c.name,
+                c.op
             ),
             None => bail!(
-                "{}: variable {} is read by its signatures but the checkpoint's object graph gives no key for it \
-                 (node {} has no {VARIABLE_VALUE})",
+                "{}: variable {} ({}) is read by its signatures but the checkpoint's object graph gives no key for \
+                 it (node {} has no {VARIABLE_VALUE})",
                 dir.display(),
-                var.name,
-                var.node
+                c.name,
+                c.op,
+                c.node
             ),
         }
     }
-    let restore = build_restore(&prefix, &mut missing, &restore_keys, scope).context("building the restore ops")?;
+    let restore = build_restore(&prefix, &missing, &restore_keys, scope).context("building the restore ops")?;
     let mut args = SessionRunArgs::new();
     args.add_target(&restore);
     session
         .run(&mut args)
         .with_context(|| format!("{}: restoring variables through the object graph", dir.display()))?;
-    Ok(missing.iter().map(|m| m.handles.len()).sum())
+    Ok(missing.len())
 }
 
 /// The crate's data type of a `DataType` enum value (the ones variables hold).
@@ -113,70 +147,40 @@ pub struct ServingVariable {
 /// model's forward pass first reads them), with their checkpoint keys. Empty for a SavedModel
 /// without an object graph.
 pub fn signature_variables(dir: &Path, tag: &str, signature: &str) -> Result<Vec<ServingVariable>> {
-    let bytes = std::fs::read(dir.join("saved_model.pb")).with_context(|| format!("reading {}", dir.display()))?;
-    let model = proto::SavedModel::decode(&bytes[..]).with_context(|| format!("{}: saved_model.pb", dir.display()))?;
-    let meta =
-        model.meta_graphs.iter().find(|m| m.meta_info_def.as_ref().is_some_and(|i| i.tags.iter().any(|t| t == tag)));
-    let (Some(meta), Some(objects)) = (meta, meta.and_then(|m| m.object_graph_def.as_ref())) else {
-        return Ok(Vec::new());
-    };
+    let Some(meta) = meta_graph(dir, tag)? else { return Ok(Vec::new()) };
+    let (Some(graph_def), Some(objects)) = (&meta.graph_def, &meta.object_graph_def) else { return Ok(Vec::new()) };
     let output =
         meta.signature_def.get(signature).and_then(|s| s.outputs.values().next()).and_then(|t| match &t.encoding {
             Some(proto::tensor_info::Encoding::Name(name)) => Some(name.split(':').next().unwrap_or(name).to_string()),
             _ => None,
         });
-    let call = meta.graph_def.as_ref().and_then(|g| g.node.iter().find(|n| Some(&n.name) == output.as_ref()));
-    let function = call.and_then(|node| match node.attr.get("f").and_then(|a| a.value.as_ref()) {
-        Some(proto::attr_value::Value::Func(f)) => objects.concrete_functions.get(&f.name),
-        _ => None,
-    });
-    let Some(function) = function else { return Ok(Vec::new()) };
-    let prefix = dir.join("variables/variables");
-    let reader = CheckpointReader::open(path_str(&prefix)?)
-        .with_context(|| format!("{}: cannot read the variables", dir.display()))?;
-    let graph = proto::TrackableObjectGraph::decode(&reader.bytes(OBJECT_GRAPH_KEY)?[..])
-        .with_context(|| format!("{}: its checkpoint's object graph", dir.display()))?;
+    let call = graph_def.node.iter().find(|n| Some(&n.name) == output.as_ref());
+    let Some(function) = call.and_then(|node| called(node, objects)) else { return Ok(Vec::new()) };
+    let (_, _, graph) = checkpoint(dir)?;
     let mut out = Vec::new();
     for &id in &function.bound_inputs {
-        let Some(proto::saved_object::Kind::Variable(v)) = objects.nodes.get(id as usize).and_then(|n| n.kind.as_ref())
-        else {
-            continue;
-        };
-        let key = graph.nodes.get(id as usize).and_then(|n| n.attributes.iter().find(|a| a.name == VARIABLE_VALUE));
-        let key =
-            key.with_context(|| format!("{}: no checkpoint key for variable {} (node {id})", dir.display(), v.name))?;
+        let Some(v) = variable(objects, id) else { continue };
+        let key = checkpoint_key(&graph, id)
+            .with_context(|| format!("{}: no checkpoint key for variable {} (node {id})", dir.display(), v.name))?;
         let shape = v.shape.as_ref().map(|s| s.dim.iter().map(|d| d.size).collect()).unwrap_or_default();
-        out.push(ServingVariable { name: v.name.clone(), shape, key: key.checkpoint_key.clone() });
+        out.push(ServingVariable { name: v.name.clone(), shape, key: key.to_string() });
     }
     Ok(out)
 }
 
 /// The variables the signatures read: for each call of a saved function in the graph, its
 /// captured inputs (the trailing ones) are the `VarHandleOp`s of the function's `bound_inputs`, in
-/// order. Returns (op name, object node id, its variable's name and dtype).
-fn captured_variables(
-    graph: &proto::GraphDef,
-    objects: &proto::SavedObjectGraph,
-) -> Vec<(String, usize, String, DataType)> {
-    let mut out: Vec<(String, usize, String, DataType)> = Vec::new();
+/// order.
+fn captured_variables(graph: &proto::GraphDef, objects: &proto::SavedObjectGraph) -> Vec<Captured> {
+    let mut out: Vec<Captured> = Vec::new();
     for node in &graph.node {
-        let function = node.attr.get("f").and_then(|a| match &a.value {
-            Some(proto::attr_value::Value::Func(f)) => objects.concrete_functions.get(&f.name),
-            _ => None,
-        });
-        let Some(function) = function else { continue };
+        let Some(function) = called(node, objects) else { continue };
         let inputs: Vec<&str> = node.input.iter().map(String::as_str).filter(|i| !i.starts_with('^')).collect();
         let captured = &inputs[inputs.len().saturating_sub(function.bound_inputs.len())..];
         for (input, &id) in captured.iter().zip(&function.bound_inputs) {
             let op = input.split(':').next().unwrap_or(input).to_string();
-            let variable = objects.nodes.get(id as usize).and_then(|n| match &n.kind {
-                Some(proto::saved_object::Kind::Variable(v)) => Some(v),
-                _ => None,
-            });
-            if let Some(v) = variable {
-                if !out.iter().any(|(name, ..)| *name == op) {
-                    out.push((op, id as usize, v.name.clone(), dtype(v.dtype)));
-                }
+            if let Some(v) = variable(objects, id).filter(|_| !out.iter().any(|c| c.op == op)) {
+                out.push(Captured { op, node: id, name: v.name.clone(), dtype: dtype(v.dtype) });
             }
         }
     }
@@ -184,22 +188,18 @@ fn captured_variables(
 }
 
 /// The captured variables whose `VarHandleOp`s in the loaded graph are uninitialized.
-fn uninitialized(
-    handles: &[(String, usize, String, DataType)],
-    scope: &mut Scope,
-    session: &Session,
-) -> Result<Vec<Missing>> {
+fn uninitialized(captured: Vec<Captured>, scope: &mut Scope, session: &Session) -> Result<Vec<Missing>> {
     let mut found: Vec<Missing> = Vec::new();
-    for (op, node, name, dtype) in handles {
-        let handle = scope.graph().operation_by_name(op)?;
+    for c in captured {
+        let handle = scope.graph().operation_by_name(&c.op)?;
         if let Some(handle) = handle.filter(|h| h.op_type().is_ok_and(|t| t == "VarHandleOp")) {
-            found.push(Missing { name: format!("{name} ({op})"), node: *node, dtype: *dtype, handles: vec![handle] });
+            found.push(Missing { captured: c, handle });
         }
     }
     let s = &mut scope.new_sub_scope("minigpt_object_graph");
     let checks: Vec<Output> = found
         .iter()
-        .map(|m| Ok(ops::var_is_initialized_op(m.handles[0].clone(), s)?.into()))
+        .map(|m| Ok(ops::var_is_initialized_op(m.handle.clone(), s)?.into()))
         .collect::<tensorflow::Result<_>>()?;
     let mut args = SessionRunArgs::new();
     let tokens: Vec<_> = checks.iter().map(|o| args.request_fetch(&o.operation, o.index)).collect();
@@ -208,17 +208,16 @@ fn uninitialized(
     Ok(found.into_iter().zip(initialized).filter(|(_, init)| !init).map(|(m, _)| m).collect())
 }
 
-/// `RestoreV2` of `keys` from `prefix`, each value assigned to every handle of its variable.
-fn build_restore(prefix: &Path, missing: &mut [Missing], keys: &[String], scope: &mut Scope) -> Result<Operation> {
+/// `RestoreV2` of `keys` from `prefix`, each value assigned to its variable's handle.
+fn build_restore(prefix: &Path, missing: &[Missing], keys: &[String], scope: &mut Scope) -> Result<Operation> {
     let s = &mut scope.new_sub_scope("minigpt_object_graph");
     let prefix = ops::constant(path_str(prefix)?.to_string(), s)?;
-    let dtypes: Vec<DataType> = missing.iter().map(|m| m.dtype).collect();
+    let dtypes: Vec<DataType> = missing.iter().map(|m| m.captured.dtype).collect();
     let restored = tfx::restore_v2("minigpt_object_graph/restore", prefix.into(), keys, &dtypes, s)?;
-    let mut assigns = Vec::new();
-    for (i, m) in missing.iter().enumerate() {
-        for handle in &m.handles {
-            assigns.push(ops::assign_variable_op(handle.clone(), restored.output(i), s)?);
-        }
-    }
+    let assigns = missing
+        .iter()
+        .enumerate()
+        .map(|(i, m)| ops::assign_variable_op(m.handle.clone(), restored.output(i), s))
+        .collect::<tensorflow::Result<Vec<_>>>()?;
     Ok(tfx::group("minigpt_object_graph/restore_all", &assigns, s)?)
 }

@@ -355,37 +355,6 @@ impl RunDir {
         Ok(())
     }
 
-    /// The values of `vars` in the newest usable checkpoint, by name (`train --init-from RUN`).
-    pub fn weights(&self, vars: &[crate::tfx::Var]) -> Result<Vec<tensorflow::Tensor<f32>>> {
-        let mut last = None;
-        for prefix in self.checkpoints()? {
-            let read = || -> Result<Vec<tensorflow::Tensor<f32>>> {
-                let reader = CheckpointReader::open(path_str(&prefix)?)?;
-                reader.verify()?;
-                let mut values = Vec::with_capacity(vars.len());
-                for var in vars {
-                    let value =
-                        reader.tensor_f32(&var.name).with_context(|| format!("{}: {}", prefix.display(), var.name))?;
-                    let want: Vec<u64> = var.shape.clone();
-                    ensure!(
-                        value.dims() == want.as_slice(),
-                        "{}: {} is {:?}, {want:?} here",
-                        prefix.display(),
-                        var.name,
-                        value.dims()
-                    );
-                    values.push(value);
-                }
-                Ok(values)
-            };
-            match read() {
-                Ok(values) => return Ok(values),
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(last.unwrap_or_else(|| anyhow::anyhow!("{} has no checkpoint", self.path.display())))
-    }
-
     /// Saves the weights (and the rest of the checkpoint) as `ckpt/best`, apart from the
     /// rotation: written under a temporary prefix and renamed into place.
     pub fn save_best(&self, runner: &Runner, position: [i64; 2]) -> Result<PathBuf> {

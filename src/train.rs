@@ -15,7 +15,7 @@ use crate::device::{DeviceChoice, SessionConfig};
 use crate::eval;
 use crate::graph::{GraphOptions, Purpose, Runner};
 use crate::model::{ModelConfig, ModelShape};
-use crate::run::{Best, DataInfo, MetricsRow, RunConfig, RunDir, TrainSettings};
+use crate::run::{Best, DataInfo, Load, MetricsRow, RunConfig, RunDir, TrainSettings};
 use crate::saved_model;
 use crate::text::thousands;
 
@@ -58,43 +58,19 @@ pub enum Start {
 /// that started the run, with `--resume` added, is continuing it).
 #[derive(Debug, Clone)]
 pub struct Given {
-    pub flags: Vec<&'static str>,
+    /// Each flag given, and where config.json keeps its value (a JSON pointer).
+    pub flags: Vec<(&'static str, &'static str)>,
     /// The settings and model as those flags (and defaults for the others) make them.
     pub settings: TrainSettings,
     pub model: ModelConfig,
 }
 
 impl Given {
-    /// Where in config.json each flag's value is kept.
-    const FIELDS: [(&'static str, &'static str); 20] = [
-        ("--model", "/model/arch"),
-        ("--block-size", "/train/block_size"),
-        ("--batch-size", "/train/batch_size"),
-        ("--embedding-dim", "/model/n_embd"),
-        ("--n-layer", "/model/n_layer"),
-        ("--n-head", "/model/n_head"),
-        ("--dropout", "/model/dropout"),
-        ("--lr", "/train/adam/learning_rate"),
-        ("--warmup-steps", "/train/adam/warmup_steps"),
-        ("--lr-decay-steps", "/train/adam/decay_steps"),
-        ("--min-lr", "/train/adam/min_lr"),
-        ("--weight-decay", "/train/adam/weight_decay"),
-        ("--beta1", "/train/adam/beta_1"),
-        ("--beta2", "/train/adam/beta_2"),
-        ("--grad-clip", "/train/adam/clip_norm"),
-        ("--seed", "/train/seed"),
-        ("--shuffle", "/train/shuffle"),
-        ("--save-every", "/train/save_every"),
-        ("--eval-every", "/train/eval_every"),
-        ("--keep", "/train/keep"),
-    ];
-
     /// An error naming the first flag whose value differs from the run's.
     fn check(&self, run: &RunConfig) -> Result<()> {
         let stored = serde_json::to_value(run)?;
         let asked = serde_json::json!({ "model": self.model, "train": self.settings });
-        for flag in &self.flags {
-            let Some((_, field)) = Self::FIELDS.iter().find(|(f, _)| f == flag) else { continue };
+        for (flag, field) in &self.flags {
             let (want, have) = (asked.pointer(field), stored.pointer(field));
             ensure!(
                 want == have,
@@ -244,7 +220,8 @@ pub fn train(cfg: &TrainConfig, corpus: &Corpus) -> Result<TrainSummary> {
     if let Start::InitFrom { dir, .. } = &cfg.start {
         let weights = match saved_model::is_saved_model(dir) {
             true => saved_model::import_weights(dir, &runner.variables())?,
-            false => RunDir::open(dir)?.weights(&runner.variables())?,
+            // The run's newest usable checkpoint, found and restored as `generate` does.
+            false => RunDir::open(dir)?.load(Load::Inference { sampler: None }, cfg.session)?.1.weights()?,
         };
         runner.set_weights(&weights)?;
     }
