@@ -40,10 +40,10 @@ $(VENV_STAMP): python_export/requirements.txt Makefile
 	touch $@
 
 # TF_LINK python,dir: links the C library of the wheel installed for `python` into `dir`, under the
-# names the linker and pkg-config expect. The links, and the pkg-config libdir, point at the wheel's
-# real folder (symlinks resolved), which is also the rpath build.rs embeds: the wheel's libraries find
-# CUDA through RUNPATHs relative to their own folder ($ORIGIN/../nvidia/...). The .pc's Libs link
-# through `dir` (the wheel has no libtensorflow.so) and carry that rpath.
+# names build.rs and tensorflow-sys-runtime look for (the wheel has no libtensorflow.so), with a
+# tensorflow.pc for C code. The links point at the wheel's real folder (symlinks resolved), the path
+# minigpt loads the library by (src/library.rs): the wheel's libraries find CUDA through RUNPATHs
+# relative to their own folder ($$ORIGIN/../nvidia/...).
 define TF_LINK
 @mkdir -p $(2)
 @tf=$$($(1) -c "import os, tensorflow as tf; print(os.path.realpath(tf.sysconfig.get_lib()))" 2>/dev/null) && \
@@ -57,7 +57,7 @@ define TF_LINK
 @echo "TensorFlow C library linked into $(2) (from $$(dirname $$(readlink $(2)/libtensorflow_cc.so.2)))"
 endef
 
-# .tf/lib: the wheel's C library under the names the linker and pkg-config expect.
+# .tf/lib: the wheel's C library under the names build.rs and tensorflow-sys-runtime expect.
 $(TF_LIB): $(VENV_STAMP)
 	$(call TF_LINK,$(PY),.tf/lib)
 

@@ -1,14 +1,13 @@
-//! Links the TensorFlow C library from `.tf/lib` (made by `make setup` from the pip wheel) and
-//! embeds the wheel's own folder as an rpath, so binaries and tests run with no environment
-//! variables; and generates TensorFlow's protobuf types from `proto/tensorflow.fds.pb` (the
-//! descriptors of the pinned wheel, written by `python_export/proto_descriptors.py`) with
-//! prost-build, no protoc.
+//! Finds the TensorFlow C library in `.tf/lib` (made by `make setup` from the pip wheel) and
+//! records where it is for `library.rs`, which loads it at run time (nothing links it at build
+//! time, so nothing of TensorFlow runs before `main`); and generates TensorFlow's protobuf types
+//! from `proto/tensorflow.fds.pb` (the descriptors of the pinned wheel, written by
+//! `python_export/proto_descriptors.py`) with prost-build, no protoc.
 //!
-//! `.tf/lib` holds symlinks under the names the linker expects; the rpath is the folder those
-//! symlinks point into, not `.tf/lib`. The wheel's libraries find their neighbours (CUDA's
-//! `libcudart.so.12`, cuDNN, ...) through RUNPATH entries relative to `$ORIGIN`, which the loader
-//! takes from the path it loaded them by: loaded through `.tf/lib`, `$ORIGIN/../nvidia/...` would
-//! be `.tf/lib/../nvidia/...` and CUDA would not be found.
+//! `.tf/lib` holds symlinks under the names tensorflow-sys-runtime looks for; the library is
+//! loaded first by its real path, not through `.tf/lib`: the wheel's libraries find their
+//! neighbours (CUDA's `libcudart.so.12`, cuDNN, ...) through RUNPATH entries relative to
+//! `$ORIGIN`, which the loader takes from the path it loaded them by.
 
 use std::path::{Path, PathBuf};
 use std::process::exit;
@@ -29,44 +28,24 @@ fn link_tensorflow() {
     println!("cargo:rerun-if-changed={}", lib_dir.display());
     let macos = cfg!(target_os = "macos");
     let lib = lib_dir.join(if macos { "libtensorflow.dylib" } else { "libtensorflow.so" });
-    if !lib.exists() {
+    let framework = lib_dir.join(if macos { "libtensorflow_framework.dylib" } else { "libtensorflow_framework.so" });
+    let (Ok(real_lib), Ok(real_framework)) = (lib.canonicalize(), framework.canonicalize()) else {
         eprintln!("error: TensorFlow C library not found at {}: run `make setup` first", lib.display());
         exit(1);
-    }
+    };
     let lib_dir = lib_dir.canonicalize().unwrap_or(lib_dir);
-    println!("cargo:rustc-link-search=native={}", lib_dir.display());
-    println!("cargo:rustc-link-lib=dylib=tensorflow");
-    println!("cargo:rustc-link-lib=dylib=tensorflow_framework");
-    // The real folders of both libraries (the same folder in the wheel), in load order.
-    let framework = lib_dir.join(if macos { "libtensorflow_framework.dylib" } else { "libtensorflow_framework.so" });
-    let mut rpaths: Vec<PathBuf> = Vec::new();
-    for link in [&lib, &framework] {
-        let dir = real_parent(link).unwrap_or_else(|| lib_dir.clone());
-        if !rpaths.contains(&dir) {
-            rpaths.push(dir);
-        }
-    }
-    if let Some(cusolver) = rpaths.last().and_then(|dir| cusolver(dir)) {
-        // The CUDA wheel (tensorflow[and-cuda]): once it has found a GPU, TensorFlow dlopens CUDA's
-        // libraries from libtensorflow_framework.so.2, whose RUNPATH (2.21) lists every nvidia/
-        // folder but cuSOLVER's; failing to load one, it registers no GPU. Loaded here at start-up
-        // (a library of the same soname already loaded is what dlopen returns), it is found.
-        let dir = cusolver.parent().unwrap();
-        let name = cusolver.file_name().unwrap().to_str().unwrap();
-        println!("cargo:rustc-link-arg=-L{}", dir.display());
-        println!("cargo:rustc-link-arg=-Wl,--push-state,--no-as-needed,-l:{name},--pop-state");
-        rpaths.push(dir.to_path_buf());
-    }
+    println!("cargo:rustc-env=MINIGPT_TF_LINKS={}", lib_dir.display());
+    println!("cargo:rustc-env=MINIGPT_TF_LIBRARY={}", real_lib.display());
+    println!("cargo:rustc-env=MINIGPT_TF_FRAMEWORK={}", real_framework.display());
     // Where the wheel's TensorFlow is: minigpt looks beside it for CUDA (device diagnostics, XLA's ptxas).
-    println!("cargo:rustc-env=MINIGPT_TF_DIR={}", rpaths[0].display());
-    for dir in rpaths {
-        println!("cargo:rustc-link-arg=-Wl,-rpath,{}", dir.display());
-    }
-}
-
-/// The folder that holds the file `link` resolves to (following every symlink).
-fn real_parent(link: &Path) -> Option<PathBuf> {
-    Some(link.canonicalize().ok()?.parent()?.to_path_buf())
+    let tf_dir = real_lib.parent().unwrap();
+    println!("cargo:rustc-env=MINIGPT_TF_DIR={}", tf_dir.display());
+    // The CUDA wheel (tensorflow[and-cuda]): once it has found a GPU, TensorFlow dlopens CUDA's
+    // libraries from libtensorflow_framework.so.2, whose RUNPATH (2.21) lists every nvidia/ folder
+    // but cuSOLVER's; failing to load one, it registers no GPU. Loaded before TensorFlow (a library
+    // of the same soname already loaded is what dlopen returns), it is found.
+    let cusolver = cusolver(real_framework.parent().unwrap()).map(|p| p.display().to_string()).unwrap_or_default();
+    println!("cargo:rustc-env=MINIGPT_CUSOLVER={cusolver}");
 }
 
 /// `libcusolver.so.N` of the CUDA wheel installed next to TensorFlow's folder `tf_dir`, if any.

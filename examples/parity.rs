@@ -28,6 +28,7 @@ fn main() -> ExitCode {
 }
 
 fn run() -> anyhow::Result<bool> {
+    minigpt::library::load(false)?;
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     let xla = args.iter().any(|a| a == "--xla");
@@ -39,11 +40,13 @@ fn run() -> anyhow::Result<bool> {
     eprintln!("making fixtures in {} with {} ...", out.display(), python.display());
     let local = data::local_path(&source)?;
     parity::make_fixtures(&python, &root, &local, &out)?;
-    let gpt_out = out.join("gpt");
-    parity::make_gpt_fixtures(&python, &root, &local, &gpt_out)?;
     let session = minigpt::device::SessionConfig { xla, ..Default::default() };
     let mut checks = parity::check(&out, &corpus, session)?;
-    checks.extend(parity::check_gpt(&gpt_out, &corpus, session)?);
+    for (i, flags) in parity::GPT_SIZES.iter().enumerate() {
+        let gpt_out = out.join(format!("gpt-{i}"));
+        parity::make_gpt_fixtures(&python, &root, &local, &gpt_out, flags)?;
+        checks.extend(parity::check_gpt(&gpt_out, &corpus, session)?);
+    }
     print!("{}", parity::Table(&checks));
     let failed = checks.iter().filter(|c| !c.passed()).count();
     println!("{} checks, {} failed", checks.len(), failed);

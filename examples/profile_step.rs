@@ -35,6 +35,7 @@ struct Args {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    minigpt::library::load(false)?;
     let corpus = data::load_corpus(&args.data)?;
     let vocab = Vocab::from_text(&corpus.text);
     let encoded = vocab.encode(&corpus.text)?;

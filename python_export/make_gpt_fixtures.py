@@ -10,6 +10,16 @@ name with `/` written as `.`):
   x.npy, y.npy          [B, T] int32: the first B windows of the training split, one per T+1 chars
   logits.npy            [B, T, vocab] from the initial weights
   grad/<var>.npy        d loss / d var (tf.GradientTape), in minigpt's layout
+  steps/x.npy, y.npy    [S, B, T] int32: the batches of S training steps (windows after x's)
+  step<S>/<var>.npy     after S steps of keras.optimizers.AdamW: weights, and Adam's m (.m.npy)
+                        and v (.v.npy), in minigpt's layout; manifest.json has each step's loss,
+                        learning rate and global gradient norm (before clipping)
+
+The optimizer is minigpt's `--weight-decay W --warmup-steps N --lr-decay-steps D --min-lr L
+--grad-clip G`: Keras' AdamW with `global_clipnorm`, excluding biases, LayerNorm scales and
+offsets and embedding tables from the decay, on Keras' CosineDecay with a linear warm-up from
+lr/(N+1) to lr over N steps (which is nanoGPT's lr·(it+1)/(N+1)), then a cosine over D - N steps
+down to L.
 """
 
 import argparse
@@ -36,6 +46,13 @@ def main():
     p.add_argument("--n-head", type=int, default=4)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--warmup-steps", type=int, default=5)
+    p.add_argument("--lr-decay-steps", type=int, default=20)
+    p.add_argument("--min-lr", type=float, default=3e-4)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--grad-clip", type=float, default=1.0)
     args = p.parse_args()
     keras.utils.set_random_seed(args.seed)
 
@@ -44,9 +61,11 @@ def main():
     text = raw.decode("utf-8")
     chars = sorted(set(text))
     t, b = args.block_size, args.batch_size
-    ids = np.array([chars.index(c) for c in text[: b * (t + 1)]], dtype=np.int32)
-    windows = ids.reshape(b, t + 1)
-    x, y = windows[:, :-1], windows[:, 1:]
+    index = {c: i for i, c in enumerate(chars)}
+    n = (args.steps + 1) * b * (t + 1)
+    ids = np.array([index[c] for c in text[:n]], dtype=np.int32)
+    windows = ids.reshape(args.steps + 1, b, t + 1)
+    x, y = windows[0, :, :-1], windows[0, :, 1:]
 
     model = gpt.GPT(len(chars), args.n_embd, args.n_layer, args.n_head, args.block_size)
     model(tf.constant(x))
@@ -70,9 +89,49 @@ def main():
     for name, g in gpt.to_minigpt(model, grads).items():
         save(args.out, f"grad/{file_name(name)}.npy", g)
 
+    steps = train(model, loss_fn, windows[1:], args)
+    for name, value in steps.pop("state").items():
+        save(args.out, f"step{args.steps}/{file_name(name)}", value)
+    save(args.out, "steps/x.npy", windows[1:, :, :-1])
+    save(args.out, "steps/y.npy", windows[1:, :, 1:])
+
+    optimizer = {k: getattr(args, k) for k in ("lr", "warmup_steps", "lr_decay_steps", "min_lr", "weight_decay",
+                                               "grad_clip")}
     manifest = dict(model.config, vocab=chars, data_sha256=hashlib.sha256(raw).hexdigest(),
-                    loss=float(loss.numpy()), tensorflow=tf.__version__, keras=keras.__version__)
+                    loss=float(loss.numpy()), optimizer=optimizer, **steps,
+                    tensorflow=tf.__version__, keras=keras.__version__)
     write_manifest(args.out, manifest)
+
+
+def train(model, loss_fn, windows, args):
+    """`len(windows)` steps of AdamW on the windows' batches; each step's loss, learning rate and
+    gradient norm, and the final state {"<var>.npy", "<var>.m.npy", "<var>.v.npy": array}."""
+    w = args.warmup_steps
+    schedule = keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=args.lr / (w + 1), warmup_target=args.lr, warmup_steps=w,
+        decay_steps=args.lr_decay_steps - w, alpha=args.min_lr / args.lr)
+    optimizer = keras.optimizers.AdamW(learning_rate=schedule, weight_decay=args.weight_decay,
+                                       global_clipnorm=args.grad_clip, epsilon=1e-7)
+    optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta", "embeddings"])
+    losses, rates, norms = [], [], []
+    for window in windows:
+        x, y = tf.constant(window[:, :-1]), tf.constant(window[:, 1:])
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, model(x, training=True))
+        grads = tape.gradient(loss, model.trainable_variables)
+        rates.append(float(schedule(optimizer.iterations)))
+        norms.append(float(tf.linalg.global_norm(grads)))
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        losses.append(float(loss))
+    variables = model.trainable_variables
+    slots = {suffix: [slot[optimizer._get_variable_index(v)] for v in variables]
+             for suffix, slot in ((".m", optimizer._momentums), (".v", optimizer._velocities))}
+    state = {f"{name}.npy": value for name, value in gpt.to_minigpt(model).items()}
+    for suffix, values in slots.items():
+        state.update({f"{name}{suffix}.npy": value for name, value in gpt.to_minigpt(model, values).items()})
+    return dict(step_losses=losses, step_learning_rates=rates, step_grad_norms=norms, state=state)
+
+
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@
 //! summary, sampler, loss, optim, model
 //! data, device
 //! proto, tfx, files, text
+//! library
 //! ```
 
 pub mod cli;
@@ -25,6 +26,7 @@ pub mod eval;
 pub mod files;
 pub mod graph;
 pub mod info;
+pub mod library;
 pub mod loss;
 pub mod model;
 pub mod object_graph;

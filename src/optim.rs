@@ -238,8 +238,10 @@ fn schedule(iterations: &Var, cfg: &AdamConfig, dtype: DataType, scope: &mut Sco
     Ok(ops::select_v2(warming, ramp, after, scope)?.into())
 }
 
-/// `g · clip / max(‖g‖, clip)` for every gradient, ‖g‖ the global norm over all of them; the
-/// per-lookup squares scale by the square of that factor.
+/// `g · clip · min(1/‖g‖, 1/clip)` for every gradient, ‖g‖ the global norm over all of them, as
+/// Keras' `global_clipnorm` computes it: an embedding table's gradient reaches Keras as one row per
+/// lookup, so its part of the norm is the sum of the per-lookup squares (`squares[i]`, when given),
+/// not of the summed gradient's squares. The per-lookup squares scale by the factor's square.
 fn clip_by_global_norm(
     grads: &[Output],
     squares: &[Option<Output>],
@@ -247,25 +249,25 @@ fn clip_by_global_norm(
     dtype: DataType,
     scope: &mut Scope,
 ) -> tensorflow::Result<(Vec<Output>, Vec<Option<Output>>)> {
-    let mut sum: Option<Output> = None;
-    for g in grads {
-        let rank = ops::rank(g.clone(), scope)?;
-        let axes = ops::range(ops::constant(0i32, scope)?, rank, ops::constant(1i32, scope)?, scope)?;
-        let s: Output = ops::sum(ops::square(g.clone(), scope)?, axes, scope)?.into();
-        sum = Some(match sum {
-            Some(acc) => ops::add_v2(acc, s, scope)?.into(),
-            None => s,
-        });
+    if grads.is_empty() {
+        return Ok((grads.to_vec(), squares.to_vec()));
     }
-    let Some(sum) = sum else { return Ok((grads.to_vec(), squares.to_vec())) };
-    let norm = ops::sqrt(sum, scope)?;
-    let clip_t = tfx::scalar(dtype, clip, scope)?;
-    let factor: Output = ops::real_div(
-        clip_t.clone(),
-        ops::maximum(norm, clip_t, &mut scope.with_op_name("clip/global_norm_or_clip"))?,
-        scope,
-    )?
-    .into();
+    let mut parts = Vec::with_capacity(grads.len());
+    for (i, g) in grads.iter().enumerate() {
+        let g2: Output = match squares.get(i).cloned().flatten() {
+            Some(s) => s,
+            None => ops::square(g.clone(), scope)?.into(),
+        };
+        let rank = ops::rank(g2.clone(), scope)?;
+        let axes = ops::range(ops::constant(0i32, scope)?, rank, ops::constant(1i32, scope)?, scope)?;
+        parts.push(ops::sum(g2, axes, scope)?.into());
+    }
+    let all = ops::Pack::new().N(parts.len() as i64).build_instance(parts, scope)?.output();
+    let norm = ops::sqrt(ops::sum(all, ops::constant(0i32, scope)?, scope)?, &mut scope.with_op_name("clip/global_norm"))?;
+    let one = tfx::scalar(dtype, 1.0, scope)?;
+    let inverse = ops::real_div(one, norm, scope)?;
+    let smaller = ops::minimum(inverse, tfx::scalar(dtype, 1.0 / clip, scope)?, scope)?;
+    let factor: Output = ops::mul(tfx::scalar(dtype, clip, scope)?, smaller, scope)?.into();
     let factor2: Output = ops::square(factor.clone(), scope)?.into();
     let grads = grads
         .iter()

@@ -1,9 +1,9 @@
 //! What the `tensorflow` crate lacks: resource variables, list-input ops, constants, TensorFlow's
 //! checkpoint reader and the text form of a graph (C API calls the crate does not bind).
 
-use std::ffi::c_char;
+use tensorflow_sys_runtime as tf_sys;
 
-use tensorflow_sys as tf_sys;
+use crate::library::{self, CheckpointReader as TfCheckpointReader};
 
 use tensorflow::{ops, DataType, Graph, Operation, Output, Scope, Shape, Status, Tensor, TensorType};
 
@@ -150,38 +150,6 @@ pub fn restore_v2(
     )
 }
 
-#[repr(C)]
-struct TfCheckpointReader {
-    _private: [u8; 0],
-}
-
-extern "C" {
-    // From TensorFlow's c_api_experimental.h; exported by the library but not bound by tensorflow-sys.
-    fn TF_GraphDebugString(graph: *mut tf_sys::TF_Graph, len: *mut usize) -> *mut c_char;
-    // From tensorflow/c/checkpoint_reader.h, likewise.
-    fn TF_NewCheckpointReader(filename: *const c_char, status: *mut tf_sys::TF_Status) -> *mut TfCheckpointReader;
-    fn TF_DeleteCheckpointReader(reader: *mut TfCheckpointReader);
-    fn TF_CheckpointReaderSize(reader: *mut TfCheckpointReader) -> i32;
-    fn TF_CheckpointReaderGetVariable(reader: *mut TfCheckpointReader, index: i32) -> *const c_char;
-    fn TF_CheckpointReaderGetVariableDataType(
-        reader: *mut TfCheckpointReader,
-        name: *const c_char,
-    ) -> tf_sys::TF_DataType;
-    fn TF_CheckpointReaderGetVariableNumDims(reader: *mut TfCheckpointReader, name: *const c_char) -> i32;
-    fn TF_CheckpointReaderGetVariableShape(
-        reader: *mut TfCheckpointReader,
-        name: *const c_char,
-        dims: *mut i64,
-        num_dims: i32,
-        status: *mut tf_sys::TF_Status,
-    );
-    fn TF_CheckpointReaderGetTensor(
-        reader: *mut TfCheckpointReader,
-        name: *const c_char,
-        status: *mut tf_sys::TF_Status,
-    ) -> *mut tf_sys::TF_Tensor;
-}
-
 /// One entry of a checkpoint: its key, dtype and shape.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CheckpointEntry {
@@ -213,7 +181,7 @@ impl CheckpointReader {
         // SAFETY: the status is deleted on every path; the reader is owned by the returned value.
         unsafe {
             let status = tf_sys::TF_NewStatus();
-            let raw = TF_NewCheckpointReader(name.as_ptr(), status);
+            let raw = (library::extra().TF_NewCheckpointReader)(name.as_ptr(), status);
             let result = status_result(status);
             tf_sys::TF_DeleteStatus(status);
             result?;
@@ -225,12 +193,12 @@ impl CheckpointReader {
     pub fn entries(&self) -> Result<Vec<CheckpointEntry>, Status> {
         // SAFETY: the reader is live; names are copied out; the status is deleted.
         unsafe {
-            let n = TF_CheckpointReaderSize(self.raw);
+            let n = (library::extra().TF_CheckpointReaderSize)(self.raw);
             let mut entries = Vec::with_capacity(n.max(0) as usize);
             for i in 0..n {
-                let key_ptr = TF_CheckpointReaderGetVariable(self.raw, i);
+                let key_ptr = (library::extra().TF_CheckpointReaderGetVariable)(self.raw, i);
                 let key = std::ffi::CStr::from_ptr(key_ptr).to_string_lossy().into_owned();
-                let dtype = match TF_CheckpointReaderGetVariableDataType(self.raw, key_ptr) {
+                let dtype = match (library::extra().TF_CheckpointReaderGetVariableDataType)(self.raw, key_ptr) {
                     tf_sys::TF_FLOAT => DataType::Float,
                     tf_sys::TF_DOUBLE => DataType::Double,
                     tf_sys::TF_INT32 => DataType::Int32,
@@ -238,10 +206,16 @@ impl CheckpointReader {
                     tf_sys::TF_STRING => DataType::String,
                     other => DataType::UnrecognizedEnumValue(other as _),
                 };
-                let rank = TF_CheckpointReaderGetVariableNumDims(self.raw, key_ptr);
+                let rank = (library::extra().TF_CheckpointReaderGetVariableNumDims)(self.raw, key_ptr);
                 let mut shape = vec![0i64; rank.max(0) as usize];
                 let status = tf_sys::TF_NewStatus();
-                TF_CheckpointReaderGetVariableShape(self.raw, key_ptr, shape.as_mut_ptr(), rank, status);
+                (library::extra().TF_CheckpointReaderGetVariableShape)(
+                    self.raw,
+                    key_ptr,
+                    shape.as_mut_ptr(),
+                    rank,
+                    status,
+                );
                 let result = status_result(status);
                 tf_sys::TF_DeleteStatus(status);
                 result?;
@@ -268,7 +242,7 @@ impl CheckpointReader {
         // SAFETY: the status is deleted; the returned TF_Tensor is owned by the result.
         unsafe {
             let status = tf_sys::TF_NewStatus();
-            let raw = TF_CheckpointReaderGetTensor(self.raw, name.as_ptr(), status);
+            let raw = (library::extra().TF_CheckpointReaderGetTensor)(self.raw, name.as_ptr(), status);
             let result = status_result(status);
             tf_sys::TF_DeleteStatus(status);
             let owned = OwnedTensor(raw);
@@ -328,7 +302,7 @@ impl Drop for OwnedTensor {
 impl Drop for CheckpointReader {
     fn drop(&mut self) {
         // SAFETY: `raw` came from TF_NewCheckpointReader and is deleted once.
-        unsafe { TF_DeleteCheckpointReader(self.raw) }
+        unsafe { (library::extra().TF_DeleteCheckpointReader)(self.raw) }
     }
 }
 
@@ -346,7 +320,7 @@ pub fn graph_text(graph: &Graph) -> Result<String, Status> {
         let ok = tf_sys::TF_GetCode(status) == tf_sys::TF_OK;
         let text = if ok {
             let mut len = 0usize;
-            let ptr = TF_GraphDebugString(raw, &mut len);
+            let ptr = (library::extra().TF_GraphDebugString)(raw, &mut len);
             let text = String::from_utf8_lossy(std::slice::from_raw_parts(ptr as *const u8, len))
                 .lines()
                 // Newer protobuf marks debug output with a first line (varying) that is not text format.

@@ -5,7 +5,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{last_stderr_line, minigpt};
+use common::minigpt;
 
 /// A small corpus made from the start of Tiny Shakespeare.
 fn small_corpus(dir: &Path) -> std::path::PathBuf {
@@ -123,13 +123,15 @@ fn same_seed_same_losses_bit_for_bit() {
     assert_ne!(metrics("a"), metrics("c"));
 }
 
-/// Runs minigpt and checks it fails with one `error:` line containing `needle`.
+/// Runs minigpt and checks it fails with one `error:` line containing `needle`, after nothing but
+/// minigpt's own warnings.
 fn fails_with(args: &[&str], needle: &str) {
     let out = minigpt().args(args).output().unwrap();
     assert!(!out.status.success(), "{args:?} succeeded");
-    let line = last_stderr_line(&out);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(line.starts_with("error: ") && line.contains(needle), "{args:?}: {stderr}");
+    let (last, before) = stderr.lines().collect::<Vec<_>>().split_last().map(|(l, b)| (*l, b.to_vec())).unwrap();
+    assert!(last.starts_with("error: ") && last.contains(needle), "{args:?}: {stderr}");
+    assert!(before.iter().all(|l| l.starts_with("warning: ")), "{args:?}: {stderr}");
     assert!(!stderr.contains("panicked") && !stderr.contains("RUST_BACKTRACE"), "{stderr}");
 }
 
@@ -184,12 +186,19 @@ fn bad_input_gives_one_clear_line() {
 }
 
 #[test]
-fn devices_prints_the_notebook_line() {
+fn devices_prints_the_notebook_line_and_tensorflow_only_with_verbose() {
     let out = minigpt().arg("devices").output().unwrap();
     assert!(out.status.success());
+    // TensorFlow loads after the command line is read: none of its start-up lines by default.
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "");
     let stdout = String::from_utf8(out.stdout).unwrap();
     assert!(stdout.contains("CPU:0"), "{stdout}");
     assert!(stdout.lines().any(|l| l.starts_with("Num GPUs Available: ")), "{stdout}");
+    let verbose = minigpt().args(["-v", "devices"]).output().unwrap();
+    assert!(verbose.status.success());
+    let stderr = String::from_utf8_lossy(&verbose.stderr);
+    assert!(stderr.contains("oneDNN custom operations"), "-v shows TensorFlow's log: {stderr}");
+    assert_eq!(verbose.stdout, stdout.as_bytes());
 }
 
 #[test]

@@ -1,5 +1,7 @@
 //! The committed text GraphDefs in graphs/ are what the builders make today.
 
+mod common;
+
 use minigpt::model::ModelConfig;
 
 fn assert_current(model: &ModelConfig, file: &str) -> String {

@@ -29,8 +29,9 @@ pub struct Check {
     pub quantity: String,
     pub diff: f64,
     pub tolerance: f64,
-    /// How `diff` is measured, e.g. "max |Δ|".
-    pub measure: &'static str,
+    /// How `diff` is measured, e.g. "max |Δ|", or "|Δ| / (1e-6 + 1e-5·|ref|)" for a per-element
+    /// tolerance (then the tolerance is 1: every element within atol + rtol·|ref|).
+    pub measure: String,
 }
 
 impl Check {
@@ -45,12 +46,12 @@ pub struct Table<'a>(pub &'a [Check]);
 impl fmt::Display for Table<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let width = self.0.iter().map(|c| c.quantity.len()).max().unwrap_or(8).max(8);
-        writeln!(f, "{:<width$}  {:<22}  {:>10}  {:>9}  result", "quantity", "measure", "difference", "tolerance")?;
+        writeln!(f, "{:<width$}  {:<28}  {:>10}  {:>9}  result", "quantity", "measure", "difference", "tolerance")?;
         for c in self.0 {
             let result = if c.passed() { "PASS" } else { "FAIL" };
             writeln!(
                 f,
-                "{:<width$}  {:<22}  {:>10.3e}  {:>9.0e}  {result}",
+                "{:<width$}  {:<28}  {:>10.3e}  {:>9.0e}  {result}",
                 c.quantity, c.measure, c.diff, c.tolerance
             )?;
         }
@@ -60,17 +61,23 @@ impl fmt::Display for Table<'_> {
 
 /// Runs `python_export/make_fixtures.py` from the repository `root` with `python`, writing to `out`.
 pub fn make_fixtures(python: &Path, root: &Path, corpus: &Path, out: &Path) -> Result<()> {
-    run_script(python, &root.join("python_export/make_fixtures.py"), corpus, out)
+    run_script(python, &root.join("python_export/make_fixtures.py"), corpus, out, &[])
 }
 
-/// Runs `python_export/make_gpt_fixtures.py` (the Keras transformer) likewise.
-pub fn make_gpt_fixtures(python: &Path, root: &Path, corpus: &Path, out: &Path) -> Result<()> {
-    run_script(python, &root.join("python_export/make_gpt_fixtures.py"), corpus, out)
+/// The sizes of the transformer checked against Keras: a small one, and the width and depth of the
+/// quality configuration (`make train-gpt`) on a shorter context; `make_gpt_fixtures.py` flags.
+pub const GPT_SIZES: [&[&str]; 2] =
+    [&[], &["--n-embd", "128", "--n-layer", "4", "--n-head", "4", "--block-size", "32", "--batch-size", "2"]];
+
+/// Runs `python_export/make_gpt_fixtures.py` (the Keras transformer) likewise, with `flags`.
+pub fn make_gpt_fixtures(python: &Path, root: &Path, corpus: &Path, out: &Path, flags: &[&str]) -> Result<()> {
+    run_script(python, &root.join("python_export/make_gpt_fixtures.py"), corpus, out, flags)
 }
 
-fn run_script(python: &Path, script: &Path, corpus: &Path, out: &Path) -> Result<()> {
+fn run_script(python: &Path, script: &Path, corpus: &Path, out: &Path, flags: &[&str]) -> Result<()> {
     let status = Command::new(python)
         .arg(script)
+        .args(flags)
         .arg("--data")
         .arg(corpus)
         .arg("--out")
@@ -184,7 +191,8 @@ pub fn check(dir: &Path, corpus: &Corpus, session: SessionConfig) -> Result<Vec<
     // shows by how much, against the tolerances of the transformer's checks.
     let exact = !session.xla;
     let tol = |loose: f64| if exact { 0.0 } else { loose };
-    let tolerances = Tolerances { logits: tol(1e-5), loss: tol(1e-6), grads: tol(1e-6) };
+    let within = |atol: f64, rtol: f64| if exact { (0.0, 0.0) } else { (atol, rtol) };
+    let tolerances = Tolerances { logits: within(1e-5, 1e-5), loss: tol(1e-6), grads: within(1e-8, 1e-5) };
     checks.extend(forward_checks(
         &runner,
         &fx,
@@ -201,7 +209,7 @@ pub fn check(dir: &Path, corpus: &Corpus, session: SessionConfig) -> Result<Vec<
         let (x, y) = batch(i)?;
         losses.push(runner.train_step::<f32>(&x, &y)? as f64);
         if i == 0 || i + 1 == m.steps {
-            checks.extend(compare_state(&runner, &fx, &names, i + 1, tol(1e-5))?);
+            checks.extend(compare_state(&runner, &fx, &names, ("", i + 1), within(1e-7, 1e-5))?);
         }
     }
     checks.push(max_abs_slice(&format!("train_step losses, {} steps", m.steps), &losses, &m.step_losses, tol(1e-5)));
@@ -218,7 +226,7 @@ pub fn check(dir: &Path, corpus: &Corpus, session: SessionConfig) -> Result<Vec<
         quantity: format!("generate_text, {} characters", m.generate.chars),
         diff: differing_chars(&text, &m.generate.text) as f64,
         tolerance: 0.0,
-        measure: "characters differing",
+        measure: "characters differing".into(),
     });
 
     let encoded = vocab.encode(&corpus.text).map_err(|e| anyhow::anyhow!("corpus: {e}"))?;
@@ -237,33 +245,84 @@ struct GptManifest {
     block_size: u64,
     data_sha256: String,
     loss: f64,
+    optimizer: GptOptimizer,
+    step_losses: Vec<f64>,
+    step_learning_rates: Vec<f64>,
+    step_grad_norms: Vec<f64>,
+}
+
+/// The flags of `make_gpt_fixtures.py`'s AdamW (minigpt's flags of the same names).
+#[derive(Deserialize)]
+struct GptOptimizer {
+    lr: f64,
+    warmup_steps: u64,
+    lr_decay_steps: u64,
+    min_lr: f64,
+    weight_decay: f64,
+    grad_clip: f64,
 }
 
 /// minigpt's `--model gpt` against the Keras transformer (`python_export/gpt.py`) from the same
-/// weights, with the fixtures of `make_gpt_fixtures.py` in `dir`: logits, loss and every gradient.
+/// weights, with the fixtures of `make_gpt_fixtures.py` in `dir`: logits, loss and every gradient
+/// on one batch; then the steps of Keras' AdamW (warm-up and cosine schedule, decay with Keras'
+/// exclusions, global-norm clipping) on the fixtures' batches: each step's learning rate and loss,
+/// and the weights and Adam's m and v after them.
 pub fn check_gpt(dir: &Path, corpus: &Corpus, session: SessionConfig) -> Result<Vec<Check>> {
     let fx = Fixtures(dir.to_path_buf());
     let m: GptManifest = fx.manifest()?;
     ensure!(m.data_sha256 == corpus.sha256, "the fixtures in {} were made from another corpus", dir.display());
     let cfg = ModelConfig::gpt(m.vocab_size, m.n_embd, m.n_layer, m.n_head, m.block_size);
-    let runner = Runner::new(&cfg, &GraphOptions::training(1, AdamConfig::default()), session)?;
+    let o = &m.optimizer;
+    let adam = AdamConfig {
+        learning_rate: o.lr,
+        warmup_steps: o.warmup_steps,
+        decay_steps: Some(o.lr_decay_steps),
+        min_lr: o.min_lr,
+        weight_decay: o.weight_decay,
+        clip_norm: Some(o.grad_clip),
+        ..AdamConfig::default()
+    };
+    adam.validate()?;
+    let runner = Runner::new(&cfg, &GraphOptions::training(1, adam), session)?;
     runner.init()?;
     let names: Vec<String> = runner.variables().iter().map(|v| v.name.clone()).collect();
     runner.set_weights(&fx.vars("init", &names, "")?)?;
     let (x, y) = (fx.tensor::<i32>("x.npy")?, fx.tensor::<i32>("y.npy")?);
     let label = format!("gpt ({} blocks, {} heads, C {}): ", m.n_layer, m.n_head, m.n_embd);
-    let tolerances = Tolerances { logits: 1e-5, loss: 1e-5, grads: 1e-5 };
-    forward_checks(&runner, &fx, &names, (&x, &y), (&label, "", ""), m.loss, tolerances)
+    let tolerances = Tolerances { logits: (1e-5, 1e-5), loss: 1e-5, grads: (1e-7, 1e-4) };
+    let mut checks = forward_checks(&runner, &fx, &names, (&x, &y), (&label, "", ""), m.loss, tolerances)?;
+
+    let (xs, ys) = (fx.array::<i32>("steps/x.npy")?, fx.array::<i32>("steps/y.npy")?);
+    let steps = xs.shape()[0];
+    ensure!(steps == m.step_losses.len(), "steps/x.npy has {steps} batches, the manifest {}", m.step_losses.len());
+    let clipped = m.step_grad_norms.iter().filter(|&&n| n > o.grad_clip).count();
+    ensure!(clipped > 0, "no step of the fixtures is clipped: the check would not test clipping");
+    let (mut rates, mut losses) = (Vec::new(), Vec::new());
+    for i in 0..steps {
+        let batch = |a: &ArrayD<i32>| -> Result<Tensor<i32>> {
+            let part = a.index_axis(ndarray::Axis(0), i);
+            let dims: Vec<u64> = part.shape().iter().map(|&d| d as u64).collect();
+            Ok(Tensor::new(&dims).with_values(&part.iter().cloned().collect::<Vec<_>>())?)
+        };
+        rates.push(runner.learning_rate::<f32>()? as f64);
+        losses.push(runner.train_step::<f32>(&batch(&xs)?, &batch(&ys)?)? as f64);
+    }
+    let what = format!("{steps} AdamW steps ({clipped} clipped)");
+    checks.push(close_slice(&format!("{label}learning rate, {what}"), &rates, &m.step_learning_rates, (0.0, 1e-6)));
+    checks.push(close_slice(&format!("{label}losses, {what}"), &losses, &m.step_losses, (0.0, 1e-5)));
+    checks.extend(compare_state(&runner, &fx, &names, (&label, steps), (1e-7, 1e-4))?);
+    Ok(checks)
 }
+
+/// Per-element tolerances `(atol, rtol)`: |Δ| ≤ atol + rtol·|ref| (`(0, 0)`: exact).
+type Within = (f64, f64);
 
 #[derive(Clone, Copy)]
 struct Tolerances {
-    /// max |Δ|
-    logits: f64,
+    logits: Within,
     /// |Δ| / |loss|
     loss: f64,
-    /// max |Δ| / max |reference|
-    grads: f64,
+    grads: Within,
 }
 
 /// Logits, loss and every gradient on one batch against `<folder>logits.npy`, `loss` and
@@ -280,7 +339,7 @@ fn forward_checks(
 ) -> Result<Vec<Check>> {
     let logits: Tensor<f32> = runner.logits(x)?;
     let (got_loss, grads) = runner.loss_and_gradients::<f32>(x, y, false)?;
-    let mut checks = vec![max_abs(
+    let mut checks = vec![close(
         &format!("{label}logits{batch}"),
         &logits,
         &fx.array::<f32>(&format!("{folder}logits.npy"))?,
@@ -290,28 +349,34 @@ fn forward_checks(
         quantity: format!("{label}loss{batch}"),
         diff: (got_loss as f64 - loss).abs() / loss.abs(),
         tolerance: tol.loss,
-        measure: "|Δ| / |loss|",
+        measure: "|Δ| / |loss|".into(),
     });
     for (i, name) in names.iter().enumerate() {
         let want = fx.array::<f32>(&format!("{folder}grad/{}.npy", name.replace('/', ".")))?;
-        checks.push(max_rel(&format!("{label}gradient {name}"), &grads[i], &want, tol.grads)?);
+        checks.push(close(&format!("{label}gradient {name}"), &grads[i], &want, tol.grads)?);
     }
     Ok(checks)
 }
 
-/// Weights and Adam's m and v after `step` steps.
-fn compare_state(runner: &Runner, fx: &Fixtures, names: &[String], step: usize, tolerance: f64) -> Result<Vec<Check>> {
+/// Weights and Adam's m and v after `step` steps, rows named `<label>step <step>: <var>[ Adam m|v]`.
+fn compare_state(
+    runner: &Runner,
+    fx: &Fixtures,
+    names: &[String],
+    (label, step): (&str, usize),
+    tolerance: Within,
+) -> Result<Vec<Check>> {
     let weights = runner.weights::<f32>()?;
     let [m, v] = runner.adam_moments::<f32>()?;
     let mut checks = Vec::new();
-    for (suffix, got, label) in [("", &weights, ""), (".m", &m, " Adam m"), (".v", &v, " Adam v")] {
+    for (suffix, got, which) in [("", &weights, ""), (".m", &m, " Adam m"), (".v", &v, " Adam v")] {
         let want = fx.vars(&format!("step{step}"), names, suffix)?;
         for (i, name) in names.iter().enumerate() {
             let want = ArrayD::from_shape_vec(
                 want[i].dims().iter().map(|&d| d as usize).collect::<Vec<_>>(),
                 want[i].to_vec(),
             )?;
-            checks.push(max_rel(&format!("step {step}: {name}{label}"), &got[i], &want, tolerance)?);
+            checks.push(close(&format!("{label}step {step}: {name}{which}"), &got[i], &want, tolerance)?);
         }
     }
     Ok(checks)
@@ -337,7 +402,7 @@ fn check_pipeline(fx: &Fixtures, m: &Manifest, train: &[i32], val: &[i32]) -> Re
         quantity: format!("batches, no shuffle, first {}", nx.shape()[0]),
         diff: differing as f64,
         tolerance: 0.0,
-        measure: "elements differing",
+        measure: "elements differing".into(),
     });
 
     // The whole validation split in text order, by digest.
@@ -359,7 +424,7 @@ fn check_pipeline(fx: &Fixtures, m: &Manifest, train: &[i32], val: &[i32]) -> Re
         quantity: format!("batches, no shuffle, all {count} of val"),
         diff: (hex::encode(digest.finalize()) != m.none_val.sha256) as u8 as f64,
         tolerance: 0.0,
-        measure: "SHA-256 differs",
+        measure: "SHA-256 differs".into(),
     });
 
     // One shuffled epoch over the first 20000 validation characters: the same windows, and windows
@@ -376,13 +441,13 @@ fn check_pipeline(fx: &Fixtures, m: &Manifest, train: &[i32], val: &[i32]) -> Re
         quantity: format!("shuffled epoch, {} windows", theirs.len()),
         diff: multiset_difference(&ours, &theirs) as f64,
         tolerance: 0.0,
-        measure: "windows not shared",
+        measure: "windows not shared".into(),
     });
     checks.push(Check {
         quantity: "shuffled epoch, how far windows move".into(),
         diff: ks,
         tolerance: critical,
-        measure: "two-sample KS statistic",
+        measure: "two-sample KS statistic".into(),
     });
     Ok(checks)
 }
@@ -517,29 +582,41 @@ fn same_shape(quantity: &str, got: &Tensor<f32>, want: &ArrayD<f32>) -> Result<(
     Ok(())
 }
 
-/// max |Δ|, NaN if any difference is NaN.
-fn max_diff(got: &[f32], want: impl Iterator<Item = f32>) -> f64 {
-    let got: Vec<f64> = got.iter().map(|&g| g as f64).collect();
-    let want: Vec<f64> = want.map(|w| w as f64).collect();
-    super::compare(&got, &want, 0.0, 0.0).max_abs
+/// Every element of `got` against `want`: |Δ| ≤ atol + rtol·|want|. The row's difference is the
+/// largest |Δ| / (atol + rtol·|want|), passing at ≤ 1; with `(0, 0)` the check is exact and the
+/// difference is max |Δ|, passing at 0. NaN never passes.
+fn close(quantity: &str, got: &Tensor<f32>, want: &ArrayD<f32>, (atol, rtol): Within) -> Result<Check> {
+    same_shape(quantity, got, want)?;
+    let exact = atol == 0.0 && rtol == 0.0;
+    let mut worst = 0.0f64;
+    for (&g, &w) in got.iter().zip(want.iter()) {
+        let d = (g as f64 - w as f64).abs();
+        let ratio = if exact { d } else { d / (atol + rtol * (w as f64).abs()) };
+        worst = if ratio.is_nan() || worst.is_nan() { f64::NAN } else { worst.max(ratio) };
+    }
+    let (tolerance, measure) = match exact {
+        true => (0.0, "max |Δ|".to_string()),
+        false => (1.0, format!("|Δ| / ({atol:.0e} + {rtol:.0e}·|ref|)")),
+    };
+    Ok(Check { quantity: quantity.into(), diff: worst, tolerance, measure })
 }
 
-/// max |Δ|.
-fn max_abs(quantity: &str, got: &Tensor<f32>, want: &ArrayD<f32>, tolerance: f64) -> Result<Check> {
-    same_shape(quantity, got, want)?;
-    Ok(Check { quantity: quantity.into(), diff: max_diff(got, want.iter().cloned()), tolerance, measure: "max |Δ|" })
-}
-
-/// max |Δ| / max |reference|.
-fn max_rel(quantity: &str, got: &Tensor<f32>, want: &ArrayD<f32>, tolerance: f64) -> Result<Check> {
-    same_shape(quantity, got, want)?;
-    let scale = want.iter().fold(0.0f64, |a, &w| a.max((w as f64).abs()));
-    let diff = max_diff(got, want.iter().cloned());
-    let diff = if scale > 0.0 { diff / scale } else { diff };
-    Ok(Check { quantity: quantity.into(), diff, tolerance, measure: "max |Δ| / max |ref|" })
+/// [`close`] for two series of the same length.
+fn close_slice(quantity: &str, got: &[f64], want: &[f64], within: Within) -> Check {
+    let (got, want) = (got.iter().map(|&g| g as f32).collect::<Vec<_>>(), want.iter().map(|&w| w as f32).collect());
+    let dims = [got.len() as u64];
+    let check = Tensor::new(&dims).with_values(&got).map_err(anyhow::Error::from).and_then(|g| {
+        close(quantity, &g, &ArrayD::from_shape_vec(vec![got.len()], want)?, within)
+    });
+    check.unwrap_or_else(|_| Check {
+        quantity: quantity.into(),
+        diff: f64::INFINITY,
+        tolerance: 0.0,
+        measure: "lengths differ".into(),
+    })
 }
 
 fn max_abs_slice(quantity: &str, got: &[f64], want: &[f64], tolerance: f64) -> Check {
     let diff = if got.len() != want.len() { f64::INFINITY } else { super::compare(got, want, 0.0, 0.0).max_abs };
-    Check { quantity: quantity.into(), diff, tolerance, measure: "max |Δ|" }
+    Check { quantity: quantity.into(), diff, tolerance, measure: "max |Δ|".into() }
 }
