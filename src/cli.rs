@@ -128,7 +128,7 @@ pub struct TrainArgs {
     /// Adam's beta_2 [default: 0.999]
     #[arg(long)]
     pub beta2: Option<f64>,
-    /// Clip gradients to this global norm.
+    /// Clip gradients to this global norm, as Keras' `global_clipnorm` (an embedding counts its per-lookup rows).
     #[arg(long)]
     pub grad_clip: Option<f64>,
     /// Seed of every random source (initial weights, shuffling) [default: 1337]

@@ -239,9 +239,11 @@ fn schedule(iterations: &Var, cfg: &AdamConfig, dtype: DataType, scope: &mut Sco
 }
 
 /// `g · clip · min(1/‖g‖, 1/clip)` for every gradient, ‖g‖ the global norm over all of them, as
-/// Keras' `global_clipnorm` computes it: an embedding table's gradient reaches Keras as one row per
-/// lookup, so its part of the norm is the sum of the per-lookup squares (`squares[i]`, when given),
-/// not of the summed gradient's squares. The per-lookup squares scale by the factor's square.
+/// Keras' `global_clipnorm` computes it. An embedding table's gradient reaches Keras as one row per
+/// lookup (`IndexedSlices`), so its part of the norm is the sum of the per-lookup squares
+/// (`squares[i]`), not of the summed gradient's squares; and scaling it makes it a dense tensor, so
+/// after clipping Adam's `v` sees the squares of the summed, scaled gradient: no per-lookup
+/// squares are returned.
 fn clip_by_global_norm(
     grads: &[Output],
     squares: &[Option<Output>],
@@ -263,23 +265,15 @@ fn clip_by_global_norm(
         parts.push(ops::sum(g2, axes, scope)?.into());
     }
     let all = ops::Pack::new().N(parts.len() as i64).build_instance(parts, scope)?.output();
-    let norm = ops::sqrt(ops::sum(all, ops::constant(0i32, scope)?, scope)?, &mut scope.with_op_name("clip/global_norm"))?;
+    let norm =
+        ops::sqrt(ops::sum(all, ops::constant(0i32, scope)?, scope)?, &mut scope.with_op_name("clip/global_norm"))?;
     let one = tfx::scalar(dtype, 1.0, scope)?;
     let inverse = ops::real_div(one, norm, scope)?;
     let smaller = ops::minimum(inverse, tfx::scalar(dtype, 1.0 / clip, scope)?, scope)?;
     let factor: Output = ops::mul(tfx::scalar(dtype, clip, scope)?, smaller, scope)?.into();
-    let factor2: Output = ops::square(factor.clone(), scope)?.into();
     let grads = grads
         .iter()
         .map(|g| Ok(ops::mul(g.clone(), factor.clone(), scope)?.into()))
         .collect::<tensorflow::Result<Vec<Output>>>()?;
-    let squares = squares
-        .iter()
-        .map(|s| {
-            s.clone()
-                .map(|s| -> tensorflow::Result<Output> { Ok(ops::mul(s, factor2.clone(), scope)?.into()) })
-                .transpose()
-        })
-        .collect::<tensorflow::Result<Vec<_>>>()?;
-    Ok((grads, squares))
+    Ok((grads, vec![None; squares.len()]))
 }
