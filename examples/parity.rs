@@ -40,6 +40,7 @@ fn run() -> anyhow::Result<bool> {
     eprintln!("making fixtures in {} with {} ...", out.display(), python.display());
     let local = data::local_path(&source)?;
     parity::make_fixtures(&python, &root, &local, &out)?;
+    let xla = if xla { minigpt::device::Xla::On } else { minigpt::device::Xla::Off };
     let session = minigpt::device::SessionConfig { xla, ..Default::default() };
     let mut checks = parity::check(&out, &corpus, session)?;
     for (i, flags) in parity::GPT_SIZES.iter().enumerate() {

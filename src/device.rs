@@ -30,10 +30,22 @@ pub struct SessionConfig {
     /// Ops run in parallel (0: TensorFlow's choice).
     pub inter_op_threads: u32,
     /// XLA JIT compilation of the graph (`global_jit_level = ON_1`).
-    pub xla: bool,
+    pub xla: Xla,
     /// Where the graph's ops go.
     pub device: DeviceChoice,
     pub gpu: GpuConfig,
+}
+
+/// Whether a session compiles its graph with XLA's JIT.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Xla {
+    /// The transformer's training graph is compiled (faster, and within the transformer's parity
+    /// tolerances against Keras: tests/parity.rs), nothing else: the bigram keeps the notebook's
+    /// kernels and numbers exactly, and inference graphs change shape at every generated character.
+    #[default]
+    Auto,
+    On,
+    Off,
 }
 
 /// GPU memory and visibility, as TensorFlow users set them (memory growth,
@@ -66,6 +78,17 @@ impl GpuConfig {
 }
 
 impl SessionConfig {
+    /// These settings for one graph: [`Xla::Auto`] becomes [`Xla::On`] if `compile` (the graph is
+    /// the transformer's training graph), else [`Xla::Off`].
+    pub fn for_graph(self, compile: bool) -> Self {
+        let xla = match self.xla {
+            Xla::Auto if compile => Xla::On,
+            Xla::Auto => Xla::Off,
+            chosen => chosen,
+        };
+        Self { xla, ..self }
+    }
+
     /// The `ConfigProto`. Soft placement is on: ops without a kernel on the chosen device run on
     /// the CPU. GPU memory grows as needed instead of being taken whole at start-up, in every
     /// session (TensorFlow's GPU allocator is per process, so the first session decides).
@@ -82,7 +105,7 @@ impl SessionConfig {
                 visible_device_list: self.gpu.visible_list(),
                 ..Default::default()
             }),
-            graph_options: self.xla.then(|| proto::GraphOptions {
+            graph_options: (self.xla == Xla::On).then(|| proto::GraphOptions {
                 optimizer_options: Some(proto::OptimizerOptions { global_jit_level: jit as i32, ..Default::default() }),
                 ..Default::default()
             }),
@@ -91,7 +114,7 @@ impl SessionConfig {
     }
 
     pub fn session_options(self) -> Result<SessionOptions> {
-        if self.xla {
+        if self.xla == Xla::On {
             enable_jit();
         }
         let mut options = SessionOptions::new();
@@ -206,7 +229,7 @@ mod tests {
         let gpu =
             GpuConfig { memory_fraction: 0.5, visible: GpuConfig::parse_list("0,2").unwrap(), log_placement: true };
         let config =
-            SessionConfig { intra_op_threads: 3, inter_op_threads: 2, xla: true, device: DeviceChoice::Cpu, gpu };
+            SessionConfig { intra_op_threads: 3, inter_op_threads: 2, xla: Xla::On, device: DeviceChoice::Cpu, gpu };
         let decoded = proto::ConfigProto::decode(&config.to_proto().encode_to_vec()[..]).unwrap();
         assert_eq!((decoded.intra_op_parallelism_threads, decoded.inter_op_parallelism_threads), (3, 2));
         assert!(decoded.allow_soft_placement);
@@ -219,5 +242,17 @@ mod tests {
         // Memory growth in every session, whatever else is asked.
         assert!(SessionConfig::default().to_proto().gpu_options.unwrap().allow_growth);
         assert!(GpuConfig::parse_list("1,x").is_err());
+    }
+
+    #[test]
+    fn xla_by_default_compiles_only_the_transformers_training_graph() {
+        let auto = SessionConfig::default();
+        assert_eq!((auto.for_graph(true).xla, auto.for_graph(false).xla), (Xla::On, Xla::Off));
+        for chosen in [Xla::On, Xla::Off] {
+            let session = SessionConfig { xla: chosen, ..auto };
+            assert_eq!((session.for_graph(true).xla, session.for_graph(false).xla), (chosen, chosen));
+        }
+        assert!(auto.for_graph(true).to_proto().graph_options.is_some());
+        assert!(auto.to_proto().graph_options.is_none());
     }
 }

@@ -15,7 +15,7 @@ use tensorflow::{ops, DataType, Operation, Output, Scope, Session, SessionRunArg
 
 use crate::device::SessionConfig;
 use crate::loss::{self, CrossEntropy};
-use crate::model::{CacheSpec, Dropout, Forward, LanguageModel, ModelConfig};
+use crate::model::{Arch, CacheSpec, Dropout, Forward, LanguageModel, ModelConfig};
 use crate::optim::{Adam, AdamConfig};
 use crate::proto;
 use crate::sampler::{Cache, Chain, NextLogits, SamplerConfig};
@@ -129,6 +129,8 @@ impl Runner {
     /// Builds `model`'s graph for `opts.purpose` on the session's device, and its session.
     pub fn new(model: &ModelConfig, opts: &GraphOptions, session: SessionConfig) -> Result<Self> {
         model.validate()?;
+        let transformer_training = model.arch == Arch::Gpt && matches!(opts.purpose, Purpose::Training { .. });
+        let session = session.for_graph(transformer_training);
         let device = session.graph_device()?;
         let g = build(model, opts, device.as_deref()).context("building the TensorFlow graph")?;
         let session =

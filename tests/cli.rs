@@ -333,6 +333,32 @@ fn optimizer_options_are_used_and_saved() {
     );
 }
 
+/// Whether TensorFlow's log (`-v`) says it compiled a cluster with XLA.
+fn compiled_with_xla(corpus: &Path, dir: &Path, extra: &[&str]) -> bool {
+    let out = minigpt()
+        .args(["-v", "train", "--max-steps", "2", "--eval-batches", "1", "--block-size", "8", "--batch-size", "2"])
+        .arg("--data")
+        .arg(corpus)
+        .arg("--out")
+        .arg(dir)
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stderr).contains("Compiled cluster using XLA")
+}
+
+#[test]
+fn the_transformer_trains_with_xla_by_default_and_the_bigram_without() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = small_corpus(tmp.path());
+    let gpt: Vec<&str> = common::TINY_GPT.split(' ').collect();
+    assert!(compiled_with_xla(&corpus, &tmp.path().join("gpt"), &gpt));
+    assert!(!compiled_with_xla(&corpus, &tmp.path().join("gpt-no"), &[&gpt[..], &["--no-xla"]].concat()));
+    assert!(!compiled_with_xla(&corpus, &tmp.path().join("bigram"), &[]));
+    assert!(compiled_with_xla(&corpus, &tmp.path().join("bigram-xla"), &["--xla"]));
+}
+
 #[test]
 fn the_transformer_trains_with_dropout_and_says_what_it_is() {
     let tmp = tempfile::tempdir().unwrap();

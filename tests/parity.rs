@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use common::parity;
 use minigpt::data;
+use minigpt::device::{SessionConfig, Xla};
 
 fn python(root: &Path) -> PathBuf {
     let python = std::env::var_os("MINIGPT_PYTHON").map(PathBuf::from).unwrap_or_else(|| root.join(".venv/bin/python"));
@@ -24,14 +25,18 @@ fn minigpt_gpt_computes_what_the_keras_transformer_computes() {
         let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("parity-gpt-fixtures-{i}"));
         let _ = std::fs::remove_dir_all(&out);
         parity::make_gpt_fixtures(&python(root), root, &corpus_path, &out, flags).unwrap();
-        let checks = parity::check_gpt(&out, &corpus, Default::default()).unwrap();
-        let table = parity::Table(&checks).to_string();
-        println!("{table}");
-        // logits, loss, the gradients of 2 + 12 per block + 4 variables; learning rates and losses
-        // of the AdamW steps; then each variable (the attention bias in two rows), its m and its v.
-        let variables = 2 + 12 * blocks + 4;
-        assert_eq!(checks.len(), 2 + variables + 2 + 3 * variables + blocks, "{table}");
-        assert!(checks.iter().all(|c| c.passed()), "parity failed:\n{table}");
+        // Without XLA, and with it: `train --model gpt` compiles its step with XLA by default.
+        for xla in [Xla::Off, Xla::On] {
+            let session = SessionConfig { xla, ..Default::default() };
+            let checks = parity::check_gpt(&out, &corpus, session).unwrap();
+            let table = parity::Table(&checks).to_string();
+            println!("{xla:?}:\n{table}");
+            // logits, loss, the gradients of 2 + 12 per block + 4 variables; learning rates and
+            // losses of the AdamW steps; each variable (the attention bias in two rows), m and v.
+            let variables = 2 + 12 * blocks + 4;
+            assert_eq!(checks.len(), 2 + variables + 2 + 3 * variables + blocks, "{table}");
+            assert!(checks.iter().all(|c| c.passed()), "parity failed ({xla:?}):\n{table}");
+        }
     }
 }
 

@@ -16,7 +16,7 @@ use sha2::{Digest as _, Sha256};
 use tensorflow::{Tensor, TensorType};
 
 use minigpt::data::{self, Batches, Corpus, Shuffle, Vocab, NOTEBOOK_SHUFFLE_BUFFER};
-use minigpt::device::SessionConfig;
+use minigpt::device::{SessionConfig, Xla};
 use minigpt::graph::{GraphOptions, Runner};
 use minigpt::model::ModelConfig;
 use minigpt::optim::AdamConfig;
@@ -189,7 +189,7 @@ pub fn check(dir: &Path, corpus: &Corpus, session: SessionConfig) -> Result<Vec<
     // Without XLA minigpt runs the notebook's kernels: every number is the notebook's, exactly,
     // and that is what is asserted. XLA's fused kernels round differently: `make parity --xla`
     // shows by how much, against the tolerances of the transformer's checks.
-    let exact = !session.xla;
+    let exact = session.xla != Xla::On;
     let tol = |loose: f64| if exact { 0.0 } else { loose };
     let within = |atol: f64, rtol: f64| if exact { (0.0, 0.0) } else { (atol, rtol) };
     let tolerances = Tolerances { logits: within(1e-5, 1e-5), loss: tol(1e-6), grads: within(1e-8, 1e-5) };
