@@ -3,9 +3,12 @@
 
 use std::path::PathBuf;
 
-use anyhow::{ensure, Result};
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::cluster::{self, Cluster, ClusterSpec};
 use crate::data::{self, Shuffle, NOTEBOOK_BATCH_SIZE, NOTEBOOK_BLOCK_SIZE, NOTEBOOK_SHUFFLE_BUFFER};
 use crate::device::{self, DeviceChoice, GpuConfig, SessionConfig, Xla};
 use crate::eval::{self, EvalConfig, Split};
@@ -17,7 +20,7 @@ use crate::run::{TrainSettings, KEEP_CHECKPOINTS};
 use crate::sample::{self, GenerateConfig, Generation};
 use crate::sampler::SamplerConfig;
 use crate::saved_model::{self, OpenOptions};
-use crate::train::{self, Given, Report, Start, TrainConfig, DEFAULT_SEED, NOTEBOOK_EPOCHS};
+use crate::train::{self, ClusterOptions, Given, Report, Start, TrainConfig, DEFAULT_SEED, NOTEBOOK_EPOCHS};
 
 #[derive(Parser, Debug)]
 #[command(name = "minigpt", version, about = "Train and sample a character-level GPT on TensorFlow, from Rust")]
@@ -32,8 +35,10 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 #[allow(clippy::large_enum_variant)] // one value per process
 pub enum Command {
-    /// List the devices TensorFlow sees.
-    Devices,
+    /// List the devices TensorFlow sees (with --cluster, every device of every task).
+    Devices(DevicesArgs),
+    /// Serve as a worker of `train --cluster`: a TensorFlow gRPC server, until SIGTERM or Ctrl-C.
+    Server(ServerArgs),
     /// Train a model; write checkpoints, metrics and config to a run directory.
     Train(TrainArgs),
     /// Sample text from a run directory or a SavedModel.
@@ -46,6 +51,24 @@ pub enum Command {
     Info(InfoArgs),
     /// Write the text GraphDef of a model's training graph.
     Graph(GraphArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct DevicesArgs {
+    /// The workers to list too: `worker=HOST:PORT[,HOST:PORT...]` (see `train --cluster`).
+    #[arg(long)]
+    pub cluster: Option<String>,
+    /// With --cluster: seconds to wait for a worker that does not answer.
+    #[arg(long, default_value_t = 300)]
+    pub worker_timeout: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct ServerArgs {
+    /// HOST:PORT to serve on. TensorFlow's server listens on every interface at PORT; HOST is the
+    /// name the chief and the other workers reach it by (as given in `train --cluster`).
+    #[arg(long)]
+    pub listen: String,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -160,12 +183,45 @@ pub struct TrainArgs {
     pub device: Option<DeviceChoice>,
     #[command(flatten)]
     pub session: SessionArgs,
+    /// Train on several machines with TensorFlow's gRPC runtime: `worker=H1:P1,H2:P2,...`, each
+    /// running `minigpt server --listen H:P`. This process holds the weights and Adam's state and
+    /// applies the updates; each worker computes the step on its slice of --batch-size (which must
+    /// divide among them). The run directory is an ordinary one.
+    #[arg(long)]
+    pub cluster: Option<String>,
+    /// With --cluster: this process's HOST:PORT, which every worker must be able to reach (on
+    /// separate machines, give an address of this machine on their network) [default: a free
+    /// port of 127.0.0.1, which only workers on this machine reach].
+    #[arg(long, requires = "cluster")]
+    pub listen: Option<String>,
+    /// With --cluster: seconds to wait for a worker that does not answer, at start or after it
+    /// failed (the run goes on from the step that failed once it is back).
+    #[arg(long, default_value_t = 300)]
+    pub worker_timeout: u64,
+    /// With --cluster: the longest a step may take, in seconds; a worker that hangs longer is
+    /// treated as failed.
+    #[arg(long, default_value_t = 120)]
+    pub step_timeout: u64,
     /// Print only the summary.
     #[arg(short, long)]
     pub quiet: bool,
 }
 
 impl TrainArgs {
+    /// `--cluster` and its companions, checked.
+    fn cluster(&self) -> Result<Option<ClusterOptions>> {
+        ensure!(self.worker_timeout > 0, "--worker-timeout must be at least 1 second");
+        ensure!(self.step_timeout > 0, "--step-timeout must be at least 1 second");
+        let Some(text) = &self.cluster else { return Ok(None) };
+        let listen = self.listen.as_deref().map(cluster::parse_address).transpose().context("--listen")?;
+        Ok(Some(ClusterOptions {
+            spec: ClusterSpec::parse(text)?,
+            listen,
+            worker_timeout: Duration::from_secs(self.worker_timeout),
+            step_timeout: Duration::from_secs(self.step_timeout),
+        }))
+    }
+
     /// The one conversion of the raw flags into a validated [`TrainConfig`]; the settings pass
     /// the same checks as a `config.json` read back.
     pub fn to_config(&self) -> Result<TrainConfig> {
@@ -242,6 +298,7 @@ impl TrainArgs {
             out: self.out.clone(),
             start,
             session: self.session.to_config(self.device.unwrap_or_default())?,
+            cluster: self.cluster()?,
             report,
         })
     }
@@ -487,7 +544,17 @@ impl GraphArgs {
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Devices => device::print_devices(SessionConfig::default()),
+        Command::Devices(args) => match &args.cluster {
+            None => device::print_devices(SessionConfig::default()),
+            Some(text) => {
+                let timeout = Duration::from_secs(args.worker_timeout);
+                let cluster = Cluster::start(ClusterSpec::parse(text)?, None, timeout, timeout)?;
+                cluster.wait_for_workers()?;
+                device::print_device_list(&cluster.devices()?);
+                Ok(())
+            }
+        },
+        Command::Server(args) => cluster::serve(&args.listen),
         Command::Train(args) => train::run(&args.to_config()?),
         Command::Generate(args) => sample::run(&args.to_config()?),
         Command::Eval(args) => eval::run(&args.to_config()?),

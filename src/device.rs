@@ -113,13 +113,27 @@ impl SessionConfig {
         }
     }
 
-    pub fn session_options(self) -> Result<SessionOptions> {
+    /// The `ConfigProto`, with XLA's process-wide flags set first if it compiles.
+    pub fn prepare(self) -> proto::ConfigProto {
         if self.xla == Xla::On {
             enable_jit();
         }
+        self.to_proto()
+    }
+
+    pub fn session_options(self) -> Result<SessionOptions> {
         let mut options = SessionOptions::new();
-        options.set_config(&self.to_proto().encode_to_vec()).context("setting the session's ConfigProto")?;
+        options.set_config(&self.prepare().encode_to_vec()).context("setting the session's ConfigProto")?;
         Ok(options)
+    }
+
+    /// The device part of an op's device on a cluster task (`""`: TensorFlow places it).
+    pub fn device_suffix(self) -> &'static str {
+        match self.device {
+            DeviceChoice::Auto => "",
+            DeviceChoice::Cpu => "/device:CPU:0",
+            DeviceChoice::Gpu => "/device:GPU:0",
+        }
     }
 
     /// The device every op of a graph is built on (`None`: TensorFlow places them).
@@ -172,7 +186,7 @@ fn why_no_gpu() -> String {
 /// set; on a GPU, XLA needs `ptxas` and libdevice, which the CUDA wheel has in
 /// `nvidia/cuda_nvcc` (pinned there, ahead of any other `ptxas` on `PATH`). TensorFlow reads
 /// `TF_XLA_FLAGS` and `XLA_FLAGS` once, when XLA first runs in the process.
-fn enable_jit() {
+pub fn enable_jit() {
     add_flag("TF_XLA_FLAGS", "--tf_xla_cpu_global_jit", "--tf_xla_cpu_global_jit");
     if let Ok(nvcc) = tensorflow_dir().join("../nvidia/cuda_nvcc").canonicalize() {
         add_flag("XLA_FLAGS", "--xla_gpu_cuda_data_dir", &format!("--xla_gpu_cuda_data_dir={}", nvcc.display()));
@@ -212,12 +226,16 @@ pub fn gpu_count(devices: &[DeviceInfo]) -> usize {
 
 /// `minigpt devices`: every device, then the notebook's line.
 pub fn print_devices(config: SessionConfig) -> Result<()> {
-    let devices = list_devices(config)?;
-    for d in &devices {
+    print_device_list(&list_devices(config)?);
+    Ok(())
+}
+
+/// Each device, then the notebook's line counting the GPUs among them.
+pub fn print_device_list(devices: &[DeviceInfo]) {
+    for d in devices {
         println!("{:<28} {:<5} {:>8.1} MiB", d.name, d.kind, d.memory_bytes as f64 / (1 << 20) as f64);
     }
-    println!("Num GPUs Available:  {}", gpu_count(&devices));
-    Ok(())
+    println!("Num GPUs Available:  {}", gpu_count(devices));
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 //! TensorBoard summaries and the checkpoint's save ops. Both can initialise, set, read and
 //! restore the model's weights.
 
+use std::cell::RefCell;
 use std::collections::BTreeSet;
 use std::path::Path;
 
@@ -13,6 +14,7 @@ use anyhow::{ensure, Context, Result};
 use prost::Message;
 use tensorflow::{ops, DataType, Operation, Output, Scope, Session, SessionRunArgs, Tensor, TensorType};
 
+use crate::cluster::{Cluster, ClusterSpec, CHIEF};
 use crate::device::SessionConfig;
 use crate::loss::{self, CrossEntropy};
 use crate::model::{Arch, CacheSpec, Dropout, Forward, LanguageModel, ModelConfig};
@@ -64,6 +66,8 @@ impl GraphOptions {
 struct TrainOps {
     /// bool scalar, false unless fed: true in train steps (dropout).
     training: Operation,
+    /// [] the train step's loss (with dropout, on the replicas if any).
+    step_loss: Output,
     /// d loss / d variable, in the model's variable order.
     grads: Vec<Output>,
     optimizer: Adam,
@@ -120,7 +124,11 @@ struct Parts {
 /// A graph with its session: the only way the rest of minigpt runs TensorFlow graphs.
 pub struct Runner {
     g: Parts,
-    session: Session,
+    session: RefCell<Session>,
+    /// How the session was made (a new one replaces it after a worker fails).
+    options: SessionConfig,
+    /// The cluster a replicated training graph runs on.
+    cluster: Option<Cluster>,
     /// `true`, fed to `training` in train steps (made once, not every step).
     yes: Tensor<bool>,
 }
@@ -129,13 +137,58 @@ impl Runner {
     /// Builds `model`'s graph for `opts.purpose` on the session's device, and its session.
     pub fn new(model: &ModelConfig, opts: &GraphOptions, session: SessionConfig) -> Result<Self> {
         model.validate()?;
-        let transformer_training = model.arch == Arch::Gpt && matches!(opts.purpose, Purpose::Training { .. });
-        let session = session.for_graph(transformer_training);
+        let session = session.for_graph(model.arch == Arch::Gpt && matches!(opts.purpose, Purpose::Training { .. }));
         let device = session.graph_device()?;
-        let g = build(model, opts, device.as_deref()).context("building the TensorFlow graph")?;
+        let g = build(model, opts, device.as_deref(), &[]).context("building the TensorFlow graph")?;
+        let options = session;
         let session =
             Session::new(&session.session_options()?, &g.scope.graph()).context("creating the TensorFlow session")?;
-        Ok(Self { g, session, yes: Tensor::from(true) })
+        Ok(Self { g, session: RefCell::new(session), options, cluster: None, yes: Tensor::from(true) })
+    }
+
+    /// Builds `model`'s training graph with the variables on the chief (this process) and one
+    /// replica of the step per worker of `cluster`, and its session on the cluster, once every
+    /// worker answers (waiting up to the cluster's worker timeout).
+    pub fn on_cluster(
+        model: &ModelConfig,
+        opts: &GraphOptions,
+        session: SessionConfig,
+        cluster: Cluster,
+    ) -> Result<Self> {
+        model.validate()?;
+        ensure!(matches!(opts.purpose, Purpose::Training { .. }), "only training runs on a cluster");
+        let session = session.for_graph(false);
+        let suffix = session.device_suffix();
+        let replicas: Vec<String> =
+            (0..cluster.spec.workers.len()).map(|i| format!("{}{suffix}", ClusterSpec::worker(i))).collect();
+        let chief = format!("{CHIEF}{suffix}");
+        let g = build(model, opts, Some(&chief), &replicas).context("building the TensorFlow graph")?;
+        cluster.wait_for_workers()?;
+        let new = Session::new(&cluster.session_options(session.prepare())?, &g.scope.graph())
+            .context("creating the TensorFlow session on the cluster")?;
+        Ok(Self { g, session: RefCell::new(new), options: session, cluster: Some(cluster), yes: Tensor::from(true) })
+    }
+
+    /// The cluster of a replicated training graph.
+    pub fn cluster(&self) -> Option<&Cluster> {
+        self.cluster.as_ref()
+    }
+
+    /// Replaces the session with a new one on the same graph (its variables are uninitialised:
+    /// restore them). After a worker fails, TensorFlow keeps the old session aborted.
+    pub fn reconnect(&self) -> Result<()> {
+        let options = match &self.cluster {
+            Some(cluster) => cluster.session_options(self.options.prepare())?,
+            None => self.options.session_options()?,
+        };
+        let new = Session::new(&options, &self.g.scope.graph()).context("creating a new TensorFlow session")?;
+        let old = self.session.replace(new);
+        drop(old);
+        Ok(())
+    }
+
+    fn session(&self) -> std::cell::Ref<'_, Session> {
+        self.session.borrow()
     }
 
     pub fn model(&self) -> &dyn LanguageModel {
@@ -155,7 +208,7 @@ impl Runner {
     pub fn init(&self) -> Result<()> {
         let mut args = SessionRunArgs::new();
         args.add_target(&self.g.init);
-        self.session.run(&mut args).context("initialising variables")
+        self.session().run(&mut args).context("initialising variables")
     }
 
     /// Sets the model's variables (in [`Runner::variables`] order).
@@ -171,7 +224,7 @@ impl Runner {
             args.add_feed(value, 0, t);
             args.add_target(assign);
         }
-        self.session.run(&mut args).context("setting weights")
+        self.session().run(&mut args).context("setting weights")
     }
 
     /// Current values of the variables named `names`.
@@ -183,7 +236,7 @@ impl Runner {
                 self.g.reads.iter().find(|(v, _)| v.name == name).with_context(|| format!("no variable {name}"))?;
             tokens.push(args.request_fetch(&read.operation, read.index));
         }
-        self.session.run(&mut args).context("reading variables")?;
+        self.session().run(&mut args).context("reading variables")?;
         tokens.into_iter().map(|t| owned(args.fetch::<T>(t)?)).collect()
     }
 
@@ -209,7 +262,7 @@ impl Runner {
         let lr = self.training()?.optimizer.learning_rate.clone();
         let mut args = SessionRunArgs::new();
         let token = args.request_fetch(&lr.operation, lr.index);
-        self.session.run(&mut args).context("reading the learning rate")?;
+        self.session().run(&mut args).context("reading the learning rate")?;
         Ok(args.fetch::<T>(token)?[0])
     }
 
@@ -230,7 +283,7 @@ impl Runner {
             args.add_feed(&self.training()?.training, 0, &self.yes);
         }
         let tokens: Vec<_> = outputs.iter().map(|o| args.request_fetch(&o.operation, o.index)).collect();
-        self.session.run(&mut args).context("running the graph")?;
+        self.session().run(&mut args).context("running the graph")?;
         tokens.into_iter().map(|t| owned(args.fetch::<T>(t)?)).collect()
     }
 
@@ -257,8 +310,9 @@ impl Runner {
         y: &Tensor<i32>,
         train_mode: bool,
     ) -> Result<(T, Vec<Tensor<T>>)> {
-        let mut outputs = vec![self.g.loss.clone()];
-        outputs.extend(self.training()?.grads.iter().cloned());
+        let train = self.training()?;
+        let mut outputs = vec![train.step_loss.clone()];
+        outputs.extend(train.grads.iter().cloned());
         let mut got = self.fetch::<T>(&outputs, x, Some(y), train_mode)?;
         let loss = got.remove(0)[0];
         Ok((loss, got))
@@ -291,8 +345,8 @@ impl Runner {
             let summaries = train.summaries.as_ref().context("the graph was built without summary ops")?;
             summaries.add_graph_writes(&mut args, step);
         }
-        let loss = args.request_fetch(&self.g.loss.operation, self.g.loss.index);
-        self.session.run(&mut args).context("running the train step")?;
+        let loss = args.request_fetch(&train.step_loss.operation, train.step_loss.index);
+        self.session().run(&mut args).context("running the train step")?;
         Ok(args.fetch::<T>(loss)?[0])
     }
 
@@ -310,8 +364,8 @@ impl Runner {
         args.add_target(&train.train_op);
         args.set_run_options(&options);
         args.set_request_metadata(true);
-        let loss = args.request_fetch(&self.g.loss.operation, self.g.loss.index);
-        self.session.run(&mut args).context("running the traced train step")?;
+        let loss = args.request_fetch(&train.step_loss.operation, train.step_loss.index);
+        self.session().run(&mut args).context("running the traced train step")?;
         let metadata = args.get_metadata().unwrap_or_default().to_vec();
         Ok((args.fetch::<f32>(loss)?[0], metadata))
     }
@@ -322,12 +376,12 @@ impl Runner {
 
     /// Opens (creates) the TensorBoard event file in `dir`.
     pub fn open_events(&self, dir: &Path) -> Result<()> {
-        self.summaries()?.open(&self.session, dir)
+        self.summaries()?.open(&self.session(), dir)
     }
 
     /// Writes `values` (tags from [`crate::summary::FED_TAGS`]) at `step`, then flushes.
     pub fn write_scalars(&self, step: u64, values: &[(&str, f32)]) -> Result<()> {
-        self.summaries()?.write(&self.session, step, values)
+        self.summaries()?.write(&self.session(), step, values)
     }
 
     /// Writes every checkpointed variable and the data `position` (epoch, batches done in it)
@@ -340,7 +394,7 @@ impl Runner {
         args.add_feed(&self.g.prefix, 0, &prefix_t);
         args.add_feed(&train.position, 0, &position);
         args.add_target(&train.save);
-        self.session.run(&mut args).with_context(|| format!("saving checkpoint {prefix}"))
+        self.session().run(&mut args).with_context(|| format!("saving checkpoint {prefix}"))
     }
 
     /// Restores every checkpointed variable (an inference graph: the model's) from `prefix`.
@@ -349,7 +403,7 @@ impl Runner {
         let mut args = SessionRunArgs::new();
         args.add_feed(&self.g.prefix, 0, &prefix_t);
         args.add_target(&self.g.restore);
-        self.session.run(&mut args).with_context(|| format!("restoring checkpoint {prefix}"))
+        self.session().run(&mut args).with_context(|| format!("restoring checkpoint {prefix}"))
     }
 
     /// The data position stored in the checkpoint `prefix`.
@@ -359,7 +413,7 @@ impl Runner {
         let mut args = SessionRunArgs::new();
         args.add_feed(&self.g.prefix, 0, &prefix_t);
         let token = args.request_fetch(&train.restore_position, 0);
-        self.session.run(&mut args).with_context(|| format!("reading {POSITION_KEY} from checkpoint {prefix}"))?;
+        self.session().run(&mut args).with_context(|| format!("reading {POSITION_KEY} from checkpoint {prefix}"))?;
         let t = args.fetch::<i64>(token)?;
         ensure!(
             t.len() == 2 && t[0] >= 0 && t[1] >= 0,
@@ -438,7 +492,7 @@ impl NextLogits for Runner {
             let mut args = SessionRunArgs::new();
             args.add_feed(&next.context, 0, &context);
             let logits = args.request_fetch(&next.logits.operation, next.logits.index);
-            self.session.run(&mut args).context("sampling")?;
+            self.session().run(&mut args).context("sampling")?;
             return Ok(args.fetch::<f32>(logits)?.to_vec());
         };
         if cache.tensors.is_empty() || cache.len >= window.len() {
@@ -462,7 +516,7 @@ impl NextLogits for Runner {
             } else {
                 Vec::new()
             };
-            self.session.run(&mut args).context("sampling")?;
+            self.session().run(&mut args).context("sampling")?;
             let present: Vec<Tensor<f32>> = present.into_iter().map(|t| args.fetch(t)).collect::<Result<_, _>>()?;
             (args.fetch::<f32>(logits)?.to_vec(), present)
         };
@@ -478,15 +532,21 @@ impl NextLogits for Runner {
     fn chain(&self, last: i32, count: usize, sampler: &SamplerConfig) -> Result<Option<Vec<i32>>> {
         match &self.g.chain {
             Some(chain) if chain.sampler.seed == sampler.seed && chain.sampler.top_k == sampler.top_k => {
-                Ok(Some(chain.run(&self.session, last, count, sampler.temperature)?))
+                Ok(Some(chain.run(&self.session(), last, count, sampler.temperature)?))
             }
             _ => Ok(None),
         }
     }
 }
 
-/// The graph of `model` for `opts.purpose`, every op on `device`.
-fn build(model_cfg: &ModelConfig, opts: &GraphOptions, device: Option<&str>) -> tensorflow::Result<Parts> {
+/// The graph of `model` for `opts.purpose`, every op on `device`; a training graph's step on
+/// the `replicas` devices if any (data parallelism, see [`replicated`]).
+fn build(
+    model_cfg: &ModelConfig,
+    opts: &GraphOptions,
+    device: Option<&str>,
+    replicas: &[String],
+) -> tensorflow::Result<Parts> {
     let root = Scope::new_root_scope();
     let mut placed = root.with_device(device.unwrap_or(""));
     let scope = &mut placed;
@@ -504,21 +564,33 @@ fn build(model_cfg: &ModelConfig, opts: &GraphOptions, device: Option<&str>) -> 
             let training = ops::PlaceholderWithDefault::new()
                 .shape(tensorflow::Shape::from(Some(vec![])))
                 .build(no, &mut scope.with_op_name("training"))?;
-            let dropout =
-                Dropout { training: training.clone().into(), step: optimizer.iterations.read(scope)?, seed: opts.seed };
-            let forward = model.forward(tokens.clone().into(), Some(&dropout), scope)?;
-            let xent = loss::cross_entropy(forward.logits.clone(), targets.clone().into(), vocab, scope)?;
-            let (grads, squares) = gradients(&xent, &forward, &vars, scope)?;
+            let step = optimizer.iterations.read(scope)?;
+            let dropout = Dropout { training: training.clone().into(), step: step.clone(), seed: opts.seed };
+            let (forward, xent, step_loss, grads, squares) = if replicas.is_empty() {
+                let forward = model.forward(tokens.clone().into(), Some(&dropout), scope)?;
+                let xent = loss::cross_entropy(forward.logits.clone(), targets.clone().into(), vocab, scope)?;
+                let (grads, squares) = gradients(&xent, &forward, &vars, scope)?;
+                let step_loss = xent.loss.clone();
+                (forward, xent, step_loss, grads, squares)
+            } else {
+                // The chief evaluates (no dropout); the replicas compute the step.
+                let forward = model.forward(tokens.clone().into(), None, scope)?;
+                let xent = loss::cross_entropy(forward.logits.clone(), targets.clone().into(), vocab, scope)?;
+                let batch = [tokens.clone().into(), targets.clone().into(), dropout.training.clone(), step];
+                let (loss, grads, squares) = replicated(model_cfg, opts, &vars, batch, replicas, scope)?;
+                (forward, xent, loss, grads, squares)
+            };
             // AdamW decays matrices, not biases, norms or embedding tables.
             let decayed: Vec<bool> =
                 vars.iter().map(|v| v.shape.len() >= 2 && !forward.lookups.iter().any(|l| l.var == v.name)).collect();
             let train_op = optimizer.apply(&vars, &grads, &squares, &decayed, &mut scope.with_op_name("train_step"))?;
             let summaries = match summaries {
-                true => Some(Summaries::build(xent.loss.clone(), optimizer.learning_rate.clone(), scope)?),
+                true => Some(Summaries::build(step_loss.clone(), optimizer.learning_rate.clone(), scope)?),
                 false => None,
             };
             checkpointed.extend(optimizer.variables());
-            (forward.logits, xent.loss, Some((training, grads, optimizer, train_op, summaries)), None, None)
+            let learning = (training, step_loss, grads, optimizer, train_op, summaries);
+            (forward.logits, xent.loss, Some(learning), None, None)
         }
         Purpose::Inference { chain } => {
             let forward = model.forward(tokens.clone().into(), None, scope)?;
@@ -553,9 +625,19 @@ fn build(model_cfg: &ModelConfig, opts: &GraphOptions, device: Option<&str>) -> 
     let prefix = tfx::placeholder("checkpoint/prefix", DataType::String, &[], scope)?;
     let restore = restore_ops(&checkpointed, prefix.clone().into(), scope)?;
     let train = match learning {
-        Some((training, grads, optimizer, train_op, summaries)) => {
+        Some((training, step_loss, grads, optimizer, train_op, summaries)) => {
             let (save, position, restore_position) = save_ops(&reads, prefix.clone().into(), scope)?;
-            Some(TrainOps { training, grads, optimizer, train_op, save, position, restore_position, summaries })
+            Some(TrainOps {
+                training,
+                step_loss,
+                grads,
+                optimizer,
+                train_op,
+                save,
+                position,
+                restore_position,
+                summaries,
+            })
         }
         None => None,
     };
@@ -699,6 +781,136 @@ fn gradients(
     Ok((grads, squares))
 }
 
+/// The train step computed by one replica per device of `replicas` (TensorFlow's in-graph
+/// replication): replica `i` runs the forward pass, loss, gradients and per-lookup squares on
+/// the `i`-th slice of the batch, with the weights read on the chief. Each replica is built in a
+/// graph of its own, with the model's variables there standing for the chief's, and imported
+/// under `replica_<i>/` with `replicas[i]` as the default device, so every op of it, gradients
+/// included, runs on its worker. The chief averages the losses and gradients, and sums the
+/// squares divided by N² (each replica's are those of its own mean loss, N times the batch's).
+/// Nothing of the result exists until every replica has delivered, so a step whose worker
+/// fails changes no variable.
+///
+/// `batch`: tokens [B, T], targets [B, T], the training flag and the optimizer step.
+fn replicated(
+    model_cfg: &ModelConfig,
+    opts: &GraphOptions,
+    vars: &[Var],
+    batch: [Output; 4],
+    replicas: &[String],
+    scope: &mut Scope,
+) -> tensorflow::Result<(Output, Vec<Output>, Vec<Option<Output>>)> {
+    let scope = &mut scope.new_sub_scope("replicas");
+    let [tokens, targets, training, step] = batch;
+    let n = replicas.len();
+    let axis = ops::constant(0i32, scope)?;
+    let xs = ops::Split::new().num_split(n as i64).build(axis.clone(), tokens, scope)?; // N × [B/N, T]
+    let ys = ops::Split::new().num_split(n as i64).build(axis, targets, scope)?; // N × [B/N, T]
+    let reads: Vec<Output> =
+        vars.iter().map(|v| v.read(&mut scope.with_op_name(&format!("read/{}", v.name)))).collect::<Result<_, _>>()?;
+    let mut outputs: Vec<Vec<Output>> = Vec::with_capacity(n); // per replica: loss, grads, squares
+    let mut has_square = vec![false; vars.len()];
+    for (i, device) in replicas.iter().enumerate() {
+        // Replica i's dropout masks are keyed by seed + i: one replica draws the single-process masks.
+        let replica = replica_graph_def(model_cfg, opts.dtype, opts.seed + i as i64)?;
+        has_square = replica.squares;
+        let mut import = tensorflow::ImportGraphDefOptions::new();
+        let nul = |_| tensorflow::Status::new_set_lossy(tensorflow::Code::InvalidArgument, "NUL in a name");
+        import.set_prefix(&format!("replica_{i}")).map_err(nul)?;
+        import.set_default_device(device).map_err(nul)?;
+        for (name, input) in [("x", xs.output(i)), ("y", ys.output(i)), ("training", training.clone())] {
+            import.add_input_mapping(name, 0, &input).map_err(nul)?;
+        }
+        import.add_input_mapping("step", 0, &step).map_err(nul)?;
+        for (read, var) in replica.reads {
+            let k = vars.iter().position(|v| v.name == var).expect("a replica reads only model variables");
+            import.add_input_mapping(&read, 0, &reads[k]).map_err(nul)?;
+        }
+        let mut graph = scope.graph_mut();
+        graph.import_graph_def(&replica.graph_def, &import)?;
+        let get = |name: &str| -> tensorflow::Result<Output> {
+            Ok(graph.operation_by_name_required(&format!("replica_{i}/out/{name}"))?.into())
+        };
+        let mut got = vec![get("loss")?];
+        for k in 0..vars.len() {
+            got.push(get(&format!("grad/{k}"))?);
+        }
+        for k in (0..vars.len()).filter(|&k| has_square[k]) {
+            got.push(get(&format!("square/{k}"))?);
+        }
+        outputs.push(got);
+    }
+    // Everything every replica delivers, as a control barrier for the combined results.
+    let delivered: Vec<Operation> = outputs.iter().flatten().map(|o| o.operation.clone()).collect();
+    let dtype = opts.dtype;
+    let mut combine = |j: usize, scale: f64, name: &str| -> tensorflow::Result<Output> {
+        let mut sum: Output = outputs[0][j].clone();
+        for replica in &outputs[1..] {
+            sum = ops::add_v2(sum, replica[j].clone(), scope)?.into();
+        }
+        let scaled = ops::mul(sum, tfx::scalar(dtype, scale, scope)?, scope)?;
+        let mut barrier = scope.with_op_name(name).with_control_dependencies(&delivered);
+        Ok(ops::identity(scaled, &mut barrier)?.into())
+    };
+    let inv = 1.0 / n as f64;
+    let loss = combine(0, inv, "loss")?;
+    let grads = (0..vars.len()).map(|k| combine(1 + k, inv, &format!("grad/{k}"))).collect::<Result<Vec<_>, _>>()?;
+    let mut squares = vec![None; vars.len()];
+    for (j, k) in (1 + vars.len()..).zip((0..vars.len()).filter(|&k| has_square[k])) {
+        squares[k] = Some(combine(j, inv * inv, &format!("square/{k}"))?);
+    }
+    Ok((loss, grads, squares))
+}
+
+/// One replica of the train step, as a `GraphDef` to import.
+struct ReplicaDef {
+    /// Placeholders `x`, `y` [b, T] int32, `training` (bool) and `step` (int64); outputs
+    /// `out/loss`, `out/grad/<k>` for each variable, `out/square/<k>` for each looked-up table.
+    graph_def: Vec<u8>,
+    /// The `ReadVariableOp`s of the model's variables and the variable each reads, to be mapped
+    /// to the chief's reads.
+    reads: Vec<(String, String)>,
+    /// Which variables have `out/square/<k>`.
+    squares: Vec<bool>,
+}
+
+/// Builds one replica of `model_cfg`'s train step (see [`ReplicaDef`]).
+fn replica_graph_def(model_cfg: &ModelConfig, dtype: DataType, seed: i64) -> tensorflow::Result<ReplicaDef> {
+    let mut scope = Scope::new_root_scope();
+    let scope = &mut scope;
+    let model = model_cfg.build(dtype, seed, scope)?;
+    let vars = model.variables();
+    let tokens = tfx::placeholder("x", DataType::Int32, &[-1, -1], scope)?;
+    let targets = tfx::placeholder("y", DataType::Int32, &[-1, -1], scope)?;
+    let training = tfx::placeholder("training", DataType::Bool, &[], scope)?;
+    let step = tfx::placeholder("step", DataType::Int64, &[], scope)?;
+    let dropout = Dropout { training: training.into(), step: step.into(), seed };
+    let forward = model.forward(tokens.into(), Some(&dropout), scope)?;
+    let xent = loss::cross_entropy(forward.logits.clone(), targets.into(), model_cfg.vocab_size as i64, scope)?;
+    let (grads, squares) = gradients(&xent, &forward, &vars, scope)?;
+    ops::identity(xent.loss, &mut scope.with_op_name("out/loss"))?;
+    for (k, g) in grads.into_iter().enumerate() {
+        ops::identity(g, &mut scope.with_op_name(&format!("out/grad/{k}")))?;
+    }
+    for (k, sq) in squares.iter().enumerate() {
+        if let Some(sq) = sq {
+            ops::identity(sq.clone(), &mut scope.with_op_name(&format!("out/square/{k}")))?;
+        }
+    }
+    let graph = scope.graph();
+    let mut reads = Vec::new();
+    for op in graph.operation_iter() {
+        if op.op_type()? == "ReadVariableOp" {
+            let (handle, _) = op.input(0);
+            let var = handle.name()?;
+            if vars.iter().any(|v| v.name == var) {
+                reads.push((op.name()?, var));
+            }
+        }
+    }
+    Ok(ReplicaDef { graph_def: graph.graph_def()?, reads, squares: squares.iter().map(Option::is_some).collect() })
+}
+
 /// `SaveV2` of every read variable and the data position at `prefix`; `RestoreV2` of the position.
 fn save_ops(
     reads: &[(Var, Output)],
@@ -759,7 +971,7 @@ pub fn text(model: &ModelConfig) -> Result<String> {
         ..GraphOptions::inference(GRAPH_SEED)
     };
     model.validate()?;
-    let g = build(model, &opts, None).context("building the TensorFlow graph")?;
+    let g = build(model, &opts, None, &[]).context("building the TensorFlow graph")?;
     let body = tfx::graph_text(&g.scope.graph())?;
     let arch = format!("{:?}", model.arch).to_lowercase();
     Ok(format!(

@@ -13,13 +13,14 @@
 //! object_graph
 //! run, plot
 //! graph
-//! summary, sampler, loss, optim, model
+//! summary, sampler, loss, optim, model, cluster
 //! data, device
 //! proto, tfx, files, text
 //! library
 //! ```
 
 pub mod cli;
+pub mod cluster;
 pub mod data;
 pub mod device;
 pub mod eval;

@@ -83,6 +83,9 @@ pub struct RunConfig {
     /// The lowest validation loss so far and its step; `ckpt/best` holds those weights.
     #[serde(default)]
     pub best: Option<Best>,
+    /// The workers of the last `train --cluster` of this run (none: trained in one process).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<Vec<String>>,
     pub minigpt_version: String,
 }
 

@@ -5,11 +5,12 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use tensorflow::Tensor;
 
+use crate::cluster::{self, Cluster, ClusterSpec};
 use crate::data::{self, Batches, Corpus, Vocab};
 use crate::device::{DeviceChoice, SessionConfig};
 use crate::eval;
@@ -32,7 +33,19 @@ pub struct TrainConfig {
     pub start: Start,
     /// Threads and XLA (the device is the run's).
     pub session: SessionConfig,
+    /// Train on these workers (TensorFlow's gRPC runtime) instead of in this process.
+    pub cluster: Option<ClusterOptions>,
     pub report: Report,
+}
+
+/// `--cluster` and its companions.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    pub spec: ClusterSpec,
+    /// The chief's own address (`--listen`; default: a free port of 127.0.0.1).
+    pub listen: Option<String>,
+    pub worker_timeout: Duration,
+    pub step_timeout: Duration,
 }
 
 /// Where a run starts.
@@ -194,6 +207,7 @@ pub fn train(cfg: &TrainConfig, corpus: &Corpus) -> Result<TrainSummary> {
         steps_done: 0,
         epochs_done: 0,
         best: None,
+        cluster: None,
         minigpt_version: env!("CARGO_PKG_VERSION").to_string(),
     };
     if let (Start::InitFrom { .. }, Some(context)) = (&cfg.start, config.model.context_limit()) {
@@ -206,7 +220,7 @@ pub fn train(cfg: &TrainConfig, corpus: &Corpus) -> Result<TrainSummary> {
     }
     config.validate()?;
     check_memory(&config, corpus.text.len())?;
-    let runner = build_runner(&config, cfg.session)?;
+    let runner = build_runner(&mut config, cfg)?;
     runner.init()?;
     if !cfg.report.quiet {
         let params = crate::model::parameters(runner.model());
@@ -279,7 +293,7 @@ fn resume(cfg: &TrainConfig) -> Result<TrainSummary> {
     let (train_data, val_data) = data::split(&encoded);
     check_sizes(train_data, val_data, config.train.block_size, config.train.batch_size)?;
     check_memory(&config, corpus.text.len())?;
-    let runner = build_runner(&config, cfg.session)?;
+    let runner = build_runner(&mut config, cfg)?;
     let prefix = dir.restore_latest(&runner)?;
     let [epoch, batch] = runner
         .restore_position(crate::files::path_str(&prefix)?)
@@ -377,14 +391,78 @@ fn check_memory(config: &RunConfig, corpus_bytes: usize) -> Result<()> {
     Ok(())
 }
 
-/// The training graph of a run, with summaries, on the run's device.
-fn build_runner(config: &RunConfig, session: SessionConfig) -> Result<Runner> {
+/// The training graph of a run, with summaries, on the run's device: in this process, or (with
+/// `--cluster`, recorded in `config`) with its step replicated on the cluster's workers.
+fn build_runner(config: &mut RunConfig, cfg: &TrainConfig) -> Result<Runner> {
     let s = &config.train;
     let opts = GraphOptions {
         purpose: Purpose::Training { adam: s.adam, summaries: true },
         ..GraphOptions::inference(s.seed as i64)
     };
-    Runner::new(&config.model, &opts, SessionConfig { device: s.device, ..session })
+    let session = SessionConfig { device: s.device, ..cfg.session };
+    let Some(c) = &cfg.cluster else {
+        config.cluster = None;
+        return Runner::new(&config.model, &opts, session);
+    };
+    let workers = c.spec.workers.len();
+    ensure!(
+        s.batch_size.is_multiple_of(workers),
+        "--batch-size {} does not divide among the {workers} workers of --cluster: give a multiple of {workers}",
+        s.batch_size
+    );
+    let cluster = Cluster::start(c.spec.clone(), c.listen.as_deref(), c.worker_timeout, c.step_timeout)?;
+    let runner = Runner::on_cluster(&config.model, &opts, session, cluster)?;
+    config.cluster = Some(c.spec.workers.clone());
+    Ok(runner)
+}
+
+/// Runs `run` (a train step at `step`); on a cluster, a run that failed because a worker died or
+/// hung runs again once every worker answers, in a new session that holds what the failed one
+/// held: the chief's variables are read from the failed session (they live as long as it does)
+/// and written into the new one, so no step but the failed one is lost, and that one is redone.
+fn recovering<T>(runner: &Runner, dir: &RunDir, step: u64, run: impl Fn() -> Result<T>) -> Result<T> {
+    use tensorflow::Code;
+    loop {
+        let error = match run() {
+            Ok(value) => return Ok(value),
+            Err(error) => error,
+        };
+        let Some(cluster) = runner.cluster() else { return Err(error) };
+        if !cluster::transient(&error) {
+            return Err(error);
+        }
+        let code = error.downcast_ref::<tensorflow::Status>().map(|s| s.code());
+        let why = cluster::short_status(&error.root_cause().to_string());
+        let down = cluster.down()?;
+        let timeout = cluster.step_timeout.as_secs();
+        ensure!(
+            !(down.is_empty() && code == Some(Code::DeadlineExceeded)),
+            "step {step} ran longer than --step-timeout {timeout} s while every worker answers: give a larger \
+             --step-timeout"
+        );
+        let who = match (down.is_empty(), cluster::failed_worker(&why)) {
+            (false, _) => down.iter().map(|(i, _)| format!("worker task {i} ({})", cluster.spec.workers[*i])).collect(),
+            (true, Some(i)) => vec![format!("worker task {i} ({})", cluster.spec.workers[i])],
+            (true, None) => vec!["a worker".to_string()],
+        };
+        eprintln!(
+            "warning: {} failed at step {step} ({why}); waiting up to {} s for it (--worker-timeout)",
+            who.join(", "),
+            cluster.worker_timeout.as_secs()
+        );
+        let saved = tempfile::tempdir().context("making a folder for the chief's state")?;
+        let prefix = saved.path().join("state");
+        let prefix = crate::files::path_str(&prefix)?;
+        runner.save(prefix, [0, 0]).context("reading the chief's state from the failed session")?;
+        let waited = cluster.wait_for_workers()?;
+        runner.reconnect()?;
+        runner.restore(prefix)?;
+        runner.open_events(&dir.path.join("events"))?;
+        eprintln!(
+            "warning: every worker answers again after {:.1} s: step {step} runs again in a new session",
+            waited.as_secs_f64()
+        );
+    }
 }
 
 /// Training output. On a terminal: a progress bar (epoch, step, smoothed loss, steps/s,
@@ -574,8 +652,10 @@ fn run_steps(
         batches.skip(step as usize);
         while batches.fill(&mut x, &mut y) {
             let logged = step.is_multiple_of(report.log_every);
-            let loss: f32 =
-                if logged { runner.train_step_logged(&x, &y, global_step)? } else { runner.train_step(&x, &y)? };
+            let loss: f32 = recovering(runner, dir, global_step, || match logged {
+                true => runner.train_step_logged(&x, &y, global_step),
+                false => runner.train_step(&x, &y),
+            })?;
             if !loss.is_finite() {
                 // The loss of step g is that of the weights saved as ckpt-g, if any: not good ones.
                 let aside = dir.discard_checkpoint(global_step)?;
