@@ -64,6 +64,7 @@ def main():
     p.add_argument("--minigpt", required=True, help="the bench example binary")
     p.add_argument("--data", required=True, help="corpus path or URL")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--cluster-bench", help="the bench_cluster example binary (adds 'training on several servers')")
     args = p.parse_args()
 
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
@@ -127,10 +128,84 @@ def main():
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     header = (f"# minigpt vs the notebook\n\nMeasured by `make bench` on {when} ({machine}); "
               f"{args.reps} repetitions, alternating; median [min–max].\n\n")
+    if args.cluster_bench:
+        section, results["cluster"] = cluster_section(args.cluster_bench, args.reps, env)
+        print(section)
+        table += "\n\n" + section
     notes_path = os.path.join(HERE, "notes.md")
     notes = open(notes_path, encoding="utf-8").read() if os.path.exists(notes_path) else ""
     write(os.path.join(HERE, "results.md"), header + table + "\n\n" + notes)
     write(os.path.join(HERE, "results.json"), json.dumps(results, indent=1) + "\n")
+
+
+CLUSTER_CONFIGS = [
+    ("bigram-32", "bigram, batch 32", 400),
+    ("bigram-1024", "bigram, batch 1024", 40),
+    ("gpt", "transformer, quality configuration (batch 12)", 40),
+]
+LINKS_GBPS = [1, 10, 25]
+MACHINES = [2, 4, 8]
+
+
+def cluster_section(binary, reps, env):
+    """Steps/s in one process and on 1 and 2 workers over loopback; bytes per worker per step from
+    TensorFlow's step stats; a projection to N separate machines."""
+    raw = {}
+    for rep in range(reps):
+        for config, _, steps in CLUSTER_CONFIGS:
+            for workers in (0, 1, 2):
+                print(f"repetition {rep + 1}/{reps}: cluster {config}, {workers} workers ...", file=sys.stderr, flush=True)
+                out = subprocess.run([binary, "--config", config, "--workers", str(workers), "--steps", str(steps)],
+                                     env=env, check=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                raw.setdefault((config, workers), []).append(json.loads(out.stdout.strip().splitlines()[-1]))
+    results = {}
+    lines = [
+        "## Training on several servers",
+        "",
+        "Train steps/s of one configuration in one process and replicated on 1 and 2 `minigpt server`s on",
+        "127.0.0.1 (`examples/bench_cluster.rs`); overhead = one worker's step time minus one process's;",
+        "bytes = what each worker receives (weights, its batch slice) plus sends (loss, gradients) per step,",
+        "summed from TensorFlow's step stats (`_Recv` outputs) of a traced step. On this one machine the workers",
+        "share the same 2 cores, so loopback is slower than one process: that is the runtime's cost, not a speed-up.",
+        "",
+        "| configuration | 1 process | 1 worker | 2 workers | overhead per step | bytes per worker per step |",
+        "|---|---|---|---|---|---|",
+    ]
+    for config, label, _ in CLUSTER_CONFIGS:
+        rate = {w: summary([r["steps_per_s"] for r in raw[(config, w)]]) for w in (0, 1, 2)}
+        step_ms = {w: statistics.median([r["step_ms"] for r in raw[(config, w)]]) for w in (0, 1, 2)}
+        two = raw[(config, 2)][-1]
+        per_worker = [a + b for a, b in zip(two["worker_bytes_received"], two["worker_bytes_sent"])]
+        moved = statistics.median(per_worker)
+        overhead = step_ms[1] - step_ms[0]
+        results[config] = {
+            "steps_per_s": {str(w): rate[w] for w in (0, 1, 2)},
+            "overhead_ms": overhead,
+            "bytes_per_worker": moved,
+            "parameters": two["parameters"],
+            "compute_ms": step_ms[0],
+        }
+        lines.append(f"| {label} ({two['parameters']:,} parameters) | {cell(rate[0])} | {cell(rate[1])} | "
+                     f"{cell(rate[2])} | {overhead:.2f} ms | {moved / 1e6:.2f} MB |")
+    lines += [
+        "",
+        "Projected step time on N separate machines (one worker each, the chief on its own machine), from the",
+        "figures above: compute ÷ N + transfer + overhead, where compute is one process's step time here, transfer",
+        "is N × (bytes per worker) over the chief's link (every worker's traffic goes through it), and overhead the",
+        "runtime's per-step cost measured on loopback. Steps/s, and the speed-up over one process in brackets:",
+        "",
+        "| configuration | link | " + " | ".join(f"N = {n}" for n in MACHINES) + " |",
+        "|---|---|" + "---|" * len(MACHINES),
+    ]
+    for config, label, _ in CLUSTER_CONFIGS:
+        r = results[config]
+        for gbps in LINKS_GBPS:
+            cells = []
+            for n in MACHINES:
+                t = r["compute_ms"] / n + n * r["bytes_per_worker"] * 8 / (gbps * 1e9) * 1e3 + r["overhead_ms"]
+                cells.append(f"{1e3 / t:.0f} ({r['compute_ms'] / t:.2f}×)")
+            lines.append(f"| {label} | {gbps} Gb/s | " + " | ".join(cells) + " |")
+    return "\n".join(lines), results
 
 
 def write(path, text):

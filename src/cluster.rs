@@ -10,6 +10,8 @@
 
 use std::ffi::CStr;
 use std::net::TcpListener;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
@@ -133,6 +135,11 @@ struct Status {
 }
 
 impl Status {
+    /// TensorFlow's DEADLINE_EXCEEDED with `message`, as a run that timed out reports it.
+    fn deadline(message: &str) -> tensorflow::Status {
+        tensorflow::Status::new_set_lossy(tensorflow::Code::DeadlineExceeded, message)
+    }
+
     fn new() -> Self {
         // SAFETY: a fresh status object, owned by this value.
         Self { raw: unsafe { tf::TF_NewStatus() } }
@@ -201,6 +208,8 @@ pub struct Cluster {
     pub worker_timeout: Duration,
     /// The longest a graph run may take (`operation_timeout_in_ms`): a hung worker fails the run.
     pub step_timeout: Duration,
+    /// Per worker: a probe is still waiting for its answer (a hung worker never gives one).
+    probing: Arc<Vec<AtomicBool>>,
 }
 
 impl Cluster {
@@ -216,8 +225,12 @@ impl Cluster {
             None => free_local_address()?,
         };
         ensure!(!spec.workers.contains(&chief), "--listen {chief} is also in --cluster: the chief needs its own port");
+        // A worker that is not there fails a call at once instead of being waited for without end
+        // (TensorFlow's master waits for every worker's devices with no deadline otherwise).
+        std::env::set_var("GRPC_FAIL_FAST", "true");
         let server = Box::leak(Box::new(Server::start(&chief)?));
-        Ok(Self { spec, chief, target: server.target().to_string(), worker_timeout, step_timeout })
+        let probing = Arc::new(spec.workers.iter().map(|_| AtomicBool::new(false)).collect());
+        Ok(Self { spec, chief, target: server.target().to_string(), worker_timeout, step_timeout, probing })
     }
 
     /// The session's `ClusterDef`: job `chief` (this process) and job `worker`.
@@ -240,8 +253,27 @@ impl Cluster {
         Ok(options)
     }
 
-    /// Whether worker `i` answers: runs a constant on it, within [`PROBE_TIMEOUT`].
+    /// Whether worker `i` answers: runs a constant on it, within [`PROBE_TIMEOUT`]. A probe that
+    /// gets no answer in that time is left waiting (a hung worker holds it), and the worker counts
+    /// as down until it answers.
     pub fn probe(&self, i: usize) -> Result<()> {
+        if self.probing[i].swap(true, Ordering::SeqCst) {
+            bail!("{}", Status::deadline("the previous probe still has no answer"));
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let cluster = self.clone();
+        std::thread::spawn(move || {
+            let answer = cluster.run_probe(i);
+            cluster.probing[i].store(false, Ordering::SeqCst);
+            let _ = tx.send(answer);
+        });
+        match rx.recv_timeout(PROBE_TIMEOUT + Duration::from_secs(1)) {
+            Ok(answer) => answer,
+            Err(_) => Err(Status::deadline("no answer").into()),
+        }
+    }
+
+    fn run_probe(&self, i: usize) -> Result<()> {
         let mut scope = Scope::new_root_scope().with_device(&ClusterSpec::worker(i));
         let one = ops::constant(1i32, &mut scope)?;
         let probe = ops::identity(one, &mut scope)?;

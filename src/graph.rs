@@ -17,7 +17,7 @@ use tensorflow::{ops, DataType, Operation, Output, Scope, Session, SessionRunArg
 use crate::cluster::{Cluster, ClusterSpec, CHIEF};
 use crate::device::SessionConfig;
 use crate::loss::{self, CrossEntropy};
-use crate::model::{Arch, CacheSpec, Dropout, Forward, LanguageModel, ModelConfig};
+use crate::model::{Arch, CacheSpec, Dropout, Forward, LanguageModel, Lookup, ModelConfig};
 use crate::optim::{Adam, AdamConfig};
 use crate::proto;
 use crate::sampler::{Cache, Chain, NextLogits, SamplerConfig};
@@ -569,7 +569,8 @@ fn build(
             let (forward, xent, step_loss, grads, squares) = if replicas.is_empty() {
                 let forward = model.forward(tokens.clone().into(), Some(&dropout), scope)?;
                 let xent = loss::cross_entropy(forward.logits.clone(), targets.clone().into(), vocab, scope)?;
-                let (grads, squares) = gradients(&xent, &forward, &vars, scope)?;
+                let (grads, row_grads) = gradients(&xent, &forward, &vars, scope)?;
+                let squares = lookup_squares(&forward.lookups, row_grads, &vars, scope)?;
                 let step_loss = xent.loss.clone();
                 (forward, xent, step_loss, grads, squares)
             } else {
@@ -577,7 +578,9 @@ fn build(
                 let forward = model.forward(tokens.clone().into(), None, scope)?;
                 let xent = loss::cross_entropy(forward.logits.clone(), targets.clone().into(), vocab, scope)?;
                 let batch = [tokens.clone().into(), targets.clone().into(), dropout.training.clone(), step];
-                let (loss, grads, squares) = replicated(model_cfg, opts, &vars, batch, replicas, scope)?;
+                let (loss, grads, row_grads) =
+                    replicated(model_cfg, opts, &vars, &forward.lookups, batch, replicas, scope)?;
+                let squares = lookup_squares(&forward.lookups, row_grads, &vars, scope)?;
                 (forward, xent, loss, grads, squares)
             };
             // AdamW decays matrices, not biases, norms or embedding tables.
@@ -723,8 +726,7 @@ fn slice_last(x: Output, rank: usize, scope: &mut Scope) -> tensorflow::Result<O
         .into())
 }
 
-/// The loss's gradients, and for each embedding table the sum of its per-lookup gradient rows
-/// squared (what Keras' Adam squares; see [`Adam::apply`]).
+/// The loss's gradients: for each variable, and for each embedding lookup of its looked-up rows.
 ///
 /// The C++ gradient registry has no gradient for `SparseSoftmaxCrossEntropyWithLogits`, but the
 /// op's second output is d(per-token loss)/d(logits) = softmax − onehot; times 1/N it is
@@ -737,7 +739,7 @@ fn gradients(
     forward: &Forward,
     vars: &[Var],
     scope: &mut Scope,
-) -> tensorflow::Result<(Vec<Output>, Vec<Option<Output>>)> {
+) -> tensorflow::Result<(Vec<Output>, Vec<Output>)> {
     let scope = &mut scope.new_sub_scope("loss_gradient");
     let dtype = xent.logits_2d.operation.output_type(xent.logits_2d.index as usize);
     let n = ops::size(xent.labels.clone(), scope)?;
@@ -760,10 +762,21 @@ fn gradients(
         .map(|(g, name)| g.ok_or_else(|| internal(&format!("no gradient reaches {name}"))))
         .collect::<tensorflow::Result<Vec<_>>>()?;
     let row_grads = grads.split_off(vars.len());
+    Ok((grads, row_grads))
+}
 
+/// For each embedding table, the sum of its per-lookup gradient rows squared (what Keras' Adam
+/// squares; see [`Adam::apply`]): `row_grads[j]` is d loss / d `lookups[j].rows`.
+fn lookup_squares(
+    lookups: &[Lookup],
+    row_grads: Vec<Output>,
+    vars: &[Var],
+    scope: &mut Scope,
+) -> tensorflow::Result<Vec<Option<Output>>> {
+    let internal = |message: &str| tensorflow::Status::new_set_lossy(tensorflow::Code::Internal, message);
     let mut squares: Vec<Option<Output>> = vec![None; vars.len()];
     let scope = &mut scope.new_sub_scope("lookup_squares");
-    for (lookup, d_rows) in forward.lookups.iter().zip(row_grads) {
+    for (lookup, d_rows) in lookups.iter().zip(row_grads) {
         let i = vars
             .iter()
             .position(|v| v.name == lookup.var)
@@ -778,100 +791,105 @@ fn gradients(
             None => sum.into(),
         });
     }
-    Ok((grads, squares))
+    Ok(squares)
 }
 
 /// The train step computed by one replica per device of `replicas` (TensorFlow's in-graph
-/// replication): replica `i` runs the forward pass, loss, gradients and per-lookup squares on
-/// the `i`-th slice of the batch, with the weights read on the chief. Each replica is built in a
-/// graph of its own, with the model's variables there standing for the chief's, and imported
-/// under `replica_<i>/` with `replicas[i]` as the default device, so every op of it, gradients
-/// included, runs on its worker. The chief averages the losses and gradients, and sums the
-/// squares divided by N² (each replica's are those of its own mean loss, N times the batch's).
-/// Nothing of the result exists until every replica has delivered, so a step whose worker
-/// fails changes no variable.
+/// replication): replica `i` runs the forward pass, loss and gradients on the `i`-th slice of the
+/// batch, with the weights read on the chief. Each replica is built in a graph of its own, with
+/// the model's variables there standing for the chief's, and imported under `replica_<i>/` with
+/// `replicas[i]` as the default device, so every op of it, gradients included, runs on its
+/// worker. The chief averages the losses and gradients. The gradients of the embedding lookups'
+/// rows are put back together as the whole batch's (`lookups`, the chief's forward pass, give
+/// their ids): rows of per-window lookups (ids [B, T]) are concatenated, rows of lookups every
+/// window shares (positions, ids [T]) summed; each divided by N, as each replica's loss is the
+/// mean over its own 1/N of the batch. Nothing of the result exists until every replica has
+/// delivered, so a step whose worker fails changes no variable.
 ///
-/// `batch`: tokens [B, T], targets [B, T], the training flag and the optimizer step.
+/// `batch`: tokens [B, T], targets [B, T], the training flag and the optimizer step. Returns
+/// the loss, the gradients and the lookups' row gradients.
 fn replicated(
     model_cfg: &ModelConfig,
     opts: &GraphOptions,
     vars: &[Var],
+    lookups: &[Lookup],
     batch: [Output; 4],
     replicas: &[String],
     scope: &mut Scope,
-) -> tensorflow::Result<(Output, Vec<Output>, Vec<Option<Output>>)> {
+) -> tensorflow::Result<(Output, Vec<Output>, Vec<Output>)> {
     let scope = &mut scope.new_sub_scope("replicas");
     let [tokens, targets, training, step] = batch;
     let n = replicas.len();
     let axis = ops::constant(0i32, scope)?;
     let xs = ops::Split::new().num_split(n as i64).build(axis.clone(), tokens, scope)?; // N × [B/N, T]
-    let ys = ops::Split::new().num_split(n as i64).build(axis, targets, scope)?; // N × [B/N, T]
+    let ys = ops::Split::new().num_split(n as i64).build(axis.clone(), targets, scope)?; // N × [B/N, T]
     let reads: Vec<Output> =
         vars.iter().map(|v| v.read(&mut scope.with_op_name(&format!("read/{}", v.name)))).collect::<Result<_, _>>()?;
-    let mut outputs: Vec<Vec<Output>> = Vec::with_capacity(n); // per replica: loss, grads, squares
-    let mut has_square = vec![false; vars.len()];
+    let nul = |_| tensorflow::Status::new_set_lossy(tensorflow::Code::InvalidArgument, "NUL in a name");
+    let mut outputs: Vec<Vec<Output>> = Vec::with_capacity(n); // per replica: loss, grads, row grads
     for (i, device) in replicas.iter().enumerate() {
         // Replica i's dropout masks are keyed by seed + i: one replica draws the single-process masks.
         let replica = replica_graph_def(model_cfg, opts.dtype, opts.seed + i as i64)?;
-        has_square = replica.squares;
         let mut import = tensorflow::ImportGraphDefOptions::new();
-        let nul = |_| tensorflow::Status::new_set_lossy(tensorflow::Code::InvalidArgument, "NUL in a name");
         import.set_prefix(&format!("replica_{i}")).map_err(nul)?;
         import.set_default_device(device).map_err(nul)?;
-        for (name, input) in [("x", xs.output(i)), ("y", ys.output(i)), ("training", training.clone())] {
+        for (name, input) in
+            [("x", xs.output(i)), ("y", ys.output(i)), ("training", training.clone()), ("step", step.clone())]
+        {
             import.add_input_mapping(name, 0, &input).map_err(nul)?;
         }
-        import.add_input_mapping("step", 0, &step).map_err(nul)?;
         for (read, var) in replica.reads {
             let k = vars.iter().position(|v| v.name == var).expect("a replica reads only model variables");
             import.add_input_mapping(&read, 0, &reads[k]).map_err(nul)?;
         }
         let mut graph = scope.graph_mut();
         graph.import_graph_def(&replica.graph_def, &import)?;
-        let get = |name: &str| -> tensorflow::Result<Output> {
+        let get = |name: String| -> tensorflow::Result<Output> {
             Ok(graph.operation_by_name_required(&format!("replica_{i}/out/{name}"))?.into())
         };
-        let mut got = vec![get("loss")?];
-        for k in 0..vars.len() {
-            got.push(get(&format!("grad/{k}"))?);
-        }
-        for k in (0..vars.len()).filter(|&k| has_square[k]) {
-            got.push(get(&format!("square/{k}"))?);
-        }
+        let mut got = vec![get("loss".into())?];
+        got.extend((0..vars.len()).map(|k| get(format!("grad/{k}"))).collect::<tensorflow::Result<Vec<_>>>()?);
+        got.extend((0..lookups.len()).map(|j| get(format!("rows/{j}"))).collect::<tensorflow::Result<Vec<_>>>()?);
         outputs.push(got);
     }
     // Everything every replica delivers, as a control barrier for the combined results.
     let delivered: Vec<Operation> = outputs.iter().flatten().map(|o| o.operation.clone()).collect();
-    let dtype = opts.dtype;
-    let mut combine = |j: usize, scale: f64, name: &str| -> tensorflow::Result<Output> {
-        let mut sum: Output = outputs[0][j].clone();
-        for replica in &outputs[1..] {
-            sum = ops::add_v2(sum, replica[j].clone(), scope)?.into();
-        }
-        let scaled = ops::mul(sum, tfx::scalar(dtype, scale, scope)?, scope)?;
+    let inv_n = tfx::scalar(opts.dtype, 1.0 / n as f64, scope)?;
+    // Lookups of positions (ids [T]) are shared by every window; others are per window.
+    let per_window: Vec<bool> = lookups
+        .iter()
+        .map(|l| Ok(scope.graph().tensor_shape(l.ids.clone())?.dims() != Some(1)))
+        .collect::<tensorflow::Result<_>>()?;
+    let mut combine = |j: usize, concat: bool, name: &str| -> tensorflow::Result<Output> {
+        let parts: Vec<Output> = outputs.iter().map(|replica| replica[j].clone()).collect();
+        let whole: Output = match concat {
+            true if parts.len() > 1 => tfx::concat(&parts, 0, scope)?,
+            _ => parts[1..].iter().try_fold(parts[0].clone(), |sum, p| -> tensorflow::Result<Output> {
+                Ok(ops::add_v2(sum, p.clone(), scope)?.into())
+            })?,
+        };
+        let mean = ops::mul(whole, inv_n.clone(), scope)?;
         let mut barrier = scope.with_op_name(name).with_control_dependencies(&delivered);
-        Ok(ops::identity(scaled, &mut barrier)?.into())
+        Ok(ops::identity(mean, &mut barrier)?.into())
     };
-    let inv = 1.0 / n as f64;
-    let loss = combine(0, inv, "loss")?;
-    let grads = (0..vars.len()).map(|k| combine(1 + k, inv, &format!("grad/{k}"))).collect::<Result<Vec<_>, _>>()?;
-    let mut squares = vec![None; vars.len()];
-    for (j, k) in (1 + vars.len()..).zip((0..vars.len()).filter(|&k| has_square[k])) {
-        squares[k] = Some(combine(j, inv * inv, &format!("square/{k}"))?);
+    let loss = combine(0, false, "loss")?;
+    let grads = (0..vars.len()).map(|k| combine(1 + k, false, &format!("grad/{k}"))).collect::<Result<Vec<_>, _>>()?;
+    let mut rows = Vec::with_capacity(lookups.len());
+    for (j, &per_window) in per_window.iter().enumerate() {
+        rows.push(combine(1 + vars.len() + j, per_window, &format!("rows/{j}"))?);
     }
-    Ok((loss, grads, squares))
+    Ok((loss, grads, rows))
 }
 
 /// One replica of the train step, as a `GraphDef` to import.
 struct ReplicaDef {
     /// Placeholders `x`, `y` [b, T] int32, `training` (bool) and `step` (int64); outputs
-    /// `out/loss`, `out/grad/<k>` for each variable, `out/square/<k>` for each looked-up table.
+    /// `out/loss`, `out/grad/<k>` for each variable, `out/rows/<j>` [-1, C] for each embedding
+    /// lookup (d loss / d its rows).
     graph_def: Vec<u8>,
     /// The `ReadVariableOp`s of the model's variables and the variable each reads, to be mapped
     /// to the chief's reads.
     reads: Vec<(String, String)>,
-    /// Which variables have `out/square/<k>`.
-    squares: Vec<bool>,
 }
 
 /// Builds one replica of `model_cfg`'s train step (see [`ReplicaDef`]).
@@ -887,15 +905,15 @@ fn replica_graph_def(model_cfg: &ModelConfig, dtype: DataType, seed: i64) -> ten
     let dropout = Dropout { training: training.into(), step: step.into(), seed };
     let forward = model.forward(tokens.into(), Some(&dropout), scope)?;
     let xent = loss::cross_entropy(forward.logits.clone(), targets.into(), model_cfg.vocab_size as i64, scope)?;
-    let (grads, squares) = gradients(&xent, &forward, &vars, scope)?;
+    let (grads, row_grads) = gradients(&xent, &forward, &vars, scope)?;
     ops::identity(xent.loss, &mut scope.with_op_name("out/loss"))?;
     for (k, g) in grads.into_iter().enumerate() {
         ops::identity(g, &mut scope.with_op_name(&format!("out/grad/{k}")))?;
     }
-    for (k, sq) in squares.iter().enumerate() {
-        if let Some(sq) = sq {
-            ops::identity(sq.clone(), &mut scope.with_op_name(&format!("out/square/{k}")))?;
-        }
+    for (j, (rows, lookup)) in row_grads.into_iter().zip(&forward.lookups).enumerate() {
+        let i = vars.iter().position(|v| v.name == lookup.var).expect("a lookup of a model variable");
+        let flat = ops::reshape(rows, tfx::shape_const(&[-1, vars[i].shape[1] as i64], scope)?, scope)?; // [-1, C]
+        ops::identity(flat, &mut scope.with_op_name(&format!("out/rows/{j}")))?;
     }
     let graph = scope.graph();
     let mut reads = Vec::new();
@@ -908,7 +926,7 @@ fn replica_graph_def(model_cfg: &ModelConfig, dtype: DataType, seed: i64) -> ten
             }
         }
     }
-    Ok(ReplicaDef { graph_def: graph.graph_def()?, reads, squares: squares.iter().map(Option::is_some).collect() })
+    Ok(ReplicaDef { graph_def: graph.graph_def()?, reads })
 }
 
 /// `SaveV2` of every read variable and the data position at `prefix`; `RestoreV2` of the position.

@@ -51,7 +51,9 @@ static LOADED: OnceLock<Result<Extra, String>> = OnceLock::new();
 
 /// Loads TensorFlow once per process; later calls return the first call's outcome. `verbose` lets
 /// TensorFlow's own log through (level 0, stderr left open while it loads); otherwise its level is
-/// 2 (warnings and below hidden) unless `TF_CPP_MIN_LOG_LEVEL` is already set.
+/// 3 (errors hidden too: minigpt reports every failure itself, and TensorFlow's gRPC runtime logs
+/// each unreachable worker as an error while minigpt waits for it) unless `TF_CPP_MIN_LOG_LEVEL`
+/// is already set.
 pub fn load(verbose: bool) -> Result<()> {
     match LOADED.get_or_init(|| open(verbose)) {
         Ok(_) => Ok(()),
@@ -69,7 +71,7 @@ pub(crate) fn extra() -> &'static Extra {
 
 fn open(verbose: bool) -> Result<Extra, String> {
     let level = match (std::env::var("TF_CPP_MIN_LOG_LEVEL").ok(), verbose) {
-        (None, false) => Some("2"),
+        (None, false) => Some("3"),
         (Some(level), true) if level != "0" => Some("0"),
         (None, true) => Some("0"),
         _ => None,

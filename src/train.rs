@@ -423,10 +423,12 @@ fn build_runner(config: &mut RunConfig, cfg: &TrainConfig) -> Result<Runner> {
 fn recovering<T>(runner: &Runner, dir: &RunDir, step: u64, run: impl Fn() -> Result<T>) -> Result<T> {
     use tensorflow::Code;
     loop {
+        let started = Instant::now();
         let error = match run() {
             Ok(value) => return Ok(value),
             Err(error) => error,
         };
+        let failed_after = started.elapsed().as_secs_f64();
         let Some(cluster) = runner.cluster() else { return Err(error) };
         if !cluster::transient(&error) {
             return Err(error);
@@ -446,7 +448,8 @@ fn recovering<T>(runner: &Runner, dir: &RunDir, step: u64, run: impl Fn() -> Res
             (true, None) => vec!["a worker".to_string()],
         };
         eprintln!(
-            "warning: {} failed at step {step} ({why}); waiting up to {} s for it (--worker-timeout)",
+            "warning: {} failed at step {step}, {failed_after:.2} s into it ({why}); waiting up to {} s for it \
+             (--worker-timeout)",
             who.join(", "),
             cluster.worker_timeout.as_secs()
         );

@@ -1,0 +1,399 @@
+//! Training on TensorFlow's gRPC runtime: `minigpt server` workers as child processes on free
+//! ports of 127.0.0.1 (killed by PID when a test ends), `train --cluster` against them.
+//! Two workers train what one process trains; the step's ops run on the workers; a worker that
+//! dies or hangs is waited for and the run goes on as if nothing happened.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::{last_stderr_line, minigpt};
+use minigpt::cluster::{Cluster, ClusterSpec};
+use minigpt::device::SessionConfig;
+use minigpt::graph::{GraphOptions, Runner};
+use minigpt::model::{Arch, ModelShape};
+use minigpt::optim::AdamConfig;
+use minigpt::run::{Load, RunDir};
+use prost::Message;
+
+/// A `minigpt server` child process; killed (by PID) when dropped.
+struct Server {
+    child: Child,
+    address: String,
+}
+
+impl Server {
+    /// Starts a server on a free port of 127.0.0.1.
+    fn start() -> Self {
+        Self::at(&minigpt::cluster::free_local_address().unwrap())
+    }
+
+    /// Starts a server on `address` and waits (at most 60 s) for it to say it serves.
+    fn at(address: &str) -> Self {
+        let mut child = Command::new(assert_cmd::cargo::cargo_bin("minigpt"))
+            .args(["server", "--listen", address])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let first = BufReader::new(stdout).lines().next();
+            let _ = tx.send(first);
+        });
+        let server = Self { child, address: address.to_string() };
+        let line = rx.recv_timeout(Duration::from_secs(60)).expect("the server did not start").unwrap().unwrap();
+        let port = address.rsplit_once(':').unwrap().1;
+        assert!(line.starts_with("minigpt server: TensorFlow gRPC server at grpc://") && line.contains(port), "{line}");
+        server
+    }
+
+    fn signal(&self, signal: i32) {
+        // SAFETY: signalling our own child process.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, signal) }, 0);
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn cluster_flag(servers: &[&Server]) -> String {
+    format!("worker={}", servers.iter().map(|s| s.address.as_str()).collect::<Vec<_>>().join(","))
+}
+
+/// 20,000 characters of the corpus in `dir`.
+fn corpus(dir: &Path) -> PathBuf {
+    let text = std::fs::read_to_string(common::corpus_path()).unwrap();
+    let path = dir.join("small.txt");
+    std::fs::write(&path, &text[..20_000]).unwrap();
+    path
+}
+
+/// `minigpt train -q` of `steps` steps, windows in order, every loss in metrics.csv.
+fn train(corpus: &Path, out: &Path, steps: u32, extra: &[&str]) -> Output {
+    let out = minigpt()
+        .args(["train", "-q", "--shuffle", "none", "--log-every", "1", "--eval-batches", "2", "--data"])
+        .arg(corpus)
+        .arg("--out")
+        .arg(out)
+        .args(["--max-steps", &steps.to_string()])
+        .args(extra)
+        .timeout(Duration::from_secs(600))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{extra:?}: {}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+/// The training losses of metrics.csv, in step order.
+fn losses(run: &Path) -> Vec<f64> {
+    let text = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
+    text.lines().skip(1).filter(|l| l.ends_with(',')).map(|l| l.split(',').nth(2).unwrap().parse().unwrap()).collect()
+}
+
+/// Every weight and Adam slot of a run's newest checkpoint, by name, flattened.
+fn state(run: &Path) -> Vec<(String, Vec<f64>)> {
+    let runner = RunDir::open(run).unwrap().load(Load::Training { summaries: false }, SessionConfig::default());
+    let runner = runner.unwrap().1;
+    let names: Vec<String> = runner.variables().into_iter().map(|v| v.name).collect();
+    let to_f64 = |t: &tensorflow::Tensor<f32>| t.iter().map(|&v| v as f64).collect::<Vec<_>>();
+    let [m, v] = runner.adam_moments::<f32>().unwrap();
+    let mut all = Vec::new();
+    for (kind, tensors) in [("", runner.weights::<f32>().unwrap()), (" m", m), (" v", v)] {
+        all.extend(names.iter().zip(&tensors).map(|(name, t)| (format!("{name}{kind}"), to_f64(t))));
+    }
+    all
+}
+
+/// One process and two workers, 100 steps: the same loss at every step to 1e-6 relative; every
+/// weight and Adam slot to 1e-6 (bigram) or 2e-6 (transformer) of its tensor's largest magnitude.
+/// The attention's key bias has no gradient in exact arithmetic: rounding noise moves it, which
+/// Adam scales up, so its third of `qkv/bias` (and its slots) is held to 1e-3 of that magnitude.
+/// The transformer's single-process run has XLA off, as the cluster's has.
+#[test]
+fn two_workers_train_what_one_process_trains() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = corpus(tmp.path());
+    let (a, b) = (Server::start(), Server::start());
+    let cluster = cluster_flag(&[&a, &b]);
+    let gpt = [common::TINY_GPT, "--block-size 16 --batch-size 8 --no-xla"].join(" ");
+    for (name, flags, tolerance) in [("bigram", "--block-size 16 --batch-size 32", 1e-6), ("gpt", gpt.as_str(), 2e-6)] {
+        let flags: Vec<&str> = flags.split(' ').collect();
+        let (one, two) = (tmp.path().join(format!("{name}-one")), tmp.path().join(format!("{name}-two")));
+        train(&corpus, &one, 100, &flags);
+        train(&corpus, &two, 100, &[&flags[..], &["--cluster", &cluster]].concat());
+        let (l1, l2) = (losses(&one), losses(&two));
+        assert_eq!(l1.len(), 100);
+        common::assert_close(&format!("{name} losses"), &l2, &l1, 0.0, 1e-6);
+        let worst_loss = l2.iter().zip(&l1).map(|(a, b)| ((a - b) / b).abs()).fold(0.0, f64::max);
+        let (s1, s2) = (state(&one), state(&two));
+        assert_eq!(s1.len(), s2.len());
+        let (mut worst, mut worst_key_bias) = (0.0f64, 0.0f64);
+        for ((what, x2), (_, x1)) in s2.iter().zip(&s1) {
+            let scale = x1.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+            let key_bias = |i: usize| what.contains("qkv/bias") && (x1.len() / 3..2 * x1.len() / 3).contains(&i);
+            for (i, (g, w)) in x2.iter().zip(x1).enumerate() {
+                let (allowed, worst) = if key_bias(i) { (1e-3, &mut worst_key_bias) } else { (tolerance, &mut worst) };
+                let d = (g - w).abs() / scale.max(f64::MIN_POSITIVE);
+                assert!(
+                    d <= allowed,
+                    "{name} {what}[{i}]: got {g}, want {w}: {d:.2e} of the tensor's scale {scale:.2e}"
+                );
+                *worst = worst.max(d);
+            }
+        }
+        eprintln!(
+            "{name}: 100 steps; losses within {worst_loss:.2e} relative; weights and slots within {worst:.2e} of \
+             their tensor's scale (key bias {worst_key_bias:.2e})"
+        );
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(two.join("config.json")).unwrap()).unwrap();
+        assert_eq!(config["cluster"], serde_json::json!([a.address, b.address]));
+    }
+
+    // A distributed run is an ordinary run: it resumes in one process, and generates.
+    let two = tmp.path().join("bigram-two");
+    let resumed =
+        minigpt().args(["train", "-q", "--resume", "--max-steps", "110", "--out"]).arg(&two).output().unwrap();
+    assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(two.join("config.json")).unwrap()).unwrap();
+    assert_eq!((config["steps_done"].as_u64(), config.get("cluster")), (Some(110), None));
+    let out = minigpt().args(["generate", "--prompt", "To", "--chars", "20", "--run"]).arg(&two).output();
+    assert!(out.unwrap().status.success());
+}
+
+/// The step's ops, gradients included, run on the workers; the variables and Adam on the chief.
+#[test]
+fn the_replicas_run_on_the_workers() {
+    let (a, b) = (Server::start(), Server::start());
+    let spec = ClusterSpec::parse(&cluster_flag(&[&a, &b])).unwrap();
+    let timeout = Duration::from_secs(60);
+    let cluster = Cluster::start(spec, None, timeout, timeout).unwrap();
+    let model = ModelShape { arch: Arch::Bigram, n_embd: 16, n_layer: 1, n_head: 1, dropout: 0.0 }.with(65, 8);
+    let opts = GraphOptions::training(1, AdamConfig::default());
+    let runner = Runner::on_cluster(&model, &opts, SessionConfig::default(), cluster).unwrap();
+    runner.init().unwrap();
+    let x = tensorflow::Tensor::new(&[4, 8]).with_values(&(0..32).collect::<Vec<i32>>()).unwrap();
+    let (loss, metadata) = runner.train_step_traced(&x, &x).unwrap();
+    assert!(loss.is_finite());
+    let metadata = minigpt::proto::RunMetadata::decode(&metadata[..]).unwrap();
+    let mut seen = Vec::new();
+    for dev in metadata.step_stats.unwrap().dev_stats {
+        for node in dev.node_stats {
+            seen.push((dev.device.clone(), node.node_name));
+        }
+    }
+    for i in 0..2 {
+        let on = |device: &str, prefix: &str| seen.iter().any(|(d, n)| d.contains(device) && n.starts_with(prefix));
+        let worker = format!("/job:worker/replica:0/task:{i}/");
+        assert!(on(&worker, &format!("replica_{i}/gradients/")), "no gradient op of replica {i} ran on its worker");
+        assert!(
+            on(&worker, &format!("replica_{i}/loss/SparseSoftmaxCrossEntropyWithLogits")),
+            "replica {i}'s forward pass did not run on its worker"
+        );
+    }
+    for (device, node) in &seen {
+        if node.starts_with("replica_") {
+            let i = &node["replica_".len()..node.find('/').unwrap()];
+            assert!(device.contains(&format!("/job:worker/replica:0/task:{i}/")), "{node} ran on {device}");
+        }
+        if node.starts_with("train_step") || node.starts_with("adam") {
+            assert!(device.contains("/job:chief/"), "{node} ran on {device}");
+        }
+    }
+    assert!(seen.iter().any(|(d, n)| d.contains("/job:chief/") && n.contains("adam")), "Adam did not run on the chief");
+}
+
+/// Trains 300 steps on two workers, reading `Step N` lines; at step 60 calls `fault` with the
+/// workers; checks the run completes with the losses of `reference` (an uninterrupted run).
+fn survive(
+    fault: impl FnOnce(&mut [Server; 2]),
+    extra: &[&str],
+    reference: &Path,
+    corpus: &Path,
+    out: &Path,
+) -> String {
+    let mut servers = [Server::start(), Server::start()];
+    let mut child = Command::new(assert_cmd::cargo::cargo_bin("minigpt"))
+        .args(["train", "--shuffle", "none", "--log-every", "1", "--eval-batches", "2", "--max-steps", "300"])
+        .args(["--block-size", "16", "--batch-size", "32", "--worker-timeout", "60", "--data"])
+        .arg(corpus)
+        .arg("--out")
+        .arg(out)
+        .args(["--cluster", &cluster_flag(&[&servers[0], &servers[1]])])
+        .args(extra)
+        .env_remove("TF_CPP_MIN_LOG_LEVEL")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    assert!(lines.by_ref().map(|l| l.unwrap()).any(|l| l.starts_with("Step 60:")), "training never reached step 60");
+    fault(&mut servers);
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    let status = child.wait().unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(status.success(), "{stderr}");
+    assert!(rest.last().unwrap().starts_with("trained 300 steps"), "{rest:?}");
+    assert_eq!(losses(out), losses(reference), "the recovered run's losses differ from an uninterrupted run's");
+    assert!(stderr.lines().all(|l| l.starts_with("warning: ")), "{stderr}");
+    eprint!("{stderr}");
+    stderr
+}
+
+#[test]
+fn a_killed_worker_is_waited_for_and_the_run_goes_on_unchanged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = corpus(tmp.path());
+    let reference = tmp.path().join("reference");
+    let (a, b) = (Server::start(), Server::start());
+    train(
+        &corpus,
+        &reference,
+        300,
+        &["--block-size", "16", "--batch-size", "32", "--cluster", &cluster_flag(&[&a, &b])],
+    );
+    let stderr = survive(
+        |servers| {
+            let address = servers[1].address.clone();
+            servers[1].child.kill().unwrap();
+            servers[1].child.wait().unwrap();
+            std::thread::sleep(Duration::from_secs(2));
+            servers[1] = Server::at(&address);
+        },
+        &[],
+        &reference,
+        &corpus,
+        &tmp.path().join("killed"),
+    );
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("warning: ")).collect();
+    assert!(lines.len() >= 2, "{stderr}");
+    assert!(lines[0].contains("worker task 1 (127.0.0.1:") && lines[0].contains("failed at step"), "{stderr}");
+    assert!(lines.last().unwrap().contains("every worker answers again after"), "{stderr}");
+}
+
+#[test]
+fn a_hung_worker_times_out_and_the_run_goes_on_unchanged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = corpus(tmp.path());
+    let reference = tmp.path().join("reference");
+    let (a, b) = (Server::start(), Server::start());
+    train(
+        &corpus,
+        &reference,
+        300,
+        &["--block-size", "16", "--batch-size", "32", "--cluster", &cluster_flag(&[&a, &b])],
+    );
+    let stderr = survive(
+        |servers| {
+            servers[0].signal(libc::SIGSTOP);
+            std::thread::sleep(Duration::from_secs(8));
+            servers[0].signal(libc::SIGCONT);
+        },
+        &["--step-timeout", "3"],
+        &reference,
+        &corpus,
+        &tmp.path().join("hung"),
+    );
+    assert!(stderr.contains("warning: worker task 0 (127.0.0.1:"), "{stderr}");
+    assert!(stderr.contains("every worker answers again after"), "{stderr}");
+}
+
+#[test]
+fn ctrl_c_of_a_distributed_run_checkpoints_and_exits_130() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = corpus(tmp.path());
+    let run = tmp.path().join("run");
+    let a = Server::start();
+    let mut child = Command::new(assert_cmd::cargo::cargo_bin("minigpt"))
+        .args(["train", "--log-every", "10", "--eval-batches", "2", "--max-steps", "100000", "--data"])
+        .arg(&corpus)
+        .arg("--out")
+        .arg(&run)
+        .args(["--cluster", &cluster_flag(&[&a])])
+        .env_remove("TF_CPP_MIN_LOG_LEVEL")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    assert!(lines.by_ref().map(|l| l.unwrap()).any(|l| l.starts_with("Step 20:")), "training never reached step 20");
+    // SAFETY: signalling our own child process.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", String::from_utf8_lossy(&out.stderr));
+    let message = last_stderr_line(&out);
+    assert!(message.starts_with("interrupted at step "), "{message}");
+    let step: u64 = message["interrupted at step ".len()..].split(':').next().unwrap().parse().unwrap();
+    assert!(run.join(format!("ckpt/ckpt-{step}.index")).is_file());
+}
+
+/// Fails with one `error:` line containing `needle` (only `warning:` lines before it).
+fn fails_with(args: &[&str], needle: &str) {
+    let out = minigpt().args(args).timeout(Duration::from_secs(120)).output().unwrap();
+    assert!(!out.status.success(), "{args:?} succeeded");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert!(lines.last().is_some_and(|l| l.starts_with("error: ") && l.contains(needle)), "{args:?}: {stderr}");
+    assert!(lines[..lines.len() - 1].iter().all(|l| l.starts_with("warning: ")), "{args:?}: {stderr}");
+}
+
+#[test]
+fn bad_clusters_and_addresses_give_one_clear_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = corpus(tmp.path());
+    let (corpus, out) = (corpus.to_str().unwrap(), tmp.path().join("run"));
+    let out = out.to_str().unwrap();
+    let train = |cluster: &str, extra: &[&str], needle: &str| {
+        let args = [&["train", "--data", corpus, "--out", out, "--cluster", cluster][..], extra].concat();
+        fails_with(&args, needle);
+    };
+    train("127.0.0.1:2222", &[], "expected worker=HOST:PORT");
+    train("worker=127.0.0.1:0", &[], "the port must be a number from 1 to 65535");
+    train("worker=127.0.0.1:99999", &[], "the port must be a number from 1 to 65535");
+    train("worker=127.0.0.1", &[], "the port is missing");
+    train("worker=127.0.0.1:2222,127.0.0.1:2222", &[], "127.0.0.1:2222 is listed twice");
+
+    // A worker nobody serves: named, within --worker-timeout.
+    let nobody = minigpt::cluster::free_local_address().unwrap();
+    train(&format!("worker={nobody}"), &["--worker-timeout", "2"], &format!("worker task 0 at {nobody}"));
+
+    // The global batch must divide among the workers.
+    let (a, b) = (Server::start(), Server::start());
+    train(&cluster_flag(&[&a, &b]), &["--batch-size", "33"], "--batch-size 33 does not divide among the 2 workers");
+
+    // A server's port in use, a bad address.
+    fails_with(&["server", "--listen", &a.address], "is not free");
+    fails_with(&["server", "--listen", "127.0.0.1:http"], "not HOST:PORT");
+    fails_with(&["devices", "--cluster", "worker:1"], "expected worker=HOST:PORT");
+}
+
+#[test]
+fn the_server_exits_0_on_sigterm_and_sigint_and_devices_lists_the_cluster() {
+    let (a, b) = (Server::start(), Server::start());
+    let out = minigpt().args(["devices", "--cluster", &cluster_flag(&[&a, &b])]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for task in
+        ["/job:chief/replica:0/task:0/device:CPU:0", "/job:worker/replica:0/task:0/", "/job:worker/replica:0/task:1/"]
+    {
+        assert!(stdout.contains(task), "{stdout}");
+    }
+    assert!(stdout.lines().last().unwrap().starts_with("Num GPUs Available:"), "{stdout}");
+    for (mut server, signal) in [(a, libc::SIGTERM), (b, libc::SIGINT)] {
+        server.signal(signal);
+        let status = server.child.wait().unwrap();
+        assert_eq!(status.code(), Some(0), "signal {signal}");
+    }
+}
