@@ -116,27 +116,30 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// Per worker, the bytes its `_Recv` nodes took in (weights and its slice of the batch) and the
-/// bytes the chief's `_Recv` nodes took from it (its loss and gradients), in one traced step.
+/// Per worker, the bytes it received (weights, its slice of the batch) and sent (its loss,
+/// gradients and lookup squares) in one traced step: TensorFlow's step stats hold one `RecvTensor`
+/// entry per tensor moved, labelled `[bytes] ... from DEVICE to DEVICE`, with its size as output.
 fn worker_bytes(metadata: &[u8], workers: usize) -> Result<(Vec<i64>, Vec<i64>)> {
     let metadata = minigpt::proto::RunMetadata::decode(metadata)?;
     let (mut received, mut sent) = (vec![0i64; workers], vec![0i64; workers]);
     for dev in metadata.step_stats.context("no step stats")?.dev_stats {
-        for node in &dev.node_stats {
+        for node in dev.node_stats.iter().filter(|n| n.node_name == "RecvTensor") {
             let bytes: i64 = node
                 .output
                 .iter()
                 .filter_map(|o| o.tensor_description.as_ref()?.allocation_description.as_ref())
                 .map(|a| a.requested_bytes)
                 .sum();
-            let label = &node.timeline_label;
-            let Some(at) = label.find(" = _Recv(").or_else(|| label.find(" = _HostRecv(")) else { continue };
-            let label = &label[at..];
+            let Some((from, to)) = node.timeline_label.rsplit_once(" from ").and_then(|(_, r)| r.split_once(" to "))
+            else {
+                bail!("a RecvTensor entry without its devices: {}", node.timeline_label);
+            };
             for i in 0..workers {
                 let worker = format!("/job:worker/replica:0/task:{i}/");
-                if dev.device.contains(&worker) {
+                if to.contains(&worker) {
                     received[i] += bytes;
-                } else if dev.device.contains("/job:chief/") && label.contains(&worker) {
+                }
+                if from.contains(&worker) {
                     sent[i] += bytes;
                 }
             }

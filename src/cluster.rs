@@ -258,7 +258,7 @@ impl Cluster {
     /// as down until it answers.
     pub fn probe(&self, i: usize) -> Result<()> {
         if self.probing[i].swap(true, Ordering::SeqCst) {
-            bail!("{}", Status::deadline("the previous probe still has no answer"));
+            return Err(Status::deadline("the previous probe still has no answer").into());
         }
         let (tx, rx) = std::sync::mpsc::channel();
         let cluster = self.clone();
@@ -277,7 +277,9 @@ impl Cluster {
         let mut scope = Scope::new_root_scope().with_device(&ClusterSpec::worker(i));
         let one = ops::constant(1i32, &mut scope)?;
         let probe = ops::identity(one, &mut scope)?;
-        let mut config = self.configure(proto::ConfigProto::default());
+        // Only this worker and the chief: the others may be down.
+        let filters = vec![ClusterSpec::worker(i), CHIEF.to_string()];
+        let mut config = self.configure(proto::ConfigProto { device_filters: filters, ..Default::default() });
         config.operation_timeout_in_ms = PROBE_TIMEOUT.as_millis() as i64;
         let mut options = SessionOptions::new();
         options.set_target(&self.target)?;
@@ -288,12 +290,19 @@ impl Cluster {
         Ok(session.run(&mut args)?)
     }
 
-    /// The workers that do not answer now, with why; an error if one answers wrongly (not a
-    /// worker that is down or hung, but a cluster that cannot work).
+    /// The workers that do not answer now, with why (all probed at once); an error if one
+    /// answers wrongly (not a worker that is down or hung, but a cluster that cannot work).
     pub fn down(&self) -> Result<Vec<(usize, String)>> {
+        let answers: Vec<Result<()>> = std::thread::scope(|s| {
+            let probes: Vec<_> = (0..self.spec.workers.len()).map(|i| s.spawn(move || self.probe(i))).collect();
+            probes
+                .into_iter()
+                .map(|p| p.join().unwrap_or_else(|_| Err(anyhow::anyhow!("the probe panicked"))))
+                .collect()
+        });
         let mut down = Vec::new();
-        for i in 0..self.spec.workers.len() {
-            let Err(e) = self.probe(i) else { continue };
+        for (i, answer) in answers.into_iter().enumerate() {
+            let Err(e) = answer else { continue };
             let why = short_status(&e.to_string());
             ensure!(transient(&e), "worker task {i} at {}: {why}", self.spec.workers[i]);
             down.push((i, why));

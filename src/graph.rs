@@ -578,9 +578,8 @@ fn build(
                 let forward = model.forward(tokens.clone().into(), None, scope)?;
                 let xent = loss::cross_entropy(forward.logits.clone(), targets.clone().into(), vocab, scope)?;
                 let batch = [tokens.clone().into(), targets.clone().into(), dropout.training.clone(), step];
-                let (loss, grads, row_grads) =
+                let (loss, grads, squares) =
                     replicated(model_cfg, opts, &vars, &forward.lookups, batch, replicas, scope)?;
-                let squares = lookup_squares(&forward.lookups, row_grads, &vars, scope)?;
                 (forward, xent, loss, grads, squares)
             };
             // AdamW decays matrices, not biases, norms or embedding tables.
@@ -773,25 +772,46 @@ fn lookup_squares(
     vars: &[Var],
     scope: &mut Scope,
 ) -> tensorflow::Result<Vec<Option<Output>>> {
-    let internal = |message: &str| tensorflow::Status::new_set_lossy(tensorflow::Code::Internal, message);
     let mut squares: Vec<Option<Output>> = vec![None; vars.len()];
     let scope = &mut scope.new_sub_scope("lookup_squares");
     for (lookup, d_rows) in lookups.iter().zip(row_grads) {
-        let i = vars
-            .iter()
-            .position(|v| v.name == lookup.var)
-            .ok_or_else(|| internal(&format!("lookup of unknown variable {}", lookup.var)))?;
-        let (rows, width) = (vars[i].shape[0] as i64, vars[i].shape[1] as i64);
-        let d_rows = ops::reshape(d_rows, tfx::shape_const(&[-1, width], scope)?, scope)?; // [N, C]
-        let ids = ops::reshape(lookup.ids.clone(), tfx::shape_const(&[-1], scope)?, scope)?; // [N]
-        let num = ops::constant(rows as i32, scope)?;
-        let sum = ops::unsorted_segment_sum(ops::square(d_rows, scope)?, ids, num, scope)?; // [V, C]
-        squares[i] = Some(match squares[i].take() {
-            Some(prev) => ops::add_v2(prev, sum, scope)?.into(),
-            None => sum.into(),
-        });
+        let i = lookup_var(lookup, vars)?;
+        let sum = lookup_square(lookup, d_rows, &vars[i], scope)?;
+        add_to(&mut squares[i], sum, scope)?;
     }
     Ok(squares)
+}
+
+/// The index in `vars` of the variable `lookup` reads.
+fn lookup_var(lookup: &Lookup, vars: &[Var]) -> tensorflow::Result<usize> {
+    vars.iter().position(|v| v.name == lookup.var).ok_or_else(|| {
+        tensorflow::Status::new_set_lossy(tensorflow::Code::Internal, &format!("lookup of unknown {}", lookup.var))
+    })
+}
+
+/// [V, C]: one lookup's gradient rows `d_rows` squared and summed per id.
+fn lookup_square(lookup: &Lookup, d_rows: Output, var: &Var, scope: &mut Scope) -> tensorflow::Result<Output> {
+    let (rows, width) = (var.shape[0] as i64, var.shape[1] as i64);
+    let d_rows = ops::reshape(d_rows, tfx::shape_const(&[-1, width], scope)?, scope)?; // [N, C]
+    let ids = ops::reshape(lookup.ids.clone(), tfx::shape_const(&[-1], scope)?, scope)?; // [N]
+    let num = ops::constant(rows as i32, scope)?;
+    Ok(ops::unsorted_segment_sum(ops::square(d_rows, scope)?, ids, num, scope)?.into())
+    // [V, C]
+}
+
+/// `total += value` (`total = value` the first time).
+fn add_to(total: &mut Option<Output>, value: Output, scope: &mut Scope) -> tensorflow::Result<()> {
+    *total = Some(match total.take() {
+        Some(prev) => ops::add_v2(prev, value, scope)?.into(),
+        None => value,
+    });
+    Ok(())
+}
+
+/// Whether a lookup's ids are per window ([B, T] tokens) rather than shared by every window
+/// ([T] positions).
+fn per_window(lookup: &Lookup, scope: &Scope) -> tensorflow::Result<bool> {
+    Ok(scope.graph().tensor_shape(lookup.ids.clone())?.dims() != Some(1))
 }
 
 /// The train step computed by one replica per device of `replicas` (TensorFlow's in-graph
@@ -799,15 +819,16 @@ fn lookup_squares(
 /// batch, with the weights read on the chief. Each replica is built in a graph of its own, with
 /// the model's variables there standing for the chief's, and imported under `replica_<i>/` with
 /// `replicas[i]` as the default device, so every op of it, gradients included, runs on its
-/// worker. The chief averages the losses and gradients. The gradients of the embedding lookups'
-/// rows are put back together as the whole batch's (`lookups`, the chief's forward pass, give
-/// their ids): rows of per-window lookups (ids [B, T]) are concatenated, rows of lookups every
-/// window shares (positions, ids [T]) summed; each divided by N, as each replica's loss is the
-/// mean over its own 1/N of the batch. Nothing of the result exists until every replica has
-/// delivered, so a step whose worker fails changes no variable.
+/// worker. The chief averages the losses and gradients. For Keras' per-lookup squares
+/// ([`lookup_squares`]): a lookup of tokens (ids [B, T]) has its squares summed on each worker,
+/// and the chief adds them up divided by N² (each replica's rows are those of its own mean loss,
+/// N times the batch's); a lookup every window shares (positions, ids [T]) has one row per
+/// position summed over the batch, so the workers send the rows, and the chief sums them, divides
+/// by N and squares. Nothing of the result exists until every replica has delivered, so a step
+/// whose worker fails changes no variable.
 ///
-/// `batch`: tokens [B, T], targets [B, T], the training flag and the optimizer step. Returns
-/// the loss, the gradients and the lookups' row gradients.
+/// `batch`: tokens [B, T], targets [B, T], the training flag and the optimizer step; `lookups`:
+/// the chief's forward pass's. Returns the loss, the gradients and the squares.
 fn replicated(
     model_cfg: &ModelConfig,
     opts: &GraphOptions,
@@ -816,26 +837,25 @@ fn replicated(
     batch: [Output; 4],
     replicas: &[String],
     scope: &mut Scope,
-) -> tensorflow::Result<(Output, Vec<Output>, Vec<Output>)> {
+) -> tensorflow::Result<(Output, Vec<Output>, Vec<Option<Output>>)> {
     let scope = &mut scope.new_sub_scope("replicas");
     let [tokens, targets, training, step] = batch;
     let n = replicas.len();
     let axis = ops::constant(0i32, scope)?;
     let xs = ops::Split::new().num_split(n as i64).build(axis.clone(), tokens, scope)?; // N × [B/N, T]
-    let ys = ops::Split::new().num_split(n as i64).build(axis.clone(), targets, scope)?; // N × [B/N, T]
+    let ys = ops::Split::new().num_split(n as i64).build(axis, targets, scope)?; // N × [B/N, T]
     let reads: Vec<Output> =
         vars.iter().map(|v| v.read(&mut scope.with_op_name(&format!("read/{}", v.name)))).collect::<Result<_, _>>()?;
     let nul = |_| tensorflow::Status::new_set_lossy(tensorflow::Code::InvalidArgument, "NUL in a name");
-    let mut outputs: Vec<Vec<Output>> = Vec::with_capacity(n); // per replica: loss, grads, row grads
+    let mut outputs: Vec<Vec<Output>> = Vec::with_capacity(n); // per replica: loss, grads, per lookup
     for (i, device) in replicas.iter().enumerate() {
         // Replica i's dropout masks are keyed by seed + i: one replica draws the single-process masks.
         let replica = replica_graph_def(model_cfg, opts.dtype, opts.seed + i as i64)?;
         let mut import = tensorflow::ImportGraphDefOptions::new();
         import.set_prefix(&format!("replica_{i}")).map_err(nul)?;
         import.set_default_device(device).map_err(nul)?;
-        for (name, input) in
-            [("x", xs.output(i)), ("y", ys.output(i)), ("training", training.clone()), ("step", step.clone())]
-        {
+        let inputs = [("x", xs.output(i)), ("y", ys.output(i)), ("training", training.clone()), ("step", step.clone())];
+        for (name, input) in inputs {
             import.add_input_mapping(name, 0, &input).map_err(nul)?;
         }
         for (read, var) in replica.reads {
@@ -849,43 +869,44 @@ fn replicated(
         };
         let mut got = vec![get("loss".into())?];
         got.extend((0..vars.len()).map(|k| get(format!("grad/{k}"))).collect::<tensorflow::Result<Vec<_>>>()?);
-        got.extend((0..lookups.len()).map(|j| get(format!("rows/{j}"))).collect::<tensorflow::Result<Vec<_>>>()?);
+        got.extend((0..lookups.len()).map(|j| get(format!("lookup/{j}"))).collect::<tensorflow::Result<Vec<_>>>()?);
         outputs.push(got);
     }
     // Everything every replica delivers, as a control barrier for the combined results.
     let delivered: Vec<Operation> = outputs.iter().flatten().map(|o| o.operation.clone()).collect();
-    let inv_n = tfx::scalar(opts.dtype, 1.0 / n as f64, scope)?;
-    // Lookups of positions (ids [T]) are shared by every window; others are per window.
-    let per_window: Vec<bool> = lookups
-        .iter()
-        .map(|l| Ok(scope.graph().tensor_shape(l.ids.clone())?.dims() != Some(1)))
-        .collect::<tensorflow::Result<_>>()?;
-    let mut combine = |j: usize, concat: bool, name: &str| -> tensorflow::Result<Output> {
-        let parts: Vec<Output> = outputs.iter().map(|replica| replica[j].clone()).collect();
-        let whole: Output = match concat {
-            true if parts.len() > 1 => tfx::concat(&parts, 0, scope)?,
-            _ => parts[1..].iter().try_fold(parts[0].clone(), |sum, p| -> tensorflow::Result<Output> {
-                Ok(ops::add_v2(sum, p.clone(), scope)?.into())
-            })?,
-        };
-        let mean = ops::mul(whole, inv_n.clone(), scope)?;
+    let combine = |j: usize, scale: f64, name: &str, scope: &mut Scope| -> tensorflow::Result<Output> {
+        let mut sum = outputs[0][j].clone();
+        for replica in &outputs[1..] {
+            sum = ops::add_v2(sum, replica[j].clone(), scope)?.into();
+        }
+        let scaled = ops::mul(sum, tfx::scalar(opts.dtype, scale, scope)?, scope)?;
         let mut barrier = scope.with_op_name(name).with_control_dependencies(&delivered);
-        Ok(ops::identity(mean, &mut barrier)?.into())
+        Ok(ops::identity(scaled, &mut barrier)?.into())
     };
-    let loss = combine(0, false, "loss")?;
-    let grads = (0..vars.len()).map(|k| combine(1 + k, false, &format!("grad/{k}"))).collect::<Result<Vec<_>, _>>()?;
-    let mut rows = Vec::with_capacity(lookups.len());
-    for (j, &per_window) in per_window.iter().enumerate() {
-        rows.push(combine(1 + vars.len() + j, per_window, &format!("rows/{j}"))?);
+    let inv_n = 1.0 / n as f64;
+    let loss = combine(0, inv_n, "loss", scope)?;
+    let grads =
+        (0..vars.len()).map(|k| combine(1 + k, inv_n, &format!("grad/{k}"), scope)).collect::<Result<Vec<_>, _>>()?;
+    let mut squares: Vec<Option<Output>> = vec![None; vars.len()];
+    for (j, lookup) in lookups.iter().enumerate() {
+        let k = lookup_var(lookup, vars)?;
+        let square = match per_window(lookup, scope)? {
+            true => combine(1 + vars.len() + j, inv_n * inv_n, &format!("square/{j}"), scope)?,
+            false => {
+                let rows = combine(1 + vars.len() + j, inv_n, &format!("rows/{j}"), scope)?;
+                lookup_square(lookup, rows, &vars[k], scope)?
+            }
+        };
+        add_to(&mut squares[k], square, scope)?;
     }
-    Ok((loss, grads, rows))
+    Ok((loss, grads, squares))
 }
 
 /// One replica of the train step, as a `GraphDef` to import.
 struct ReplicaDef {
     /// Placeholders `x`, `y` [b, T] int32, `training` (bool) and `step` (int64); outputs
-    /// `out/loss`, `out/grad/<k>` for each variable, `out/rows/<j>` [-1, C] for each embedding
-    /// lookup (d loss / d its rows).
+    /// `out/loss`, `out/grad/<k>` for each variable and `out/lookup/<j>` for each embedding lookup:
+    /// its squares [V, C] for a lookup of tokens, its gradient rows [T, C] for one of positions.
     graph_def: Vec<u8>,
     /// The `ReadVariableOp`s of the model's variables and the variable each reads, to be mapped
     /// to the chief's reads.
@@ -911,9 +932,11 @@ fn replica_graph_def(model_cfg: &ModelConfig, dtype: DataType, seed: i64) -> ten
         ops::identity(g, &mut scope.with_op_name(&format!("out/grad/{k}")))?;
     }
     for (j, (rows, lookup)) in row_grads.into_iter().zip(&forward.lookups).enumerate() {
-        let i = vars.iter().position(|v| v.name == lookup.var).expect("a lookup of a model variable");
-        let flat = ops::reshape(rows, tfx::shape_const(&[-1, vars[i].shape[1] as i64], scope)?, scope)?; // [-1, C]
-        ops::identity(flat, &mut scope.with_op_name(&format!("out/rows/{j}")))?;
+        let out = match per_window(lookup, scope)? {
+            true => lookup_square(lookup, rows, &vars[lookup_var(lookup, &vars)?], scope)?,
+            false => rows,
+        };
+        ops::identity(out, &mut scope.with_op_name(&format!("out/lookup/{j}")))?;
     }
     let graph = scope.graph();
     let mut reads = Vec::new();

@@ -117,7 +117,7 @@ fn state(run: &Path) -> Vec<(String, Vec<f64>)> {
 /// One process and two workers, 100 steps: the same loss at every step to 1e-6 relative; every
 /// weight and Adam slot to 1e-6 (bigram) or 2e-6 (transformer) of its tensor's largest magnitude.
 /// The attention's key bias has no gradient in exact arithmetic: rounding noise moves it, which
-/// Adam scales up, so its third of `qkv/bias` (and its slots) is held to 1e-3 of that magnitude.
+/// Adam scales up, so its third of `qkv/bias` (and its slots) is held to 1e-4 in absolute terms.
 /// The transformer's single-process run has XLA off, as the cluster's has.
 #[test]
 fn two_workers_train_what_one_process_trains() {
@@ -142,18 +142,23 @@ fn two_workers_train_what_one_process_trains() {
             let scale = x1.iter().fold(0.0f64, |m, v| m.max(v.abs()));
             let key_bias = |i: usize| what.contains("qkv/bias") && (x1.len() / 3..2 * x1.len() / 3).contains(&i);
             for (i, (g, w)) in x2.iter().zip(x1).enumerate() {
-                let (allowed, worst) = if key_bias(i) { (1e-3, &mut worst_key_bias) } else { (tolerance, &mut worst) };
+                if key_bias(i) {
+                    let d = (g - w).abs();
+                    assert!(d <= 1e-4, "{name} {what}[{i}] (key bias): got {g}, want {w}");
+                    worst_key_bias = worst_key_bias.max(d);
+                    continue;
+                }
                 let d = (g - w).abs() / scale.max(f64::MIN_POSITIVE);
                 assert!(
-                    d <= allowed,
+                    d <= tolerance,
                     "{name} {what}[{i}]: got {g}, want {w}: {d:.2e} of the tensor's scale {scale:.2e}"
                 );
-                *worst = worst.max(d);
+                worst = worst.max(d);
             }
         }
         eprintln!(
             "{name}: 100 steps; losses within {worst_loss:.2e} relative; weights and slots within {worst:.2e} of \
-             their tensor's scale (key bias {worst_key_bias:.2e})"
+             their tensor's scale (key bias within {worst_key_bias:.2e} absolute)"
         );
         let config: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(two.join("config.json")).unwrap()).unwrap();
