@@ -44,9 +44,9 @@ fn epoch_now() -> f64 {
 
 fn main() -> Result<()> {
     let t0: f64 = std::env::var("BENCH_T0").ok().and_then(|s| s.parse().ok()).unwrap_or_else(epoch_now);
-    let startup = epoch_now() - t0;
     let args = Args::parse();
     minigpt::library::load(false)?;
+    let startup = epoch_now() - t0;
     if args.resolve {
         data::load_corpus(&args.data)?;
         println!("{}", data::local_path(&args.data)?.display());

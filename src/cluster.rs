@@ -180,8 +180,6 @@ fn cluster_def(jobs: &[(&str, &[String])]) -> proto::ClusterDef {
 /// `minigpt server --listen HOST:PORT`: starts a server, prints its target, and serves until
 /// SIGTERM or SIGINT, then exits 0 (a started server cannot be stopped, only left).
 pub fn serve(address: &str) -> Result<()> {
-    // A chief that compiles with XLA (`train --cluster --xla`) has the workers compile their part.
-    crate::device::enable_jit();
     let server = Server::start(address)?;
     println!("minigpt server: TensorFlow gRPC server at {} (job local, task 0); stop with Ctrl-C", server.target());
     use std::io::Write;

@@ -186,7 +186,7 @@ fn why_no_gpu() -> String {
 /// set; on a GPU, XLA needs `ptxas` and libdevice, which the CUDA wheel has in
 /// `nvidia/cuda_nvcc` (pinned there, ahead of any other `ptxas` on `PATH`). TensorFlow reads
 /// `TF_XLA_FLAGS` and `XLA_FLAGS` once, when XLA first runs in the process.
-pub fn enable_jit() {
+fn enable_jit() {
     add_flag("TF_XLA_FLAGS", "--tf_xla_cpu_global_jit", "--tf_xla_cpu_global_jit");
     if let Ok(nvcc) = tensorflow_dir().join("../nvidia/cuda_nvcc").canonicalize() {
         add_flag("XLA_FLAGS", "--xla_gpu_cuda_data_dir", &format!("--xla_gpu_cuda_data_dir={}", nvcc.display()));

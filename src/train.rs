@@ -137,6 +137,12 @@ fn stop_requested() -> bool {
     stop_flag().load(Ordering::Relaxed)
 }
 
+/// The workers of a cluster run did not come back within `--worker-timeout`; the failed session
+/// still holds the chief's state, which the loop checkpoints before giving up.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct WorkersLost(String);
+
 /// Training stopped by a signal after checkpointing; `minigpt` exits with code 130.
 #[derive(Debug, thiserror::Error)]
 #[error("interrupted at step {step}: checkpoint saved; continue with `minigpt train --resume --out {}`", dir.display())]
@@ -404,6 +410,11 @@ fn build_runner(config: &mut RunConfig, cfg: &TrainConfig) -> Result<Runner> {
         config.cluster = None;
         return Runner::new(&config.model, &opts, session);
     };
+    ensure!(
+        cfg.session.xla != crate::device::Xla::On,
+        "--xla does not work with --cluster: TensorFlow's distributed runtime compiles nothing with XLA's \
+         auto-clustering (no cluster is compiled on the chief or the workers); drop --xla"
+    );
     let workers = c.spec.workers.len();
     ensure!(
         s.batch_size.is_multiple_of(workers),
@@ -457,7 +468,7 @@ fn recovering<T>(runner: &Runner, dir: &RunDir, step: u64, run: impl Fn() -> Res
         let prefix = saved.path().join("state");
         let prefix = crate::files::path_str(&prefix)?;
         runner.save(prefix, [0, 0]).context("reading the chief's state from the failed session")?;
-        let waited = cluster.wait_for_workers()?;
+        let waited = cluster.wait_for_workers().map_err(|e| WorkersLost(crate::text::error_line(&e)))?;
         runner.reconnect()?;
         runner.restore(prefix)?;
         runner.open_events(&dir.path.join("events"))?;
@@ -655,10 +666,21 @@ fn run_steps(
         batches.skip(step as usize);
         while batches.fill(&mut x, &mut y) {
             let logged = step.is_multiple_of(report.log_every);
-            let loss: f32 = recovering(runner, dir, global_step, || match logged {
+            let loss: f32 = match recovering(runner, dir, global_step, || match logged {
                 true => runner.train_step_logged(&x, &y, global_step),
                 false => runner.train_step(&x, &y),
-            })?;
+            }) {
+                Err(e) if e.is::<WorkersLost>() => {
+                    rec.checkpoint(global_step, [epoch as i64, step as i64])?;
+                    rec.progress.finish();
+                    bail!(
+                        "{e}; the run is checkpointed at step {global_step}: continue with `minigpt train --resume \
+                         --out {}`, with or without --cluster",
+                        dir.path.display()
+                    );
+                }
+                result => result?,
+            };
             if !loss.is_finite() {
                 // The loss of step g is that of the weights saved as ckpt-g, if any: not good ones.
                 let aside = dir.discard_checkpoint(global_step)?;

@@ -316,6 +316,70 @@ fn a_hung_worker_times_out_and_the_run_goes_on_unchanged() {
 }
 
 #[test]
+fn a_worker_that_stays_away_ends_the_run_with_a_checkpoint_it_resumes_from() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = corpus(tmp.path());
+    let run = tmp.path().join("run");
+    let (a, mut b) = (Server::start(), Server::start());
+    let mut child = Command::new(assert_cmd::cargo::cargo_bin("minigpt"))
+        .args(["train", "--log-every", "1", "--eval-batches", "2", "--max-steps", "100000", "--worker-timeout", "3"])
+        .arg("--data")
+        .arg(&corpus)
+        .arg("--out")
+        .arg(&run)
+        .args(["--cluster", &cluster_flag(&[&a, &b])])
+        .env_remove("TF_CPP_MIN_LOG_LEVEL")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    assert!(lines.by_ref().map(|l| l.unwrap()).any(|l| l.starts_with("Step 30:")), "training never reached step 30");
+    b.child.kill().unwrap();
+    b.child.wait().unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let last = last_stderr_line(&out);
+    assert!(last.starts_with("error: ") && last.contains(&format!("worker task 1 at {}", b.address)), "{stderr}");
+    assert!(
+        last.contains("did not answer within 3 s") && last.contains("the run is checkpointed at step "),
+        "{stderr}"
+    );
+    let step: u64 = last.split("checkpointed at step ").nth(1).unwrap().split(':').next().unwrap().parse().unwrap();
+    assert!(run.join(format!("ckpt/ckpt-{step}.index")).is_file(), "{stderr}");
+    let resumed = minigpt()
+        .args(["train", "-q", "--resume", "--max-steps", &(step + 5).to_string(), "--out"])
+        .arg(&run)
+        .output()
+        .unwrap();
+    assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
+}
+
+/// The transformer with dropout, AdamW, a schedule and clipping, on one worker: the losses of one
+/// process (replica 0 draws one process's dropout masks; XLA off on both sides), to 1e-6.
+#[test]
+fn every_training_flag_works_on_a_cluster() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = corpus(tmp.path());
+    let a = Server::start();
+    let flags = [common::TINY_GPT, "--block-size 16 --batch-size 8 --dropout 0.1 --weight-decay 0.1 --grad-clip 1"]
+        .join(" ")
+        + " --warmup-steps 5 --lr-decay-steps 20 --min-lr 1e-4";
+    let flags: Vec<&str> = flags.split(' ').collect();
+    let (one, worker) = (tmp.path().join("one"), tmp.path().join("worker"));
+    train(&corpus, &one, 20, &[&flags[..], &["--no-xla"]].concat());
+    train(&corpus, &worker, 20, &[&flags[..], &["--cluster", &cluster_flag(&[&a])]].concat());
+    common::assert_close("losses", &losses(&worker), &losses(&one), 0.0, 1e-6);
+    for command in [&["info", "--run"][..], &["eval", "--eval-batches", "2", "--run"]] {
+        let out = minigpt().args(command).arg(&worker).output().unwrap();
+        assert!(out.status.success(), "{command:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let export = minigpt().args(["export", "--run"]).arg(&worker).arg("--out").arg(tmp.path().join("saved")).output();
+    assert!(export.unwrap().status.success());
+}
+
+#[test]
 fn ctrl_c_of_a_distributed_run_checkpoints_and_exits_130() {
     let tmp = tempfile::tempdir().unwrap();
     let corpus = corpus(tmp.path());
@@ -377,6 +441,7 @@ fn bad_clusters_and_addresses_give_one_clear_line() {
     // The global batch must divide among the workers.
     let (a, b) = (Server::start(), Server::start());
     train(&cluster_flag(&[&a, &b]), &["--batch-size", "33"], "--batch-size 33 does not divide among the 2 workers");
+    train(&cluster_flag(&[&a, &b]), &["--xla"], "--xla does not work with --cluster");
 
     // A server's port in use, a bad address.
     fails_with(&["server", "--listen", &a.address], "is not free");
