@@ -5,9 +5,9 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Lines};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, ChildStdout, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -219,31 +219,44 @@ fn the_replicas_run_on_the_workers() {
     assert!(seen.iter().any(|(d, n)| d.contains("/job:chief/") && n.contains("adam")), "Adam did not run on the chief");
 }
 
-/// Trains 300 steps on two workers, reading `Step N` lines; at step 60 calls `fault` with the
-/// workers; checks the run completes with the losses of `reference` (an uninterrupted run).
-fn survive(
-    fault: impl FnOnce(&mut [Server; 2]),
-    extra: &[&str],
-    reference: &Path,
-    corpus: &Path,
-    out: &Path,
-) -> String {
-    let mut servers = [Server::start(), Server::start()];
+/// `minigpt train` on `corpus` into `out` as a child process, as a user runs it (TensorFlow's log
+/// level minigpt's own), with its stdout lines.
+fn spawn_train(corpus: &Path, out: &Path, args: &[&str]) -> (Child, Lines<BufReader<ChildStdout>>) {
     let mut child = Command::new(assert_cmd::cargo::cargo_bin("minigpt"))
-        .args(["train", "--shuffle", "none", "--log-every", "1", "--eval-batches", "2", "--max-steps", "300"])
-        .args(["--block-size", "16", "--batch-size", "32", "--worker-timeout", "60", "--data"])
+        .args(["train", "--eval-batches", "2", "--data"])
         .arg(corpus)
         .arg("--out")
         .arg(out)
-        .args(["--cluster", &cluster_flag(&[&servers[0], &servers[1]])])
-        .args(extra)
+        .args(args)
         .env_remove("TF_CPP_MIN_LOG_LEVEL")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    assert!(lines.by_ref().map(|l| l.unwrap()).any(|l| l.starts_with("Step 60:")), "training never reached step 60");
+    let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    (child, lines)
+}
+
+/// Reads stdout until the `Step {step}:` line.
+fn until_step(lines: &mut Lines<BufReader<ChildStdout>>, step: u64) {
+    let prefix = format!("Step {step}:");
+    assert!(lines.map(|l| l.unwrap()).any(|l| l.starts_with(&prefix)), "training never reached step {step}");
+}
+
+/// Trains 300 steps on two workers uninterrupted, then again, calling `fault` with the workers at
+/// step 60: the second run must complete with the first one's losses and only `warning:` lines on
+/// stderr, which it returns.
+fn survive(fault: impl FnOnce(&mut [Server; 2]), extra: &[&str]) -> String {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = corpus(tmp.path());
+    let (reference, out) = (tmp.path().join("reference"), tmp.path().join("run"));
+    let mut servers = [Server::start(), Server::start()];
+    let cluster = cluster_flag(&[&servers[0], &servers[1]]);
+    let flags = ["--block-size", "16", "--batch-size", "32", "--worker-timeout", "60", "--cluster", &cluster];
+    train(&corpus, &reference, 300, &flags);
+    let args = [&["--shuffle", "none", "--log-every", "1", "--max-steps", "300"][..], &flags, extra].concat();
+    let (mut child, mut lines) = spawn_train(&corpus, &out, &args);
+    until_step(&mut lines, 60);
     fault(&mut servers);
     let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
     let status = child.wait().unwrap();
@@ -251,7 +264,7 @@ fn survive(
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
     assert!(status.success(), "{stderr}");
     assert!(rest.last().unwrap().starts_with("trained 300 steps"), "{rest:?}");
-    assert_eq!(losses(out), losses(reference), "the recovered run's losses differ from an uninterrupted run's");
+    assert_eq!(losses(&out), losses(&reference), "the recovered run's losses differ from an uninterrupted run's");
     assert!(stderr.lines().all(|l| l.starts_with("warning: ")), "{stderr}");
     eprint!("{stderr}");
     stderr
@@ -259,16 +272,6 @@ fn survive(
 
 #[test]
 fn a_killed_worker_is_waited_for_and_the_run_goes_on_unchanged() {
-    let tmp = tempfile::tempdir().unwrap();
-    let corpus = corpus(tmp.path());
-    let reference = tmp.path().join("reference");
-    let (a, b) = (Server::start(), Server::start());
-    train(
-        &corpus,
-        &reference,
-        300,
-        &["--block-size", "16", "--batch-size", "32", "--cluster", &cluster_flag(&[&a, &b])],
-    );
     let stderr = survive(
         |servers| {
             let address = servers[1].address.clone();
@@ -278,11 +281,8 @@ fn a_killed_worker_is_waited_for_and_the_run_goes_on_unchanged() {
             servers[1] = Server::at(&address);
         },
         &[],
-        &reference,
-        &corpus,
-        &tmp.path().join("killed"),
     );
-    let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("warning: ")).collect();
+    let lines: Vec<&str> = stderr.lines().collect();
     assert!(lines.len() >= 2, "{stderr}");
     assert!(lines[0].contains("worker task 1 (127.0.0.1:") && lines[0].contains("failed at step"), "{stderr}");
     assert!(lines.last().unwrap().contains("every worker answers again after"), "{stderr}");
@@ -290,16 +290,6 @@ fn a_killed_worker_is_waited_for_and_the_run_goes_on_unchanged() {
 
 #[test]
 fn a_hung_worker_times_out_and_the_run_goes_on_unchanged() {
-    let tmp = tempfile::tempdir().unwrap();
-    let corpus = corpus(tmp.path());
-    let reference = tmp.path().join("reference");
-    let (a, b) = (Server::start(), Server::start());
-    train(
-        &corpus,
-        &reference,
-        300,
-        &["--block-size", "16", "--batch-size", "32", "--cluster", &cluster_flag(&[&a, &b])],
-    );
     let stderr = survive(
         |servers| {
             servers[0].signal(libc::SIGSTOP);
@@ -307,9 +297,6 @@ fn a_hung_worker_times_out_and_the_run_goes_on_unchanged() {
             servers[0].signal(libc::SIGCONT);
         },
         &["--step-timeout", "3"],
-        &reference,
-        &corpus,
-        &tmp.path().join("hung"),
     );
     assert!(stderr.contains("warning: worker task 0 (127.0.0.1:"), "{stderr}");
     assert!(stderr.contains("every worker answers again after"), "{stderr}");
@@ -321,22 +308,13 @@ fn a_worker_that_stays_away_ends_the_run_with_a_checkpoint_it_resumes_from() {
     let corpus = corpus(tmp.path());
     let run = tmp.path().join("run");
     let (a, mut b) = (Server::start(), Server::start());
-    let mut child = Command::new(assert_cmd::cargo::cargo_bin("minigpt"))
-        .args(["train", "--log-every", "1", "--eval-batches", "2", "--max-steps", "100000", "--worker-timeout", "3"])
-        .arg("--data")
-        .arg(&corpus)
-        .arg("--out")
-        .arg(&run)
-        .args(["--cluster", &cluster_flag(&[&a, &b])])
-        .env_remove("TF_CPP_MIN_LOG_LEVEL")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    assert!(lines.by_ref().map(|l| l.unwrap()).any(|l| l.starts_with("Step 30:")), "training never reached step 30");
+    let cluster = cluster_flag(&[&a, &b]);
+    let args = ["--log-every", "1", "--max-steps", "100000", "--worker-timeout", "3", "--cluster", &cluster];
+    let (child, mut lines) = spawn_train(&corpus, &run, &args);
+    until_step(&mut lines, 30);
     b.child.kill().unwrap();
     b.child.wait().unwrap();
+    drop(lines);
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -385,21 +363,13 @@ fn ctrl_c_of_a_distributed_run_checkpoints_and_exits_130() {
     let corpus = corpus(tmp.path());
     let run = tmp.path().join("run");
     let a = Server::start();
-    let mut child = Command::new(assert_cmd::cargo::cargo_bin("minigpt"))
-        .args(["train", "--log-every", "10", "--eval-batches", "2", "--max-steps", "100000", "--data"])
-        .arg(&corpus)
-        .arg("--out")
-        .arg(&run)
-        .args(["--cluster", &cluster_flag(&[&a])])
-        .env_remove("TF_CPP_MIN_LOG_LEVEL")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    assert!(lines.by_ref().map(|l| l.unwrap()).any(|l| l.starts_with("Step 20:")), "training never reached step 20");
+    let cluster = cluster_flag(&[&a]);
+    let (child, mut lines) =
+        spawn_train(&corpus, &run, &["--log-every", "10", "--max-steps", "100000", "--cluster", &cluster]);
+    until_step(&mut lines, 20);
     // SAFETY: signalling our own child process.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    drop(lines);
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(130), "{}", String::from_utf8_lossy(&out.stderr));
     let message = last_stderr_line(&out);
