@@ -326,12 +326,17 @@ fn a_worker_that_stays_away_ends_the_run_with_a_checkpoint_it_resumes_from() {
     );
     let step: u64 = last.split("checkpointed at step ").nth(1).unwrap().split(':').next().unwrap().parse().unwrap();
     assert!(run.join(format!("ckpt/ckpt-{step}.index")).is_file(), "{stderr}");
+    // It resumes on the worker still there.
     let resumed = minigpt()
         .args(["train", "-q", "--resume", "--max-steps", &(step + 5).to_string(), "--out"])
         .arg(&run)
+        .args(["--cluster", &cluster_flag(&[&a])])
         .output()
         .unwrap();
     assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    assert_eq!((config["steps_done"].as_u64(), &config["cluster"]), (Some(step + 5), &serde_json::json!([a.address])));
 }
 
 /// The transformer with dropout, AdamW, a schedule and clipping, on one worker: the losses of one
