@@ -11,7 +11,7 @@ use std::process::{Child, ChildStdout, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use common::{last_stderr_line, minigpt};
+use common::minigpt;
 use minigpt::cluster::{Cluster, ClusterSpec};
 use minigpt::device::SessionConfig;
 use minigpt::graph::{GraphOptions, Runner};
@@ -219,28 +219,58 @@ fn the_replicas_run_on_the_workers() {
     assert!(seen.iter().any(|(d, n)| d.contains("/job:chief/") && n.contains("adam")), "Adam did not run on the chief");
 }
 
-/// `minigpt train` on `corpus` into `out` as a child process, as a user runs it (TensorFlow's log
-/// level minigpt's own), with its stdout lines.
-fn spawn_train(corpus: &Path, out: &Path, args: &[&str]) -> (Child, Lines<BufReader<ChildStdout>>) {
-    let mut child = Command::new(assert_cmd::cargo::cargo_bin("minigpt"))
-        .args(["train", "--eval-batches", "2", "--data"])
-        .arg(corpus)
-        .arg("--out")
-        .arg(out)
-        .args(args)
-        .env_remove("TF_CPP_MIN_LOG_LEVEL")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    (child, lines)
+/// A `minigpt train` child process and its stdout lines; killed (by PID) if still running when
+/// dropped.
+struct Training {
+    child: Child,
+    lines: Lines<BufReader<ChildStdout>>,
 }
 
-/// Reads stdout until the `Step {step}:` line.
-fn until_step(lines: &mut Lines<BufReader<ChildStdout>>, step: u64) {
-    let prefix = format!("Step {step}:");
-    assert!(lines.map(|l| l.unwrap()).any(|l| l.starts_with(&prefix)), "training never reached step {step}");
+impl Training {
+    /// `minigpt train` on `corpus` into `out`, as a user runs it (TensorFlow's log level
+    /// minigpt's own).
+    fn spawn(corpus: &Path, out: &Path, args: &[&str]) -> Self {
+        let mut child = Command::new(assert_cmd::cargo::cargo_bin("minigpt"))
+            .args(["train", "--eval-batches", "2", "--data"])
+            .arg(corpus)
+            .arg("--out")
+            .arg(out)
+            .args(args)
+            .env_remove("TF_CPP_MIN_LOG_LEVEL")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        Self { child, lines }
+    }
+
+    /// Reads stdout until the `Step {step}:` line.
+    fn until_step(&mut self, step: u64) {
+        let prefix = format!("Step {step}:");
+        let reached = self.lines.by_ref().map(|l| l.unwrap()).any(|l| l.starts_with(&prefix));
+        assert!(reached, "training never reached step {step}");
+    }
+
+    /// The rest of stdout, then the exit status and stderr.
+    fn finish(&mut self) -> (Vec<String>, std::process::ExitStatus, String) {
+        let rest: Vec<String> = self.lines.by_ref().map(|l| l.unwrap()).collect();
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut self.child.stderr.take().unwrap(), &mut stderr).unwrap();
+        (rest, self.child.wait().unwrap(), stderr)
+    }
+
+    fn signal(&self, signal: i32) {
+        // SAFETY: signalling our own child process.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, signal) }, 0);
+    }
+}
+
+impl Drop for Training {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// Trains 300 steps on two workers uninterrupted, then again, calling `fault` with the workers at
@@ -255,13 +285,10 @@ fn survive(fault: impl FnOnce(&mut [Server; 2]), extra: &[&str]) -> String {
     let flags = ["--block-size", "16", "--batch-size", "32", "--worker-timeout", "60", "--cluster", &cluster];
     train(&corpus, &reference, 300, &flags);
     let args = [&["--shuffle", "none", "--log-every", "1", "--max-steps", "300"][..], &flags, extra].concat();
-    let (mut child, mut lines) = spawn_train(&corpus, &out, &args);
-    until_step(&mut lines, 60);
+    let mut training = Training::spawn(&corpus, &out, &args);
+    training.until_step(60);
     fault(&mut servers);
-    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
-    let status = child.wait().unwrap();
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    let (rest, status, stderr) = training.finish();
     assert!(status.success(), "{stderr}");
     assert!(rest.last().unwrap().starts_with("trained 300 steps"), "{rest:?}");
     assert_eq!(losses(&out), losses(&reference), "the recovered run's losses differ from an uninterrupted run's");
@@ -310,15 +337,13 @@ fn a_worker_that_stays_away_ends_the_run_with_a_checkpoint_it_resumes_from() {
     let (a, mut b) = (Server::start(), Server::start());
     let cluster = cluster_flag(&[&a, &b]);
     let args = ["--log-every", "1", "--max-steps", "100000", "--worker-timeout", "3", "--cluster", &cluster];
-    let (child, mut lines) = spawn_train(&corpus, &run, &args);
-    until_step(&mut lines, 30);
+    let mut training = Training::spawn(&corpus, &run, &args);
+    training.until_step(30);
     b.child.kill().unwrap();
     b.child.wait().unwrap();
-    drop(lines);
-    let out = child.wait_with_output().unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let last = last_stderr_line(&out);
+    let (_, status, stderr) = training.finish();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    let last = stderr.lines().last().unwrap_or("");
     assert!(last.starts_with("error: ") && last.contains(&format!("worker task 1 at {}", b.address)), "{stderr}");
     assert!(
         last.contains("did not answer within 3 s") && last.contains("the run is checkpointed at step "),
@@ -369,15 +394,13 @@ fn ctrl_c_of_a_distributed_run_checkpoints_and_exits_130() {
     let run = tmp.path().join("run");
     let a = Server::start();
     let cluster = cluster_flag(&[&a]);
-    let (child, mut lines) =
-        spawn_train(&corpus, &run, &["--log-every", "10", "--max-steps", "100000", "--cluster", &cluster]);
-    until_step(&mut lines, 20);
-    // SAFETY: signalling our own child process.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
-    drop(lines);
-    let out = child.wait_with_output().unwrap();
-    assert_eq!(out.status.code(), Some(130), "{}", String::from_utf8_lossy(&out.stderr));
-    let message = last_stderr_line(&out);
+    let mut training =
+        Training::spawn(&corpus, &run, &["--log-every", "10", "--max-steps", "100000", "--cluster", &cluster]);
+    training.until_step(20);
+    training.signal(libc::SIGINT);
+    let (_, status, stderr) = training.finish();
+    assert_eq!(status.code(), Some(130), "{stderr}");
+    let message = stderr.lines().last().unwrap_or("");
     assert!(message.starts_with("interrupted at step "), "{message}");
     let step: u64 = message["interrupted at step ".len()..].split(':').next().unwrap().parse().unwrap();
     assert!(run.join(format!("ckpt/ckpt-{step}.index")).is_file());
