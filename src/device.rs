@@ -113,6 +113,16 @@ impl SessionConfig {
         }
     }
 
+    /// These settings with `intra` and `inter` threads where they are TensorFlow's choice (0).
+    pub fn threads_unless_set(self, intra: u32, inter: u32) -> Self {
+        let pick = |set: u32, default: u32| if set == 0 { default } else { set };
+        Self {
+            intra_op_threads: pick(self.intra_op_threads, intra),
+            inter_op_threads: pick(self.inter_op_threads, inter),
+            ..self
+        }
+    }
+
     /// The `ConfigProto`, with XLA's process-wide flags set first if it compiles.
     pub fn prepare(self) -> proto::ConfigProto {
         if self.xla == Xla::On {

@@ -2,12 +2,13 @@
 //! `tf.random.categorical`, append), written once over the [`NextLogits`] seam that run
 //! directories and SavedModels both implement; and `minigpt generate`.
 //!
-//! The context is cropped to the model's block. A model with attention caches (the GPT)
+//! The context is cropped to the model's block. A run's sampling graph draws the whole text in
+//! one `Session::run` (an in-graph `While` loop over the same ops, with the same random stream):
+//! the bigram reads a row of its logits table per character, the GPT runs one pass over its
+//! window of `block_size` characters. Without that loop, a model with attention caches (the GPT)
 //! continues from the keys and values of earlier positions while the context fits the block;
 //! once it is longer, the window slides, every position moves, and each character costs one
-//! pass over the last `block_size` characters (what cropping computes, exactly). The bigram,
-//! whose next character depends on the last one only, draws the whole text in one
-//! `Session::run` (an in-graph `While` loop over the same ops, with the same random stream).
+//! pass over the last `block_size` characters (what cropping computes, exactly).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -48,7 +49,7 @@ pub fn generate(
     let s = &how.sampler;
     s.validate()?;
     if !how.stepwise {
-        if let Some(ids) = model.chain(prompt[prompt.len() - 1], how.chars, s)? {
+        if let Some(ids) = model.chain(prompt, how.chars, s)? {
             for &id in &ids {
                 emit(id)?;
             }

@@ -3,14 +3,12 @@
 //! [`Sampler`], TensorFlow's `Multinomial` op (what `tf.random.categorical` runs) in a graph of
 //! its own, after temperature and top-k.
 //!
-//! The bigram's in-graph `While` loop ([`chain`]) draws from the same ops with the same seeds,
-//! so it gives the same text as the step-by-step path (`Multinomial`'s stream depends on its
-//! seeds and the calls made, not on which graph holds it).
+//! The in-graph `While` loops ([`Chain`]) draw from the same ops with the same seeds, so they
+//! give the same text as the step-by-step path (`Multinomial`'s stream depends on its seeds and
+//! the calls made, not on which graph holds it).
 
 use anyhow::{Context, Result};
-use tensorflow::{
-    ops, DataType, FunctionOptions, Graph, Operation, Output, Scope, Session, SessionRunArgs, Shape, Tensor,
-};
+use tensorflow::{ops, DataType, FunctionOptions, Operation, Output, Scope, Session, SessionRunArgs, Shape, Tensor};
 
 use crate::device::SessionConfig;
 use crate::tfx;
@@ -23,8 +21,9 @@ pub trait NextLogits {
     fn next_logits(&self, window: &[i32], cache: &mut Cache) -> Result<Vec<f32>>;
     /// How many trailing ids the next character depends on (`None`: all of them).
     fn context_size(&self) -> Option<usize>;
-    /// The whole continuation in one call, when the model has an in-graph loop for `sampler`.
-    fn chain(&self, _last: i32, _count: usize, _sampler: &SamplerConfig) -> Result<Option<Vec<i32>>> {
+    /// The whole continuation of `prompt` in one call, when the model has an in-graph loop for
+    /// `sampler`.
+    fn chain(&self, _prompt: &[i32], _count: usize, _sampler: &SamplerConfig) -> Result<Option<Vec<i32>>> {
         Ok(None)
     }
 }
@@ -168,20 +167,112 @@ pub(crate) fn multinomial(
     .into())
 }
 
-/// The in-graph sampling loop of a model whose next character depends on the last one only:
-/// `sample/start` [1] int32 (the last prompt id) and `sample/count` (int32 scalar) → `ids`
-/// [count] int64, drawn from `table` (row = previous character), with `temperature` fed.
+/// An in-graph sampling loop: `sample/count` (int32 scalar) ids drawn in one `Session::run`, with
+/// `temperature` fed, from the same `Multinomial` op (seeds, shapes, one call per character) as
+/// [`Sampler`], so the same text.
+///
+/// Two kinds. A model whose next character depends on the last one only: `sample/start` [1]
+/// int32 is the last prompt id and each step reads a row of the [V, V] logits table. A model with
+/// a context of `block` characters: `sample/start` [1, block] int32 holds the last (at most
+/// `block`) prompt ids from the left, `sample/length` how many, and each step runs the model on
+/// the whole window, reads the logits at position `length − 1`, draws, and writes the character
+/// at `length` (while the window is not full) or slides the window by one: the notebook's crop to
+/// the last `block` characters, each computed by one pass over them.
 pub struct Chain {
     pub start: Operation,
     pub count: Operation,
+    /// `sample/length` of a windowed chain.
+    length: Option<Operation>,
+    block: Option<usize>,
     pub temperature: Output,
     pub ids: Output,
     /// What it was built for (temperature aside, which is fed).
     pub sampler: SamplerConfig,
 }
 
-const COND: &str = "minigpt_sample_cond";
-const BODY: &str = "minigpt_sample_body";
+/// The loop's variables: their types and shapes.
+struct LoopVars {
+    types: Vec<DataType>,
+    shapes: Vec<Shape>,
+}
+
+impl LoopVars {
+    /// A placeholder `arg<i>` per loop variable, in `s`'s graph.
+    fn args(&self, s: &mut Scope) -> tensorflow::Result<Vec<Output>> {
+        self.types
+            .iter()
+            .zip(&self.shapes)
+            .enumerate()
+            .map(|(i, (&t, shape))| {
+                Ok(ops::Placeholder::new()
+                    .dtype(t)
+                    .shape(shape.clone())
+                    .build(&mut s.with_op_name(&format!("arg{i}")))?
+                    .into())
+            })
+            .collect()
+    }
+
+    /// `While(cond, body)` over `inputs` in `scope`'s graph, named `name`; `cond` and `body` build
+    /// their function's outputs from its arguments in a graph of their own. Only the ops their
+    /// outputs need go into the functions.
+    fn build_while(
+        &self,
+        name: &str,
+        inputs: &[Output],
+        cond: impl FnOnce(&[Output], &mut Scope) -> tensorflow::Result<Output>,
+        body: impl FnOnce(&[Output], &mut Scope) -> tensorflow::Result<Vec<Output>>,
+        scope: &mut Scope,
+    ) -> tensorflow::Result<Operation> {
+        let function = |s: &Scope, fn_name: &str, args: &[Output], outs: &[Output]| {
+            let graph = s.graph();
+            let needed = needed_ops(outs);
+            let needed: Vec<&Operation> = needed.iter().collect();
+            graph.to_function::<&str>(fn_name, false, Some(&needed), args, outs, None, &FunctionOptions::new(), None)
+        };
+        let (cond_name, body_name) =
+            (format!("{}_cond", name.replace('/', "_")), format!("{}_body", name.replace('/', "_")));
+        let c = &mut Scope::new_root_scope();
+        let args = self.args(c)?;
+        let out = cond(&args, c)?;
+        let cond_fn = function(c, &cond_name, &args, &[out])?;
+        let b = &mut Scope::new_root_scope();
+        let args = self.args(b)?;
+        let outs = body(&args, b)?;
+        let body_fn = function(b, &body_name, &args, &outs)?;
+
+        let mut graph = scope.graph_mut();
+        graph.copy_function(&cond_fn, None)?;
+        graph.copy_function(&body_fn, None)?;
+        let mut nd = graph.new_operation("While", name)?;
+        nd.add_input_list(inputs);
+        nd.set_attr_type_list("T", &self.types)?;
+        nd.set_attr_func_name("cond", &cond_name)?;
+        nd.set_attr_func_name("body", &body_name)?;
+        nd.set_attr_shape_list("output_shapes", &self.shapes)?;
+        nd.set_attr_int("parallel_iterations", 1)?;
+        // Inlined into the graph as Switch/Merge control flow, as tf.while_loop's are.
+        nd.set_attr_bool("_lower_using_switch_merge", true)?;
+        nd.finish()
+    }
+}
+
+/// The ops `outputs` depend on (through inputs and control inputs), each once.
+fn needed_ops(outputs: &[Output]) -> Vec<Operation> {
+    let mut seen = std::collections::HashSet::new();
+    let mut stack: Vec<Operation> = outputs.iter().map(|o| o.operation.clone()).collect();
+    let mut needed = Vec::new();
+    while let Some(op) = stack.pop() {
+        let Ok(name) = op.name() else { continue };
+        if !seen.insert(name) {
+            continue;
+        }
+        stack.extend((0..op.num_inputs()).map(|i| op.input(i).0));
+        stack.extend(op.control_inputs());
+        needed.push(op);
+    }
+    needed
+}
 
 impl Chain {
     /// `While(i < count)`: row = table[prev]; next = Multinomial(row); ids ++= next; prev = next.
@@ -192,76 +283,146 @@ impl Chain {
         let temperature = temperature(scope)?;
         let table = scale(logits_table, temperature.clone(), sampler.top_k, scope)?;
         let table: Output = ops::identity(table, &mut scope.with_op_name("sample/table"))?.into(); // [V, V]
-        let shapes = [
-            Shape::from(Some(vec![])),
-            Shape::from(Some(vec![])),
-            Shape::from(Some(vec![Some(1)])),
-            Shape::from(Some(vec![None])),
-            Shape::from(Some(vec![Some(v), Some(v)])),
-        ];
-        let types = [DataType::Int32, DataType::Int32, DataType::Int32, DataType::Int64, DataType::Float];
-        let loop_args = |s: &mut Scope| -> tensorflow::Result<Vec<Output>> {
-            types
-                .iter()
-                .zip(&shapes)
-                .enumerate()
-                .map(|(i, (&t, shape))| {
-                    Ok(ops::Placeholder::new()
-                        .dtype(t)
-                        .shape(shape.clone())
-                        .build(&mut s.with_op_name(&format!("arg{i}")))?
-                        .into())
-                })
-                .collect()
+        let vars = LoopVars {
+            types: vec![DataType::Int32, DataType::Int32, DataType::Int32, DataType::Int64, DataType::Float],
+            shapes: vec![
+                Shape::from(Some(vec![])),
+                Shape::from(Some(vec![])),
+                Shape::from(Some(vec![Some(1)])),
+                Shape::from(Some(vec![None])),
+                Shape::from(Some(vec![Some(v), Some(v)])),
+            ],
         };
-        let function = |g: &Graph, name: &str, args: &[Output], outs: &[Output]| {
-            g.to_function::<&str>(name, false, None, args, outs, None, &FunctionOptions::new(), None)
-        };
-
-        let c = &mut Scope::new_root_scope();
-        let args = loop_args(c)?;
-        let less = ops::less(args[0].clone(), args[1].clone(), c)?;
-        let cond = function(&c.graph(), COND, &args, &[less.into()])?;
-
-        let b = &mut Scope::new_root_scope();
-        let args = loop_args(b)?;
-        let row = ops::gather_v2(args[4].clone(), args[2].clone(), ops::constant(0i32, b)?, b)?; // [1, V]
-        let next = multinomial(row.into(), sampler.seed, None, b)?; // [1, 1]
-        let next = ops::reshape(next, tfx::shape_const(&[1], b)?, b)?; // [1]
-        let ids = tfx::concat(&[args[3].clone(), next.clone().into()], 0, b)?;
-        let prev = ops::Cast::new().DstT(DataType::Int32).build(next, b)?;
-        let i = ops::add_v2(args[0].clone(), ops::constant(1i32, b)?, b)?;
-        let body = function(&b.graph(), BODY, &args, &[i.into(), args[1].clone(), prev.into(), ids, args[4].clone()])?;
-
         let start = tfx::placeholder("sample/start", DataType::Int32, &[1], scope)?;
         let count = tfx::placeholder("sample/count", DataType::Int32, &[], scope)?;
         let zero = ops::constant(0i32, scope)?;
         let empty = tfx::constant::<i64>(&[], &[0], scope)?;
         let inputs = [zero.into(), count.clone().into(), start.clone().into(), empty, table];
-        let mut graph = scope.graph_mut();
-        graph.copy_function(&cond, None)?;
-        graph.copy_function(&body, None)?;
-        let mut nd = graph.new_operation("While", "sample/chain")?;
-        nd.add_input_list(&inputs);
-        nd.set_attr_type_list("T", &types)?;
-        nd.set_attr_func_name("cond", COND)?;
-        nd.set_attr_func_name("body", BODY)?;
-        nd.set_attr_shape_list("output_shapes", &shapes)?;
-        nd.set_attr_int("parallel_iterations", 1)?;
-        // Inlined into the graph as Switch/Merge control flow, as tf.while_loop's are.
-        nd.set_attr_bool("_lower_using_switch_merge", true)?;
-        let op = nd.finish()?;
-        Ok(Chain { start, count, temperature, ids: Output { operation: op, index: 3 }, sampler: *sampler })
+        let op = vars.build_while(
+            "sample/chain",
+            &inputs,
+            |args, c| Ok(ops::less(args[0].clone(), args[1].clone(), c)?.into()),
+            |args, b| {
+                let row = ops::gather_v2(args[4].clone(), args[2].clone(), ops::constant(0i32, b)?, b)?; // [1, V]
+                let next = multinomial(row.into(), sampler.seed, None, b)?; // [1, 1]
+                let next = ops::reshape(next, tfx::shape_const(&[1], b)?, b)?; // [1]
+                let ids = tfx::concat(&[args[3].clone(), next.clone().into()], 0, b)?;
+                let prev = ops::Cast::new().DstT(DataType::Int32).build(next, b)?;
+                let i = ops::add_v2(args[0].clone(), ops::constant(1i32, b)?, b)?;
+                Ok(vec![i.into(), args[1].clone(), prev.into(), ids, args[4].clone()])
+            },
+            scope,
+        )?;
+        let ids = Output { operation: op, index: 3 };
+        Ok(Chain { start, count, length: None, block: None, temperature, ids, sampler: *sampler })
     }
 
-    /// `count` ids after `last`, in one run of `session` (the session of the chain's graph).
-    pub fn run(&self, session: &Session, last: i32, count: usize, temperature: f32) -> Result<Vec<i32>> {
+    /// The windowed loop (see [`Chain`]) over `logits_of`, which builds the model's logits
+    /// [1, block, V] of a window [1, block] in the loop body's graph (the model's variables are
+    /// found there by name). Loop variables: (i int32, count int32, window [1, block] int32,
+    /// length int32, ids [k] int64, temperature float).
+    pub fn windowed(
+        block: usize,
+        sampler: &SamplerConfig,
+        logits_of: impl FnOnce(Output, &mut Scope) -> tensorflow::Result<Output>,
+        scope: &mut Scope,
+    ) -> tensorflow::Result<Self> {
+        let scope = &mut scope.new_sub_scope("sample");
+        let t = block as i64;
+        let scalar = || Shape::from(Some(vec![]));
+        let vars = LoopVars {
+            types: vec![
+                DataType::Int32,
+                DataType::Int32,
+                DataType::Int32,
+                DataType::Int32,
+                DataType::Int64,
+                DataType::Float,
+            ],
+            shapes: vec![
+                scalar(),
+                scalar(),
+                Shape::from(Some(vec![Some(1), Some(t)])),
+                scalar(),
+                Shape::from(Some(vec![None])),
+                scalar(),
+            ],
+        };
+        let temperature = temperature(scope)?;
+        let start = tfx::placeholder("sample/start", DataType::Int32, &[1, t], scope)?;
+        let length = tfx::placeholder("sample/length", DataType::Int32, &[], scope)?;
+        let count = tfx::placeholder("sample/count", DataType::Int32, &[], scope)?;
+        let zero = ops::constant(0i32, scope)?;
+        let empty = tfx::constant::<i64>(&[], &[0], scope)?;
+        let inputs = [
+            zero.into(),
+            count.clone().into(),
+            start.clone().into(),
+            length.clone().into(),
+            empty,
+            temperature.clone(),
+        ];
+        let op = vars.build_while(
+            "sample/window_chain",
+            &inputs,
+            |args, c| Ok(ops::less(args[0].clone(), args[1].clone(), c)?.into()),
+            |args, b| {
+                let (window, length) = (args[2].clone(), args[3].clone());
+                let logits = logits_of(window.clone(), b)?; // [1, T, V]
+                let one = ops::constant(1i32, b)?;
+                let last = ops::sub(length.clone(), one.clone(), b)?;
+                let row = ops::gather_v2(logits, last, ops::constant(1i32, b)?, b)?; // [1, V]
+                let scaled = scale(row.into(), args[5].clone(), sampler.top_k, b)?;
+                let next = multinomial(scaled, sampler.seed, None, b)?; // [1, 1] int64
+                let ids = tfx::concat(
+                    &[args[4].clone(), ops::reshape(next.clone(), tfx::shape_const(&[1], b)?, b)?.into()],
+                    0,
+                    b,
+                )?;
+                let next = ops::Cast::new().DstT(DataType::Int32).build(next, b)?; // [1, 1]
+                                                                                   // Not full: write at `length`. Full: drop the first character, append.
+                let positions = ops::range(ops::constant(0i32, b)?, ops::constant(t as i32, b)?, one.clone(), b)?; // [T]
+                let here = ops::reshape(ops::equal(positions, length.clone(), b)?, tfx::shape_const(&[1, t], b)?, b)?;
+                let placed = ops::select_v2(here, next.clone(), window.clone(), b)?; // [1, T]
+                let rest = ops::Slice::new().build(
+                    window,
+                    tfx::constant(&[0i32, 1], &[2], b)?,
+                    tfx::constant(&[1i32, t as i32 - 1], &[2], b)?,
+                    b,
+                )?; // [1, T - 1]
+                let shifted = tfx::concat(&[rest.into(), next.into()], 1, b)?; // [1, T]
+                let full = ops::greater_equal(length.clone(), ops::constant(t as i32, b)?, b)?;
+                let window = ops::select_v2(full, shifted, placed, b)?;
+                let length = ops::minimum(ops::add_v2(length, one.clone(), b)?, ops::constant(t as i32, b)?, b)?;
+                let i = ops::add_v2(args[0].clone(), one, b)?;
+                Ok(vec![i.into(), args[1].clone(), window.into(), length.into(), ids, args[5].clone()])
+            },
+            scope,
+        )?;
+        let ids = Output { operation: op, index: 4 };
+        Ok(Chain { start, count, length: Some(length), block: Some(block), temperature, ids, sampler: *sampler })
+    }
+
+    /// `count` ids after `prompt`, in one run of `session` (the session of the chain's graph).
+    pub fn run(&self, session: &Session, prompt: &[i32], count: usize, temperature: f32) -> Result<Vec<i32>> {
         anyhow::ensure!(count <= i32::MAX as usize, "too many characters: {count}");
-        let start = Tensor::new(&[1]).with_values(&[last])?;
+        anyhow::ensure!(!prompt.is_empty(), "the prompt is empty: give at least one character");
+        let (start, length) = match self.block {
+            None => (Tensor::new(&[1]).with_values(&prompt[prompt.len() - 1..])?, None),
+            Some(block) => {
+                let window = &prompt[prompt.len().saturating_sub(block)..];
+                let mut padded = window.to_vec();
+                padded.resize(block, 0);
+                (Tensor::new(&[1, block as u64]).with_values(&padded)?, Some(Tensor::from(window.len() as i32)))
+            }
+        };
         let count = Tensor::from(count as i32);
         let temperature = Tensor::from(temperature);
         let mut args = SessionRunArgs::new();
         args.add_feed(&self.start, 0, &start);
+        if let (Some(op), Some(length)) = (&self.length, &length) {
+            args.add_feed(op, 0, length);
+        }
         args.add_feed(&self.count, 0, &count);
         args.add_feed(&self.temperature.operation, self.temperature.index, &temperature);
         let ids = args.request_fetch(&self.ids.operation, self.ids.index);

@@ -17,10 +17,10 @@ fn sampler(seed: i64, top_k: Option<u32>, temperature: f32) -> SamplerConfig {
     SamplerConfig { seed, top_k, temperature }
 }
 
-/// An inference graph for `sampler` (the bigram's gets the in-graph loop), its weights scaled by
+/// An inference graph (with `GraphOptions::sampling`, the in-graph loop), its weights scaled by
 /// `factor(name)` so that what it draws depends on the context.
-fn runner(cfg: &ModelConfig, sampler: SamplerConfig, factor: impl Fn(&str, usize) -> f32) -> Runner {
-    let runner = Runner::new(cfg, &GraphOptions::sampling(sampler), SessionConfig::default()).unwrap();
+fn runner(cfg: &ModelConfig, opts: GraphOptions, factor: impl Fn(&str, usize) -> f32) -> Runner {
+    let runner = Runner::new(cfg, &opts, SessionConfig::default()).unwrap();
     runner.init().unwrap();
     let vars = runner.variables();
     let mut w: Vec<Tensor<f32>> = runner.weights().unwrap();
@@ -34,12 +34,23 @@ fn runner(cfg: &ModelConfig, sampler: SamplerConfig, factor: impl Fn(&str, usize
 /// A bigram over 30 characters with spread-out logits, so that samples depend on the previous
 /// character.
 fn bigram(s: SamplerConfig) -> Runner {
-    runner(&ModelConfig::bigram(30, 8), s, |name, i| if name == "dense/kernel" { 40.0 + (i % 7) as f32 } else { 1.0 })
+    let factor = |name: &str, i: usize| if name == "dense/kernel" { 40.0 + (i % 7) as f32 } else { 1.0 };
+    runner(&ModelConfig::bigram(30, 8), GraphOptions::sampling(s), factor)
 }
 
-/// A small GPT (context 8).
+/// A small GPT (context 8), with the in-graph loop.
 fn gpt(s: SamplerConfig) -> Runner {
-    runner(&ModelConfig::gpt(20, 16, 2, 2, 8), s, |name, _| if name.contains("head") { 8.0 } else { 3.0 })
+    gpt_with(GraphOptions::sampling(s))
+}
+
+/// The same GPT without the in-graph loop: generation goes through the attention caches (or,
+/// stepwise, whole-context passes).
+fn gpt_cached(s: SamplerConfig) -> Runner {
+    gpt_with(GraphOptions::inference(s.seed))
+}
+
+fn gpt_with(opts: GraphOptions) -> Runner {
+    runner(&ModelConfig::gpt(20, 16, 2, 2, 8), opts, |name, _| if name.contains("head") { 8.0 } else { 3.0 })
 }
 
 fn generate(model: &Runner, prompt: &[i32], chars: usize, sampler: SamplerConfig, stepwise: bool) -> Vec<i32> {
@@ -53,7 +64,7 @@ fn the_in_graph_chain_draws_what_the_step_by_step_path_draws() {
         let prompt = [3, 1, 4];
         let chained = generate(&bigram(s), &prompt, 500, s, false);
         let stepwise = generate(&bigram(s), &prompt, 500, s, true);
-        assert!(bigram(s).chain(3, 1, &s).unwrap().is_some());
+        assert!(bigram(s).chain(&[3], 1, &s).unwrap().is_some());
         assert_eq!(chained.len(), 500);
         assert_eq!(chained, stepwise, "top_k {top_k:?}, temperature {temperature}");
         // Another seed, another text.
@@ -125,13 +136,29 @@ fn gpt_cached_generation_draws_what_whole_context_passes_draw() {
     for (top_k, temperature) in [(None, 1.0f32), (Some(4), 0.8)] {
         let s = sampler(5, top_k, temperature);
         let prompt = [3, 1, 4];
-        let cached = generate(&gpt(s), &prompt, 60, s, false);
-        let whole = generate(&gpt(s), &prompt, 60, s, true);
+        let cached = generate(&gpt_cached(s), &prompt, 60, s, false);
+        let whole = generate(&gpt_cached(s), &prompt, 60, s, true);
         assert_eq!(cached.len(), 60);
         assert_eq!(cached, whole, "top_k {top_k:?}, temperature {temperature}");
         // The context matters: another prompt, another text from the same random stream.
-        let other = generate(&gpt(s), &[7, 7, 7, 7, 7, 7, 7, 7, 7, 7], 60, s, false);
+        let other = generate(&gpt_cached(s), &[7, 7, 7, 7, 7, 7, 7, 7, 7, 7], 60, s, false);
         assert_ne!(cached, other);
+    }
+}
+
+#[test]
+fn the_gpts_in_graph_loop_draws_what_the_cached_path_draws() {
+    // A prompt shorter than the block of 8 (the window fills, then slides) and one longer (cropped).
+    for (prompt, top_k, temperature) in [(vec![3, 1, 4], None, 1.0f32), ((0..12).collect(), Some(4), 0.8)] {
+        let s = sampler(5, top_k, temperature);
+        let looped = generate(&gpt(s), &prompt, 60, s, false);
+        assert!(gpt(s).chain(&prompt, 1, &s).unwrap().is_some());
+        assert_eq!(looped.len(), 60);
+        assert_eq!(
+            looped,
+            generate(&gpt_cached(s), &prompt, 60, s, false),
+            "top_k {top_k:?}, temperature {temperature}"
+        );
     }
 }
 
