@@ -65,6 +65,8 @@ def main():
     p.add_argument("--data", required=True, help="corpus path or URL")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--cluster-bench", help="the bench_cluster example binary (adds 'training on several servers')")
+    p.add_argument("--gpt-bench", help="the bench_gpt example binary (adds the transformer section)")
+    p.add_argument("--gpt-reps", type=int, default=2)
     args = p.parse_args()
 
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
@@ -128,6 +130,11 @@ def main():
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     header = (f"# minigpt vs the notebook\n\nMeasured by `make bench` on {when} ({machine}); "
               f"{args.reps} repetitions, alternating; median [min–max].\n\n")
+    if args.gpt_bench:
+        section, gpt = gpt_section(args.gpt_bench, args.python, data, args.gpt_reps, env)
+        results.update(gpt)
+        print(section)
+        table += "\n\n" + section
     if args.cluster_bench:
         section, results["cluster"] = cluster_section(args.cluster_bench, args.reps, env)
         print(section)
@@ -136,6 +143,68 @@ def main():
     notes = open(notes_path, encoding="utf-8").read() if os.path.exists(notes_path) else ""
     write(os.path.join(HERE, "results.md"), header + table + "\n\n" + notes)
     write(os.path.join(HERE, "results.json"), json.dumps(results, indent=1) + "\n")
+
+
+# name, unit, higher is better, label, measured by Keras too
+GPT_FIGURES = [
+    ("matmul_gflops", "GFLOP/s", True, "2048 × 2048 float32 MatMul through TensorFlow", False),
+    ("gpt_train_steps_per_s", "steps/s", True, "train step (XLA, minigpt's default)", True),
+    ("gpt_train_steps_per_s_no_xla", "steps/s", True, "train step without XLA", False),
+    ("gpt_peak_fraction", "", True, "train step FLOP rate ÷ MatMul rate (XLA)", False),
+    ("gpt_peak_fraction_no_xla", "", True, "train step FLOP rate ÷ MatMul rate (no XLA)", False),
+    ("gpt_generate_200_chars_per_s", "chars/s", True, "generate 200 characters", True),
+    ("gpt_generate_2000_chars_per_s", "chars/s", True, "generate 2000 characters", True),
+    ("gpt_eval_full_s", "s", False, "mean loss over every validation window", True),
+]
+
+
+def gpt_section(binary, python, data, reps, env):
+    """The transformer's quality configuration: minigpt (`examples/bench_gpt.rs`) and the Keras
+    model of python_export/gpt.py run the notebook's way (`python_export/bench_gpt.py`)."""
+    raw = {"minigpt": [], "keras": []}
+    commands = {"minigpt": [binary, "--data", data],
+                "keras": [python, os.path.join(ROOT, "python_export/bench_gpt.py"), "--data", data]}
+    for rep in range(reps):
+        for side in raw:
+            print(f"repetition {rep + 1}/{reps}: transformer, {side} ...", file=sys.stderr, flush=True)
+            raw[side].append(run(commands[side], env))
+    results = {}
+    lines = [
+        "## The transformer (quality configuration: 4 blocks, 4 heads, width 128, context 64, batch 12)",
+        "",
+        "minigpt (`examples/bench_gpt.rs`) and the Keras model of `python_export/gpt.py` run the notebook's way",
+        "(`python_export/bench_gpt.py`: a `tf.function` step, the `generate_text` loop cropped to the block, the",
+        "validation windows in batches of 512), alternating; median [min–max]. minigpt's generation is the whole",
+        "`minigpt generate` process (start-up, checkpoint, graph, loop), Keras' the loop alone. The peak fraction",
+        f"is the step's FLOPs ({raw['minigpt'][0]['gpt_step_gflop']:.2f} GFLOP: 6 per non-embedding parameter per",
+        "token, plus attention) × steps/s ÷ the MatMul rate.",
+        "",
+        "| figure | unit | Keras | minigpt | ratio |",
+        "|---|---|---|---|---|",
+    ]
+    for name, unit, higher, label, both in GPT_FIGURES:
+        mine = summary([r[name] for r in raw["minigpt"]])
+        entry = {"minigpt": mine["median"], "unit": unit, "range": {"minigpt": [mine["min"], mine["max"]]}}
+        keras_cell, ratio_cell = "", ""
+        if both:
+            theirs = summary([r[name] for r in raw["keras"]])
+            ratio = mine["median"] / theirs["median"] if higher else theirs["median"] / mine["median"]
+            entry.update(keras=theirs["median"], ratio=ratio)
+            entry["range"]["keras"] = [theirs["min"], theirs["max"]]
+            keras_cell, ratio_cell = cell(theirs), f"{ratio:.2f}×"
+        results[name] = entry
+        lines.append(f"| {label} (`{name}`) | {unit} | {keras_cell} | {cell(mine)} | {ratio_cell} |")
+    r = results
+    targets = [
+        ("train step ≥ 55 % of the MatMul rate", r["gpt_peak_fraction"]["minigpt"], 0.55, True),
+        ("generation of 2000 characters ≥ 1500 chars/s", r["gpt_generate_2000_chars_per_s"]["minigpt"], 1500, True),
+        ("evaluation over every validation window ≤ 25 s", r["gpt_eval_full_s"]["minigpt"], 25, False),
+    ]
+    lines += ["", "| target | measured | needed | met |", "|---|---|---|---|"]
+    for label, value, bound, at_least in targets:
+        met = value >= bound if at_least else value <= bound
+        lines.append(f"| {label} | {fmt(value)} | {'≥' if at_least else '≤'} {bound} | {'yes' if met else 'NO'} |")
+    return "\n".join(lines), results
 
 
 CLUSTER_CONFIGS = [

@@ -381,6 +381,7 @@ impl SessionArgs {
             },
             device,
             gpu: GpuConfig { memory_fraction: fraction, visible, log_placement: self.log_placement },
+            own_threads: false,
         })
     }
 }

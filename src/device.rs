@@ -34,6 +34,9 @@ pub struct SessionConfig {
     /// Where the graph's ops go.
     pub device: DeviceChoice,
     pub gpu: GpuConfig,
+    /// Thread pools of the session's own (`use_per_session_threads`) instead of the process's,
+    /// which the first session of a process sizes for all.
+    pub own_threads: bool,
 }
 
 /// Whether a session compiles its graph with XLA's JIT.
@@ -98,6 +101,7 @@ impl SessionConfig {
             intra_op_parallelism_threads: self.intra_op_threads as i32,
             inter_op_parallelism_threads: self.inter_op_threads as i32,
             allow_soft_placement: true,
+            use_per_session_threads: self.own_threads,
             log_device_placement: self.gpu.log_placement,
             gpu_options: Some(proto::GpuOptions {
                 allow_growth: true,
@@ -113,12 +117,14 @@ impl SessionConfig {
         }
     }
 
-    /// These settings with `intra` and `inter` threads where they are TensorFlow's choice (0).
+    /// These settings with `intra` and `inter` threads where they are TensorFlow's choice (0), in
+    /// pools of the session's own.
     pub fn threads_unless_set(self, intra: u32, inter: u32) -> Self {
         let pick = |set: u32, default: u32| if set == 0 { default } else { set };
         Self {
             intra_op_threads: pick(self.intra_op_threads, intra),
             inter_op_threads: pick(self.inter_op_threads, inter),
+            own_threads: true,
             ..self
         }
     }
@@ -256,8 +262,14 @@ mod tests {
     fn the_config_proto_carries_threads_and_xla() {
         let gpu =
             GpuConfig { memory_fraction: 0.5, visible: GpuConfig::parse_list("0,2").unwrap(), log_placement: true };
-        let config =
-            SessionConfig { intra_op_threads: 3, inter_op_threads: 2, xla: Xla::On, device: DeviceChoice::Cpu, gpu };
+        let config = SessionConfig {
+            intra_op_threads: 3,
+            inter_op_threads: 2,
+            xla: Xla::On,
+            device: DeviceChoice::Cpu,
+            gpu,
+            ..Default::default()
+        };
         let decoded = proto::ConfigProto::decode(&config.to_proto().encode_to_vec()[..]).unwrap();
         assert_eq!((decoded.intra_op_parallelism_threads, decoded.inter_op_parallelism_threads), (3, 2));
         assert!(decoded.allow_soft_placement);

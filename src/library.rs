@@ -80,6 +80,13 @@ fn open(verbose: bool) -> Result<Extra, String> {
         std::env::set_var("TF_CPP_MIN_LOG_LEVEL", level);
     }
     std::env::set_var("TENSORFLOW_DIR", LINKS);
+    // XLA's auto-clustering on the CPU needs this flag, which TensorFlow reads once per process,
+    // when the first session optimizes its graph (with or without XLA): set before any session,
+    // it lets the sessions that ask for XLA (`global_jit_level`) compile; the others compile nothing.
+    let flags = std::env::var("TF_XLA_FLAGS").unwrap_or_default();
+    if !flags.contains("--tf_xla_cpu_global_jit") {
+        std::env::set_var("TF_XLA_FLAGS", format!("{flags} --tf_xla_cpu_global_jit").trim());
+    }
     let _parked = (!verbose).then(ParkedStderr::new);
     if !CUSOLVER.is_empty() {
         dlopen(CUSOLVER)?;
