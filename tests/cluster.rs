@@ -20,9 +20,26 @@ use minigpt::optim::AdamConfig;
 use minigpt::run::{Load, RunDir};
 use prost::Message;
 
-/// A `minigpt server` child process; killed (by PID) when dropped.
+/// A child process, killed (by PID) when dropped if it is still running.
+struct Proc(Child);
+
+impl Proc {
+    fn signal(&self, signal: i32) {
+        // SAFETY: signalling our own child process.
+        assert_eq!(unsafe { libc::kill(self.0.id() as i32, signal) }, 0);
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A `minigpt server` child process.
 struct Server {
-    child: Child,
+    child: Proc,
     address: String,
 }
 
@@ -46,23 +63,11 @@ impl Server {
             let first = BufReader::new(stdout).lines().next();
             let _ = tx.send(first);
         });
-        let server = Self { child, address: address.to_string() };
+        let server = Self { child: Proc(child), address: address.to_string() };
         let line = rx.recv_timeout(Duration::from_secs(60)).expect("the server did not start").unwrap().unwrap();
         let port = address.rsplit_once(':').unwrap().1;
         assert!(line.starts_with("minigpt server: TensorFlow gRPC server at grpc://") && line.contains(port), "{line}");
         server
-    }
-
-    fn signal(&self, signal: i32) {
-        // SAFETY: signalling our own child process.
-        assert_eq!(unsafe { libc::kill(self.child.id() as i32, signal) }, 0);
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -219,10 +224,9 @@ fn the_replicas_run_on_the_workers() {
     assert!(seen.iter().any(|(d, n)| d.contains("/job:chief/") && n.contains("adam")), "Adam did not run on the chief");
 }
 
-/// A `minigpt train` child process and its stdout lines; killed (by PID) if still running when
-/// dropped.
+/// A `minigpt train` child process and its stdout lines.
 struct Training {
-    child: Child,
+    child: Proc,
     lines: Lines<BufReader<ChildStdout>>,
 }
 
@@ -242,7 +246,7 @@ impl Training {
             .spawn()
             .unwrap();
         let lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        Self { child, lines }
+        Self { child: Proc(child), lines }
     }
 
     /// Reads stdout until the `Step {step}:` line.
@@ -256,20 +260,8 @@ impl Training {
     fn finish(&mut self) -> (Vec<String>, std::process::ExitStatus, String) {
         let rest: Vec<String> = self.lines.by_ref().map(|l| l.unwrap()).collect();
         let mut stderr = String::new();
-        std::io::Read::read_to_string(&mut self.child.stderr.take().unwrap(), &mut stderr).unwrap();
-        (rest, self.child.wait().unwrap(), stderr)
-    }
-
-    fn signal(&self, signal: i32) {
-        // SAFETY: signalling our own child process.
-        assert_eq!(unsafe { libc::kill(self.child.id() as i32, signal) }, 0);
-    }
-}
-
-impl Drop for Training {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        std::io::Read::read_to_string(&mut self.child.0.stderr.take().unwrap(), &mut stderr).unwrap();
+        (rest, self.child.0.wait().unwrap(), stderr)
     }
 }
 
@@ -302,8 +294,8 @@ fn a_killed_worker_is_waited_for_and_the_run_goes_on_unchanged() {
     let stderr = survive(
         |servers| {
             let address = servers[1].address.clone();
-            servers[1].child.kill().unwrap();
-            servers[1].child.wait().unwrap();
+            servers[1].child.0.kill().unwrap();
+            servers[1].child.0.wait().unwrap();
             std::thread::sleep(Duration::from_secs(2));
             servers[1] = Server::at(&address);
         },
@@ -319,9 +311,9 @@ fn a_killed_worker_is_waited_for_and_the_run_goes_on_unchanged() {
 fn a_hung_worker_times_out_and_the_run_goes_on_unchanged() {
     let stderr = survive(
         |servers| {
-            servers[0].signal(libc::SIGSTOP);
+            servers[0].child.signal(libc::SIGSTOP);
             std::thread::sleep(Duration::from_secs(8));
-            servers[0].signal(libc::SIGCONT);
+            servers[0].child.signal(libc::SIGCONT);
         },
         &["--step-timeout", "3"],
     );
@@ -339,8 +331,8 @@ fn a_worker_that_stays_away_ends_the_run_with_a_checkpoint_it_resumes_from() {
     let args = ["--log-every", "1", "--max-steps", "100000", "--worker-timeout", "3", "--cluster", &cluster];
     let mut training = Training::spawn(&corpus, &run, &args);
     training.until_step(30);
-    b.child.kill().unwrap();
-    b.child.wait().unwrap();
+    b.child.0.kill().unwrap();
+    b.child.0.wait().unwrap();
     let (_, status, stderr) = training.finish();
     assert_eq!(status.code(), Some(1), "{stderr}");
     let last = stderr.lines().last().unwrap_or("");
@@ -397,7 +389,7 @@ fn ctrl_c_of_a_distributed_run_checkpoints_and_exits_130() {
     let mut training =
         Training::spawn(&corpus, &run, &["--log-every", "10", "--max-steps", "100000", "--cluster", &cluster]);
     training.until_step(20);
-    training.signal(libc::SIGINT);
+    training.child.signal(libc::SIGINT);
     let (_, status, stderr) = training.finish();
     assert_eq!(status.code(), Some(130), "{stderr}");
     let message = stderr.lines().last().unwrap_or("");
@@ -460,8 +452,8 @@ fn the_server_exits_0_on_sigterm_and_sigint_and_devices_lists_the_cluster() {
     }
     assert!(stdout.lines().last().unwrap().starts_with("Num GPUs Available:"), "{stdout}");
     for (mut server, signal) in [(a, libc::SIGTERM), (b, libc::SIGINT)] {
-        server.signal(signal);
-        let status = server.child.wait().unwrap();
+        server.child.signal(signal);
+        let status = server.child.0.wait().unwrap();
         assert_eq!(status.code(), Some(0), "signal {signal}");
     }
 }
