@@ -340,11 +340,12 @@ pub struct SessionArgs {
     /// Ops run side by side (0: TensorFlow's choice, one per core).
     #[arg(long, default_value_t = 0)]
     pub inter_op_threads: u32,
-    /// Compile the graph with XLA's JIT [default: for the transformer's training only, where it is
-    /// faster and keeps the parity tolerances; the bigram keeps the notebook's exact kernels].
+    /// Compile the graph with XLA's JIT [default: for the transformer's training and evaluation,
+    /// where it is faster and keeps the parity tolerances; the bigram keeps the notebook's exact
+    /// kernels, and generation runs faster without].
     #[arg(long, conflicts_with = "no_xla")]
     pub xla: bool,
-    /// Never compile with XLA (the transformer's training included).
+    /// Never compile with XLA (the transformer's training and evaluation included).
     #[arg(long)]
     pub no_xla: bool,
     /// The GPUs TensorFlow may use, by index (e.g. `0,2`) [default: all]. GPU memory grows as

@@ -42,9 +42,10 @@ pub struct SessionConfig {
 /// Whether a session compiles its graph with XLA's JIT.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Xla {
-    /// The transformer's training graph is compiled (faster, and within the transformer's parity
-    /// tolerances against Keras: tests/parity.rs), nothing else: the bigram keeps the notebook's
-    /// kernels and numbers exactly, and inference graphs change shape at every generated character.
+    /// The transformer's training and evaluation graphs are compiled (faster, and within the
+    /// transformer's parity tolerances against Keras: tests/parity.rs), nothing else: the bigram
+    /// keeps the notebook's kernels and numbers exactly, and the sampling loop runs one small pass
+    /// per character, which XLA makes slower.
     #[default]
     Auto,
     On,
@@ -82,7 +83,7 @@ impl GpuConfig {
 
 impl SessionConfig {
     /// These settings for one graph: [`Xla::Auto`] becomes [`Xla::On`] if `compile` (the graph is
-    /// the transformer's training graph), else [`Xla::Off`].
+    /// the transformer's training or evaluation graph), else [`Xla::Off`].
     pub fn for_graph(self, compile: bool) -> Self {
         let xla = match self.xla {
             Xla::Auto if compile => Xla::On,
