@@ -21,6 +21,7 @@ use tensorflow_sys_runtime as tf;
 
 use crate::device::DeviceInfo;
 use crate::proto;
+use crate::tfx::OwnedStatus;
 
 /// The job of the process that holds the variables and runs the loop.
 pub const CHIEF: &str = "/job:chief/task:0";
@@ -103,13 +104,13 @@ impl Server {
             ..Default::default()
         };
         let bytes = def.encode_to_vec();
-        let status = Status::new();
+        let status = OwnedStatus::new();
         // SAFETY: the bytes outlive the call; the status is checked before the server is used.
-        let raw = unsafe { tf::TF_NewServer(bytes.as_ptr().cast(), bytes.len(), status.raw) };
-        status.check().with_context(|| format!("starting a TensorFlow server on {address}"))?;
+        let raw = unsafe { tf::TF_NewServer(bytes.as_ptr().cast(), bytes.len(), status.raw()) };
+        check(&status).with_context(|| format!("starting a TensorFlow server on {address}"))?;
         // SAFETY: `raw` is a server TF_NewServer returned with an OK status.
-        unsafe { tf::TF_ServerStart(raw, status.raw) };
-        status.check().with_context(|| format!("starting the TensorFlow server on {address}"))?;
+        unsafe { tf::TF_ServerStart(raw, status.raw()) };
+        check(&status).with_context(|| format!("starting the TensorFlow server on {address}"))?;
         // SAFETY: the target is a NUL-terminated string owned by the server, copied at once.
         let target = unsafe { CStr::from_ptr(tf::TF_ServerTarget(raw)) }.to_string_lossy().into_owned();
         Ok(Self { raw, target })
@@ -122,46 +123,24 @@ impl Server {
 
     /// Blocks until the process ends.
     pub fn join(&self) -> Result<()> {
-        let status = Status::new();
+        let status = OwnedStatus::new();
         // SAFETY: the server is alive for the whole process.
-        unsafe { tf::TF_ServerJoin(self.raw, status.raw) };
-        status.check().context("the TensorFlow server stopped")
+        unsafe { tf::TF_ServerJoin(self.raw, status.raw()) };
+        check(&status).context("the TensorFlow server stopped")
     }
 }
 
-/// A `TF_Status`, deleted when dropped.
-struct Status {
-    raw: *mut tf::TF_Status,
-}
-
-impl Status {
-    /// TensorFlow's DEADLINE_EXCEEDED with `message`, as a run that timed out reports it.
-    fn deadline(message: &str) -> tensorflow::Status {
-        tensorflow::Status::new_set_lossy(tensorflow::Code::DeadlineExceeded, message)
-    }
-
-    fn new() -> Self {
-        // SAFETY: a fresh status object, owned by this value.
-        Self { raw: unsafe { tf::TF_NewStatus() } }
-    }
-
-    fn check(&self) -> Result<()> {
-        // SAFETY: the status is alive; its message is copied.
-        let (code, message) = unsafe {
-            (tf::TF_GetCode(self.raw), CStr::from_ptr(tf::TF_Message(self.raw)).to_string_lossy().into_owned())
-        };
-        match code {
-            tf::TF_Code::TF_OK => Ok(()),
-            _ => bail!("{}", crate::text::one_line(&message)),
-        }
+/// `Ok` unless the C call that filled `status` failed.
+fn check(status: &OwnedStatus) -> Result<()> {
+    match status.error() {
+        Some(message) => bail!("{}", crate::text::one_line(&message)),
+        None => Ok(()),
     }
 }
 
-impl Drop for Status {
-    fn drop(&mut self) {
-        // SAFETY: created by TF_NewStatus, deleted once.
-        unsafe { tf::TF_DeleteStatus(self.raw) }
-    }
+/// TensorFlow's DEADLINE_EXCEEDED with `message`, as a run that timed out reports it.
+fn deadline(message: &str) -> tensorflow::Status {
+    tensorflow::Status::new_set_lossy(tensorflow::Code::DeadlineExceeded, message)
 }
 
 /// `ClusterDef` of `jobs`: each a name and its task addresses in order.
@@ -256,7 +235,7 @@ impl Cluster {
     /// as down until it answers.
     pub fn probe(&self, i: usize) -> Result<()> {
         if self.probing[i].swap(true, Ordering::SeqCst) {
-            return Err(Status::deadline("the previous probe still has no answer").into());
+            return Err(deadline("the previous probe still has no answer").into());
         }
         let (tx, rx) = std::sync::mpsc::channel();
         let cluster = self.clone();
@@ -267,7 +246,7 @@ impl Cluster {
         });
         match rx.recv_timeout(PROBE_TIMEOUT + Duration::from_secs(1)) {
             Ok(answer) => answer,
-            Err(_) => Err(Status::deadline("no answer").into()),
+            Err(_) => Err(deadline("no answer").into()),
         }
     }
 

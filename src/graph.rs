@@ -191,8 +191,7 @@ impl Runner {
             None => self.options.session_options()?,
         };
         let new = Session::new(&options, &self.g.scope.graph()).context("creating a new TensorFlow session")?;
-        let old = self.session.replace(new);
-        drop(old);
+        self.session.replace(new);
         Ok(())
     }
 

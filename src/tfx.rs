@@ -163,14 +163,38 @@ pub struct CheckpointReader {
     raw: *mut TfCheckpointReader,
 }
 
-fn status_result(status: *mut tf_sys::TF_Status) -> Result<(), Status> {
-    // SAFETY: `status` is a live TF_Status; the message is copied before it is deleted.
-    unsafe {
-        if tf_sys::TF_GetCode(status) == tf_sys::TF_OK {
-            return Ok(());
+/// A `TF_Status` for the C calls the crate does not bind, deleted when dropped.
+pub(crate) struct OwnedStatus(*mut tf_sys::TF_Status);
+
+impl OwnedStatus {
+    pub(crate) fn new() -> Self {
+        // SAFETY: a fresh status object, owned by this value.
+        Self(unsafe { tf_sys::TF_NewStatus() })
+    }
+
+    pub(crate) fn raw(&self) -> *mut tf_sys::TF_Status {
+        self.0
+    }
+
+    /// The error message, if the call that filled the status failed.
+    pub(crate) fn error(&self) -> Option<String> {
+        // SAFETY: the status is alive; its message is copied.
+        unsafe {
+            (tf_sys::TF_GetCode(self.0) != tf_sys::TF_OK)
+                .then(|| std::ffi::CStr::from_ptr(tf_sys::TF_Message(self.0)).to_string_lossy().into_owned())
         }
-        let message = std::ffi::CStr::from_ptr(tf_sys::TF_Message(status)).to_string_lossy().into_owned();
-        Err(Status::new_set_lossy(tensorflow::Code::DataLoss, &message))
+    }
+
+    /// An error as a damaged checkpoint reports it.
+    fn data_loss(&self) -> Result<(), Status> {
+        self.error().map_or(Ok(()), |m| Err(Status::new_set_lossy(tensorflow::Code::DataLoss, &m)))
+    }
+}
+
+impl Drop for OwnedStatus {
+    fn drop(&mut self) {
+        // SAFETY: created by TF_NewStatus, deleted once.
+        unsafe { tf_sys::TF_DeleteStatus(self.0) }
     }
 }
 
@@ -178,20 +202,16 @@ impl CheckpointReader {
     pub fn open(prefix: &str) -> Result<Self, Status> {
         let name = std::ffi::CString::new(prefix)
             .map_err(|_| Status::new_set_lossy(tensorflow::Code::InvalidArgument, "checkpoint path contains NUL"))?;
-        // SAFETY: the status is deleted on every path; the reader is owned by the returned value.
-        unsafe {
-            let status = tf_sys::TF_NewStatus();
-            let raw = (library::extra().TF_NewCheckpointReader)(name.as_ptr(), status);
-            let result = status_result(status);
-            tf_sys::TF_DeleteStatus(status);
-            result?;
-            Ok(Self { raw })
-        }
+        let status = OwnedStatus::new();
+        // SAFETY: the reader is owned by the returned value.
+        let raw = unsafe { (library::extra().TF_NewCheckpointReader)(name.as_ptr(), status.raw()) };
+        status.data_loss()?;
+        Ok(Self { raw })
     }
 
     /// Every entry, in the reader's order.
     pub fn entries(&self) -> Result<Vec<CheckpointEntry>, Status> {
-        // SAFETY: the reader is live; names are copied out; the status is deleted.
+        // SAFETY: the reader is live; names are copied out.
         unsafe {
             let n = (library::extra().TF_CheckpointReaderSize)(self.raw);
             let mut entries = Vec::with_capacity(n.max(0) as usize);
@@ -208,17 +228,15 @@ impl CheckpointReader {
                 };
                 let rank = (library::extra().TF_CheckpointReaderGetVariableNumDims)(self.raw, key_ptr);
                 let mut shape = vec![0i64; rank.max(0) as usize];
-                let status = tf_sys::TF_NewStatus();
+                let status = OwnedStatus::new();
                 (library::extra().TF_CheckpointReaderGetVariableShape)(
                     self.raw,
                     key_ptr,
                     shape.as_mut_ptr(),
                     rank,
-                    status,
+                    status.raw(),
                 );
-                let result = status_result(status);
-                tf_sys::TF_DeleteStatus(status);
-                result?;
+                status.data_loss()?;
                 entries.push(CheckpointEntry { key, dtype, shape });
             }
             Ok(entries)
@@ -239,16 +257,13 @@ impl CheckpointReader {
     fn tensor(&self, key: &str) -> Result<OwnedTensor, Status> {
         let name = std::ffi::CString::new(key)
             .map_err(|_| Status::new_set_lossy(tensorflow::Code::InvalidArgument, "key contains NUL"))?;
-        // SAFETY: the status is deleted; the returned TF_Tensor is owned by the result.
-        unsafe {
-            let status = tf_sys::TF_NewStatus();
-            let raw = (library::extra().TF_CheckpointReaderGetTensor)(self.raw, name.as_ptr(), status);
-            let result = status_result(status);
-            tf_sys::TF_DeleteStatus(status);
-            let owned = OwnedTensor(raw);
-            result?;
-            Ok(owned)
-        }
+        let status = OwnedStatus::new();
+        // SAFETY: the returned TF_Tensor is owned by the result.
+        let owned = OwnedTensor(unsafe {
+            (library::extra().TF_CheckpointReaderGetTensor)(self.raw, name.as_ptr(), status.raw())
+        });
+        status.data_loss()?;
+        Ok(owned)
     }
 
     /// The bytes of the scalar string stored under `key` (e.g. a serialized protobuf).

@@ -447,15 +447,16 @@ fn recovering<T>(runner: &Runner, dir: &RunDir, step: u64, run: impl Fn() -> Res
         let code = error.downcast_ref::<tensorflow::Status>().map(|s| s.code());
         let why = cluster::short_status(&error.root_cause().to_string());
         let down = cluster.down()?;
-        let timeout = cluster.step_timeout.as_secs();
         ensure!(
             !(down.is_empty() && code == Some(Code::DeadlineExceeded)),
-            "step {step} ran longer than --step-timeout {timeout} s while every worker answers: give a larger \
-             --step-timeout"
+            "step {step} ran longer than --step-timeout {} s while every worker answers: give a larger \
+             --step-timeout",
+            cluster.step_timeout.as_secs()
         );
-        let who = match (down.is_empty(), cluster::failed_worker(&why)) {
-            (false, _) => down.iter().map(|(i, _)| format!("worker task {i} ({})", cluster.spec.workers[*i])).collect(),
-            (true, Some(i)) => vec![format!("worker task {i} ({})", cluster.spec.workers[i])],
+        let task = |i: usize| format!("worker task {i} ({})", cluster.spec.workers[i]);
+        let who: Vec<String> = match (down.is_empty(), cluster::failed_worker(&why)) {
+            (false, _) => down.iter().map(|&(i, _)| task(i)).collect(),
+            (true, Some(i)) => vec![task(i)],
             (true, None) => vec!["a worker".to_string()],
         };
         eprintln!(
