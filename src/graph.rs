@@ -615,7 +615,7 @@ fn build(
                 (Some(sampler), Some(block)) => Some(Chain::windowed(
                     block,
                     sampler,
-                    |window, body| Ok(model_cfg.build(dtype, opts.seed, body)?.forward(window, None, body)?.logits),
+                    |window, at, body| model_cfg.build(dtype, opts.seed, body)?.logits_at(window, at, body),
                     scope,
                 )?),
                 _ => None,

@@ -317,14 +317,14 @@ impl Chain {
         Ok(Chain { start, count, length: None, block: None, temperature, ids, sampler: *sampler })
     }
 
-    /// The windowed loop (see [`Chain`]) over `logits_of`, which builds the model's logits
-    /// [1, block, V] of a window [1, block] in the loop body's graph (the model's variables are
-    /// found there by name). Loop variables: (i int32, count int32, window [1, block] int32,
+    /// The windowed loop (see [`Chain`]) over `logits_at`, which builds the model's logits [1, V]
+    /// at one position (int32 scalar) of a window [1, block] in the loop body's graph (the
+    /// model's variables are found there by name). Loop variables: (i int32, count int32, window [1, block] int32,
     /// length int32, ids [k] int64, temperature float).
     pub fn windowed(
         block: usize,
         sampler: &SamplerConfig,
-        logits_of: impl FnOnce(Output, &mut Scope) -> tensorflow::Result<Output>,
+        logits_at: impl FnOnce(Output, Output, &mut Scope) -> tensorflow::Result<Output>,
         scope: &mut Scope,
     ) -> tensorflow::Result<Self> {
         let scope = &mut scope.new_sub_scope("sample");
@@ -368,11 +368,10 @@ impl Chain {
             |args, c| Ok(ops::less(args[0].clone(), args[1].clone(), c)?.into()),
             |args, b| {
                 let (window, length) = (args[2].clone(), args[3].clone());
-                let logits = logits_of(window.clone(), b)?; // [1, T, V]
                 let one = ops::constant(1i32, b)?;
                 let last = ops::sub(length.clone(), one.clone(), b)?;
-                let row = ops::gather_v2(logits, last, ops::constant(1i32, b)?, b)?; // [1, V]
-                let scaled = scale(row.into(), args[5].clone(), sampler.top_k, b)?;
+                let row = logits_at(window.clone(), last.into(), b)?; // [1, V]
+                let scaled = scale(row, args[5].clone(), sampler.top_k, b)?;
                 let next = multinomial(scaled, sampler.seed, None, b)?; // [1, 1] int64
                 let ids = tfx::concat(
                     &[args[4].clone(), ops::reshape(next.clone(), tfx::shape_const(&[1], b)?, b)?.into()],

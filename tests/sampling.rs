@@ -11,7 +11,7 @@ use minigpt::run::{Load, RunDir};
 use minigpt::sample::{self, Generation};
 use minigpt::sampler::{Cache, NextLogits, SamplerConfig};
 use minigpt::saved_model::{OpenOptions, Source};
-use tensorflow::Tensor;
+use tensorflow::{DataType, Scope, Session, SessionOptions, SessionRunArgs, Tensor};
 
 fn sampler(seed: i64, top_k: Option<u32>, temperature: f32) -> SamplerConfig {
     SamplerConfig { seed, top_k, temperature }
@@ -128,6 +128,42 @@ fn gpt_cached_steps_compute_the_logits_of_the_whole_context() {
     }
     // A full window slides with the next character: nothing is kept.
     assert_eq!(cache.len, 0);
+}
+
+#[test]
+fn gpt_logits_at_one_position_are_the_whole_passes_logits_there() {
+    // The sampling loop's pass computes its last block's MLP and the head at one position only:
+    // its logits against the whole pass's, at every position of a full window and of a shorter one.
+    let (v, t) = (20usize, 8usize);
+    let mut scope = Scope::new_root_scope();
+    let model = ModelConfig::gpt(v as u64, 16, 2, 2, t as u64).build(DataType::Float, 3, &mut scope).unwrap();
+    let tokens = minigpt::tfx::placeholder("tokens", DataType::Int32, &[1, -1], &mut scope).unwrap();
+    let at = minigpt::tfx::placeholder("at", DataType::Int32, &[], &mut scope).unwrap();
+    let whole = model.forward(tokens.clone().into(), None, &mut scope).unwrap().logits; // [1, T, V]
+    let one = model.logits_at(tokens.clone().into(), at.clone().into(), &mut scope).unwrap(); // [1, V]
+    let session = Session::new(&SessionOptions::new(), &scope.graph()).unwrap();
+    let mut init = SessionRunArgs::new();
+    for var in model.variables() {
+        init.add_target(&var.initializer);
+    }
+    session.run(&mut init).unwrap();
+    for ids in [vec![4, 17, 0, 9, 9, 12, 3, 19], vec![5, 1, 2]] {
+        let x = Tensor::new(&[1, ids.len() as u64]).with_values(&ids).unwrap();
+        for i in 0..ids.len() {
+            let position = Tensor::from(i as i32);
+            let mut args = SessionRunArgs::new();
+            args.add_feed(&tokens, 0, &x);
+            args.add_feed(&at, 0, &position);
+            let (w, o) = (args.request_fetch(&whole.operation, whole.index), args.request_fetch(&one.operation, 0));
+            session.run(&mut args).unwrap();
+            let (w, o): (Tensor<f32>, Tensor<f32>) = (args.fetch(w).unwrap(), args.fetch(o).unwrap());
+            assert_eq!(o.dims(), [1, v as u64]);
+            let row = &w[i * v..(i + 1) * v];
+            let diff = o.iter().zip(row).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            let scale = row.iter().map(|l| l.abs()).fold(0.0f32, f32::max);
+            assert!(diff <= 1e-6 * scale, "position {i} of {}: logits differ by {diff} (largest {scale})", ids.len());
+        }
+    }
 }
 
 #[test]

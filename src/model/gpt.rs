@@ -87,6 +87,20 @@ impl Attention {
         site: i64,
         scope: &mut Scope,
     ) -> tensorflow::Result<(Output, [Output; 2])> {
+        let (y, kv) = self.attend(x, past, pass, site, scope)?; // [B, T, C]
+        Ok((self.project(y, pass, site + 1, scope)?, kv))
+    }
+
+    /// The heads' outputs before the output projection, merged: [B, T, C], and the keys and
+    /// values (see [`Attention::forward`]).
+    fn attend(
+        &self,
+        x: Output,
+        past: Option<[Output; 2]>,
+        pass: &Pass,
+        site: i64,
+        scope: &mut Scope,
+    ) -> tensorflow::Result<(Output, [Output; 2])> {
         let (bt, c, h) = (&pass.bt, self.n_embd, self.n_head);
         let d = c / h;
         let qkv = dense3(&self.qkv, x, bt, 3 * c, scope)?; // [B, T, 3C]
@@ -115,10 +129,14 @@ impl Attention {
         let y = ops::BatchMatMulV2::new().build(att, v.clone(), scope)?; // [B, H, T, D]
         let y = ops::transpose(y, perm, scope)?; // [B, T, H, D]
         let merged = tfx::concat(&[bt.clone(), tfx::shape_const(&[c], scope)?], 0, scope)?;
-        let y = ops::reshape(y, merged, scope)?; // [B, T, C]
-        let y = dense3(&self.proj, y.into(), bt, c, scope)?;
-        let y = pass.dropout(y, &[bt.clone(), tfx::shape_const(&[c], scope)?], site + 1, scope)?;
-        Ok((y, [k, v]))
+        Ok((ops::reshape(y, merged, scope)?.into(), [k, v])) // [B, T, C]
+    }
+
+    /// The output projection of the heads' outputs y [B, T, C], dropout site `site`.
+    fn project(&self, y: Output, pass: &Pass, site: i64, scope: &mut Scope) -> tensorflow::Result<Output> {
+        let c = self.n_embd;
+        let y = dense3(&self.proj, y, &pass.bt, c, scope)?;
+        pass.dropout(y, &[pass.bt.clone(), tfx::shape_const(&[c], scope)?], site, scope)
     }
 
     fn variables(&self) -> [Var; 4] {
@@ -193,6 +211,30 @@ impl Block {
         Ok((ops::add_v2(x, m, scope)?.into(), kv))
     }
 
+    /// x [B, T, C] -> [B, 1, C]: the block's output at position `at` ([1] int32) alone. The
+    /// attention reads every position's keys and values; the output projection and the MLP see
+    /// only that position (no dropout: inference).
+    fn forward_at(&self, x: Output, pass: &Pass, at: &Output, scope: &mut Scope) -> tensorflow::Result<Output> {
+        let h = self.ln_1.apply(x.clone(), scope)?; // [B, T, C]
+        let (y, _) = self.attn.attend(h, None, pass, self.first_site, scope)?; // [B, T, C]
+        let axis = ops::constant(1i32, scope)?;
+        let row = Pass {
+            bt: tfx::concat(&[pass.b.clone(), ops::constant(&[1i32][..], scope)?.into()], 0, scope)?, // (B, 1)
+            b: pass.b.clone(),
+            t1: ops::constant(&[1i32][..], scope)?.into(),
+            t: ops::constant(1i32, scope)?.into(),
+            dropout: None,
+            p: pass.p.clone(),
+            mask: pass.mask.clone(),
+        };
+        let y = ops::gather_v2(y, at.clone(), axis.clone(), scope)?; // [B, 1, C]
+        let a = self.attn.project(y.into(), &row, self.first_site + 1, scope)?;
+        let x: Output = ops::add_v2(ops::gather_v2(x, at.clone(), axis, scope)?, a, scope)?.into(); // [B, 1, C]
+        let h = self.ln_2.apply(x.clone(), scope)?;
+        let m = self.mlp.forward(h, &row, self.first_site + 2, scope)?;
+        Ok(ops::add_v2(x, m, scope)?.into())
+    }
+
     fn variables(&self) -> Vec<Var> {
         let mut vars = vec![self.ln_1.gamma.clone(), self.ln_1.beta.clone()];
         vars.extend(self.attn.variables());
@@ -225,11 +267,14 @@ impl Gpt {
 
     /// tokens [B, T] at positions P..P+T after `past` (P = 0 without) -> the forward pass and
     /// the keys and values of all P + T positions, 2 per block.
+    /// With `at` ([1] int32), the last block and the head compute that position alone: logits
+    /// [B, 1, V], and no keys and values.
     fn run(
         &self,
         tokens: Output,
         dropout: Option<&Dropout>,
         past: Option<&[Output]>,
+        at: Option<&Output>,
         scope: &mut Scope,
     ) -> tensorflow::Result<(Forward, Vec<Output>)> {
         if dropout.is_some() && past.is_some() {
@@ -264,14 +309,20 @@ impl Gpt {
         let c = tfx::shape_const(&[self.cfg.n_embd as i64], scope)?;
         let mut x = pass.dropout(x, &[pass.bt.clone(), c], 0, scope)?;
         let mut present = Vec::with_capacity(2 * self.blocks.len());
+        let (last, mut bt) = (self.blocks.len() - 1, pass.bt.clone());
         for (i, block) in self.blocks.iter().enumerate() {
+            if let (Some(at), true) = (at, i == last) {
+                x = block.forward_at(x, &pass, at, scope)?; // [B, 1, C]
+                bt = tfx::concat(&[pass.b.clone(), ops::constant(&[1i32][..], scope)?.into()], 0, scope)?;
+                break;
+            }
             let block_past = past.map(|p| [p[2 * i].clone(), p[2 * i + 1].clone()]);
             let (y, kv) = block.forward(x, block_past, &pass, scope)?;
             present.extend(kv);
             x = y;
         }
         let x = self.ln_f.apply(x, scope)?;
-        let logits = dense3(&self.head, x, &pass.bt, self.cfg.vocab_size as i64, scope)?; // [B, T, V]
+        let logits = dense3(&self.head, x, &bt, self.cfg.vocab_size as i64, scope)?; // [B, T or 1, V]
         Ok((Forward { logits, lookups: vec![tok, pos] }, present))
     }
 }
@@ -279,7 +330,17 @@ impl Gpt {
 impl LanguageModel for Gpt {
     /// tokens: [B, T] int32 (T <= block_size) -> logits [B, T, V]
     fn forward(&self, tokens: Output, dropout: Option<&Dropout>, scope: &mut Scope) -> tensorflow::Result<Forward> {
-        Ok(self.run(tokens, dropout, None, scope)?.0)
+        Ok(self.run(tokens, dropout, None, None, scope)?.0)
+    }
+
+    /// The last block past its attention, the final LayerNorm and the head at `at` alone (a
+    /// quarter of the work of a block of four, for one position of 64).
+    fn logits_at(&self, tokens: Output, at: Output, scope: &mut Scope) -> tensorflow::Result<Output> {
+        let at = ops::reshape(at, tfx::shape_const(&[1], scope)?, scope)?.into(); // [1]
+        let logits = self.run(tokens, None, None, Some(&at), scope)?.0.logits; // [B, 1, V]
+        let v = self.cfg.vocab_size as i64;
+        Ok(ops::reshape(logits, tfx::shape_const(&[-1, v], scope)?, scope)?.into())
+        // [B, V]
     }
 
     fn cache(&self) -> Option<CacheSpec> {
@@ -293,7 +354,7 @@ impl LanguageModel for Gpt {
         past: &[Output],
         scope: &mut Scope,
     ) -> tensorflow::Result<(Output, Vec<Output>)> {
-        let (forward, present) = self.run(tokens, None, Some(past), scope)?;
+        let (forward, present) = self.run(tokens, None, Some(past), None, scope)?;
         Ok((forward.logits, present))
     }
 

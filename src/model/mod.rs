@@ -6,7 +6,7 @@ pub mod layers;
 
 use anyhow::{ensure, Result};
 use serde::{Deserialize, Serialize};
-use tensorflow::{DataType, Output, Scope};
+use tensorflow::{ops, DataType, Output, Scope};
 
 use crate::tfx::Var;
 
@@ -49,6 +49,12 @@ pub trait LanguageModel {
     fn variables(&self) -> Vec<Var>;
     /// How many trailing tokens the next token's logits depend on (`None`: all of them).
     fn context_size(&self) -> Option<usize>;
+    /// tokens [B, T] int32 -> logits [B, V] of position `at` (int32 scalar) alone: what the
+    /// sampling loop needs of a window.
+    fn logits_at(&self, tokens: Output, at: Output, scope: &mut Scope) -> tensorflow::Result<Output> {
+        let logits = self.forward(tokens, None, scope)?.logits; // [B, T, V]
+        Ok(ops::gather_v2(logits, at, ops::constant(1i32, scope)?, scope)?.into())
+    }
     /// The attention caches of [`LanguageModel::forward_cached`], for models that keep them.
     fn cache(&self) -> Option<CacheSpec> {
         None
