@@ -68,10 +68,10 @@ train: build
 	$(BIN) train --out $(RUN)
 	$(BIN) generate --run $(RUN) --prompt "To be, or not to be" --chars 200
 
-# The transformer trains with XLA by default (`--no-xla` to opt out); eval compiles with --xla.
+# The transformer trains and evaluates with XLA by default (`--no-xla` to opt out).
 train-gpt: build
 	$(BIN) train --out $(RUN_GPT) $(GPT_CONFIG)
-	$(BIN) eval --run $(RUN_GPT) --xla
+	$(BIN) eval --run $(RUN_GPT)
 	$(BIN) generate --run $(RUN_GPT) --prompt "ROMEO:" --chars 300 --top-k 20
 
 test: setup
