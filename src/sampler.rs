@@ -319,8 +319,8 @@ impl Chain {
 
     /// The windowed loop (see [`Chain`]) over `logits_at`, which builds the model's logits [1, V]
     /// at one position (int32 scalar) of a window [1, block] in the loop body's graph (the
-    /// model's variables are found there by name). Loop variables: (i int32, count int32, window [1, block] int32,
-    /// length int32, ids [k] int64, temperature float).
+    /// model's variables are found there by name). Loop variables: (i int32, count int32, window
+    /// [1, block] int32, length int32, ids [k] int64, temperature float).
     pub fn windowed(
         block: usize,
         sampler: &SamplerConfig,
