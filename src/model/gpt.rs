@@ -91,23 +91,9 @@ impl Attention {
         Ok(Self { qkv, proj, n_embd: c as i64, n_head: cfg.n_head as i64 })
     }
 
-    /// x [B, T, C] after the `past` keys and values ([B, H, P, D] each) -> [B, T, C], and the keys
-    /// and values of all P + T positions. Dropout sites `site` (the attention weights) and
-    /// `site + 1` (the output).
-    fn forward(
-        &self,
-        x: Output,
-        past: Option<[Output; 2]>,
-        pass: &Pass,
-        site: i64,
-        scope: &mut Scope,
-    ) -> tensorflow::Result<(Output, [Output; 2])> {
-        let (y, kv) = self.attend(x, past, pass, site, scope)?; // [B, T, C]
-        Ok((self.project(y, pass, site + 1, scope)?, kv))
-    }
-
-    /// The heads' outputs before the output projection, merged: [B, T, C], and the keys and
-    /// values (see [`Attention::forward`]).
+    /// x [B, T, C] after the `past` keys and values ([B, H, P, D] each) -> the heads' outputs
+    /// before the output projection ([`Attention::project`]), merged: [B, T, C], and the keys and
+    /// values of all P + T positions. Dropout site `site` (the attention weights).
     fn attend(
         &self,
         x: Output,
@@ -219,7 +205,8 @@ impl Block {
         scope: &mut Scope,
     ) -> tensorflow::Result<(Output, [Output; 2])> {
         let h = self.ln_1.apply(x.clone(), scope)?; // [B, T, C]
-        let (a, kv) = self.attn.forward(h, past, pass, self.first_site, scope)?;
+        let (y, kv) = self.attn.attend(h, past, pass, self.first_site, scope)?;
+        let a = self.attn.project(y, pass, self.first_site + 1, scope)?;
         let x: Output = ops::add_v2(x, a, scope)?.into(); // residual
         let h = self.ln_2.apply(x.clone(), scope)?;
         let m = self.mlp.forward(h, pass, self.first_site + 2, scope)?;
