@@ -15,6 +15,8 @@ use std::process::exit;
 use prost::Message;
 
 fn main() {
+    // The executable's own `bind` is the one TensorFlow's gRPC server resolves (src/listen.rs).
+    println!("cargo:rustc-link-arg=-Wl,--export-dynamic-symbol=bind");
     link_tensorflow();
     generate_protos();
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use minigpt::cluster::{self, Cluster, ClusterSpec};
+use minigpt::cluster::{self, Cluster, ClusterOptions, ClusterSpec};
 use minigpt::device::SessionConfig;
 use minigpt::graph::{GraphOptions, Runner};
 use minigpt::model::{Arch, ModelShape};
@@ -51,7 +51,7 @@ fn main() -> Result<()> {
     let args = Args::parse();
     minigpt::library::load(false)?;
     if let Some(address) = &args.serve {
-        return cluster::serve(address);
+        return cluster::serve(&cluster::Listen::parse(address)?);
     }
     let (model, batch) = match args.config.as_str() {
         "bigram-32" | "bigram-1024" => {
@@ -72,7 +72,7 @@ fn main() -> Result<()> {
         let me = std::env::current_exe()?;
         let mut addresses = Vec::new();
         for _ in 0..args.workers {
-            let address = cluster::free_local_address()?;
+            let address = cluster::Listen::free_local()?.name;
             let child = Command::new(&me)
                 .args(["--serve", &address])
                 .stdout(Stdio::null())
@@ -84,7 +84,8 @@ fn main() -> Result<()> {
         }
         let spec = ClusterSpec { workers: addresses };
         let timeout = Duration::from_secs(120);
-        Runner::on_cluster(&model, &opts, session, Cluster::start(spec, None, timeout, timeout)?)?
+        let options = ClusterOptions { spec, listen: None, worker_timeout: timeout, step_timeout: timeout };
+        Runner::on_cluster(&model, &opts, session, Cluster::start(&options, None)?)?
     };
     runner.init()?;
     let ids: Vec<i32> = (0..batch * block).map(|i| ((i * 7919 + 13) % 65) as i32).collect();

@@ -5,10 +5,11 @@ use std::path::PathBuf;
 
 use std::time::Duration;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::cluster::{self, Cluster, ClusterSpec};
+use crate::cluster::tf_config::{self, Role};
+use crate::cluster::{self, Cluster, ClusterOptions, ClusterSpec, Listen};
 use crate::data::{self, Shuffle, NOTEBOOK_BATCH_SIZE, NOTEBOOK_BLOCK_SIZE, NOTEBOOK_SHUFFLE_BUFFER};
 use crate::device::{self, DeviceChoice, GpuConfig, SessionConfig, Xla};
 use crate::eval::{self, EvalConfig, Split};
@@ -20,7 +21,7 @@ use crate::run::{TrainSettings, KEEP_CHECKPOINTS};
 use crate::sample::{self, GenerateConfig, Generation};
 use crate::sampler::SamplerConfig;
 use crate::saved_model::{self, OpenOptions};
-use crate::train::{self, ClusterOptions, Given, Report, Start, TrainConfig, DEFAULT_SEED, NOTEBOOK_EPOCHS};
+use crate::train::{self, Given, Report, Start, TrainConfig, DEFAULT_SEED, NOTEBOOK_EPOCHS};
 
 #[derive(Parser, Debug)]
 #[command(name = "minigpt", version, about = "Train and sample a character-level GPT on TensorFlow, from Rust")]
@@ -65,10 +66,39 @@ pub struct DevicesArgs {
 
 #[derive(Args, Debug)]
 pub struct ServerArgs {
-    /// HOST:PORT to serve on. TensorFlow's server listens on every interface at PORT; HOST is the
-    /// name the chief and the other workers reach it by (as given in `train --cluster`).
+    /// HOST:PORT to serve on, and only there: an address of this machine (a host name is resolved
+    /// once), the one the chief and the other workers reach it by; `0.0.0.0:PORT` or `[::]:PORT`
+    /// for every interface [default: this task's address in TF_CONFIG].
     #[arg(long)]
-    pub listen: String,
+    pub listen: Option<String>,
+}
+
+impl ServerArgs {
+    /// Where to serve: `--listen`, else this worker's address in TF_CONFIG.
+    fn to_listen(&self) -> Result<Listen> {
+        if let Some(text) = &self.listen {
+            return Listen::parse(text).context("--listen");
+        }
+        match tf_config::from_env()? {
+            None => bail!("give --listen HOST:PORT (or set TF_CONFIG to a cluster that names this task)"),
+            Some(Role::Worker { address, .. }) => listen_of_task(&address),
+            Some(Role::Chief { address, .. }) => {
+                bail!("TF_CONFIG makes this task the chief ({address}): run `minigpt train` here, not `minigpt server`")
+            }
+        }
+    }
+}
+
+/// This task's address in TF_CONFIG as the place to listen: it must be this machine's.
+fn listen_of_task(address: &str) -> Result<Listen> {
+    let listen = Listen::of_task(address).context("TF_CONFIG's address of this task")?;
+    crate::listen::check_bindable(listen.bind, address).with_context(|| {
+        format!(
+            "TF_CONFIG's address of this task, {address}, is not where this process can listen: give --listen \
+             with this machine's address and that port (on Kubernetes, the pod's IP)"
+        )
+    })?;
+    Ok(listen)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -192,7 +222,7 @@ pub struct TrainArgs {
     /// With --cluster: this process's HOST:PORT, which every worker must be able to reach (on
     /// separate machines, give an address of this machine on their network) [default: a free
     /// port of 127.0.0.1, which only workers on this machine reach].
-    #[arg(long, requires = "cluster")]
+    #[arg(long)]
     pub listen: Option<String>,
     /// With --cluster: seconds to wait for a worker that does not answer, at start or after it
     /// failed (the run goes on from the step that failed once it is back).
@@ -208,14 +238,35 @@ pub struct TrainArgs {
 }
 
 impl TrainArgs {
-    /// `--cluster` and its companions, checked.
+    /// `--cluster` and its companions, checked; without `--cluster`, the cluster TF_CONFIG gives
+    /// (explicit flags win: `--listen` over this task's address in it).
     fn cluster(&self) -> Result<Option<ClusterOptions>> {
         ensure!(self.worker_timeout > 0, "--worker-timeout must be at least 1 second");
         ensure!(self.step_timeout > 0, "--step-timeout must be at least 1 second");
-        let Some(text) = &self.cluster else { return Ok(None) };
-        let listen = self.listen.as_deref().map(cluster::parse_address).transpose().context("--listen")?;
+        let listen = self.listen.as_deref().map(Listen::parse).transpose().context("--listen")?;
+        let (spec, listen) = match (&self.cluster, tf_config::from_env()?) {
+            (Some(text), _) => (ClusterSpec::parse(text)?, listen),
+            (None, Some(Role::Chief { address, workers })) => {
+                if workers.is_empty() {
+                    return Ok(None);
+                }
+                let listen = match listen {
+                    // Reached by its name in TF_CONFIG, listening where --listen says.
+                    Some(listen) => Listen { name: cluster::parse_address(&address)?, ..listen },
+                    None => listen_of_task(&address)?,
+                };
+                (ClusterSpec { workers }, Some(listen))
+            }
+            (None, Some(Role::Worker { index, address })) => bail!(
+                "TF_CONFIG makes this task worker {index} ({address}): run `minigpt server` here; the chief trains"
+            ),
+            (None, None) => {
+                ensure!(listen.is_none(), "--listen is the chief's address on a cluster: give --cluster too");
+                return Ok(None);
+            }
+        };
         Ok(Some(ClusterOptions {
-            spec: ClusterSpec::parse(text)?,
+            spec,
             listen,
             worker_timeout: Duration::from_secs(self.worker_timeout),
             step_timeout: Duration::from_secs(self.step_timeout),
@@ -550,13 +601,19 @@ pub fn run(cli: Cli) -> Result<()> {
             None => device::print_devices(SessionConfig::default()),
             Some(text) => {
                 let timeout = Duration::from_secs(args.worker_timeout);
-                let cluster = Cluster::start(ClusterSpec::parse(text)?, None, timeout, timeout)?;
+                let options = ClusterOptions {
+                    spec: ClusterSpec::parse(text)?,
+                    listen: None,
+                    worker_timeout: timeout,
+                    step_timeout: timeout,
+                };
+                let cluster = Cluster::start(&options, None)?;
                 cluster.wait_for_workers()?;
                 device::print_device_list(&cluster.devices()?);
                 Ok(())
             }
         },
-        Command::Server(args) => cluster::serve(&args.listen),
+        Command::Server(args) => cluster::serve(&args.to_listen()?),
         Command::Train(args) => train::run(&args.to_config()?),
         Command::Generate(args) => sample::run(&args.to_config()?),
         Command::Eval(args) => eval::run(&args.to_config()?),

@@ -14,7 +14,7 @@ use anyhow::{ensure, Context, Result};
 use prost::Message;
 use tensorflow::{ops, DataType, Operation, Output, Scope, Session, SessionRunArgs, Tensor, TensorType};
 
-use crate::cluster::{Cluster, ClusterSpec, CHIEF};
+use crate::cluster::{Cluster, ClusterSpec};
 use crate::device::SessionConfig;
 use crate::loss::{self, CrossEntropy};
 use crate::model::{Arch, CacheSpec, Dropout, Forward, LanguageModel, Lookup, ModelConfig};
@@ -170,7 +170,7 @@ impl Runner {
         let suffix = session.device_suffix();
         let replicas: Vec<String> =
             (0..cluster.spec.workers.len()).map(|i| format!("{}{suffix}", ClusterSpec::worker(i))).collect();
-        let chief = format!("{CHIEF}{suffix}");
+        let chief = format!("{}{suffix}", cluster.chief_device());
         let g = build(model, opts, Some(&chief), &replicas).context("building the TensorFlow graph")?;
         cluster.wait_for_workers()?;
         let new = Session::new(&cluster.session_options(session.prepare())?, &g.scope.graph())

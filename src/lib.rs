@@ -15,7 +15,7 @@
 //! graph
 //! summary, sampler, loss, optim, model, cluster
 //! data, device
-//! proto, tfx, files, text
+//! proto, tfx, files, text, listen
 //! library
 //! ```
 
@@ -28,6 +28,7 @@ pub mod files;
 pub mod graph;
 pub mod info;
 pub mod library;
+pub mod listen;
 pub mod loss;
 pub mod model;
 pub mod object_graph;

@@ -5,12 +5,12 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
 use tensorflow::Tensor;
 
-use crate::cluster::{self, Cluster, ClusterSpec};
+use crate::cluster::{self, Cluster, ClusterOptions};
 use crate::data::{self, Batches, Corpus, Vocab};
 use crate::device::{DeviceChoice, SessionConfig};
 use crate::eval;
@@ -36,16 +36,6 @@ pub struct TrainConfig {
     /// Train on these workers (TensorFlow's gRPC runtime) instead of in this process.
     pub cluster: Option<ClusterOptions>,
     pub report: Report,
-}
-
-/// `--cluster` and its companions.
-#[derive(Debug, Clone)]
-pub struct ClusterOptions {
-    pub spec: ClusterSpec,
-    /// The chief's own address (`--listen`; default: a free port of 127.0.0.1).
-    pub listen: Option<String>,
-    pub worker_timeout: Duration,
-    pub step_timeout: Duration,
 }
 
 /// Where a run starts.
@@ -421,7 +411,7 @@ fn build_runner(config: &mut RunConfig, cfg: &TrainConfig) -> Result<Runner> {
         "--batch-size {} does not divide among the {workers} workers of --cluster: give a multiple of {workers}",
         s.batch_size
     );
-    let cluster = Cluster::start(c.spec.clone(), c.listen.as_deref(), c.worker_timeout, c.step_timeout)?;
+    let cluster = Cluster::start(c, Some(&cfg.out))?;
     let runner = Runner::on_cluster(&config.model, &opts, session, cluster)?;
     config.cluster = Some(c.spec.workers.clone());
     Ok(runner)

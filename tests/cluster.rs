@@ -12,7 +12,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use common::minigpt;
-use minigpt::cluster::{Cluster, ClusterSpec};
+use minigpt::cluster::{Cluster, ClusterOptions, ClusterSpec};
 use minigpt::device::SessionConfig;
 use minigpt::graph::{GraphOptions, Runner};
 use minigpt::model::{Arch, ModelShape};
@@ -46,7 +46,7 @@ struct Server {
 impl Server {
     /// Starts a server on a free port of 127.0.0.1.
     fn start() -> Self {
-        Self::at(&minigpt::cluster::free_local_address().unwrap())
+        Self::at(&free_local_address())
     }
 
     /// Starts a server on `address` and waits (at most 60 s) for it to say it serves.
@@ -69,6 +69,11 @@ impl Server {
         assert!(line.starts_with("minigpt server: TensorFlow gRPC server at grpc://") && line.contains(port), "{line}");
         server
     }
+}
+
+/// A free port of 127.0.0.1, as `127.0.0.1:PORT`.
+fn free_local_address() -> String {
+    minigpt::cluster::Listen::free_local().unwrap().name
 }
 
 fn cluster_flag(servers: &[&Server]) -> String {
@@ -188,7 +193,9 @@ fn the_replicas_run_on_the_workers() {
     let (a, b) = (Server::start(), Server::start());
     let spec = ClusterSpec::parse(&cluster_flag(&[&a, &b])).unwrap();
     let timeout = Duration::from_secs(60);
-    let cluster = Cluster::start(spec, None, timeout, timeout).unwrap();
+    let options = ClusterOptions { spec, listen: None, worker_timeout: timeout, step_timeout: timeout };
+    let cluster = Cluster::start(&options, None).unwrap();
+    let chief = format!("/job:{}/", cluster.job);
     let model = ModelShape { arch: Arch::Bigram, n_embd: 16, n_layer: 1, n_head: 1, dropout: 0.0 }.with(65, 8);
     let opts = GraphOptions::training(1, AdamConfig::default());
     let runner = Runner::on_cluster(&model, &opts, SessionConfig::default(), cluster).unwrap();
@@ -218,10 +225,10 @@ fn the_replicas_run_on_the_workers() {
             assert!(device.contains(&format!("/job:worker/replica:0/task:{i}/")), "{node} ran on {device}");
         }
         if node.starts_with("train_step") || node.starts_with("adam") {
-            assert!(device.contains("/job:chief/"), "{node} ran on {device}");
+            assert!(device.contains(&chief), "{node} ran on {device}");
         }
     }
-    assert!(seen.iter().any(|(d, n)| d.contains("/job:chief/") && n.contains("adam")), "Adam did not run on the chief");
+    assert!(seen.iter().any(|(d, n)| d.contains(&chief) && n.contains("adam")), "Adam did not run on the chief");
 }
 
 /// A `minigpt train` child process and its stdout lines.
@@ -425,7 +432,7 @@ fn bad_clusters_and_addresses_give_one_clear_line() {
     train("worker=127.0.0.1:2222,127.0.0.1:2222", &[], "127.0.0.1:2222 is listed twice");
 
     // A worker nobody serves: named, within --worker-timeout.
-    let nobody = minigpt::cluster::free_local_address().unwrap();
+    let nobody = free_local_address();
     train(&format!("worker={nobody}"), &["--worker-timeout", "2"], &format!("worker task 0 at {nobody}"));
 
     // The global batch must divide among the workers.
@@ -446,7 +453,7 @@ fn the_server_exits_0_on_sigterm_and_sigint_and_devices_lists_the_cluster() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8_lossy(&out.stdout);
     for task in
-        ["/job:chief/replica:0/task:0/device:CPU:0", "/job:worker/replica:0/task:0/", "/job:worker/replica:0/task:1/"]
+        ["/job:chief_", "/replica:0/task:0/device:CPU:0", "/job:worker/replica:0/task:0/", "/job:worker/replica:0/task:1/"]
     {
         assert!(stdout.contains(task), "{stdout}");
     }

@@ -1,30 +1,40 @@
-//! TensorFlow's gRPC runtime: `minigpt server`'s server, the address list of `--cluster`, and
-//! the chief's view of a cluster (its own in-process server, the `ConfigProto` that names every
-//! task, and probes of the workers).
+//! TensorFlow's gRPC runtime: `minigpt server`'s server (server.rs), the address list of
+//! `--cluster` or TF_CONFIG (tf_config.rs), and the chief's view of a cluster (its own in-process
+//! server, the `ConfigProto` that names every task, and probes of the workers).
 //!
 //! Every server boots as job `local`, task 0, knowing only its own address; the chief passes the
 //! whole cluster in `ConfigProto.cluster_def` (a server that sees its own boot name in that list
-//! refuses the session, so the chief's server is `local` to itself and `chief` to the session).
-//! A session's resources (the chief's variables) live as long as the session: after a worker
-//! fails, the state is read from the failed session and written into the next one.
+//! refuses the session, so the chief's server is `local` to itself and the chief's job to the
+//! session). A session's resources (the chief's variables) live as long as the session: after a
+//! worker fails, the state is read from the failed session and written into the next one.
+//!
+//! The chief's job name is its own (`chief_` and 8 hex digits of its machine and run directory):
+//! a worker keeps the sessions of one master task name from one process only, and drops them
+//! when a process of another incarnation opens a session under that name (TensorFlow's
+//! `SessionMgr`, which so cleans up after a chief that died). Two chiefs under one name would
+//! keep dropping each other's sessions; under their own names they train side by side, and a
+//! chief restarted on its run directory still cleans up after its earlier self.
 
-use std::ffi::CStr;
-use std::net::TcpListener;
+mod server;
+pub mod tf_config;
+
+pub use server::{serve, Listen, Server};
+
+use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use prost::Message;
+use sha2::{Digest, Sha256};
 use tensorflow::{ops, Graph, Scope, Session, SessionOptions, SessionRunArgs};
-use tensorflow_sys_runtime as tf;
 
 use crate::device::DeviceInfo;
+use crate::listen;
 use crate::proto;
 use crate::tfx::OwnedStatus;
-
-/// The job of the process that holds the variables and runs the loop.
-pub const CHIEF: &str = "/job:chief/task:0";
 
 /// How long a probe of one worker may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -70,66 +80,6 @@ pub fn parse_address(address: &str) -> Result<String> {
     Ok(format!("{host}:{port}"))
 }
 
-/// A free port on 127.0.0.1 (bound, then released for the server to take).
-pub fn free_local_address() -> Result<String> {
-    let listener = TcpListener::bind("127.0.0.1:0").context("finding a free port on 127.0.0.1")?;
-    Ok(format!("127.0.0.1:{}", listener.local_addr()?.port()))
-}
-
-/// A started TensorFlow gRPC server. It is never deleted: `TF_DeleteServer` on a started server
-/// aborts the process, and `TF_ServerStop` is not implemented; it lives as long as the process.
-pub struct Server {
-    raw: *mut tf::TF_Server,
-    target: String,
-}
-
-// SAFETY: TensorFlow's server object is thread-safe (its methods lock), and it is never freed.
-unsafe impl Send for Server {}
-unsafe impl Sync for Server {}
-
-impl Server {
-    /// Starts a server listening on `address` (`HOST:PORT`) as job `local`, task 0.
-    pub fn start(address: &str) -> Result<Self> {
-        let address = parse_address(address).context("--listen")?;
-        let port: i32 = address.rsplit_once(':').and_then(|(_, p)| p.parse().ok()).unwrap_or(0);
-        // Refuse a port in use with a clear line (gRPC would report it in its own words).
-        if let Err(e) = TcpListener::bind(("0.0.0.0", port as u16)) {
-            bail!("cannot listen on {address}: port {port} is not free ({e})");
-        }
-        let def = proto::ServerDef {
-            cluster: Some(cluster_def(&[("local", std::slice::from_ref(&address))])),
-            job_name: "local".into(),
-            task_index: 0,
-            protocol: "grpc".into(),
-            ..Default::default()
-        };
-        let bytes = def.encode_to_vec();
-        let status = OwnedStatus::new();
-        // SAFETY: the bytes outlive the call; the status is checked before the server is used.
-        let raw = unsafe { tf::TF_NewServer(bytes.as_ptr().cast(), bytes.len(), status.raw()) };
-        check(&status).with_context(|| format!("starting a TensorFlow server on {address}"))?;
-        // SAFETY: `raw` is a server TF_NewServer returned with an OK status.
-        unsafe { tf::TF_ServerStart(raw, status.raw()) };
-        check(&status).with_context(|| format!("starting the TensorFlow server on {address}"))?;
-        // SAFETY: the target is a NUL-terminated string owned by the server, copied at once.
-        let target = unsafe { CStr::from_ptr(tf::TF_ServerTarget(raw)) }.to_string_lossy().into_owned();
-        Ok(Self { raw, target })
-    }
-
-    /// `grpc://HOST:PORT`: what sessions connect to.
-    pub fn target(&self) -> &str {
-        &self.target
-    }
-
-    /// Blocks until the process ends.
-    pub fn join(&self) -> Result<()> {
-        let status = OwnedStatus::new();
-        // SAFETY: the server is alive for the whole process.
-        unsafe { tf::TF_ServerJoin(self.raw, status.raw()) };
-        check(&status).context("the TensorFlow server stopped")
-    }
-}
-
 /// `Ok` unless the C call that filled `status` failed.
 fn check(status: &OwnedStatus) -> Result<()> {
     match status.error() {
@@ -156,21 +106,14 @@ fn cluster_def(jobs: &[(&str, &[String])]) -> proto::ClusterDef {
     }
 }
 
-/// `minigpt server --listen HOST:PORT`: starts a server, prints its target, and serves until
-/// SIGTERM or SIGINT, then exits 0 (a started server cannot be stopped, only left).
-pub fn serve(address: &str) -> Result<()> {
-    let server = Server::start(address)?;
-    println!("minigpt server: TensorFlow gRPC server at {} (job local, task 0); stop with Ctrl-C", server.target());
-    use std::io::Write;
-    std::io::stdout().flush()?;
-    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
-        .context("installing the signal handler")?;
-    std::thread::spawn(move || {
-        if signals.forever().next().is_some() {
-            std::process::exit(0);
-        }
-    });
-    server.join()
+/// `--cluster` (or TF_CONFIG) and its companions, as the chief is told them.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    pub spec: ClusterSpec,
+    /// The chief's own server (default: a free port of 127.0.0.1).
+    pub listen: Option<Listen>,
+    pub worker_timeout: Duration,
+    pub step_timeout: Duration,
 }
 
 /// The chief's view of a cluster: its own server, the workers, and the timeouts.
@@ -179,6 +122,8 @@ pub struct Cluster {
     pub spec: ClusterSpec,
     /// The chief's own address, as the workers reach it.
     pub chief: String,
+    /// The chief's job name (`chief_` and 8 hex digits).
+    pub job: String,
     /// The chief's session target (`grpc://...`).
     pub target: String,
     /// How long to wait for a worker that is down (at start and after a failure).
@@ -190,29 +135,40 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Starts the chief's in-process server on `listen` (default: a free port of 127.0.0.1).
-    pub fn start(
-        spec: ClusterSpec,
-        listen: Option<&str>,
-        worker_timeout: Duration,
-        step_timeout: Duration,
-    ) -> Result<Self> {
-        let chief = match listen {
-            Some(address) => parse_address(address).context("--listen")?,
-            None => free_local_address()?,
+    /// Starts the chief's in-process server on `options.listen` (default: a free port of
+    /// 127.0.0.1), once the workers are known to be distinct tasks. The chief's job name comes
+    /// from this machine and `run`, the run directory (a name of its own for each process
+    /// without one).
+    pub fn start(options: &ClusterOptions, run: Option<&Path>) -> Result<Self> {
+        let listen = match &options.listen {
+            Some(listen) => listen.clone(),
+            None => Listen::free_local()?,
         };
-        ensure!(!spec.workers.contains(&chief), "--listen {chief} is also in --cluster: the chief needs its own port");
+        check_distinct(&options.spec, &listen)?;
         // A worker that is not there fails a call at once instead of being waited for without end
         // (TensorFlow's master waits for every worker's devices with no deadline otherwise).
         std::env::set_var("GRPC_FAIL_FAST", "true");
-        let server = Box::leak(Box::new(Server::start(&chief)?));
-        let probing = Arc::new(spec.workers.iter().map(|_| AtomicBool::new(false)).collect());
-        Ok(Self { spec, chief, target: server.target().to_string(), worker_timeout, step_timeout, probing })
+        let server = Box::leak(Box::new(Server::start(&listen)?));
+        let probing = Arc::new(options.spec.workers.iter().map(|_| AtomicBool::new(false)).collect());
+        Ok(Self {
+            spec: options.spec.clone(),
+            chief: listen.name,
+            job: chief_job(run)?,
+            target: server.target().to_string(),
+            worker_timeout: options.worker_timeout,
+            step_timeout: options.step_timeout,
+            probing,
+        })
     }
 
-    /// The session's `ClusterDef`: job `chief` (this process) and job `worker`.
+    /// `/job:<the chief's job>/task:0`: where the variables and the loop's ops run.
+    pub fn chief_device(&self) -> String {
+        format!("/job:{}/task:0", self.job)
+    }
+
+    /// The session's `ClusterDef`: the chief's job (this process) and job `worker`.
     pub fn cluster_def(&self) -> proto::ClusterDef {
-        cluster_def(&[("chief", std::slice::from_ref(&self.chief)), ("worker", &self.spec.workers)])
+        cluster_def(&[(&self.job, std::slice::from_ref(&self.chief)), ("worker", &self.spec.workers)])
     }
 
     /// `config` with the cluster and the run timeout added.
@@ -255,7 +211,7 @@ impl Cluster {
         let one = ops::constant(1i32, &mut scope)?;
         let probe = ops::identity(one, &mut scope)?;
         // Only this worker and the chief: the others may be down.
-        let filters = vec![ClusterSpec::worker(i), CHIEF.to_string()];
+        let filters = vec![ClusterSpec::worker(i), self.chief_device()];
         let mut config = self.configure(proto::ConfigProto { device_filters: filters, ..Default::default() });
         config.operation_timeout_in_ms = PROBE_TIMEOUT.as_millis() as i64;
         let mut options = SessionOptions::new();
@@ -323,6 +279,58 @@ impl Cluster {
             .map(|d| DeviceInfo { name: d.name, kind: d.device_type, memory_bytes: d.memory_bytes })
             .collect())
     }
+}
+
+/// Checks that the workers are distinct tasks, none of them the chief: no two addresses of the list
+/// (each resolved to every address it has) reach the same socket, whatever their spelling
+/// (`localhost:P` and `127.0.0.1:P`, a host name and its address).
+fn check_distinct(spec: &ClusterSpec, chief: &Listen) -> Result<()> {
+    let mut seen: Vec<(usize, Vec<SocketAddr>)> = Vec::new();
+    for (i, worker) in spec.workers.iter().enumerate() {
+        let addresses = listen::resolve_all(worker).with_context(|| format!("worker task {i}"))?;
+        ensure!(
+            addresses.iter().all(|a| !a.ip().is_unspecified()),
+            "worker task {i} at {worker}: a worker is reached at an address of its machine, not {}",
+            addresses[0].ip()
+        );
+        let same_as_chief = |a: &SocketAddr| {
+            *a == chief.bind
+                || (chief.bind.ip().is_unspecified() && a.port() == chief.bind.port() && listen::is_loopback(a.ip()))
+        };
+        ensure!(
+            !addresses.iter().any(same_as_chief),
+            "worker task {i} at {worker} is the chief's own address ({}): the chief needs a port of its own",
+            chief.bind
+        );
+        if let Some((j, _)) = seen.iter().find(|(_, other)| other.iter().any(|a| addresses.contains(a))) {
+            let shared = addresses.iter().find(|a| seen[*j].1.contains(a)).expect("found above");
+            bail!(
+                "worker task {j} at {} and worker task {i} at {worker} are the same worker (both reach {shared}): \
+                 list each worker once",
+                spec.workers[*j]
+            );
+        }
+        seen.push((i, addresses));
+    }
+    Ok(())
+}
+
+/// `chief_` and 8 hex digits of this machine's name and `run`'s absolute path (or, without a
+/// run, of this process).
+fn chief_job(run: Option<&Path>) -> Result<String> {
+    let mut hash = Sha256::new();
+    hash.update(server::host_name()?.as_bytes());
+    match run {
+        Some(dir) => {
+            let dir = dir.canonicalize().or_else(|_| std::path::absolute(dir)).with_context(|| dir.display().to_string())?;
+            hash.update(dir.as_os_str().as_encoded_bytes());
+        }
+        None => {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            hash.update(format!("process {} at {}", std::process::id(), now.as_nanos()).as_bytes());
+        }
+    }
+    Ok(format!("chief_{}", hex::encode(&hash.finalize()[..4])))
 }
 
 /// Whether `error` is what a worker that is down, restarting or hung causes.
