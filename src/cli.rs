@@ -244,7 +244,11 @@ impl TrainArgs {
         ensure!(self.worker_timeout > 0, "--worker-timeout must be at least 1 second");
         ensure!(self.step_timeout > 0, "--step-timeout must be at least 1 second");
         let listen = self.listen.as_deref().map(Listen::parse).transpose().context("--listen")?;
-        let (spec, listen) = match (&self.cluster, tf_config::from_env()?) {
+        let from_env = match &self.cluster {
+            Some(_) => None,
+            None => tf_config::from_env()?,
+        };
+        let (spec, listen) = match (&self.cluster, from_env) {
             (Some(text), _) => (ClusterSpec::parse(text)?, listen),
             (None, Some(Role::Chief { address, workers })) => {
                 if workers.is_empty() {

@@ -5,12 +5,10 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Lines};
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Output, Stdio};
-use std::sync::mpsc;
+use std::path::Path;
 use std::time::Duration;
 
+use common::cluster::{cluster_flag, corpus, fails_with, free_local_address, losses, train, Server, Training};
 use common::minigpt;
 use minigpt::cluster::{Cluster, ClusterOptions, ClusterSpec};
 use minigpt::device::SessionConfig;
@@ -19,96 +17,6 @@ use minigpt::model::{Arch, ModelShape};
 use minigpt::optim::AdamConfig;
 use minigpt::run::{Load, RunDir};
 use prost::Message;
-
-/// A child process, killed (by PID) when dropped if it is still running.
-struct Proc(Child);
-
-impl Proc {
-    fn signal(&self, signal: i32) {
-        // SAFETY: signalling our own child process.
-        assert_eq!(unsafe { libc::kill(self.0.id() as i32, signal) }, 0);
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A `minigpt server` child process.
-struct Server {
-    child: Proc,
-    address: String,
-}
-
-impl Server {
-    /// Starts a server on a free port of 127.0.0.1.
-    fn start() -> Self {
-        Self::at(&free_local_address())
-    }
-
-    /// Starts a server on `address` and waits (at most 60 s) for it to say it serves.
-    fn at(address: &str) -> Self {
-        let mut child = Command::new(assert_cmd::cargo::cargo_bin("minigpt"))
-            .args(["server", "--listen", address])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let first = BufReader::new(stdout).lines().next();
-            let _ = tx.send(first);
-        });
-        let server = Self { child: Proc(child), address: address.to_string() };
-        let line = rx.recv_timeout(Duration::from_secs(60)).expect("the server did not start").unwrap().unwrap();
-        let port = address.rsplit_once(':').unwrap().1;
-        assert!(line.starts_with("minigpt server: TensorFlow gRPC server at grpc://") && line.contains(port), "{line}");
-        server
-    }
-}
-
-/// A free port of 127.0.0.1, as `127.0.0.1:PORT`.
-fn free_local_address() -> String {
-    minigpt::cluster::Listen::free_local().unwrap().name
-}
-
-fn cluster_flag(servers: &[&Server]) -> String {
-    format!("worker={}", servers.iter().map(|s| s.address.as_str()).collect::<Vec<_>>().join(","))
-}
-
-/// 20,000 characters of the corpus in `dir`.
-fn corpus(dir: &Path) -> PathBuf {
-    let text = std::fs::read_to_string(common::corpus_path()).unwrap();
-    let path = dir.join("small.txt");
-    std::fs::write(&path, &text[..20_000]).unwrap();
-    path
-}
-
-/// `minigpt train -q` of `steps` steps, windows in order, every loss in metrics.csv.
-fn train(corpus: &Path, out: &Path, steps: u32, extra: &[&str]) -> Output {
-    let out = minigpt()
-        .args(["train", "-q", "--shuffle", "none", "--log-every", "1", "--eval-batches", "2", "--data"])
-        .arg(corpus)
-        .arg("--out")
-        .arg(out)
-        .args(["--max-steps", &steps.to_string()])
-        .args(extra)
-        .timeout(Duration::from_secs(600))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{extra:?}: {}", String::from_utf8_lossy(&out.stderr));
-    out
-}
-
-/// The training losses of metrics.csv, in step order.
-fn losses(run: &Path) -> Vec<f64> {
-    let text = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
-    text.lines().skip(1).filter(|l| l.ends_with(',')).map(|l| l.split(',').nth(2).unwrap().parse().unwrap()).collect()
-}
 
 /// Every weight and Adam slot of a run's newest checkpoint, by name, flattened.
 fn state(run: &Path) -> Vec<(String, Vec<f64>)> {
@@ -229,47 +137,6 @@ fn the_replicas_run_on_the_workers() {
         }
     }
     assert!(seen.iter().any(|(d, n)| d.contains(&chief) && n.contains("adam")), "Adam did not run on the chief");
-}
-
-/// A `minigpt train` child process and its stdout lines.
-struct Training {
-    child: Proc,
-    lines: Lines<BufReader<ChildStdout>>,
-}
-
-impl Training {
-    /// `minigpt train` on `corpus` into `out`, as a user runs it (TensorFlow's log level
-    /// minigpt's own).
-    fn spawn(corpus: &Path, out: &Path, args: &[&str]) -> Self {
-        let mut child = Command::new(assert_cmd::cargo::cargo_bin("minigpt"))
-            .args(["train", "--eval-batches", "2", "--data"])
-            .arg(corpus)
-            .arg("--out")
-            .arg(out)
-            .args(args)
-            .env_remove("TF_CPP_MIN_LOG_LEVEL")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        Self { child: Proc(child), lines }
-    }
-
-    /// Reads stdout until the `Step {step}:` line.
-    fn until_step(&mut self, step: u64) {
-        let prefix = format!("Step {step}:");
-        let reached = self.lines.by_ref().map(|l| l.unwrap()).any(|l| l.starts_with(&prefix));
-        assert!(reached, "training never reached step {step}");
-    }
-
-    /// The rest of stdout, then the exit status and stderr.
-    fn finish(&mut self) -> (Vec<String>, std::process::ExitStatus, String) {
-        let rest: Vec<String> = self.lines.by_ref().map(|l| l.unwrap()).collect();
-        let mut stderr = String::new();
-        std::io::Read::read_to_string(&mut self.child.0.stderr.take().unwrap(), &mut stderr).unwrap();
-        (rest, self.child.0.wait().unwrap(), stderr)
-    }
 }
 
 /// Trains 300 steps on two workers uninterrupted, then again, calling `fault` with the workers at
@@ -403,16 +270,6 @@ fn ctrl_c_of_a_distributed_run_checkpoints_and_exits_130() {
     assert!(message.starts_with("interrupted at step "), "{message}");
     let step: u64 = message["interrupted at step ".len()..].split(':').next().unwrap().parse().unwrap();
     assert!(run.join(format!("ckpt/ckpt-{step}.index")).is_file());
-}
-
-/// Fails with one `error:` line containing `needle` (only `warning:` lines before it).
-fn fails_with(args: &[&str], needle: &str) {
-    let out = minigpt().args(args).timeout(Duration::from_secs(120)).output().unwrap();
-    assert!(!out.status.success(), "{args:?} succeeded");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let lines: Vec<&str> = stderr.lines().collect();
-    assert!(lines.last().is_some_and(|l| l.starts_with("error: ") && l.contains(needle)), "{args:?}: {stderr}");
-    assert!(lines[..lines.len() - 1].iter().all(|l| l.starts_with("warning: ")), "{args:?}: {stderr}");
 }
 
 #[test]

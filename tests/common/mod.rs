@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests (and `make parity`'s example).
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod parity;
 
 use std::path::PathBuf;
@@ -57,7 +58,7 @@ pub fn small_run(dir: &std::path::Path, chars: usize, args: &[&str]) -> PathBuf 
 pub fn minigpt() -> assert_cmd::Command {
     let mut cmd = assert_cmd::Command::cargo_bin("minigpt").unwrap();
     // What a user sees: TensorFlow's log level is minigpt's default, not the tests' own.
-    cmd.env_remove("TF_CPP_MIN_LOG_LEVEL").env_remove("MINIGPT_DATA");
+    cmd.env_remove("TF_CPP_MIN_LOG_LEVEL").env_remove("MINIGPT_DATA").env_remove("TF_CONFIG");
     cmd
 }
 

@@ -1,0 +1,285 @@
+//! Where minigpt's TensorFlow servers listen and what they say about it; workers named twice;
+//! two chiefs on the same workers; clusters started the way cluster managers start them
+//! (TF_CONFIG). Servers are child processes on free ports of 127.0.0.1 (or inside a network
+//! namespace of their own, reachable from nowhere else), killed by PID when a test ends.
+
+mod common;
+
+use std::io::ErrorKind;
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::process::Command;
+use std::time::Duration;
+
+use common::cluster::{
+    cluster_flag, command, corpus, fails_with, fails_with_env, free_local_address, losses, train, train_with, Server,
+    Training,
+};
+
+/// This machine's addresses that are not loopback (IPv6 link-local ones left out: they need a
+/// scope to be reached).
+fn external_addresses() -> Vec<IpAddr> {
+    let mut found = Vec::new();
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `list`, read here and freed once.
+    unsafe {
+        assert_eq!(libc::getifaddrs(&mut list), 0);
+        let mut at = list;
+        while !at.is_null() {
+            let entry = &*at;
+            at = entry.ifa_next;
+            if entry.ifa_addr.is_null() {
+                continue;
+            }
+            let ip = match (*entry.ifa_addr).sa_family as i32 {
+                libc::AF_INET => {
+                    let a = &*(entry.ifa_addr as *const libc::sockaddr_in);
+                    IpAddr::from(u32::from_be(a.sin_addr.s_addr).to_be_bytes())
+                }
+                libc::AF_INET6 => IpAddr::from((*(entry.ifa_addr as *const libc::sockaddr_in6)).sin6_addr.s6_addr),
+                _ => continue,
+            };
+            let link_local = matches!(ip, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80);
+            if !ip.is_loopback() && !link_local {
+                found.push(ip);
+            }
+        }
+        libc::freeifaddrs(list);
+    }
+    found
+}
+
+/// Whether a TCP connection to `address` is refused (not merely unanswered).
+fn refused(address: SocketAddr) -> bool {
+    match TcpStream::connect_timeout(&address, Duration::from_secs(5)) {
+        Ok(_) => false,
+        Err(e) => {
+            assert_eq!(e.kind(), ErrorKind::ConnectionRefused, "{address}: {e}");
+            true
+        }
+    }
+}
+
+/// Every address of this machine but `bound` refuses connections at `bound`'s port.
+fn only_reachable_at(bound: SocketAddr) {
+    assert!(TcpStream::connect_timeout(&bound, Duration::from_secs(5)).is_ok(), "{bound} refuses");
+    let others = external_addresses();
+    for ip in &others {
+        assert!(refused(SocketAddr::new(*ip, bound.port())), "reached through {ip}");
+    }
+    if others.is_empty() {
+        eprintln!("this machine has no address but loopback: nothing else to connect through");
+    } else {
+        eprintln!("{bound}: refused through {others:?}");
+    }
+}
+
+#[test]
+fn a_server_and_a_chief_listen_only_on_their_address() {
+    let server = Server::start();
+    let bound: SocketAddr = server.address.parse().unwrap();
+    assert_eq!(server.listening(), [bound]);
+    assert_eq!(server.stderr(), "", "a loopback server has nothing to warn about");
+    only_reachable_at(bound);
+
+    // A host name is resolved once and bound as resolved.
+    let port = free_local_address().rsplit_once(':').unwrap().1.to_string();
+    let named = Server::at(&format!("localhost:{port}"));
+    let resolved = named.listening();
+    assert_eq!(resolved.len(), 1, "{resolved:?}");
+    assert!(resolved[0].ip().is_loopback() && resolved[0].port().to_string() == port, "{resolved:?}");
+    assert!(named.line.contains(&format!("grpc://{}", resolved[0])), "{}", named.line);
+
+    // IPv6 loopback, where the machine has it.
+    if std::net::TcpListener::bind("[::1]:0").is_ok() {
+        let port = std::net::TcpListener::bind("[::1]:0").unwrap().local_addr().unwrap().port();
+        let v6 = Server::at(&format!("[::1]:{port}"));
+        assert_eq!(v6.listening(), [format!("[::1]:{port}").parse().unwrap()]);
+    }
+
+    // The chief's own server (default: a free port of 127.0.0.1), while it trains.
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = corpus(tmp.path());
+    let cluster = cluster_flag(&[&server]);
+    let mut training = Training::spawn(&corpus, &tmp.path().join("run"), &["--log-every", "1", "--cluster", &cluster]);
+    training.until_step(3);
+    let chief = minigpt::listen::listening(training.child.0.id()).unwrap();
+    assert_eq!(chief.len(), 1, "the chief listens on {chief:?}");
+    assert_eq!(chief[0].ip(), IpAddr::from([127, 0, 0, 1]), "the chief listens on {chief:?}");
+    only_reachable_at(chief[0]);
+}
+
+/// A network namespace of its own with `10.9.9.9` on its loopback interface: an address that is
+/// not loopback, reachable from nowhere but the namespace. `None` where namespaces cannot be made.
+fn isolated(listen: &str) -> Option<Command> {
+    let ok = Command::new("unshare").args(["-rn", "ip", "link", "set", "lo", "up"]).output();
+    if !ok.is_ok_and(|o| o.status.success()) {
+        eprintln!("skipped: `unshare -rn` and `ip` cannot make a network namespace here");
+        return None;
+    }
+    let script = format!("ip link set lo up && ip addr add 10.9.9.9/32 dev lo && exec \"$0\" server --listen '{listen}'");
+    let mut unshare = Command::new("unshare");
+    unshare.args(["-rn", "sh", "-c", &script]).arg(assert_cmd::cargo::cargo_bin("minigpt"));
+    unshare.env_remove("TF_CONFIG").env_remove("TF_CPP_MIN_LOG_LEVEL");
+    Some(unshare)
+}
+
+#[test]
+fn a_server_beyond_loopback_says_what_it_exposes() {
+    for (listen, bound, exposed) in [
+        ("10.9.9.9:2222", "10.9.9.9:2222", "listens on 10.9.9.9:2222, beyond this machine"),
+        ("0.0.0.0:2222", "0.0.0.0:2222", "listens on every interface of this machine at port 2222 (0.0.0.0:2222)"),
+        ("[::]:2222", "[::]:2222", "listens on every interface of this machine at port 2222 ([::]:2222)"),
+    ] {
+        let Some(unshare) = isolated(listen) else { return };
+        let server = Server::launch(unshare, listen);
+        assert_eq!(server.listening(), [bound.parse::<SocketAddr>().unwrap()], "{listen}");
+        let stderr = server.stderr();
+        let lines: Vec<&str> = stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "{stderr}");
+        assert!(lines[0].starts_with("warning: TensorFlow's server ") && lines[0].contains(exposed), "{stderr}");
+        assert!(
+            lines[0].contains("can run TensorFlow operations as this user, including reading and writing files")
+                && lines[0].contains("use it only on a network you trust"),
+            "{stderr}"
+        );
+    }
+}
+
+#[test]
+fn addresses_that_are_not_this_machines_and_workers_named_twice_give_one_line() {
+    let port = free_local_address().rsplit_once(':').unwrap().1.to_string();
+    fails_with(&["server", "--listen", &format!("203.0.113.7:{port}")], "203.0.113.7 is not an address of this machine");
+    fails_with(&["server", "--listen", &format!("no-such-host.invalid:{port}")], "cannot resolve the host name");
+    fails_with(&["server"], "give --listen HOST:PORT");
+
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = corpus(tmp.path());
+    let (corpus, out) = (corpus.to_str().unwrap(), tmp.path().join("run"));
+    let out = out.to_str().unwrap();
+    let train = |extra: &[&str], needle: &str| {
+        fails_with(&[&["train", "--data", corpus, "--out", out, "--worker-timeout", "2"][..], extra].concat(), needle)
+    };
+    let (p, q) = (free_local_address(), free_local_address());
+    let p_port = p.rsplit_once(':').unwrap().1;
+    train(&["--cluster", &format!("worker=localhost:{p_port},{p}")], &format!("are the same worker (both reach {p})"));
+    train(&["--cluster", &format!("worker={p},[::ffff:127.0.0.1]:{p_port}")], "worker task 0 at 127.0.0.1");
+    train(&["--listen", &p, "--cluster", &format!("worker=localhost:{p_port}")], "is the chief's own address");
+    train(&["--cluster", &format!("worker=0.0.0.0:{p_port}")], "not 0.0.0.0");
+    train(&["--cluster", "worker=no-such-host.invalid:2222"], "cannot resolve the host name");
+    train(&["--listen", &p], "give --cluster too");
+    train(&["--listen", &format!("203.0.113.7:{p_port}"), "--cluster", &format!("worker={q}")], "not an address");
+}
+
+/// Two chiefs train on the same two workers at the same time, each what one process trains
+/// (losses within 1e-6 relative), with nothing on stderr: neither resets the other's sessions.
+#[test]
+fn two_chiefs_on_the_same_workers_train_side_by_side() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = corpus(tmp.path());
+    let (a, b) = (Server::start(), Server::start());
+    let cluster = cluster_flag(&[&a, &b]);
+    let flags = ["--block-size", "16", "--batch-size", "32"];
+    let reference = tmp.path().join("reference");
+    train(&corpus, &reference, 1500, &flags);
+    let args = |steps: &'static str| {
+        [&["--shuffle", "none", "--log-every", "1", "--max-steps", steps][..], &flags, &["--cluster", &cluster]].concat()
+    };
+    let (first_out, second_out) = (tmp.path().join("first"), tmp.path().join("second"));
+    let mut first = Training::spawn(&corpus, &first_out, &args("1500"));
+    first.until_step(10);
+    let mut second = Training::spawn(&corpus, &second_out, &args("300"));
+    second.until_step(10);
+    assert!(first.child.0.try_wait().unwrap().is_none(), "the first chief ended before the second started");
+    let (_, status, stderr) = second.finish();
+    assert!(status.success(), "{stderr}");
+    assert_eq!(stderr, "", "the second chief");
+    let (_, status, stderr) = first.finish();
+    assert!(status.success(), "{stderr}");
+    assert_eq!(stderr, "", "the first chief");
+    let expected = losses(&reference);
+    common::assert_close("first chief", &losses(&first_out), &expected, 0.0, 1e-6);
+    common::assert_close("second chief", &losses(&second_out), &expected[..300], 0.0, 1e-6);
+}
+
+/// `{"cluster": CLUSTER, "task": {"type": KIND, "index": INDEX}}`.
+fn tf_config(cluster: &serde_json::Value, kind: &str, index: usize) -> String {
+    serde_json::json!({"cluster": cluster, "task": {"type": kind, "index": index}}).to_string()
+}
+
+/// A `minigpt server` started with TF_CONFIG only.
+fn worker_of(cluster: &serde_json::Value, index: usize, address: &str) -> Server {
+    let mut server = command();
+    server.arg("server").env("TF_CONFIG", tf_config(cluster, "worker", index));
+    Server::launch(server, address)
+}
+
+#[test]
+fn three_processes_started_by_tf_config_train_what_cluster_trains() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = corpus(tmp.path());
+    let (chief, w0, w1) = (free_local_address(), free_local_address(), free_local_address());
+    let cluster = serde_json::json!({"chief": [chief], "worker": [w0, w1]});
+    let (a, b) = (worker_of(&cluster, 0, &w0), worker_of(&cluster, 1, &w1));
+    assert_eq!(a.listening(), [w0.parse().unwrap()]);
+    let flags = ["--block-size", "16", "--batch-size", "32"];
+
+    // The chief: TF_CONFIG only; it listens at its entry.
+    let by_tf_config = tmp.path().join("tf_config");
+    let config = tf_config(&cluster, "chief", 0);
+    let mut training = Training::spawn_with(&corpus, &by_tf_config, &[&flags[..], &["--shuffle", "none", "--log-every", "1", "--max-steps", "100"]].concat(), &[
+        ("TF_CONFIG", &config),
+    ]);
+    training.until_step(2);
+    assert_eq!(minigpt::listen::listening(training.child.0.id()).unwrap(), [chief.parse().unwrap()]);
+    let (_, status, stderr) = training.finish();
+    assert!(status.success(), "{stderr}");
+    assert_eq!(stderr, "");
+
+    // The same with --cluster, TF_CONFIG ignored (explicit flags win, even over a broken one).
+    let by_flag = tmp.path().join("flag");
+    let workers = cluster_flag(&[&a, &b]);
+    let explicit = [&flags[..], &["--cluster", &workers]].concat();
+    train_with(&corpus, &by_flag, 100, &explicit, &[("TF_CONFIG", "{not json")]);
+    let expected = losses(&by_flag);
+    assert_eq!(expected.len(), 100);
+    assert_eq!(losses(&by_tf_config), expected, "TF_CONFIG trains what --cluster trains");
+    let recorded: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(by_tf_config.join("config.json")).unwrap()).unwrap();
+    assert_eq!(recorded["cluster"], serde_json::json!([w0, w1]));
+
+    // No chief: worker 0 is the chief and trains on the others (here the worker at w1).
+    let lead = free_local_address();
+    let workers_only = serde_json::json!({"worker": [lead, w1]});
+    let (by_lead, by_one) = (tmp.path().join("lead"), tmp.path().join("one"));
+    train_with(&corpus, &by_lead, 50, &flags, &[("TF_CONFIG", &tf_config(&workers_only, "worker", 0))]);
+    train(&corpus, &by_one, 50, &[&flags[..], &["--cluster", &cluster_flag(&[&b])]].concat());
+    assert_eq!(losses(&by_lead), losses(&by_one));
+}
+
+#[test]
+fn malformed_tf_config_gives_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = corpus(tmp.path());
+    let out = tmp.path().join("run");
+    let train = [&["train", "--data"][..], &[corpus.to_str().unwrap(), "--out", out.to_str().unwrap()]].concat();
+    let cluster = serde_json::json!({"chief": ["127.0.0.1:2222"], "worker": ["127.0.0.1:2223"]});
+    for (args, config, needle) in [
+        (&train, "{\"cluster\": ".to_string(), "TF_CONFIG is not the JSON expected"),
+        (&train, tf_config(&cluster, "worker", 5), "its cluster lists 1 worker task"),
+        (&train, tf_config(&cluster, "evaluator", 0), "task type is \"evaluator\""),
+        (
+            &train,
+            tf_config(&serde_json::json!({"ps": ["127.0.0.1:1"], "worker": ["127.0.0.1:2"]}), "worker", 0),
+            "runs no parameter servers",
+        ),
+        (&train, tf_config(&cluster, "worker", 0), "TF_CONFIG makes this task worker 0 (127.0.0.1:2223): run `minigpt server`"),
+        (&vec!["server"], tf_config(&cluster, "chief", 0), "TF_CONFIG makes this task the chief (127.0.0.1:2222): run `minigpt train`"),
+        (
+            &train,
+            tf_config(&serde_json::json!({"chief": ["203.0.113.7:2222"], "worker": ["127.0.0.1:2"]}), "chief", 0),
+            "is not where this process can listen: give --listen",
+        ),
+    ] {
+        fails_with_env(args, &[("TF_CONFIG", &config)], needle);
+    }
+}
