@@ -57,7 +57,7 @@ impl Drop for Reservation {
 pub fn interposed() -> bool {
     // SAFETY: dlsym only looks the name up in the global scope.
     let resolved = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"bind".as_ptr()) };
-    resolved as usize == bind as *const () as usize
+    std::ptr::eq(resolved.cast_const(), bind as *const libc::c_void)
 }
 
 /// `HOST:PORT` (`[V6]:PORT` for an IPv6 address) resolved once: an IP address as written, a host
@@ -100,11 +100,6 @@ fn split(address: &str) -> Result<(&str, u16)> {
     let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
     let port = port.parse().with_context(|| format!("{address:?} is not HOST:PORT (bad port)"))?;
     Ok((host, port))
-}
-
-/// `address` as `HOST:PORT` for gRPC (`[V6]:PORT`).
-pub fn display(address: SocketAddr) -> String {
-    address.to_string()
 }
 
 /// Checks that a server can listen on `address`: an address of this machine (or a wildcard)
@@ -303,14 +298,6 @@ pub fn is_loopback(ip: IpAddr) -> bool {
     }
 }
 
-/// The unspecified address of `ip`'s family.
-pub fn wildcard_of(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-    }
-}
-
 /// The addresses process `pid` listens on by TCP, from the kernel's socket tables
 /// (`/proc/PID/net/tcp`, `tcp6`) and the process's descriptors: what `ss -ltnp` shows of it.
 pub fn listening(pid: u32) -> io::Result<Vec<SocketAddr>> {
@@ -373,10 +360,7 @@ mod tests {
     #[test]
     fn kernel_addresses_are_read_in_host_order() {
         assert_eq!(parse_proc_address("0100007F:1F90"), Some("127.0.0.1:8080".parse().unwrap()));
-        assert_eq!(
-            parse_proc_address("00000000000000000000000001000000:0016"),
-            Some("[::1]:22".parse().unwrap())
-        );
+        assert_eq!(parse_proc_address("00000000000000000000000001000000:0016"), Some("[::1]:22".parse().unwrap()));
         assert_eq!(parse_proc_address("00000000000000000000000000000000:0016"), Some("[::]:22".parse().unwrap()));
     }
 

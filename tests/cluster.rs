@@ -309,9 +309,12 @@ fn the_server_exits_0_on_sigterm_and_sigint_and_devices_lists_the_cluster() {
     let out = minigpt().args(["devices", "--cluster", &cluster_flag(&[&a, &b])]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    for task in
-        ["/job:chief_", "/replica:0/task:0/device:CPU:0", "/job:worker/replica:0/task:0/", "/job:worker/replica:0/task:1/"]
-    {
+    for task in [
+        "/job:chief_",
+        "/replica:0/task:0/device:CPU:0",
+        "/job:worker/replica:0/task:0/",
+        "/job:worker/replica:0/task:1/",
+    ] {
         assert!(stdout.contains(task), "{stdout}");
     }
     assert!(stdout.lines().last().unwrap().starts_with("Num GPUs Available:"), "{stdout}");

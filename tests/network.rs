@@ -116,7 +116,8 @@ fn isolated(listen: &str) -> Option<Command> {
         eprintln!("skipped: `unshare -rn` and `ip` cannot make a network namespace here");
         return None;
     }
-    let script = format!("ip link set lo up && ip addr add 10.9.9.9/32 dev lo && exec \"$0\" server --listen '{listen}'");
+    let script =
+        format!("ip link set lo up && ip addr add 10.9.9.9/32 dev lo && exec \"$0\" server --listen '{listen}'");
     let mut unshare = Command::new("unshare");
     unshare.args(["-rn", "sh", "-c", &script]).arg(assert_cmd::cargo::cargo_bin("minigpt"));
     unshare.env_remove("TF_CONFIG").env_remove("TF_CPP_MIN_LOG_LEVEL");
@@ -148,7 +149,10 @@ fn a_server_beyond_loopback_says_what_it_exposes() {
 #[test]
 fn addresses_that_are_not_this_machines_and_workers_named_twice_give_one_line() {
     let port = free_local_address().rsplit_once(':').unwrap().1.to_string();
-    fails_with(&["server", "--listen", &format!("203.0.113.7:{port}")], "203.0.113.7 is not an address of this machine");
+    fails_with(
+        &["server", "--listen", &format!("203.0.113.7:{port}")],
+        "203.0.113.7 is not an address of this machine",
+    );
     fails_with(&["server", "--listen", &format!("no-such-host.invalid:{port}")], "cannot resolve the host name");
     fails_with(&["server"], "give --listen HOST:PORT");
 
@@ -182,7 +186,8 @@ fn two_chiefs_on_the_same_workers_train_side_by_side() {
     let reference = tmp.path().join("reference");
     train(&corpus, &reference, 1500, &flags);
     let args = |steps: &'static str| {
-        [&["--shuffle", "none", "--log-every", "1", "--max-steps", steps][..], &flags, &["--cluster", &cluster]].concat()
+        [&["--shuffle", "none", "--log-every", "1", "--max-steps", steps][..], &flags, &["--cluster", &cluster]]
+            .concat()
     };
     let (first_out, second_out) = (tmp.path().join("first"), tmp.path().join("second"));
     let mut first = Training::spawn(&corpus, &first_out, &args("1500"));
@@ -226,9 +231,12 @@ fn three_processes_started_by_tf_config_train_what_cluster_trains() {
     // The chief: TF_CONFIG only; it listens at its entry.
     let by_tf_config = tmp.path().join("tf_config");
     let config = tf_config(&cluster, "chief", 0);
-    let mut training = Training::spawn_with(&corpus, &by_tf_config, &[&flags[..], &["--shuffle", "none", "--log-every", "1", "--max-steps", "100"]].concat(), &[
-        ("TF_CONFIG", &config),
-    ]);
+    let mut training = Training::spawn_with(
+        &corpus,
+        &by_tf_config,
+        &[&flags[..], &["--shuffle", "none", "--log-every", "1", "--max-steps", "100"]].concat(),
+        &[("TF_CONFIG", &config)],
+    );
     training.until_step(2);
     assert_eq!(minigpt::listen::listening(training.child.0.id()).unwrap(), [chief.parse().unwrap()]);
     let (_, status, stderr) = training.finish();
@@ -247,11 +255,14 @@ fn three_processes_started_by_tf_config_train_what_cluster_trains() {
         serde_json::from_str(&std::fs::read_to_string(by_tf_config.join("config.json")).unwrap()).unwrap();
     assert_eq!(recorded["cluster"], serde_json::json!([w0, w1]));
 
-    // No chief: worker 0 is the chief and trains on the others (here the worker at w1).
+    // No chief: worker 0 is the chief and trains on the others (here the worker at w1). As on
+    // Kubernetes, TF_CONFIG names it by a host name and --listen gives its address.
     let lead = free_local_address();
-    let workers_only = serde_json::json!({"worker": [lead, w1]});
+    let lead_port = lead.rsplit_once(':').unwrap().1;
+    let workers_only = serde_json::json!({"worker": [format!("localhost:{lead_port}"), w1]});
     let (by_lead, by_one) = (tmp.path().join("lead"), tmp.path().join("one"));
-    train_with(&corpus, &by_lead, 50, &flags, &[("TF_CONFIG", &tf_config(&workers_only, "worker", 0))]);
+    let listen = [&flags[..], &["--listen", &lead]].concat();
+    train_with(&corpus, &by_lead, 50, &listen, &[("TF_CONFIG", &tf_config(&workers_only, "worker", 0))]);
     train(&corpus, &by_one, 50, &[&flags[..], &["--cluster", &cluster_flag(&[&b])]].concat());
     assert_eq!(losses(&by_lead), losses(&by_one));
 }
@@ -272,8 +283,16 @@ fn malformed_tf_config_gives_one_line() {
             tf_config(&serde_json::json!({"ps": ["127.0.0.1:1"], "worker": ["127.0.0.1:2"]}), "worker", 0),
             "runs no parameter servers",
         ),
-        (&train, tf_config(&cluster, "worker", 0), "TF_CONFIG makes this task worker 0 (127.0.0.1:2223): run `minigpt server`"),
-        (&vec!["server"], tf_config(&cluster, "chief", 0), "TF_CONFIG makes this task the chief (127.0.0.1:2222): run `minigpt train`"),
+        (
+            &train,
+            tf_config(&cluster, "worker", 0),
+            "TF_CONFIG makes this task worker 0 (127.0.0.1:2223): run `minigpt server`",
+        ),
+        (
+            &vec!["server"],
+            tf_config(&cluster, "chief", 0),
+            "TF_CONFIG makes this task the chief (127.0.0.1:2222): run `minigpt train`",
+        ),
         (
             &train,
             tf_config(&serde_json::json!({"chief": ["203.0.113.7:2222"], "worker": ["127.0.0.1:2"]}), "chief", 0),
@@ -282,4 +301,36 @@ fn malformed_tf_config_gives_one_line() {
     ] {
         fails_with_env(args, &[("TF_CONFIG", &config)], needle);
     }
+}
+
+/// deploy/tfjob.yaml: a TFJob whose Chief runs `minigpt train` and whose Workers run `minigpt
+/// server`, each listening on its pod's IP at the TFJob port 2222, with arguments minigpt accepts.
+#[test]
+fn the_tfjob_manifest_runs_a_chief_and_workers_minigpt_accepts() {
+    use clap::Parser;
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/tfjob.yaml");
+    let job: serde_json::Value = serde_yaml_ng::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    assert_eq!((job["apiVersion"].as_str(), job["kind"].as_str()), (Some("kubeflow.org/v1"), Some("TFJob")));
+    let replicas = &job["spec"]["tfReplicaSpecs"];
+    for (kind, command) in [("Chief", "train"), ("Worker", "server")] {
+        let container = &replicas[kind]["template"]["spec"]["containers"][0];
+        assert_eq!(container["name"], "tensorflow", "{kind}: TFJob's container name");
+        assert_eq!(container["ports"][0]["containerPort"], 2222, "{kind}");
+        assert_eq!(container["env"][0]["valueFrom"]["fieldRef"]["fieldPath"], "status.podIP", "{kind}");
+        let args: Vec<String> = container["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().replace("$(POD_IP)", "10.0.0.7"))
+            .collect();
+        assert_eq!(args[0], command, "{kind}");
+        assert!(args.windows(2).any(|w| w == ["--listen", "10.0.0.7:2222"]), "{kind}: {args:?}");
+        let parsed = minigpt::cli::Cli::try_parse_from(std::iter::once("minigpt".to_string()).chain(args));
+        assert!(parsed.is_ok(), "{kind}: {}", parsed.unwrap_err());
+    }
+    let workers = replicas["Worker"]["replicas"].as_u64().unwrap();
+    let chief_args = replicas["Chief"]["template"]["spec"]["containers"][0]["args"].to_string();
+    let batch: u64 =
+        chief_args.split("\"--batch-size\",\"").nth(1).unwrap().split('"').next().unwrap().parse().unwrap();
+    assert_eq!(batch % workers, 0, "--batch-size {batch} must divide among {workers} workers");
 }

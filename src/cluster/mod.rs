@@ -144,7 +144,8 @@ impl Cluster {
             Some(listen) => listen.clone(),
             None => Listen::free_local()?,
         };
-        check_distinct(&options.spec, &listen)?;
+        let resolved = resolve_workers(&options.spec, options.worker_timeout)?;
+        check_distinct(&options.spec, &resolved, &listen)?;
         // A worker that is not there fails a call at once instead of being waited for without end
         // (TensorFlow's master waits for every worker's devices with no deadline otherwise).
         std::env::set_var("GRPC_FAIL_FAST", "true");
@@ -281,13 +282,44 @@ impl Cluster {
     }
 }
 
+/// Every address of every worker, in task order. A name that does not resolve yet (a cluster
+/// manager's name for a task that is still starting) is waited for, polling, up to `timeout`,
+/// with one `warning:` line when the wait starts.
+fn resolve_workers(spec: &ClusterSpec, timeout: Duration) -> Result<Vec<Vec<SocketAddr>>> {
+    let start = Instant::now();
+    let mut warned = false;
+    loop {
+        let attempt: Result<Vec<Vec<SocketAddr>>> = spec
+            .workers
+            .iter()
+            .enumerate()
+            .map(|(i, worker)| listen::resolve_all(worker).with_context(|| format!("worker task {i}")))
+            .collect();
+        let error = match attempt {
+            Ok(resolved) => return Ok(resolved),
+            Err(e) if start.elapsed() >= timeout => {
+                return Err(e.context(format!("still after {} s (--worker-timeout)", timeout.as_secs())))
+            }
+            Err(e) => e,
+        };
+        if !std::mem::replace(&mut warned, true) {
+            eprintln!(
+                "warning: {}; waiting up to {} s for it to resolve (--worker-timeout)",
+                crate::text::error_line(&error),
+                timeout.as_secs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
 /// Checks that the workers are distinct tasks, none of them the chief: no two addresses of the list
 /// (each resolved to every address it has) reach the same socket, whatever their spelling
 /// (`localhost:P` and `127.0.0.1:P`, a host name and its address).
-fn check_distinct(spec: &ClusterSpec, chief: &Listen) -> Result<()> {
+fn check_distinct(spec: &ClusterSpec, resolved: &[Vec<SocketAddr>], chief: &Listen) -> Result<()> {
     let mut seen: Vec<(usize, Vec<SocketAddr>)> = Vec::new();
-    for (i, worker) in spec.workers.iter().enumerate() {
-        let addresses = listen::resolve_all(worker).with_context(|| format!("worker task {i}"))?;
+    for ((i, worker), addresses) in spec.workers.iter().enumerate().zip(resolved) {
+        let addresses = addresses.clone();
         ensure!(
             addresses.iter().all(|a| !a.ip().is_unspecified()),
             "worker task {i} at {worker}: a worker is reached at an address of its machine, not {}",
@@ -322,7 +354,8 @@ fn chief_job(run: Option<&Path>) -> Result<String> {
     hash.update(server::host_name()?.as_bytes());
     match run {
         Some(dir) => {
-            let dir = dir.canonicalize().or_else(|_| std::path::absolute(dir)).with_context(|| dir.display().to_string())?;
+            let dir =
+                dir.canonicalize().or_else(|_| std::path::absolute(dir)).with_context(|| dir.display().to_string())?;
             hash.update(dir.as_os_str().as_encoded_bytes());
         }
         None => {

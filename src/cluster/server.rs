@@ -129,7 +129,8 @@ impl Server {
         // SAFETY: the bytes outlive the call; the status is checked before the server is used.
         let raw = unsafe { tf::TF_NewServer(bytes.as_ptr().cast(), bytes.len(), status.raw()) };
         super::check(&status).with_context(|| format!("starting a TensorFlow server on {given}"))?;
-        let mut listening = listen::listening(std::process::id()).context("reading this process's listening sockets")?;
+        let mut listening =
+            listen::listening(std::process::id()).context("reading this process's listening sockets")?;
         listening.retain(|a| a.port() == listen.bind.port());
         ensure!(
             reservation.taken() && listening == [listen.bind],

@@ -133,7 +133,10 @@ mod tests {
         }
         for (text, needle) in [
             ("{not json", "not the JSON expected"),
-            (r#"{"cluster": {"ps": ["a:1"], "worker": ["b:1"]}, "task": {"type": "worker", "index": 0}}"#, "\"ps\" job"),
+            (
+                r#"{"cluster": {"ps": ["a:1"], "worker": ["b:1"]}, "task": {"type": "worker", "index": 0}}"#,
+                "\"ps\" job",
+            ),
             (r#"{"cluster": {"evaluator": ["a:1"]}, "task": {"type": "worker", "index": 0}}"#, "evaluator"),
             (r#"{"cluster": {"worker": ["a"]}, "task": {"type": "worker", "index": 0}}"#, "port is missing"),
             (r#"{"cluster": {"chief": ["a:1", "b:1"]}, "task": {"type": "chief", "index": 0}}"#, "2 chiefs"),

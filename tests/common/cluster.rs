@@ -60,8 +60,7 @@ impl Server {
     /// to say it serves there.
     pub fn launch(mut command: Command, address: &str) -> Self {
         let stderr = tempfile::NamedTempFile::new().unwrap();
-        let mut child =
-            command.stdout(Stdio::piped()).stderr(Stdio::from(stderr.reopen().unwrap())).spawn().unwrap();
+        let mut child = command.stdout(Stdio::piped()).stderr(Stdio::from(stderr.reopen().unwrap())).spawn().unwrap();
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -220,4 +219,3 @@ pub fn fails_with_env(args: &[&str], env: &[(&str, &str)], needle: &str) {
     assert!(lines.last().is_some_and(|l| l.starts_with("error: ") && l.contains(needle)), "{args:?}: {stderr}");
     assert!(lines[..lines.len() - 1].iter().all(|l| l.starts_with("warning: ")), "{args:?}: {stderr}");
 }
-
