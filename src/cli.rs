@@ -216,12 +216,14 @@ pub struct TrainArgs {
     /// Train on several machines with TensorFlow's gRPC runtime: `worker=H1:P1,H2:P2,...`, each
     /// running `minigpt server --listen H:P`. This process holds the weights and Adam's state and
     /// applies the updates; each worker computes the step on its slice of --batch-size (which must
-    /// divide among them). The run directory is an ordinary one.
+    /// divide among them). The run directory is an ordinary one. Without --cluster, the workers
+    /// of TF_CONFIG if it is set and makes this process the chief.
     #[arg(long)]
     pub cluster: Option<String>,
-    /// With --cluster: this process's HOST:PORT, which every worker must be able to reach (on
-    /// separate machines, give an address of this machine on their network) [default: a free
-    /// port of 127.0.0.1, which only workers on this machine reach].
+    /// With --cluster (or TF_CONFIG): this process's HOST:PORT, where its server listens and only
+    /// there, which every worker must be able to reach (on separate machines, an address of this
+    /// machine on their network) [default: a free port of 127.0.0.1, which only workers on this
+    /// machine reach; with TF_CONFIG, this task's address in it].
     #[arg(long)]
     pub listen: Option<String>,
     /// With --cluster: seconds to wait for a worker that does not answer, at start or after it
