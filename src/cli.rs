@@ -89,6 +89,20 @@ impl ServerArgs {
     }
 }
 
+/// Where a task of TF_CONFIG listens: at `--listen` if given (which must be at the task's port in
+/// TF_CONFIG: the others reach it by its name there), else at its address in TF_CONFIG.
+fn listen_as_task(listen: Option<&str>, address: &str) -> Result<Listen> {
+    let Some(text) = listen else { return listen_of_task(address) };
+    let listen = Listen::parse(text).context("--listen")?;
+    let name = cluster::parse_address(address)?;
+    ensure!(
+        name.ends_with(&format!(":{}", listen.bind.port())),
+        "--listen {}: TF_CONFIG has this task at {name}, where the others reach it: listen at that port",
+        listen.bind
+    );
+    Ok(Listen { name, ..listen })
+}
+
 /// This task's address in TF_CONFIG as the place to listen: it must be this machine's.
 fn listen_of_task(address: &str) -> Result<Listen> {
     let listen = Listen::of_task(address).context("TF_CONFIG's address of this task")?;
@@ -256,16 +270,12 @@ impl TrainArgs {
                 if workers.is_empty() {
                     return Ok(None);
                 }
-                let listen = match listen {
-                    // Reached by its name in TF_CONFIG, listening where --listen says.
-                    Some(listen) => Listen { name: cluster::parse_address(&address)?, ..listen },
-                    None => listen_of_task(&address)?,
-                };
+                let listen = listen_as_task(self.listen.as_deref(), &address)?;
                 (ClusterSpec { workers }, Some(listen))
             }
-            (None, Some(Role::Worker { index, address })) => bail!(
-                "TF_CONFIG makes this task worker {index} ({address}): run `minigpt server` here; the chief trains"
-            ),
+            (None, Some(Role::Worker { index, address })) => {
+                bail!("TF_CONFIG makes this task worker {index} ({address}): it serves, the chief trains")
+            }
             (None, None) => {
                 ensure!(listen.is_none(), "--listen is the chief's address on a cluster: give --cluster too");
                 return Ok(None);
@@ -277,6 +287,16 @@ impl TrainArgs {
             worker_timeout: Duration::from_secs(self.worker_timeout),
             step_timeout: Duration::from_secs(self.step_timeout),
         }))
+    }
+
+    /// Where to serve instead of training: TF_CONFIG makes this task a worker (and no
+    /// `--cluster` says otherwise), so that every task of a job can run the same command.
+    fn worker_task(&self) -> Result<Option<Listen>> {
+        if self.cluster.is_some() {
+            return Ok(None);
+        }
+        let Some(Role::Worker { address, .. }) = tf_config::from_env()? else { return Ok(None) };
+        listen_as_task(self.listen.as_deref(), &address).map(Some)
     }
 
     /// The one conversion of the raw flags into a validated [`TrainConfig`]; the settings pass
@@ -620,7 +640,10 @@ pub fn run(cli: Cli) -> Result<()> {
             }
         },
         Command::Server(args) => cluster::serve(&args.to_listen()?),
-        Command::Train(args) => train::run(&args.to_config()?),
+        Command::Train(args) => match args.worker_task()? {
+            Some(listen) => cluster::serve(&listen),
+            None => train::run(&args.to_config()?),
+        },
         Command::Generate(args) => sample::run(&args.to_config()?),
         Command::Eval(args) => eval::run(&args.to_config()?),
         Command::Export(args) => {

@@ -9,7 +9,7 @@
 //! its own (below; build.rs exports it with `--export-dynamic-symbol=bind`). It passes every call
 //! to the kernel unchanged except a wildcard bind at a port [`Reservation`] holds, which it binds
 //! to the reserved address instead, in that address's family (an IPv6 socket becomes an IPv4 one,
-//! with the same flags and options, when the address is IPv4). [`Reservation::taken`] says
+//! with the same flags and the options gRPC sets, when the address is IPv4). [`Reservation::taken`] says
 //! whether it happened: a server whose bind did not come through here is reported, not trusted.
 
 use std::ffi::c_int;
@@ -140,13 +140,13 @@ unsafe fn wildcard_port(addr: *const libc::sockaddr, len: libc::socklen_t) -> Op
     if addr.is_null() || (len as usize) < size_of::<libc::sa_family_t>() {
         return None;
     }
-    match (*addr).sa_family as c_int {
+    match std::ptr::read_unaligned(addr).sa_family as c_int {
         libc::AF_INET if len as usize >= size_of::<libc::sockaddr_in>() => {
-            let a = &*(addr as *const libc::sockaddr_in);
+            let a = std::ptr::read_unaligned(addr as *const libc::sockaddr_in);
             (a.sin_addr.s_addr == 0).then(|| u16::from_be(a.sin_port))
         }
         libc::AF_INET6 if len as usize >= size_of::<libc::sockaddr_in6>() => {
-            let a = &*(addr as *const libc::sockaddr_in6);
+            let a = std::ptr::read_unaligned(addr as *const libc::sockaddr_in6);
             (a.sin6_addr.s6_addr == [0; 16]).then(|| u16::from_be(a.sin6_port))
         }
         _ => None,
@@ -208,14 +208,15 @@ unsafe fn socket_family(fd: c_int) -> io::Result<c_int> {
     Ok(storage.assume_init().ss_family as c_int)
 }
 
-/// The integer socket options a listening socket carries over to the one that replaces it.
-const CARRIED_OPTIONS: [(c_int, c_int); 6] = [
+/// The integer socket options a listening socket carries over to the one that replaces it (and
+/// its accepted connections inherit). Not the buffer sizes: read back and set again, they would
+/// be doubled and locked, turning off the kernel's buffer autotuning for every connection.
+const CARRIED_OPTIONS: [(c_int, c_int); 5] = [
     (libc::SOL_SOCKET, libc::SO_REUSEADDR),
     (libc::SOL_SOCKET, libc::SO_REUSEPORT),
     (libc::SOL_SOCKET, libc::SO_KEEPALIVE),
-    (libc::SOL_SOCKET, libc::SO_RCVBUF),
-    (libc::SOL_SOCKET, libc::SO_SNDBUF),
     (libc::IPPROTO_TCP, libc::TCP_NODELAY),
+    (libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT),
 ];
 
 /// Puts a new, unbound socket of `family` (same type and protocol, flags and the options above)
@@ -382,6 +383,18 @@ mod tests {
             listening(std::process::id()).unwrap().into_iter().filter(|a| a.port() == port).collect();
         assert_eq!(at_port, [target]);
         assert_eq!(unsafe { libc::fcntl(fd, libc::F_GETFL) } & libc::O_NONBLOCK, libc::O_NONBLOCK);
+        // The buffer sizes are the kernel's defaults, not set (which would double and lock them).
+        let sndbuf = |fd: c_int| {
+            let (mut value, mut len) = (0 as c_int, size_of::<c_int>() as libc::socklen_t);
+            let got = unsafe {
+                libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, (&mut value as *mut c_int).cast(), &mut len)
+            };
+            assert_eq!(got, 0);
+            value
+        };
+        let fresh = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+        assert_eq!(sndbuf(fd), sndbuf(fresh));
+        unsafe { libc::close(fresh) };
         std::net::TcpStream::connect(target).unwrap();
         unsafe { libc::close(fd) };
     }

@@ -3,7 +3,7 @@
 //!
 //! The address is resolved once and checked to be this machine's (a wildcard only when written
 //! as one); the server's wildcard bind goes to it (`crate::listen`), and once the server runs,
-//! the process's listening sockets at its port are read back from the kernel: anything else than
+//! the sockets the server opened are read back from the kernel: anything else than
 //! the address asked for ends the process with an error. A server that listens on an address
 //! other than loopback says once, on stderr, what that exposes.
 
@@ -33,15 +33,8 @@ impl Listen {
     /// only when written so; the cluster then reaches the server by this machine's host name.
     pub fn parse(text: &str) -> Result<Self> {
         let text = parse_address(text)?;
-        let bind = listen::resolve(&text)?;
-        let host = &text[..text.rfind(':').unwrap_or(0)];
-        let written_wildcard = matches!(host, "0.0.0.0" | "[::]" | "::");
-        ensure!(
-            !bind.ip().is_unspecified() || written_wildcard,
-            "{text}: the host resolves to {}, every interface: write 0.0.0.0 or [::] if that is meant",
-            bind.ip()
-        );
-        let name = if written_wildcard { format!("{}:{}", host_name()?, bind.port()) } else { bind.to_string() };
+        let (bind, wildcard) = resolve_to_listen(&text)?;
+        let name = if wildcard { format!("{}:{}", host_name()?, bind.port()) } else { bind.to_string() };
         Ok(Self { bind, name })
     }
 
@@ -49,7 +42,7 @@ impl Listen {
     /// to an address of this machine, which is bound; the cluster keeps reaching it by `address`.
     pub fn of_task(address: &str) -> Result<Self> {
         let address = parse_address(address)?;
-        let bind = listen::resolve(&address)?;
+        let (bind, _) = resolve_to_listen(&address)?;
         Ok(Self { bind, name: address })
     }
 
@@ -83,6 +76,29 @@ impl Listen {
     }
 }
 
+/// The address `HOST:PORT` (checked) is to listen on, and whether it is written as every
+/// interface. A wildcard only when written so; a host name other than `localhost` that resolves to
+/// a loopback address (Debian's `/etc/hosts` maps the machine's own name to 127.0.1.1) is refused:
+/// no other machine could reach it there.
+fn resolve_to_listen(text: &str) -> Result<(SocketAddr, bool)> {
+    let bind = listen::resolve(text)?;
+    let host = &text[..text.rfind(':').unwrap_or(0)];
+    let literal = host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>().is_ok();
+    let written_wildcard = matches!(host, "0.0.0.0" | "[::]" | "::");
+    ensure!(
+        !bind.ip().is_unspecified() || written_wildcard,
+        "{text}: the host resolves to {}, every interface: write 0.0.0.0 or [::] if that is meant",
+        bind.ip()
+    );
+    ensure!(
+        literal || host == "localhost" || !listen::is_loopback(bind.ip()),
+        "{text}: {host} resolves to {}, a loopback address, where no other machine reaches it: give this \
+         machine's address on the cluster's network (or 127.0.0.1 for this machine only)",
+        bind.ip()
+    );
+    Ok((bind, written_wildcard))
+}
+
 /// This machine's host name.
 pub(super) fn host_name() -> Result<String> {
     let mut buffer = [0u8; 256];
@@ -111,11 +127,20 @@ impl Server {
     pub fn start(listen: &Listen) -> Result<Self> {
         let given = &listen.name;
         ensure!(
-            listen::interposed() || listen.bind.ip() == IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED),
+            listen::interposed(),
             "cannot listen on {given} only: this program does not export minigpt's bind (link it with \
              -Wl,--export-dynamic-symbol=bind), so TensorFlow's server would listen on every interface"
         );
+        // TensorFlow binds the port of the name (ServerDef.port would also make its target
+        // `localhost:PORT`, which no ClusterDef names).
+        ensure!(
+            given.ends_with(&format!(":{}", listen.bind.port())),
+            "{given} and the address to listen on, {}, have different ports",
+            listen.bind
+        );
         listen::check_bindable(listen.bind, given)?;
+        let pid = std::process::id();
+        let before = listen::listening(pid).context("reading this process's listening sockets")?;
         let reservation = Reservation::new(listen.bind);
         let def = proto::ServerDef {
             cluster: Some(cluster_def(&[("local", std::slice::from_ref(&listen.name))])),
@@ -129,15 +154,13 @@ impl Server {
         // SAFETY: the bytes outlive the call; the status is checked before the server is used.
         let raw = unsafe { tf::TF_NewServer(bytes.as_ptr().cast(), bytes.len(), status.raw()) };
         super::check(&status).with_context(|| format!("starting a TensorFlow server on {given}"))?;
-        let mut listening =
-            listen::listening(std::process::id()).context("reading this process's listening sockets")?;
-        listening.retain(|a| a.port() == listen.bind.port());
+        let mut opened = listen::listening(pid).context("reading this process's listening sockets")?;
+        opened.retain(|a| !before.contains(a));
         ensure!(
-            reservation.taken() && listening == [listen.bind],
-            "TensorFlow's server was asked for {} but listens on {} at port {}: stopping",
+            reservation.taken() && opened == [listen.bind],
+            "TensorFlow's server was to listen on {} only but listens on {}: stopping",
             listen.bind,
-            listening.iter().map(SocketAddr::to_string).collect::<Vec<_>>().join(", "),
-            listen.bind.port()
+            opened.iter().map(SocketAddr::to_string).collect::<Vec<_>>().join(", ")
         );
         if let Some(warning) = listen.exposure() {
             eprintln!("{warning}");
@@ -183,4 +206,28 @@ pub fn serve(listen: &Listen) -> Result<()> {
         }
     });
     server.join()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wildcards_only_as_written_and_what_is_exposed() {
+        let any = Listen::parse("0.0.0.0:2222").unwrap();
+        assert_eq!(any.bind, "0.0.0.0:2222".parse().unwrap());
+        assert_eq!(any.name, format!("{}:2222", host_name().unwrap()));
+        let warning = any.exposure().unwrap();
+        assert!(
+            warning.starts_with("warning: TensorFlow's server listens on every interface of this machine at port 2222")
+        );
+        assert!(warning.contains("including reading and writing files") && warning.contains("a network you trust"));
+        assert_eq!(Listen::parse("[::]:2222").unwrap().bind, "[::]:2222".parse().unwrap());
+        let local = Listen::parse("127.0.0.1:2222").unwrap();
+        assert_eq!((local.exposure(), local.name.as_str()), (None, "127.0.0.1:2222"));
+        assert_eq!(Listen::parse("[::1]:2222").unwrap().exposure(), None);
+        let lan = Listen { bind: "10.0.0.11:2222".parse().unwrap(), name: "10.0.0.11:2222".into() };
+        assert!(lan.exposure().unwrap().contains("listens on 10.0.0.11:2222, beyond this machine"));
+        assert!(Listen::parse("localhost:2222").unwrap().is_loopback());
+    }
 }

@@ -7,8 +7,10 @@
 //! ```
 //!
 //! minigpt runs two kinds of task: the chief (`minigpt train`, which holds the variables and
-//! runs the loop) and workers (`minigpt server`). A cluster without a chief makes worker 0 the
-//! chief, as tf.distribute does; the other workers are then its workers.
+//! runs the loop) and workers (`minigpt server`, or `minigpt train` on a worker task, so that
+//! every task can run the same command). A cluster without a chief makes worker 0 the chief, as
+//! tf.distribute does (which also computes on it: here the chief holds the variables and runs
+//! the loop, and the other workers compute).
 
 use std::collections::BTreeMap;
 
@@ -29,8 +31,10 @@ pub enum Role {
 
 #[derive(Deserialize)]
 struct Raw {
+    #[serde(default)]
     cluster: BTreeMap<String, Vec<String>>,
-    task: Task,
+    #[serde(default)]
+    task: Option<Task>,
     #[serde(default)]
     rpc_layer: Option<String>,
 }
@@ -48,12 +52,13 @@ pub fn from_env() -> Result<Option<Role>> {
         Err(std::env::VarError::NotPresent) => Ok(None),
         Err(std::env::VarError::NotUnicode(_)) => bail!("TF_CONFIG is not UTF-8"),
         Ok(text) if text.trim().is_empty() => Ok(None),
-        Ok(text) => parse(&text).map(Some),
+        Ok(text) => parse(&text),
     }
 }
 
-/// The role a TF_CONFIG text gives this process.
-pub fn parse(text: &str) -> Result<Role> {
+/// The role a TF_CONFIG text gives this process; none for an empty cluster (`{}`), which
+/// tf.distribute also takes as not distributed.
+pub fn parse(text: &str) -> Result<Option<Role>> {
     let raw: Raw = serde_json::from_str(text).map_err(|e| {
         anyhow::anyhow!(
             "TF_CONFIG is not the JSON expected ({e}): {{\"cluster\": {{\"chief\": [\"HOST:PORT\"], \"worker\": \
@@ -62,6 +67,9 @@ pub fn parse(text: &str) -> Result<Role> {
     })?;
     if let Some(layer) = raw.rpc_layer.as_deref() {
         ensure!(layer == "grpc", "TF_CONFIG's rpc_layer is {layer:?}: minigpt speaks TensorFlow's \"grpc\" only");
+    }
+    if raw.cluster.values().all(Vec::is_empty) {
+        return Ok(None);
     }
     for (job, tasks) in &raw.cluster {
         match job.as_str() {
@@ -84,7 +92,8 @@ pub fn parse(text: &str) -> Result<Role> {
     let workers = raw.cluster.get("worker").cloned().unwrap_or_default();
     ensure!(chiefs.len() <= 1, "TF_CONFIG lists {} chiefs: a cluster has one", chiefs.len());
     ensure!(!chiefs.is_empty() || !workers.is_empty(), "TF_CONFIG's cluster lists no chief and no worker");
-    let Task { kind, index } = raw.task;
+    let Task { kind, index } =
+        raw.task.context("TF_CONFIG has a cluster but no \"task\" saying which one this process is")?;
     let tasks = match kind.as_str() {
         "chief" => &chiefs,
         "worker" => &workers,
@@ -97,12 +106,12 @@ pub fn parse(text: &str) -> Result<Role> {
         if tasks.len() == 1 { "" } else { "s" }
     );
     let address = parse_address(&tasks[index])?;
-    Ok(match (chiefs.first(), kind.as_str(), index) {
+    Ok(Some(match (chiefs.first(), kind.as_str(), index) {
         (Some(_), "chief", _) => Role::Chief { address, workers },
         // No chief: worker 0 is the chief.
         (None, _, 0) => Role::Chief { address, workers: workers[1..].to_vec() },
         _ => Role::Worker { index, address },
-    })
+    }))
 }
 
 #[cfg(test)]
@@ -112,7 +121,7 @@ mod tests {
     #[test]
     fn roles() {
         let cluster = r#""cluster": {"chief": ["h0:2222"], "worker": ["h1:2222", "h2:2222"]}"#;
-        let of = |task: &str| parse(&format!("{{{cluster}, \"task\": {task}}}"));
+        let of = |task: &str| parse(&format!("{{{cluster}, \"task\": {task}}}")).map(Option::unwrap);
         let workers = vec!["h1:2222".to_string(), "h2:2222".to_string()];
         let chief = Role::Chief { address: "h0:2222".into(), workers: workers.clone() };
         assert_eq!(of(r#"{"type": "chief", "index": 0}"#).unwrap(), chief);
@@ -121,7 +130,12 @@ mod tests {
             Role::Worker { index: 1, address: "h2:2222".into() }
         );
         let no_chief = r#"{"cluster": {"worker": ["h1:1", "h2:2"]}, "task": {"type": "worker", "index": 0}}"#;
-        assert_eq!(parse(no_chief).unwrap(), Role::Chief { address: "h1:1".into(), workers: vec!["h2:2".into()] });
+        assert_eq!(
+            parse(no_chief).unwrap().unwrap(),
+            Role::Chief { address: "h1:1".into(), workers: vec!["h2:2".into()] }
+        );
+        assert_eq!(parse("{}").unwrap(), None);
+        assert_eq!(parse(r#"{"cluster": {}, "task": {"type": "worker", "index": 0}}"#).unwrap(), None);
         for (task, needle) in [
             (r#"{"type": "worker", "index": 2}"#, "cluster lists 2 worker tasks"),
             (r#"{"type": "chief", "index": 1}"#, "cluster lists 1 chief task"),
@@ -140,6 +154,7 @@ mod tests {
             (r#"{"cluster": {"evaluator": ["a:1"]}, "task": {"type": "worker", "index": 0}}"#, "evaluator"),
             (r#"{"cluster": {"worker": ["a"]}, "task": {"type": "worker", "index": 0}}"#, "port is missing"),
             (r#"{"cluster": {"chief": ["a:1", "b:1"]}, "task": {"type": "chief", "index": 0}}"#, "2 chiefs"),
+            (r#"{"cluster": {"worker": ["a:1"]}}"#, "no \"task\""),
         ] {
             let e = format!("{:#}", parse(text).unwrap_err());
             assert!(e.contains(needle), "{text}: {e}");
