@@ -17,6 +17,7 @@ use crate::graph;
 use crate::info;
 use crate::model::{Arch, ModelConfig, ModelShape};
 use crate::optim::AdamConfig;
+use crate::output;
 use crate::run::{TrainSettings, KEEP_CHECKPOINTS};
 use crate::sample::{self, GenerateConfig, Generation};
 use crate::sampler::SamplerConfig;
@@ -635,8 +636,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 };
                 let cluster = Cluster::start(&options, None)?;
                 cluster.wait_for_workers()?;
-                device::print_device_list(&cluster.devices()?);
-                Ok(())
+                device::print_device_list(&cluster.devices()?)
             }
         },
         Command::Server(args) => cluster::serve(&args.to_listen()?),
@@ -648,20 +648,15 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Eval(args) => eval::run(&args.to_config()?),
         Command::Export(args) => {
             let path = saved_model::export(&args.run, &args.out, args.session.to_config(DeviceChoice::Cpu)?)?;
-            println!(
+            output::line(format_args!(
                 "wrote SavedModel {} (signatures serving_default: tokens -> logits, train_step: x, y -> loss)",
                 path.display()
-            );
-            Ok(())
+            ))
         }
-        Command::Info(args) => {
-            print!("{}", info::describe(&args.run)?);
-            Ok(())
-        }
+        Command::Info(args) => output::write(info::describe(&args.run)?),
         Command::Graph(args) => {
             let path = graph::write_text(&args.to_config()?, &args.out)?;
-            println!("wrote {}", path.display());
-            Ok(())
+            output::line(format_args!("wrote {}", path.display()))
         }
     }
 }

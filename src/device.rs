@@ -243,16 +243,17 @@ pub fn gpu_count(devices: &[DeviceInfo]) -> usize {
 
 /// `minigpt devices`: every device, then the notebook's line.
 pub fn print_devices(config: SessionConfig) -> Result<()> {
-    print_device_list(&list_devices(config)?);
-    Ok(())
+    print_device_list(&list_devices(config)?)
 }
 
 /// Each device, then the notebook's line counting the GPUs among them.
-pub fn print_device_list(devices: &[DeviceInfo]) {
+pub fn print_device_list(devices: &[DeviceInfo]) -> Result<()> {
+    let mut text = String::new();
     for d in devices {
-        println!("{:<28} {:<5} {:>8.1} MiB", d.name, d.kind, d.memory_bytes as f64 / (1 << 20) as f64);
+        text += &format!("{:<28} {:<5} {:>8.1} MiB\n", d.name, d.kind, d.memory_bytes as f64 / (1 << 20) as f64);
     }
-    println!("Num GPUs Available:  {}", gpu_count(devices));
+    text += &format!("Num GPUs Available:  {}", gpu_count(devices));
+    crate::output::line(text)
 }
 
 #[cfg(test)]

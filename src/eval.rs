@@ -85,8 +85,7 @@ pub fn run(cfg: &EvalConfig) -> Result<()> {
     };
     for (name, split) in splits {
         let loss = evaluate(|x, y| source.loss(x, y), split, source.block_size(), sample, 0)?;
-        println!("{name}_loss: {loss:.6}");
-        println!("{name}_perplexity: {:.6}", loss.exp());
+        crate::output::line(format_args!("{name}_loss: {loss:.6}\n{name}_perplexity: {:.6}", loss.exp()))?;
     }
     Ok(())
 }

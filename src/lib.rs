@@ -15,7 +15,7 @@
 //! graph
 //! summary, sampler, loss, optim, model, cluster
 //! data, device
-//! proto, tfx, files, text, listen
+//! proto, tfx, files, text, listen, output
 //! library
 //! ```
 
@@ -33,6 +33,7 @@ pub mod loss;
 pub mod model;
 pub mod object_graph;
 pub mod optim;
+pub mod output;
 pub mod plot;
 pub mod proto;
 pub mod run;

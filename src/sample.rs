@@ -10,13 +10,16 @@
 //! once it is longer, the window slides, every position moves, and each character costs one
 //! pass over the last `block_size` characters (what cropping computes, exactly).
 
-use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{ensure, Context, Result};
 
+use crate::output;
 use crate::sampler::{Cache, NextLogits, Sampler, SamplerConfig};
 use crate::saved_model::{OpenOptions, Source};
+
+/// Characters the in-graph loop draws per run.
+const CHUNK: usize = 256;
 
 /// How to continue a prompt.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -48,13 +51,21 @@ pub fn generate(
     ensure!(!prompt.is_empty(), "the prompt is empty: give at least one character");
     let s = &how.sampler;
     s.validate()?;
-    if !how.stepwise {
-        if let Some(ids) = model.chain(prompt, how.chars, s)? {
-            for &id in &ids {
+    if !how.stepwise && model.chain(prompt, 0, s)?.is_some() {
+        // The in-graph loop, a chunk of characters per run: each is emitted as its chunk ends,
+        // and a chunk's cost does not grow with the text (the loop's own output grows per run).
+        // The loop's Multinomial keeps its random stream from run to run, as one run would.
+        let mut ids: Vec<i32> = prompt.to_vec();
+        while ids.len() - prompt.len() < how.chars {
+            let count = CHUNK.min(how.chars - (ids.len() - prompt.len()));
+            let context = &ids[ids.len().saturating_sub(model.context_size().unwrap_or(1))..];
+            let drawn = model.chain(context, count, s)?.context("the sampling loop went away")?;
+            for &id in &drawn {
                 emit(id)?;
             }
-            return Ok(ids);
+            ids.extend(drawn);
         }
+        return Ok(ids.split_off(prompt.len()));
     }
     let sampler = Sampler::new(s)?;
     let mut ids = prompt.to_vec();
@@ -80,12 +91,17 @@ pub fn run(cfg: &GenerateConfig) -> Result<()> {
     let vocab = source.vocab()?;
     let prompt = vocab.encode(&cfg.prompt).context("the prompt cannot be encoded")?;
     ensure!(!prompt.is_empty(), "the prompt is empty: give at least one character");
-    let mut out = std::io::stdout().lock();
-    write!(out, "{}", cfg.prompt)?;
+    // Written as drawn (flushed at each line and each chunk of the in-graph loop): an interrupted
+    // run keeps what it drew.
+    output::write(&cfg.prompt)?;
+    let mut drawn = 0;
     generate(source.next_logits(), &prompt, &cfg.generation, |id| {
-        write!(out, "{}", vocab.decode(&[id]))?;
-        Ok(out.flush()?)
+        drawn += 1;
+        output::put(vocab.decode(&[id]))?;
+        if drawn % CHUNK == 0 {
+            output::write("")?;
+        }
+        Ok(())
     })?;
-    writeln!(out)?;
-    Ok(())
+    output::line("")
 }

@@ -16,6 +16,7 @@ use crate::device::{DeviceChoice, SessionConfig};
 use crate::eval;
 use crate::graph::{GraphOptions, Purpose, Runner};
 use crate::model::{ModelConfig, ModelShape};
+use crate::output;
 use crate::run::{Best, DataInfo, Load, MetricsRow, RunConfig, RunDir, TrainSettings};
 use crate::saved_model;
 use crate::text::thousands;
@@ -141,6 +142,17 @@ pub struct Interrupted {
     pub dir: PathBuf,
 }
 
+/// Training stopped after checkpointing because writing its log to stdout failed: its reader went
+/// away (`closed`: `minigpt` exits 141) or stdout cannot be written (exit 1).
+#[derive(Debug, thiserror::Error)]
+#[error("{why} at step {step}: checkpoint saved; continue with `minigpt train --resume --out {}`", dir.display())]
+pub struct OutputLost {
+    pub step: u64,
+    pub dir: PathBuf,
+    pub closed: bool,
+    why: String,
+}
+
 /// What a finished run reports.
 #[derive(Debug, Clone)]
 pub struct TrainSummary {
@@ -157,7 +169,7 @@ pub fn run(cfg: &TrainConfig) -> Result<()> {
         Start::Resume { .. } => resume(cfg)?,
         Start::New { data, .. } | Start::InitFrom { data, .. } => train(cfg, &data::load_corpus(data)?)?,
     };
-    println!(
+    output::line(format_args!(
         "trained {} steps in {:.1} s ({:.0} steps/s): last loss {:.4}, val loss {:.4}; run saved to {}",
         summary.steps,
         summary.seconds,
@@ -165,8 +177,7 @@ pub fn run(cfg: &TrainConfig) -> Result<()> {
         summary.last_loss,
         summary.val_loss,
         cfg.out.display()
-    );
-    Ok(())
+    ))
 }
 
 /// Trains a fresh (or `--init-from`) model on `corpus`, writing the run to `cfg.out`.
@@ -220,12 +231,12 @@ pub fn train(cfg: &TrainConfig, corpus: &Corpus) -> Result<TrainSummary> {
     runner.init()?;
     if !cfg.report.quiet {
         let params = crate::model::parameters(runner.model());
-        println!(
+        output::line(format_args!(
             "model: {}, {} parameters, vocabulary of {}",
             format!("{:?}", config.model.arch).to_lowercase(),
             thousands(params),
             vocab.len()
-        );
+        ))?;
     }
     if let Start::InitFrom { dir, .. } = &cfg.start {
         let weights = match saved_model::is_saved_model(dir) {
@@ -300,14 +311,14 @@ fn resume(cfg: &TrainConfig) -> Result<TrainSummary> {
     let mut metrics = dir.read_metrics()?;
     metrics.retain(|r| r.step < position.step || (r.step == position.step && r.val_loss.is_some()));
     if !cfg.report.quiet {
-        println!(
+        output::line(format_args!(
             "resuming {} from {} (step {}, epoch {}, batch {})",
             cfg.out.display(),
             prefix.display(),
             position.step,
             epoch + 1,
             batch
-        );
+        ))?;
     }
     run_steps(&runner, &dir, &mut config, &cfg.report, (train_data, val_data), position, metrics)
 }
@@ -482,6 +493,8 @@ struct Progress {
     start: Instant,
     start_step: u64,
     epochs: u64,
+    /// Why writing to stdout failed, once it did: nothing more is written there.
+    lost: Option<anyhow::Error>,
 }
 
 impl Progress {
@@ -508,19 +521,27 @@ impl Progress {
             start: Instant::now(),
             start_step: at,
             epochs: s.epochs,
+            lost: None,
         }
     }
 
     /// A line above the bar (or on stdout).
-    fn line(&self, text: &str) {
+    fn line(&mut self, text: &str) {
         match &self.bar {
             Some(bar) => bar.println(text),
-            None if !self.quiet => println!("{text}"),
+            None if !self.quiet => self.print(text),
             None => {}
         }
     }
 
-    fn epoch(&self, epoch: u64) {
+    /// A line on stdout, until writing there fails once.
+    fn print(&mut self, text: &str) {
+        if self.lost.is_none() {
+            self.lost = output::line(text).err();
+        }
+    }
+
+    fn epoch(&mut self, epoch: u64) {
         match &self.bar {
             Some(bar) => bar.set_prefix(format!("epoch {}/{}", epoch + 1, self.epochs)),
             None => self.line(&format!("\nEpoch {}", epoch + 1)),
@@ -545,7 +566,9 @@ impl Progress {
                     ));
                 }
             }
-            None if !self.quiet && step.is_multiple_of(self.log_every) => println!("Step {step}: Loss {loss:.4}"),
+            None if !self.quiet && step.is_multiple_of(self.log_every) => {
+                self.print(&format!("Step {step}: Loss {loss:.4}"))
+            }
             None => {}
         }
     }
@@ -705,6 +728,11 @@ fn run_steps(
                 rec.checkpoint(global_step, position)?;
                 rec.progress.finish();
                 return Err(Interrupted { step: global_step, dir: dir.path.clone() }.into());
+            }
+            if let Some(e) = rec.progress.lost.take() {
+                rec.checkpoint(global_step, position)?;
+                let (closed, why) = (output::is_closed(&e), crate::text::error_line(&e));
+                return Err(OutputLost { step: global_step, dir: dir.path.clone(), closed, why }.into());
             }
             if step == n_batches {
                 break; // the epoch's end evaluates and checkpoints below

@@ -187,12 +187,12 @@ fn the_gpts_in_graph_loop_draws_what_the_cached_path_draws() {
     // A prompt shorter than the block of 8 (the window fills, then slides) and one longer (cropped).
     for (prompt, top_k, temperature) in [(vec![3, 1, 4], None, 1.0f32), ((0..12).collect(), Some(4), 0.8)] {
         let s = sampler(5, top_k, temperature);
-        let looped = generate(&gpt(s), &prompt, 60, s, false);
+        let looped = generate(&gpt(s), &prompt, 300, s, false);
         assert!(gpt(s).chain(&prompt, 1, &s).unwrap().is_some());
-        assert_eq!(looped.len(), 60);
+        assert_eq!(looped.len(), 300);
         assert_eq!(
             looped,
-            generate(&gpt_cached(s), &prompt, 60, s, false),
+            generate(&gpt_cached(s), &prompt, 300, s, false),
             "top_k {top_k:?}, temperature {temperature}"
         );
     }

@@ -191,13 +191,11 @@ impl Server {
 /// until SIGTERM or SIGINT, then exits 0 (a started server cannot be stopped, only left).
 pub fn serve(listen: &Listen) -> Result<()> {
     let server = Server::start(listen)?;
-    println!(
+    crate::output::line(format_args!(
         "minigpt server: TensorFlow gRPC server at {} (job local, task 0), listening on {}; stop with Ctrl-C",
         server.target(),
         listen.bind
-    );
-    use std::io::Write;
-    std::io::stdout().flush()?;
+    ))?;
     let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
         .context("installing the signal handler")?;
     std::thread::spawn(move || {
