@@ -133,6 +133,9 @@ pub struct TrainArgs {
     /// --resume it must be the text the run was trained on (the same SHA-256).
     #[arg(long, env = "MINIGPT_DATA", hide_env_values = true)]
     pub data: Option<String>,
+    /// Seconds a download of --data may wait for the server: to connect, and each time for more.
+    #[arg(long, default_value_t = data::DEFAULT_DOWNLOAD_TIMEOUT, value_parser = clap::value_parser!(u64).range(1..))]
+    pub download_timeout: u64,
     /// Run directory to create (or, with --resume, to continue).
     #[arg(long)]
     pub out: PathBuf,
@@ -518,6 +521,9 @@ pub struct EvalArgs {
     /// Corpus (default: the run's own; for a SavedModel, as train's --data).
     #[arg(long)]
     pub data: Option<String>,
+    /// Seconds a download of --data may wait for the server: to connect, and each time for more.
+    #[arg(long, default_value_t = data::DEFAULT_DOWNLOAD_TIMEOUT, value_parser = clap::value_parser!(u64).range(1..))]
+    pub download_timeout: u64,
     /// `val`, or `all` to add the training split's loss.
     #[arg(long, value_enum, default_value_t = Split::Val)]
     pub split: Split,
@@ -642,10 +648,16 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Server(args) => cluster::serve(&args.to_listen()?),
         Command::Train(args) => match args.worker_task()? {
             Some(listen) => cluster::serve(&listen),
-            None => train::run(&args.to_config()?),
+            None => {
+                data::set_download_timeout(Duration::from_secs(args.download_timeout));
+                train::run(&args.to_config()?)
+            }
         },
         Command::Generate(args) => sample::run(&args.to_config()?),
-        Command::Eval(args) => eval::run(&args.to_config()?),
+        Command::Eval(args) => {
+            data::set_download_timeout(Duration::from_secs(args.download_timeout));
+            eval::run(&args.to_config()?)
+        }
         Command::Export(args) => {
             let path = saved_model::export(&args.run, &args.out, args.session.to_config(DeviceChoice::Cpu)?)?;
             output::line(format_args!(

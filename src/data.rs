@@ -5,6 +5,8 @@ use std::collections::HashMap;
 use std::fs;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 use rand::{Rng, SeedableRng};
@@ -55,9 +57,45 @@ fn builtin_bytes() -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
+/// An error for a `builtin:` name minigpt does not have.
+fn check_builtin(source: &str) -> Result<()> {
+    ensure!(
+        !source.starts_with("builtin:") || source == BUILTIN,
+        "{source} is not a built-in corpus: minigpt has {BUILTIN} (Tiny Shakespeare)"
+    );
+    Ok(())
+}
+
+/// Limits of a download: its size and how long the server may stay silent.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_bytes: u64,
+    /// For connecting, and for each wait for more of the answer.
+    pub timeout: Duration,
+}
+
+/// `--download-timeout`'s default, in seconds.
+pub const DEFAULT_DOWNLOAD_TIMEOUT: u64 = 30;
+
+static DOWNLOAD_TIMEOUT: OnceLock<Duration> = OnceLock::new();
+
+/// Sets how long downloads of this process wait for a server (`--download-timeout`), once.
+pub fn set_download_timeout(timeout: Duration) {
+    let _ = DOWNLOAD_TIMEOUT.set(timeout);
+}
+
+impl Default for Limits {
+    /// A corpus: at most [`MAX_CORPUS_BYTES`], the process's download timeout.
+    fn default() -> Self {
+        let timeout = *DOWNLOAD_TIMEOUT.get().unwrap_or(&Duration::from_secs(DEFAULT_DOWNLOAD_TIMEOUT));
+        Self { max_bytes: MAX_CORPUS_BYTES, timeout }
+    }
+}
+
 /// Loads a corpus: the built-in one ([`BUILTIN`]), a path, or an `http(s)://` URL (downloaded
 /// through the cache).
 pub fn load_corpus(source: &str) -> Result<Corpus> {
+    check_builtin(source)?;
     if source == BUILTIN {
         let bytes = builtin_bytes()?;
         let sha256 = sha256_hex(&bytes);
@@ -123,6 +161,7 @@ fn read_corpus_file(path: &Path) -> Result<Vec<u8>> {
 /// The local file behind a source: a URL is downloaded into the cache first, the built-in corpus
 /// written there (for tools that read a file, such as the Python side of `make parity`).
 pub fn local_path(source: &str) -> Result<PathBuf> {
+    check_builtin(source)?;
     if source == BUILTIN {
         let dir = cache_dir()?;
         let path = dir.join("tinyshakespeare.txt");
@@ -134,7 +173,7 @@ pub fn local_path(source: &str) -> Result<PathBuf> {
     }
     if is_url(source) {
         let expected = (source == TINY_SHAKESPEARE_URL).then_some(TINY_SHAKESPEARE_SHA256);
-        fetch_cached(source, expected, &cache_dir()?)
+        fetch_cached(source, expected, &cache_dir()?, &Limits::default())
     } else {
         Ok(PathBuf::from(source))
     }
@@ -162,10 +201,11 @@ pub fn cache_dir() -> Result<PathBuf> {
     }
 }
 
-/// Returns the cached copy of `url`, downloading it first if needed. The download goes to a
-/// temporary file in the cache folder and is renamed into place only when complete and, if
-/// `expected_sha256` is given, verified; a cached copy is reused with no network access.
-pub fn fetch_cached(url: &str, expected_sha256: Option<&str>, cache: &Path) -> Result<PathBuf> {
+/// Returns the cached copy of `url`, downloading it first if needed, within `limits`. The download
+/// goes to a temporary file in the cache folder (removed if it fails) and is renamed into place
+/// only when complete and, if `expected_sha256` is given, verified; a cached copy is reused with
+/// no network access.
+pub fn fetch_cached(url: &str, expected_sha256: Option<&str>, cache: &Path, limits: &Limits) -> Result<PathBuf> {
     let name = url.rsplit('/').next().filter(|n| !n.is_empty()).unwrap_or("download");
     let key = &sha256_hex(url.as_bytes())[..16];
     let path = cache.join(format!("{key}-{name}"));
@@ -182,13 +222,26 @@ pub fn fetch_cached(url: &str, expected_sha256: Option<&str>, cache: &Path) -> R
     }
     fs::create_dir_all(cache).with_context(|| format!("creating cache folder {}", cache.display()))?;
     let offline = "(offline? omit --data for the built-in Tiny Shakespeare, or give --data PATH)";
+    let seconds = limits.timeout.as_secs_f64();
+    let silent =
+        |e: &dyn std::fmt::Display| format!("downloading {url}: no answer for {seconds} s (--download-timeout) ({e})");
     let mut response = reqwest::blocking::Client::builder()
-        .timeout(std::time::Duration::from_secs(300))
+        .connect_timeout(limits.timeout)
+        .timeout(limits.timeout) // each wait for the server: connecting, the answer, each read
         .build()?
         .get(url)
         .send()
-        .with_context(|| format!("downloading {url} {offline}"))?;
+        .map_err(|e| match e.is_timeout() {
+            true => anyhow::anyhow!(silent(&e)),
+            false => anyhow::Error::new(e).context(format!("downloading {url} {offline}")),
+        })?;
     ensure!(response.status().is_success(), "downloading {url}: HTTP {}", response.status());
+    let max = limits.max_bytes;
+    let too_large =
+        |size: u64| format!("downloading {url}: {size} bytes or more, more than minigpt reads ({max} bytes)");
+    if let Some(size) = response.content_length().filter(|&size| size > max) {
+        bail!(too_large(size));
+    }
     let mut tmp = tempfile::NamedTempFile::new_in(cache)?;
     // Drawn on stderr only when it is a terminal.
     let bar = indicatif::ProgressBar::new(response.content_length().unwrap_or(0)).with_style(
@@ -201,11 +254,21 @@ pub fn fetch_cached(url: &str, expected_sha256: Option<&str>, cache: &Path) -> R
     bar.set_message(url.rsplit('/').next().unwrap_or(url).to_string());
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 16];
+    let mut total = 0u64;
     loop {
-        let n = response.read(&mut buf).with_context(|| format!("downloading {url}"))?;
+        let n = response.read(&mut buf).map_err(|e| {
+            let timed_out = e.kind() == std::io::ErrorKind::TimedOut
+                || e.get_ref().and_then(|e| e.downcast_ref::<reqwest::Error>()).is_some_and(|e| e.is_timeout());
+            match timed_out {
+                true => anyhow::anyhow!(silent(&e)),
+                false => anyhow::Error::new(e).context(format!("downloading {url}")),
+            }
+        })?;
         if n == 0 {
             break;
         }
+        total += n as u64;
+        ensure!(total <= max, too_large(total));
         hasher.update(&buf[..n]);
         tmp.write_all(&buf[..n])?;
         bar.inc(n as u64);

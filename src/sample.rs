@@ -61,9 +61,10 @@ pub fn generate(
             let context = &ids[ids.len().saturating_sub(model.context_size().unwrap_or(1))..];
             let drawn = model.chain(context, count, s)?.context("the sampling loop went away")?;
             for &id in &drawn {
+                ensure!(id >= 0, broken(ids.len() - prompt.len() + 1));
                 emit(id)?;
+                ids.push(id);
             }
-            ids.extend(drawn);
         }
         return Ok(ids.split_off(prompt.len()));
     }
@@ -78,11 +79,17 @@ pub fn generate(
             cache.clear();
         }
         let logits = model.next_logits(&ids[start..], &mut cache)?;
+        ensure!(logits.iter().all(|v| v.is_finite()), broken(ids.len() - prompt.len() + 1));
         let id = sampler.draw(&logits)?;
         ids.push(id);
         emit(id)?;
     }
     Ok(ids.split_off(prompt.len()))
+}
+
+/// The error of a model whose logits are not numbers at the `n`th character drawn.
+fn broken(n: usize) -> String {
+    format!("the model's logits are NaN or infinite at generated character {n}: its weights are broken")
 }
 
 /// `minigpt generate`: the prompt, then each character as it is drawn.
@@ -95,13 +102,18 @@ pub fn run(cfg: &GenerateConfig) -> Result<()> {
     // run keeps what it drew.
     output::write(&cfg.prompt)?;
     let mut drawn = 0;
-    generate(source.next_logits(), &prompt, &cfg.generation, |id| {
+    let generated = generate(source.next_logits(), &prompt, &cfg.generation, |id| {
         drawn += 1;
         output::put(vocab.decode(&[id]))?;
         if drawn % CHUNK == 0 {
             output::write("")?;
         }
         Ok(())
-    })?;
+    });
+    if let Err(e) = generated {
+        // What was drawn stays printed, on a line of its own.
+        let _ = output::line("");
+        return Err(e.context(format!("generating from {}", cfg.run.display())));
+    }
     output::line("")
 }

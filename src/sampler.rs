@@ -167,6 +167,18 @@ pub(crate) fn multinomial(
     .into())
 }
 
+/// `next` ([1, 1] int64) where the row it was drawn from, `scaled` ([1, V], [`scale`]d), came
+/// from finite logits, else -1: any NaN or infinite logit makes a NaN there, or leaves no finite
+/// value (-inf stands only for what top-k removed). The loop's caller stops at the first -1.
+fn unless_broken(scaled: Output, next: Output, scope: &mut Scope) -> tensorflow::Result<Output> {
+    let axes = tfx::constant(&[0i32, 1], &[2], scope)?;
+    let nan = ops::any(ops::is_nan(scaled.clone(), scope)?, axes.clone(), scope)?;
+    let some_finite = ops::any(ops::is_finite(scaled, scope)?, axes, scope)?;
+    let ok = ops::logical_and(ops::logical_not(nan, scope)?, some_finite, scope)?;
+    let broken = ops::constant(-1i64, scope)?;
+    Ok(ops::select_v2(ok, next, broken, scope)?.into())
+}
+
 /// An in-graph sampling loop: `sample/count` (int32 scalar) ids drawn in one `Session::run`, with
 /// `temperature` fed, from the same `Multinomial` op (seeds, shapes, one call per character) as
 /// [`Sampler`], so the same text.
@@ -304,10 +316,12 @@ impl Chain {
             |args, c| Ok(ops::less(args[0].clone(), args[1].clone(), c)?.into()),
             |args, b| {
                 let row = ops::gather_v2(args[4].clone(), args[2].clone(), ops::constant(0i32, b)?, b)?; // [1, V]
-                let next = multinomial(row.into(), sampler.seed, None, b)?; // [1, 1]
+                let next = multinomial(row.clone().into(), sampler.seed, None, b)?; // [1, 1]
+                let next = unless_broken(row.into(), next, b)?; // -1 after broken logits
                 let next = ops::reshape(next, tfx::shape_const(&[1], b)?, b)?; // [1]
                 let ids = tfx::concat(&[args[3].clone(), next.clone().into()], 0, b)?;
-                let prev = ops::Cast::new().DstT(DataType::Int32).build(next, b)?;
+                let zero = ops::constant(0i64, b)?;
+                let prev = ops::Cast::new().DstT(DataType::Int32).build(ops::maximum(next, zero, b)?, b)?;
                 let i = ops::add_v2(args[0].clone(), ops::constant(1i32, b)?, b)?;
                 Ok(vec![i.into(), args[1].clone(), prev.into(), ids, args[4].clone()])
             },
@@ -372,12 +386,14 @@ impl Chain {
                 let last = ops::sub(length.clone(), one.clone(), b)?;
                 let row = logits_at(window.clone(), last.into(), b)?; // [1, V]
                 let scaled = scale(row, args[5].clone(), sampler.top_k, b)?;
-                let next = multinomial(scaled, sampler.seed, None, b)?; // [1, 1] int64
+                let next = multinomial(scaled.clone(), sampler.seed, None, b)?; // [1, 1] int64
+                let next = unless_broken(scaled, next, b)?; // -1 after broken logits
                 let ids = tfx::concat(
                     &[args[4].clone(), ops::reshape(next.clone(), tfx::shape_const(&[1], b)?, b)?.into()],
                     0,
                     b,
                 )?;
+                let next = ops::maximum(next, ops::constant(0i64, b)?, b)?; // a valid id, whatever follows
                 let next = ops::Cast::new().DstT(DataType::Int32).build(next, b)?; // [1, 1]
                                                                                    // Not full: write at `length`. Full: drop the first character, append.
                 let positions = ops::range(ops::constant(0i32, b)?, ops::constant(t as i32, b)?, one.clone(), b)?; // [T]

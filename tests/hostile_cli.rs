@@ -51,7 +51,53 @@ fn usable(run: &Path, _: &Path) {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// Sets every weight of the run's newest checkpoint's `dense/kernel` to `value` (Python
+/// TensorFlow's own SaveV2 over the same keys).
+fn poison(run: &Path, value: &str) {
+    let script = "import sys, numpy as np, tensorflow as tf\n\
+        prefix = tf.train.latest_checkpoint(sys.argv[1])\n\
+        r = tf.train.load_checkpoint(prefix)\n\
+        names = sorted(r.get_variable_to_shape_map())\n\
+        values = [r.get_tensor(n) for n in names]\n\
+        values = [np.full_like(v, float(sys.argv[2])) if n == 'dense/kernel' else v for n, v in zip(names, values)]\n\
+        tf.raw_ops.SaveV2(prefix=prefix, tensor_names=names, shape_and_slices=[''] * len(names), tensors=values)\n";
+    let out = Command::new(common::python()).args(["-c", script]).arg(run.join("ckpt")).arg(value).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// `poison`, then `minigpt export` of the run to `DIR/saved`.
+fn poison_and_export(run: &Path, dir: &Path, value: &str) {
+    poison(run, value);
+    let out =
+        common::minigpt().args(["export", "--run"]).arg(run).arg("--out").arg(dir.join("saved")).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
 const CASES: &[Case] = &[
+    Case {
+        name: "a run whose logits are NaN (the in-graph loop)",
+        setup: |run, _| poison(run, "nan"),
+        args: "generate --run RUN --prompt To --chars 50",
+        code: 1,
+        says: "the model's logits are NaN or infinite at generated character 1",
+        after: nothing,
+    },
+    Case {
+        name: "a SavedModel whose logits are infinite (step by step)",
+        setup: |run, dir| poison_and_export(run, dir, "inf"),
+        args: "generate --run DIR/saved --prompt To --chars 500",
+        code: 1,
+        says: "the model's logits are NaN or infinite at generated character 1",
+        after: nothing,
+    },
+    Case {
+        name: "an unknown built-in corpus is named with the ones there are",
+        setup: no_setup,
+        args: "train --data builtin:shakespeare --out DIR/new",
+        code: 1,
+        says: "builtin:shakespeare is not a built-in corpus: minigpt has builtin:tinyshakespeare",
+        after: no_run_made,
+    },
     Case {
         name: "corpus is a FIFO",
         setup: |_, dir| assert!(Command::new("mkfifo").arg(dir.join("fifo")).status().unwrap().success()),
