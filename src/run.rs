@@ -159,6 +159,15 @@ impl RunDir {
     /// resume: it is started afresh.
     pub fn create(path: &Path) -> Result<Self> {
         let dir = Self { path: path.to_path_buf() };
+        dir.check_contained()?;
+        let foreign = !dir.config_path().exists()
+            && fs::read_dir(dir.ckpt_dir()).is_ok_and(|mut entries| entries.next().is_some());
+        ensure!(
+            !foreign,
+            "{} holds checkpoints (ckpt/) that no minigpt run accounts for (no config.json): choose another --out, \
+             or move them away",
+            path.display()
+        );
         let unfinished = dir.config_path().exists() && !dir.ckpt_dir().join("checkpoint").exists();
         ensure!(
             !dir.config_path().exists() || unfinished,
@@ -178,16 +187,34 @@ impl RunDir {
         Ok(dir)
     }
 
+    /// Refuses a run directory whose files lead out of it: minigpt writes only inside a run.
+    fn check_contained(&self) -> Result<()> {
+        for name in ["ckpt", "lock", "config.json", "metrics.csv", "loss.png", "events"] {
+            let path = self.path.join(name);
+            let link = fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink());
+            ensure!(
+                !link,
+                "{} is a symbolic link: minigpt writes a run's files only inside its directory; replace it by \
+                 what it points to",
+                path.display()
+            );
+        }
+        Ok(())
+    }
+
     /// Takes the run's lock; fails at once, naming the holder, if another process has it.
     pub fn lock(&self) -> Result<RunLock> {
         use std::io::{Read, Seek, Write};
+        use std::os::unix::fs::OpenOptionsExt;
         use std::os::unix::io::AsRawFd;
+        self.check_contained()?;
         let path = self.path.join("lock");
         let mut file = fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&path)
             .with_context(|| format!("opening {}", path.display()))?;
         // SAFETY: flock on a file descriptor this function owns.

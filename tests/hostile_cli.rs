@@ -91,6 +91,40 @@ const CASES: &[Case] = &[
         after: nothing,
     },
     Case {
+        name: "checkpoints that no run accounts for are not overwritten",
+        setup: |run, _| std::fs::remove_file(run.join("config.json")).unwrap(),
+        args: "train --data CORPUS --out RUN --max-steps 3",
+        code: 1,
+        says: "holds checkpoints (ckpt/) that no minigpt run accounts for (no config.json)",
+        after: checkpoint_kept,
+    },
+    Case {
+        name: "a ckpt/ that leads out of the run is not written through",
+        setup: |run, dir| {
+            std::fs::rename(run.join("ckpt"), dir.join("elsewhere")).unwrap();
+            std::os::unix::fs::symlink(dir.join("elsewhere"), run.join("ckpt")).unwrap();
+        },
+        args: "train --data CORPUS --out RUN --resume --max-steps 8",
+        code: 1,
+        says: "ckpt is a symbolic link: minigpt writes a run's files only inside its directory",
+        after: |_, dir| {
+            let state = std::fs::read_to_string(dir.join("elsewhere/checkpoint")).unwrap();
+            assert!(state.contains("ckpt-5") && !state.contains("ckpt-8"), "{state}");
+        },
+    },
+    Case {
+        name: "a lock that leads out of the run is not written through",
+        setup: |run, dir| {
+            std::fs::write(dir.join("precious"), "keep").unwrap();
+            let _ = std::fs::remove_file(run.join("lock"));
+            std::os::unix::fs::symlink(dir.join("precious"), run.join("lock")).unwrap();
+        },
+        args: "train --data CORPUS --out RUN --resume --max-steps 8",
+        code: 1,
+        says: "lock is a symbolic link",
+        after: |_, dir| assert_eq!(std::fs::read_to_string(dir.join("precious")).unwrap(), "keep"),
+    },
+    Case {
         name: "an unknown built-in corpus is named with the ones there are",
         setup: no_setup,
         args: "train --data builtin:shakespeare --out DIR/new",
