@@ -103,60 +103,14 @@ pub fn load_corpus(source: &str) -> Result<Corpus> {
         return Ok(Corpus { text, source: source.to_string(), sha256 });
     }
     let path = local_path(source)?;
-    let bytes = read_corpus_file(&path)?;
-    let sha256 = sha256_hex(&bytes);
-    let text = String::from_utf8(bytes).map_err(|e| {
-        anyhow::anyhow!(
-            "corpus {} is not valid UTF-8 (first bad byte at offset {})",
-            path.display(),
-            e.utf8_error().valid_up_to()
-        )
-    })?;
+    let text = crate::files::read_text(&path, "corpus", MAX_CORPUS_BYTES)?;
+    let sha256 = sha256_hex(text.as_bytes());
     ensure!(!text.is_empty(), "corpus {} is empty", path.display());
     Ok(Corpus { text, source: source.to_string(), sha256 })
 }
 
 /// The largest corpus minigpt reads: its ids take four times as much memory again.
 pub const MAX_CORPUS_BYTES: u64 = 1 << 30;
-
-/// A corpus file's bytes: a regular file (not a directory, FIFO or device, which could block or
-/// never end) of at most [`MAX_CORPUS_BYTES`], read with that bound.
-fn read_corpus_file(path: &Path) -> Result<Vec<u8>> {
-    let meta = fs::metadata(path).with_context(|| format!("reading corpus {}", path.display()))?;
-    if !meta.is_file() {
-        use std::os::unix::fs::FileTypeExt;
-        let t = meta.file_type();
-        let kind = if t.is_dir() {
-            "a directory"
-        } else if t.is_fifo() {
-            "a FIFO"
-        } else if t.is_char_device() || t.is_block_device() {
-            "a device"
-        } else if t.is_socket() {
-            "a socket"
-        } else {
-            "not a regular file"
-        };
-        bail!("corpus {} is {kind}: give a text file or a URL", path.display());
-    }
-    ensure!(
-        meta.len() <= MAX_CORPUS_BYTES,
-        "corpus {} is {} bytes, more than minigpt reads ({MAX_CORPUS_BYTES} bytes)",
-        path.display(),
-        meta.len()
-    );
-    let mut bytes = Vec::with_capacity(meta.len() as usize);
-    let file = fs::File::open(path).with_context(|| format!("reading corpus {}", path.display()))?;
-    file.take(MAX_CORPUS_BYTES + 1)
-        .read_to_end(&mut bytes)
-        .with_context(|| format!("reading corpus {}", path.display()))?;
-    ensure!(
-        bytes.len() as u64 <= MAX_CORPUS_BYTES,
-        "corpus {} grew past {MAX_CORPUS_BYTES} bytes while read",
-        path.display()
-    );
-    Ok(bytes)
-}
 
 /// The local file behind a source: a URL is downloaded into the cache first, the built-in corpus
 /// written there (for tools that read a file, such as the Python side of `make parity`).

@@ -28,7 +28,8 @@ const VARIABLE_VALUE: &str = "VARIABLE_VALUE";
 /// The MetaGraph tagged `tag`, if it has an object graph (a TF2 SavedModel; a TF1-style one's
 /// saver restores everything).
 fn meta_graph(dir: &Path, tag: &str) -> Result<Option<proto::MetaGraphDef>> {
-    let bytes = std::fs::read(dir.join("saved_model.pb")).with_context(|| format!("reading {}", dir.display()))?;
+    // Protocol buffers stop at 2 GiB.
+    let bytes = crate::files::read_input(&dir.join("saved_model.pb"), "SavedModel graph", 2 << 30)?;
     let model = proto::SavedModel::decode(&bytes[..]).with_context(|| format!("{}: saved_model.pb", dir.display()))?;
     let tagged = |m: &proto::MetaGraphDef| m.meta_info_def.as_ref().is_some_and(|i| i.tags.iter().any(|t| t == tag));
     Ok(model.meta_graphs.into_iter().find(|m| tagged(m) && m.object_graph_def.is_some()))

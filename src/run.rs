@@ -183,7 +183,7 @@ impl RunDir {
         let dir = Self { path: path.to_path_buf() };
         ensure!(!path.is_file(), "{} is a file, not a run directory or a SavedModel", path.display());
         ensure!(path.is_dir(), "{} is not a run directory (it does not exist)", path.display());
-        ensure!(dir.config_path().is_file(), "{} is not a run directory (no config.json)", path.display());
+        ensure!(dir.config_path().exists(), "{} is not a run directory (no config.json)", path.display());
         Ok(dir)
     }
 
@@ -251,7 +251,7 @@ impl RunDir {
     /// `config.json`, checked by the same rules as the command line's.
     pub fn read_config(&self) -> Result<RunConfig> {
         let path = self.config_path();
-        let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let text = crate::files::read_text(&path, "run config", crate::files::MAX_SMALL_FILE)?;
         let config: RunConfig =
             serde_json::from_str(&text).with_context(|| format!("{} is not a valid run config", path.display()))?;
         config.validate().with_context(|| format!("{} is not a valid run config", path.display()))?;
@@ -305,8 +305,8 @@ impl RunDir {
     /// The checkpoints `ckpt/checkpoint` lists, newest first.
     pub fn checkpoints(&self) -> Result<Vec<PathBuf>> {
         let state = self.ckpt_dir().join("checkpoint");
-        let text = fs::read_to_string(&state)
-            .with_context(|| format!("{} has no checkpoint (reading {})", self.path.display(), state.display()))?;
+        ensure!(state.exists(), "{} has no checkpoint (no {})", self.path.display(), state.display());
+        let text = read_state(&state)?;
         let mut names = checkpoint_paths(&text);
         ensure!(!names.is_empty(), "{} names no checkpoint", state.display());
         names.reverse();
@@ -432,7 +432,7 @@ impl RunDir {
         let dir = self.ckpt_dir();
         let name = format!("ckpt-{step}");
         let state = dir.join("checkpoint");
-        let Ok(text) = fs::read_to_string(&state) else { return Ok(None) };
+        let Ok(text) = read_state(&state) else { return Ok(None) };
         let mut kept = checkpoint_paths(&text);
         if !kept.contains(&name) {
             return Ok(None);
@@ -462,7 +462,7 @@ impl RunDir {
         }
         let prefix = dir.join(&name);
         let state = dir.join("checkpoint");
-        let mut kept = fs::read_to_string(&state).map(|t| checkpoint_paths(&t)).unwrap_or_default();
+        let mut kept = read_state(&state).map(|t| checkpoint_paths(&t)).unwrap_or_default();
         kept.retain(|n| n != &name);
         kept.push(name.clone());
         let dropped: Vec<String> = kept.drain(..kept.len().saturating_sub(keep.max(1))).collect();
@@ -472,6 +472,11 @@ impl RunDir {
         }
         Ok(prefix)
     }
+}
+
+/// The text of a `ckpt/checkpoint` state file.
+fn read_state(state: &Path) -> Result<String> {
+    crate::files::read_text(state, "checkpoint state", crate::files::MAX_SMALL_FILE)
 }
 
 /// Paths listed in a `checkpoint` state file, oldest first.

@@ -159,9 +159,13 @@ pub fn is_saved_model(dir: &Path) -> bool {
 /// the corpus text the vocabulary was built from), else its `assets.extra/vocab.json`.
 pub fn vocabulary(dir: &Path, vocab_file: Option<&Path>) -> Result<Vocab> {
     if let Some(file) = vocab_file {
-        let text = fs::read_to_string(file).with_context(|| format!("reading vocabulary {}", file.display()))?;
+        let text = crate::files::read_text(file, "vocabulary", crate::data::MAX_CORPUS_BYTES)?;
         return match serde_json::from_str::<Vec<String>>(&text) {
             Ok(chars) => Vocab::from_strings(&chars).with_context(|| format!("vocabulary {}", file.display())),
+            // A file that opens a JSON array is meant as one: broken, not a text.
+            Err(e) if text.trim_start().starts_with('[') => {
+                bail!("vocabulary {} is not a JSON array of one-character strings: {e}", file.display())
+            }
             Err(_) => Ok(Vocab::from_text(&text)),
         };
     }
@@ -172,7 +176,7 @@ pub fn vocabulary(dir: &Path, vocab_file: Option<&Path>) -> Result<Vocab> {
          the text it was trained on",
         dir.display()
     );
-    let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let text = crate::files::read_text(&path, "vocabulary", crate::files::MAX_SMALL_FILE)?;
     let chars: Vec<String> =
         serde_json::from_str(&text).with_context(|| format!("{} is not a JSON array of strings", path.display()))?;
     Vocab::from_strings(&chars).with_context(|| format!("{}", path.display()))
@@ -204,7 +208,7 @@ impl Declared {
         if !path.is_file() {
             return Ok(None);
         }
-        let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let text = crate::files::read_text(&path, "model description", crate::files::MAX_SMALL_FILE)?;
         let declared: Self = serde_json::from_str(&text).with_context(|| format!("{} is not valid", path.display()))?;
         if let Some(model) = &declared.model {
             model.validate().with_context(|| format!("{}: its model", path.display()))?;

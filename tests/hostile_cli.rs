@@ -125,6 +125,52 @@ const CASES: &[Case] = &[
         after: |_, dir| assert_eq!(std::fs::read_to_string(dir.join("precious")).unwrap(), "keep"),
     },
     Case {
+        name: "a --vocab that is a FIFO",
+        setup: |run, dir| {
+            poison_and_export(run, dir, "0");
+            std::fs::remove_file(dir.join("saved/assets.extra/vocab.json")).unwrap();
+            assert!(Command::new("mkfifo").arg(dir.join("fifo")).status().unwrap().success());
+        },
+        args: "generate --run DIR/saved --vocab DIR/fifo --prompt To",
+        code: 1,
+        says: "/fifo is a FIFO: give a regular file",
+        after: nothing,
+    },
+    Case {
+        name: "a --vocab that never ends",
+        setup: |run, dir| {
+            poison_and_export(run, dir, "0");
+            std::fs::remove_file(dir.join("saved/assets.extra/vocab.json")).unwrap();
+        },
+        args: "generate --run DIR/saved --vocab /dev/zero --prompt To",
+        code: 1,
+        says: "vocabulary /dev/zero is a device",
+        after: nothing,
+    },
+    Case {
+        name: "a --vocab that is a truncated JSON array",
+        setup: |run, dir| {
+            poison_and_export(run, dir, "0");
+            std::fs::remove_file(dir.join("saved/assets.extra/vocab.json")).unwrap();
+            std::fs::write(dir.join("vocab.json"), "[\"a\", \"b\", \"c").unwrap();
+        },
+        args: "generate --run DIR/saved --vocab DIR/vocab.json --prompt To",
+        code: 1,
+        says: "is not a JSON array of one-character strings",
+        after: nothing,
+    },
+    Case {
+        name: "a config.json that is a FIFO",
+        setup: |run, _| {
+            std::fs::remove_file(run.join("config.json")).unwrap();
+            assert!(Command::new("mkfifo").arg(run.join("config.json")).status().unwrap().success());
+        },
+        args: "info --run RUN",
+        code: 1,
+        says: "config.json is a FIFO: give a regular file",
+        after: nothing,
+    },
+    Case {
         name: "an unknown built-in corpus is named with the ones there are",
         setup: no_setup,
         args: "train --data builtin:shakespeare --out DIR/new",
@@ -137,7 +183,7 @@ const CASES: &[Case] = &[
         setup: |_, dir| assert!(Command::new("mkfifo").arg(dir.join("fifo")).status().unwrap().success()),
         args: "train --data DIR/fifo --out DIR/new",
         code: 1,
-        says: "is a FIFO: give a text file or a URL",
+        says: "is a FIFO: give a regular file",
         after: no_run_made,
     },
     Case {
