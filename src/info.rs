@@ -66,7 +66,11 @@ fn describe_saved_model(path: &Path) -> Result<String> {
     writeln!(out, "savedmodel:   {}", path.display())?;
     match saved_model::vocabulary(path, None) {
         Ok(v) => writeln!(out, "vocabulary:   {} characters (assets.extra/vocab.json)", v.len())?,
-        Err(_) => writeln!(out, "vocabulary:   none (give --vocab FILE to generate or eval)")?,
+        Err(_) if !saved_model::carries_vocabulary(path) => {
+            writeln!(out, "vocabulary:   none (give --vocab FILE to generate or eval)")?
+        }
+        // A vocabulary that is there but broken is an error, as for every other command.
+        Err(e) => return Err(e),
     }
     let declared = Declared::read(path)?.unwrap_or_default();
     match &declared.model {

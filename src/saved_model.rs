@@ -155,6 +155,11 @@ pub fn is_saved_model(dir: &Path) -> bool {
     dir.join("saved_model.pb").is_file()
 }
 
+/// Whether `dir` has a vocabulary file of its own (usable or not).
+pub fn carries_vocabulary(dir: &Path) -> bool {
+    dir.join(VOCAB_JSON).exists()
+}
+
 /// A SavedModel's vocabulary: `--vocab FILE` if given (a JSON array of one-character strings, or
 /// the corpus text the vocabulary was built from), else its `assets.extra/vocab.json`.
 pub fn vocabulary(dir: &Path, vocab_file: Option<&Path>) -> Result<Vocab> {
@@ -171,7 +176,7 @@ pub fn vocabulary(dir: &Path, vocab_file: Option<&Path>) -> Result<Vocab> {
     }
     let path = dir.join(VOCAB_JSON);
     ensure!(
-        path.is_file(),
+        path.exists(),
         "{} carries no vocabulary (no {VOCAB_JSON}): give --vocab FILE, a JSON array of its characters or \
          the text it was trained on",
         dir.display()
@@ -209,7 +214,15 @@ impl Declared {
             return Ok(None);
         }
         let text = crate::files::read_text(&path, "model description", crate::files::MAX_SMALL_FILE)?;
-        let declared: Self = serde_json::from_str(&text).with_context(|| format!("{} is not valid", path.display()))?;
+        let declared: Self = match serde_json::from_str(&text) {
+            Ok(declared) => declared,
+            Err(e) => {
+                // Not what minigpt writes: the SavedModel is read as one without it.
+                let e = one_line(&e.to_string());
+                eprintln!("warning: {} is not in a form minigpt reads ({e}): ignored", path.display());
+                return Ok(None);
+            }
+        };
         if let Some(model) = &declared.model {
             model.validate().with_context(|| format!("{}: its model", path.display()))?;
         }
@@ -233,11 +246,37 @@ pub fn object_graph_restores(dir: &Path) -> Result<usize> {
 
 /// TensorFlow's C++ loader on `dir` (tag `serve`), into `scope`'s graph.
 fn load_bundle(dir: &Path, session: SessionConfig, scope: &mut Scope) -> Result<tensorflow::SavedModelBundle> {
+    let variables = dir.join("variables");
+    if variables.is_dir() {
+        let index = variables.join("variables.index");
+        ensure!(index.is_file(), "{}: its variables index {} is missing", dir.display(), index.display());
+    }
     let options = session.session_options()?;
     tensorflow::SavedModelBundle::load(&options, [SERVE_TAG], &mut scope.graph_mut(), dir).map_err(|e| {
+        let damaged =
+            matches!(e.code(), tensorflow::Code::DataLoss | tensorflow::Code::NotFound | tensorflow::Code::OutOfRange);
         let e = one_line(&e.to_string());
-        anyhow::anyhow!("{}: TensorFlow's SavedModel loader (tag `{SERVE_TAG}`) failed: {e}", dir.display())
+        match damaged.then(|| variable_files(&variables)).filter(|f| !f.is_empty()) {
+            Some(files) => anyhow::anyhow!(
+                "{}: its variables are damaged or truncated ({files}): TensorFlow's loader says: {e}",
+                dir.display()
+            ),
+            None => {
+                anyhow::anyhow!("{}: TensorFlow's SavedModel loader (tag `{SERVE_TAG}`) failed: {e}", dir.display())
+            }
+        }
     })
+}
+
+/// The files of a SavedModel's `variables/` folder with their sizes, for an error message.
+fn variable_files(variables: &Path) -> String {
+    let Ok(entries) = fs::read_dir(variables) else { return String::new() };
+    let mut files: Vec<String> = entries
+        .flatten()
+        .filter_map(|e| Some(format!("{} of {} bytes", e.path().display(), e.metadata().ok()?.len())))
+        .collect();
+    files.sort();
+    files.join(", ")
 }
 
 /// Picks a signature's tensor: `preferred` keys first, else the only one; checks its dtype and rank.

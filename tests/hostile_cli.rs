@@ -171,6 +171,41 @@ const CASES: &[Case] = &[
         after: nothing,
     },
     Case {
+        name: "info on a SavedModel whose vocabulary repeats a character",
+        setup: |run, dir| {
+            poison_and_export(run, dir, "0");
+            std::fs::write(dir.join("saved/assets.extra/vocab.json"), "[\"a\", \"a\", \"b\"]").unwrap();
+        },
+        args: "info --run DIR/saved",
+        code: 1,
+        says: "vocab.json",
+        after: nothing,
+    },
+    Case {
+        name: "a SavedModel whose variables data is truncated names its files",
+        setup: |run, dir| {
+            poison_and_export(run, dir, "0");
+            let data = dir.join("saved/variables/variables.data-00000-of-00001");
+            let len = std::fs::metadata(&data).unwrap().len();
+            std::fs::OpenOptions::new().write(true).open(&data).unwrap().set_len(len / 2).unwrap();
+        },
+        args: "generate --run DIR/saved --prompt To",
+        code: 1,
+        says: "its variables are damaged or truncated (",
+        after: nothing,
+    },
+    Case {
+        name: "a SavedModel without its variables index names it",
+        setup: |run, dir| {
+            poison_and_export(run, dir, "0");
+            std::fs::remove_file(dir.join("saved/variables/variables.index")).unwrap();
+        },
+        args: "eval --run DIR/saved --eval-batches 1 --data CORPUS",
+        code: 1,
+        says: "variables/variables.index is missing",
+        after: nothing,
+    },
+    Case {
         name: "an unknown built-in corpus is named with the ones there are",
         setup: no_setup,
         args: "train --data builtin:shakespeare --out DIR/new",
@@ -501,5 +536,35 @@ fn a_signal_while_loading_exits_at_once() {
         };
         assert_eq!(status.code(), Some(130), "signal {signal}");
         assert!(!tmp.path().join("run").exists(), "a run directory was left behind");
+    }
+}
+
+/// A `minigpt.json` in a form minigpt did not write is ignored with one warning line: the model
+/// is read as a SavedModel without one is.
+#[test]
+fn a_model_description_minigpt_cannot_read_is_a_warning() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = common::small_run(&tmp.path().join("base"), 30_000, &["--max-steps", "5", "--eval-batches", "1"]);
+    let saved = tmp.path().join("saved");
+    assert!(common::minigpt()
+        .args(["export", "--run"])
+        .arg(&run)
+        .arg("--out")
+        .arg(&saved)
+        .output()
+        .unwrap()
+        .status
+        .success());
+    std::fs::write(saved.join("assets.extra/minigpt.json"), r#"{"model": "a bigram", "steps_done": "five"}"#).unwrap();
+    for command in [&["generate", "--prompt", "To", "--chars", "20", "--run"][..], &["info", "--run"]] {
+        let out = common::minigpt().args(command).arg(&saved).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{command:?}: {stderr}");
+        let lines: Vec<&str> = stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "{command:?}: {stderr}");
+        assert!(
+            lines[0].starts_with("warning: ") && lines[0].contains("minigpt.json is not in a form minigpt reads"),
+            "{stderr}"
+        );
     }
 }

@@ -228,3 +228,40 @@ fn generate_and_eval_build_no_training_ops() {
         }
     }
 }
+
+/// A model that records the size of every in-graph loop run it is asked for.
+struct Counted<'a> {
+    model: &'a Runner,
+    runs: std::cell::RefCell<Vec<(usize, usize)>>,
+}
+
+impl NextLogits for Counted<'_> {
+    fn next_logits(&self, window: &[i32], cache: &mut Cache) -> anyhow::Result<Vec<f32>> {
+        self.model.next_logits(window, cache)
+    }
+    fn context_size(&self) -> Option<usize> {
+        self.model.context_size()
+    }
+    fn chain(&self, prompt: &[i32], count: usize, s: &SamplerConfig) -> anyhow::Result<Option<Vec<i32>>> {
+        self.runs.borrow_mut().push((prompt.len(), count));
+        self.model.chain(prompt, count, s)
+    }
+}
+
+/// Generation costs the same per character at any length: the in-graph loop runs over bounded
+/// chunks (at most 256 characters from a context of at most the model's), whose own output
+/// does not grow with the text; 20,000 characters take 79 runs of the bigram's loop.
+#[test]
+fn long_generation_runs_the_loop_over_bounded_chunks() {
+    let s = sampler(3, None, 1.0);
+    for (model, context, chars) in [(bigram(s), 1, 20_000), (gpt(s), 8, 1_000)] {
+        let counted = Counted { model: &model, runs: Default::default() };
+        let how = Generation { chars, sampler: s, stepwise: false };
+        let ids = sample::generate(&counted, &[1, 2, 3], &how, |_| Ok(())).unwrap();
+        assert_eq!(ids.len(), chars);
+        let runs = counted.runs.into_inner();
+        let drawing: Vec<&(usize, usize)> = runs.iter().filter(|(_, count)| *count > 0).collect();
+        assert_eq!(drawing.len(), chars.div_ceil(256));
+        assert!(drawing.iter().all(|&&(prompt, count)| prompt <= context && count <= 256), "{drawing:?}");
+    }
+}
