@@ -68,15 +68,7 @@ fn damaged_files_give_clear_errors() {
         .unwrap();
     assert!(out.status.success());
     let saved = tmp.path().join("saved");
-    assert!(common::minigpt()
-        .args(["export", "--run"])
-        .arg(&run)
-        .arg("--out")
-        .arg(&saved)
-        .output()
-        .unwrap()
-        .status
-        .success());
+    common::export(&run, &saved);
 
     // Corpora: damaged text, random bytes.
     for i in 0..8 {

@@ -68,9 +68,7 @@ fn poison(run: &Path, value: &str) {
 /// `poison`, then `minigpt export` of the run to `DIR/saved`.
 fn poison_and_export(run: &Path, dir: &Path, value: &str) {
     poison(run, value);
-    let out =
-        common::minigpt().args(["export", "--run"]).arg(run).arg("--out").arg(dir.join("saved")).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    common::export(run, &dir.join("saved"));
 }
 
 const CASES: &[Case] = &[
@@ -546,15 +544,7 @@ fn a_model_description_minigpt_cannot_read_is_a_warning() {
     let tmp = tempfile::tempdir().unwrap();
     let run = common::small_run(&tmp.path().join("base"), 30_000, &["--max-steps", "5", "--eval-batches", "1"]);
     let saved = tmp.path().join("saved");
-    assert!(common::minigpt()
-        .args(["export", "--run"])
-        .arg(&run)
-        .arg("--out")
-        .arg(&saved)
-        .output()
-        .unwrap()
-        .status
-        .success());
+    common::export(&run, &saved);
     std::fs::write(saved.join("assets.extra/minigpt.json"), r#"{"model": "a bigram", "steps_done": "five"}"#).unwrap();
     for command in [&["generate", "--prompt", "To", "--chars", "20", "--run"][..], &["info", "--run"]] {
         let out = common::minigpt().args(command).arg(&saved).output().unwrap();

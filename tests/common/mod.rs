@@ -105,3 +105,9 @@ pub fn assert_close(what: &str, got: &[f64], want: &[f64], atol: f64, rtol: f64)
 pub fn last_stderr_line(output: &std::process::Output) -> String {
     String::from_utf8_lossy(&output.stderr).lines().last().unwrap_or("").to_string()
 }
+
+/// `minigpt export --run RUN --out OUT`, which must succeed.
+pub fn export(run: &std::path::Path, out: &std::path::Path) {
+    let done = minigpt().args(["export", "--run"]).arg(run).arg("--out").arg(out).output().unwrap();
+    assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
+}
