@@ -158,8 +158,8 @@ fn train_without_data_uses_the_built_in_corpus() {
     assert!(more.status.success(), "{}", String::from_utf8_lossy(&more.stderr));
 }
 
-/// Accepts connections and sends `head` on each (nothing, or headers and part of a body), then
-/// stays silent while the client waits; the sockets close when the test ends.
+/// Accepts connections, reads each request and sends `head` (nothing, or headers and part of a
+/// body), then stays silent while the client waits; the sockets close when the test ends.
 fn silent(head: &'static [u8]) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
@@ -167,6 +167,11 @@ fn silent(head: &'static [u8]) -> String {
         let mut open = Vec::new();
         for stream in listener.incoming() {
             let mut stream = stream.unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut line = String::new();
+            while reader.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+                line.clear();
+            }
             let _ = stream.write_all(head);
             open.push(stream);
         }
