@@ -227,7 +227,7 @@ fn two_chiefs_on_the_same_workers_train_side_by_side() {
     assert_eq!(status.code(), Some(130), "{stderr}");
     assert!(stderr.starts_with("interrupted at step ") && stderr.lines().count() == 1, "the first chief: {stderr}");
     let (first_losses, expected) = (losses(&first_out), losses(&reference));
-    assert!(first_losses.len() >= 300, "the first chief trained {} steps", first_losses.len());
+    assert!(first_losses.len() >= 100, "the first chief trained {} steps", first_losses.len());
     let n = first_losses.len().min(expected.len());
     common::assert_close("first chief", &first_losses[..n], &expected[..n], 0.0, 1e-6);
     common::assert_close("second chief", &losses(&second_out), &expected[..300], 0.0, 1e-6);
