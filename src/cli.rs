@@ -22,6 +22,7 @@ use crate::run::{TrainSettings, KEEP_CHECKPOINTS};
 use crate::sample::{self, GenerateConfig, Generation};
 use crate::sampler::SamplerConfig;
 use crate::saved_model::{self, OpenOptions};
+use crate::serve::{self, model::Settings, ServeConfig};
 use crate::train::{self, Given, Report, Start, TrainConfig, DEFAULT_SEED, NOTEBOOK_EPOCHS};
 
 #[derive(Parser, Debug)]
@@ -41,6 +42,8 @@ pub enum Command {
     Devices(DevicesArgs),
     /// Serve as a worker of `train --cluster`: a TensorFlow gRPC server, until SIGTERM or Ctrl-C.
     Server(ServerArgs),
+    /// Serve models over HTTP: TensorFlow Serving's REST API and streamed generation.
+    Serve(ServeArgs),
     /// Train a model; write checkpoints, metrics and config to a run directory.
     Train(TrainArgs),
     /// Sample text from a run directory or a SavedModel.
@@ -483,6 +486,71 @@ pub struct LoadArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// NAME=PATH, once per model: a run directory, a SavedModel, or a TensorFlow Serving base path
+    /// (PATH/<version>/saved_model.pb, the highest version served and new ones picked up).
+    #[arg(long = "model", required = true, value_parser = serve::parse_model)]
+    pub models: Vec<(String, PathBuf)>,
+    /// HOST:PORT to listen on, and only there (port 0: any free one, printed at start).
+    #[arg(long, default_value = "127.0.0.1:8501")]
+    pub listen: String,
+    /// Every request but /health needs `Authorization: Bearer <the file's content>`.
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// Seconds between looks at a base path for a new version.
+    #[arg(long, default_value_t = 1.0)]
+    pub poll_seconds: f64,
+    /// Streams and predictions running at once; beyond, 429.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub max_concurrent: u64,
+    /// Streams sharing one forward pass, at most (1: no batching) [default: --max-concurrent].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub max_batch: Option<u64>,
+    /// The largest `max_chars` a request may ask for.
+    #[arg(long, default_value_t = 10_000)]
+    pub max_chars: usize,
+    /// The largest request body, in bytes; beyond, 413.
+    #[arg(long, default_value_t = 16 << 20)]
+    pub max_body_bytes: usize,
+    /// Seconds a prediction or a (non-streamed) generation may take; beyond, 504.
+    #[arg(long, default_value_t = 300.0)]
+    pub timeout_seconds: f64,
+    /// After SIGTERM or Ctrl-C, seconds running requests may take to finish.
+    #[arg(long, default_value_t = 30.0)]
+    pub drain_seconds: f64,
+    /// Where the models run.
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    pub device: DeviceChoice,
+    #[command(flatten)]
+    pub session: SessionArgs,
+}
+
+impl ServeArgs {
+    pub fn to_config(&self) -> Result<ServeConfig> {
+        let seconds = |flag: &str, v: f64| {
+            ensure!(v.is_finite() && v > 0.0 && v <= 1e6, "{flag} must be a positive number of seconds, got {v}");
+            Ok(Duration::from_secs_f64(v))
+        };
+        let max_concurrent = self.max_concurrent as usize;
+        Ok(ServeConfig {
+            models: self.models.clone(),
+            listen: self.listen.clone(),
+            poll: seconds("--poll-seconds", self.poll_seconds)?,
+            max_concurrent,
+            max_chars: self.max_chars,
+            max_body_bytes: self.max_body_bytes,
+            drain: seconds("--drain-seconds", self.drain_seconds)?,
+            timeout: seconds("--timeout-seconds", self.timeout_seconds)?,
+            token: self.token_file.as_deref().map(serve::read_token).transpose()?,
+            settings: Settings {
+                session: self.session.to_config(self.device)?,
+                max_batch: self.max_batch.map_or(max_concurrent, |b| b as usize),
+            },
+        })
+    }
+}
+
+#[derive(Args, Debug)]
 pub struct GenerateArgs {
     /// Run directory or SavedModel to sample from.
     #[arg(long)]
@@ -653,6 +721,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 train::run(&args.to_config()?)
             }
         },
+        Command::Serve(args) => serve::run(&args.to_config()?),
         Command::Generate(args) => sample::run(&args.to_config()?),
         Command::Eval(args) => {
             data::set_download_timeout(Duration::from_secs(args.download_timeout));

@@ -295,6 +295,12 @@ impl Runner {
         tokens.into_iter().map(|t| owned(args.fetch::<T>(t)?)).collect()
     }
 
+    /// The graph's names (`op:index`) of the tokens [B, T] fed and the logits [B, T, V] computed.
+    pub fn serving_names(&self) -> Result<(String, String)> {
+        let logits = &self.g.logits;
+        Ok((format!("{}:0", self.g.tokens.name()?), format!("{}:{}", logits.operation.name()?, logits.index)))
+    }
+
     /// tokens [B, T] → logits [B, T, V].
     pub fn logits<T: TensorType>(&self, x: &Tensor<i32>) -> Result<Tensor<T>> {
         Ok(self.fetch(std::slice::from_ref(&self.g.logits), x, None, false)?.remove(0))

@@ -7,7 +7,7 @@
 //!
 //! ```text
 //! cli
-//! train
+//! serve, train
 //! sample, eval, info
 //! saved_model
 //! object_graph
@@ -40,6 +40,7 @@ pub mod run;
 pub mod sample;
 pub mod sampler;
 pub mod saved_model;
+pub mod serve;
 pub mod summary;
 pub mod text;
 pub mod tfx;

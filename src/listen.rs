@@ -105,8 +105,13 @@ fn split(address: &str) -> Result<(&str, u16)> {
 /// Checks that a server can listen on `address`: an address of this machine (or a wildcard)
 /// whose port is free.
 pub fn check_bindable(address: SocketAddr, given: &str) -> Result<()> {
+    bind_tcp(address, given).map(drop)
+}
+
+/// A listener on `address` (`given`: how the user wrote it), or the error that says why not.
+pub fn bind_tcp(address: SocketAddr, given: &str) -> Result<TcpListener> {
     match TcpListener::bind(address) {
-        Ok(_) => Ok(()),
+        Ok(listener) => Ok(listener),
         Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {
             bail!("cannot listen on {given}: {} is not an address of this machine", address.ip())
         }

@@ -30,7 +30,7 @@ use crate::proto;
 use crate::run::{DataInfo, Load, RunConfig, RunDir};
 use crate::sampler::{Cache, NextLogits, SamplerConfig};
 use crate::text::{self, one_line};
-use crate::tfx::{self, CheckpointEntry, CheckpointReader, Var};
+use crate::tfx::{self, AnyTensor, CheckpointEntry, CheckpointReader, Var};
 
 /// The signature Python's `model.signatures["serving_default"]` finds: `tokens` → `logits`.
 pub const SERVING: &str = "serving_default";
@@ -315,6 +315,42 @@ fn output_of(graph: &tensorflow::Graph, info: &tensorflow::TensorInfo) -> Result
     Ok(Output { operation, index: name.index })
 }
 
+/// A tensor of a signature: its tensor in the graph (`op:index`), type, and shape (`None`: unknown
+/// rank; -1: a size not known).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorSpec {
+    pub name: String,
+    pub dtype: DataType,
+    pub dims: Option<Vec<i64>>,
+}
+
+impl TensorSpec {
+    fn of(info: &tensorflow::TensorInfo) -> Self {
+        let shape = info.shape();
+        let dims = shape.dims().map(|n| (0..n).map(|i| shape[i].unwrap_or(-1)).collect());
+        Self { name: format!("{}:{}", info.name().name, info.name().index), dtype: info.dtype(), dims }
+    }
+}
+
+/// A signature as TensorFlow Serving describes and runs it: named inputs and outputs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Signature {
+    pub method_name: String,
+    pub inputs: BTreeMap<String, TensorSpec>,
+    pub outputs: BTreeMap<String, TensorSpec>,
+}
+
+/// The signature a run directory serves, as `export` writes it: `tokens` int32 [B, T] → `logits`
+/// float32 [B, T, V].
+fn serving_signature(tokens: String, logits: String, vocab: i64) -> Signature {
+    let spec = |name, dtype, dims: &[i64]| TensorSpec { name, dtype, dims: Some(dims.to_vec()) };
+    Signature {
+        method_name: "tensorflow/serving/predict".into(),
+        inputs: [("tokens".to_string(), spec(tokens, DataType::Int32, &[-1, -1]))].into(),
+        outputs: [("logits".to_string(), spec(logits, DataType::Float, &[-1, -1, vocab]))].into(),
+    }
+}
+
 /// A SavedModel loaded for inference through its `serving_default` signature, with minigpt's
 /// loss added to its graph.
 pub struct Loaded {
@@ -330,6 +366,8 @@ pub struct Loaded {
     logits: Output,
     labels: Operation,
     loss: Output,
+    /// Every signature of its MetaGraph (TensorFlow's own `__…` ones aside).
+    pub signatures: BTreeMap<String, Signature>,
 }
 
 impl Loaded {
@@ -366,6 +404,19 @@ impl Loaded {
             let g = scope.graph();
             (output_of(&g, tokens)?, output_of(&g, logits)?)
         };
+        let specs = |m: &std::collections::HashMap<String, tensorflow::TensorInfo>| {
+            m.iter().map(|(k, v)| (k.clone(), TensorSpec::of(v))).collect()
+        };
+        let signatures = bundle
+            .meta_graph_def()
+            .signatures()
+            .iter()
+            .filter(|(name, _)| !name.starts_with("__"))
+            .map(|(name, s)| {
+                let method_name = s.method_name().to_string();
+                (name.clone(), Signature { method_name, inputs: specs(s.inputs()), outputs: specs(s.outputs()) })
+            })
+            .collect();
         let restored = crate::object_graph::restore_uninitialized(dir, SERVE_TAG, &mut scope, &bundle.session)?;
         let s = &mut scope.new_sub_scope("minigpt");
         let labels = tfx::placeholder("minigpt/labels", DataType::Int32, &[-1, -1], s)?;
@@ -380,6 +431,7 @@ impl Loaded {
             logits,
             labels,
             loss,
+            signatures,
         };
         // One token through the model: a SavedModel whose signature reads variables its restore
         // op does not write fails here, not halfway through a command.
@@ -401,6 +453,44 @@ impl Loaded {
         let t = args.request_fetch(&self.logits.operation, self.logits.index);
         self.session.run(&mut args).context("running serving_default")?;
         Ok(args.fetch(t)?)
+    }
+
+    /// Runs `signature` on `inputs` (every input of it, by key): its outputs by key.
+    pub fn predict(&self, signature: &str, inputs: &[(String, AnyTensor)]) -> Result<Vec<(String, AnyTensor)>> {
+        let sig = self.signatures.get(signature).with_context(|| format!("no signature `{signature}`"))?;
+        let graph = self._scope.graph();
+        let tensor = |spec: &TensorSpec| -> Result<Output> {
+            let (op, index) = spec.name.rsplit_once(':').unwrap_or((&spec.name, "0"));
+            let operation = graph
+                .operation_by_name_required(op)
+                .with_context(|| format!("the graph has no tensor {}", spec.name))?;
+            Ok(Output { operation, index: index.parse().unwrap_or(0) })
+        };
+        let mut args = SessionRunArgs::new();
+        let fed: Vec<Output> = inputs
+            .iter()
+            .map(|(key, _)| tensor(sig.inputs.get(key).with_context(|| format!("`{signature}` has no input `{key}`"))?))
+            .collect::<Result<_>>()?;
+        for ((_, value), output) in inputs.iter().zip(&fed) {
+            value.feed(&mut args, output);
+        }
+        let fetches: Vec<(&String, DataType, tensorflow::FetchToken)> = sig
+            .outputs
+            .iter()
+            .map(|(key, spec)| {
+                let out = tensor(spec)?;
+                Ok((key, spec.dtype, args.request_fetch(&out.operation, out.index)))
+            })
+            .collect::<Result<_>>()?;
+        self.session.run(&mut args).with_context(|| format!("running `{signature}`"))?;
+        fetches
+            .into_iter()
+            .map(|(key, dtype, token)| {
+                let value = AnyTensor::fetch(&mut args, token, dtype)
+                    .with_context(|| format!("output `{key}` is {dtype}, which this server does not return"))??;
+                Ok((key.clone(), value))
+            })
+            .collect()
     }
 
     /// Mean cross-entropy of the model on a batch.
@@ -473,6 +563,41 @@ impl Source {
         match self {
             Self::Run { runner, .. } => runner,
             Self::Saved(loaded) => loaded,
+        }
+    }
+
+    /// The signatures it serves by name: a SavedModel's own, a run's `serving_default` as `export`
+    /// would write it.
+    pub fn signatures(&self) -> Result<BTreeMap<String, Signature>> {
+        Ok(match self {
+            Self::Run { config, runner } => {
+                let (tokens, logits) = runner.serving_names()?;
+                [(SERVING.to_string(), serving_signature(tokens, logits, config.model.vocab_size as i64))].into()
+            }
+            Self::Saved(loaded) => loaded.signatures.clone(),
+        })
+    }
+
+    /// Runs `signature` on `inputs` (every input of it, by key): its outputs by key.
+    pub fn predict(&self, signature: &str, inputs: &[(String, AnyTensor)]) -> Result<Vec<(String, AnyTensor)>> {
+        match self {
+            Self::Run { runner, .. } => {
+                ensure!(signature == SERVING, "no signature `{signature}`");
+                let [(key, AnyTensor::I32(tokens))] = inputs else {
+                    bail!("`{SERVING}` takes one input, `tokens`, int32 [B, T]");
+                };
+                ensure!(key == "tokens", "`{SERVING}` has no input `{key}`");
+                Ok(vec![("logits".to_string(), AnyTensor::F32(runner.logits(tokens)?))])
+            }
+            Self::Saved(loaded) => loaded.predict(signature, inputs),
+        }
+    }
+
+    /// tokens [B, T] → logits [B, T, V].
+    pub fn logits(&self, tokens: &Tensor<i32>) -> Result<Tensor<f32>> {
+        match self {
+            Self::Run { runner, .. } => runner.logits(tokens),
+            Self::Saved(loaded) => loaded.logits(tokens),
         }
     }
 

@@ -353,3 +353,63 @@ pub fn graph_text(graph: &Graph) -> Result<String, Status> {
         text.ok_or_else(|| Status::new_set_lossy(tensorflow::Code::Internal, "could not re-import the graph"))
     }
 }
+
+/// A tensor of one of the types a signature's inputs and outputs may have where minigpt serves
+/// them (TensorFlow Serving's REST API): numbers and booleans.
+#[derive(Debug, Clone)]
+pub enum AnyTensor {
+    F32(Tensor<f32>),
+    F64(Tensor<f64>),
+    I32(Tensor<i32>),
+    I64(Tensor<i64>),
+    Bool(Tensor<bool>),
+}
+
+impl AnyTensor {
+    pub fn dtype(&self) -> DataType {
+        match self {
+            Self::F32(_) => DataType::Float,
+            Self::F64(_) => DataType::Double,
+            Self::I32(_) => DataType::Int32,
+            Self::I64(_) => DataType::Int64,
+            Self::Bool(_) => DataType::Bool,
+        }
+    }
+
+    pub fn dims(&self) -> &[u64] {
+        match self {
+            Self::F32(t) => t.dims(),
+            Self::F64(t) => t.dims(),
+            Self::I32(t) => t.dims(),
+            Self::I64(t) => t.dims(),
+            Self::Bool(t) => t.dims(),
+        }
+    }
+
+    /// Feeds `self` to `output` of a run.
+    pub fn feed<'a>(&'a self, args: &mut tensorflow::SessionRunArgs<'a>, output: &Output) {
+        match self {
+            Self::F32(t) => args.add_feed(&output.operation, output.index, t),
+            Self::F64(t) => args.add_feed(&output.operation, output.index, t),
+            Self::I32(t) => args.add_feed(&output.operation, output.index, t),
+            Self::I64(t) => args.add_feed(&output.operation, output.index, t),
+            Self::Bool(t) => args.add_feed(&output.operation, output.index, t),
+        }
+    }
+
+    /// The fetched tensor `token` of a run, read as `dtype`; `None` for a type it does not hold.
+    pub fn fetch(
+        args: &mut tensorflow::SessionRunArgs<'_>,
+        token: tensorflow::FetchToken,
+        dtype: DataType,
+    ) -> Option<Result<Self, Status>> {
+        Some(match dtype {
+            DataType::Float => args.fetch(token).map(Self::F32),
+            DataType::Double => args.fetch(token).map(Self::F64),
+            DataType::Int32 => args.fetch(token).map(Self::I32),
+            DataType::Int64 => args.fetch(token).map(Self::I64),
+            DataType::Bool => args.fetch(token).map(Self::Bool),
+            _ => return None,
+        })
+    }
+}

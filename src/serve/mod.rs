@@ -1,0 +1,106 @@
+//! `minigpt serve`: TensorFlow Serving's REST API for the models minigpt loads, and streamed text
+//! generation with continuous batching ([`model`]), over HTTP ([`http`]).
+//!
+//! The server listens where `--listen` says (127.0.0.1:8501 by default) and nowhere else; beyond
+//! loopback without `--token-file` it says once, on stderr, that anyone who reaches it can use
+//! its models. SIGTERM or Ctrl-C: no new requests; running ones finish, for up to
+//! `--drain-seconds`; then the process exits 0.
+
+pub mod http;
+pub mod json;
+pub mod model;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+
+use crate::listen;
+use model::{Model, Settings};
+
+/// What `minigpt serve` does, validated.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// Each model's name and path.
+    pub models: Vec<(String, PathBuf)>,
+    /// `HOST:PORT` (port 0: any free port, printed at start).
+    pub listen: String,
+    pub poll: Duration,
+    pub max_concurrent: usize,
+    pub max_chars: usize,
+    pub max_body_bytes: usize,
+    pub drain: Duration,
+    /// Non-streaming requests (predict, generate) answered within this, else 504.
+    pub timeout: Duration,
+    /// Every request but `/health` needs `Authorization: Bearer <token>`.
+    pub token: Option<String>,
+    pub settings: Settings,
+}
+
+/// `NAME=PATH` of `--model`: a name TensorFlow Serving would take in a URL.
+pub fn parse_model(text: &str) -> Result<(String, PathBuf)> {
+    let (name, path) = text.split_once('=').with_context(|| format!("--model {text:?}: expected NAME=PATH"))?;
+    ensure!(
+        !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')),
+        "--model {text:?}: a model name is letters, digits, '_', '-' and '.'"
+    );
+    ensure!(!path.is_empty(), "--model {text:?}: the path is empty");
+    Ok((name.to_string(), PathBuf::from(path)))
+}
+
+/// The token of `--token-file`: its content, surrounding whitespace removed.
+pub fn read_token(path: &std::path::Path) -> Result<String> {
+    let text = crate::files::read_text(path, "token", crate::files::MAX_SMALL_FILE)?;
+    let token = text.trim().to_string();
+    ensure!(!token.is_empty(), "{}: the token file is empty", path.display());
+    ensure!(
+        token.chars().all(|c| c.is_ascii_graphic()),
+        "{}: a token is printable ASCII without spaces (it goes into an HTTP header)",
+        path.display()
+    );
+    Ok(token)
+}
+
+/// `HOST:PORT` to listen on, as `--listen` gives it: the host resolved once, a wildcard only as
+/// `0.0.0.0`/`[::]`.
+fn address(text: &str) -> Result<SocketAddr> {
+    let address = listen::resolve(text).context("--listen")?;
+    let host = &text[..text.rfind(':').unwrap_or(0)];
+    ensure!(
+        !address.ip().is_unspecified() || matches!(host, "0.0.0.0" | "[::]" | "::"),
+        "--listen {text}: the host resolves to {}, every interface: write 0.0.0.0 or [::] if that is meant",
+        address.ip()
+    );
+    Ok(address)
+}
+
+/// `minigpt serve`.
+pub fn run(cfg: &ServeConfig) -> Result<()> {
+    let bind = address(&cfg.listen)?;
+    let listener = listen::bind_tcp(bind, &cfg.listen)?;
+    let mut models = Vec::new();
+    for (name, path) in &cfg.models {
+        ensure!(models.iter().all(|m: &Arc<Model>| &m.name != name), "--model {name} is given twice");
+        let model = Model::open(name, path, cfg.settings)?;
+        let version = model.current();
+        eprintln!("model {name}: version {} from {}: {}", version.number, version.path.display(), version.describe);
+        models.push(model);
+    }
+    for model in models.iter().filter(|m| m.versioned) {
+        let (model, poll) = (model.clone(), cfg.poll);
+        std::thread::Builder::new().name(format!("poll {}", model.name)).spawn(move || loop {
+            std::thread::sleep(poll);
+            model.poll();
+        })?;
+    }
+    let local = listener.local_addr()?;
+    if !listen::is_loopback(local.ip()) && cfg.token.is_none() {
+        eprintln!(
+            "warning: minigpt serve listens on {local}, beyond this machine, without authentication: anyone who \
+             reaches it can use its models; give --token-file, or use it only on a network you trust"
+        );
+    }
+    http::serve(listener, models, cfg)
+}

@@ -1,0 +1,397 @@
+//! A served model: each loaded version in a thread of its own, which makes every TensorFlow call
+//! for it (none runs on the HTTP server's threads). Between steps the thread takes new work:
+//! predictions run at once, generation requests join the running streams; each step is one
+//! batched forward pass over every running stream (up to `--max-batch`), after which each stream
+//! draws its character with a sampler of its own (continuous batching). A stream's text depends
+//! only on its prompt, parameters and seed: its sampler is `minigpt generate`'s (`Multinomial`,
+//! seeded by the request), and the model is causal, so the positions padded after a shorter
+//! window do not change its logits.
+//!
+//! A TensorFlow Serving base path (`PATH/<version>/`) serves its highest version; a poller loads
+//! a new one beside the old, swaps it in, and the old version's thread ends with its last stream.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc, Mutex, RwLock};
+use std::time::{Instant, SystemTime};
+
+use anyhow::{bail, ensure, Context, Result};
+use tensorflow::Tensor;
+use tokio::sync::{oneshot, OwnedSemaphorePermit};
+
+use crate::data::Vocab;
+use crate::device::SessionConfig;
+use crate::sampler::{Sampler, SamplerConfig};
+use crate::saved_model::{self, OpenOptions, Signature, Source};
+use crate::tfx::AnyTensor;
+
+/// How versions are loaded and run.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    pub session: SessionConfig,
+    /// Streams per forward pass, at most.
+    pub max_batch: usize,
+}
+
+/// Work for a version's thread.
+pub enum Job {
+    Predict {
+        signature: String,
+        inputs: Vec<(String, AnyTensor)>,
+        reply: oneshot::Sender<Result<Vec<(String, AnyTensor)>>>,
+    },
+    Generate(Box<Request>),
+}
+
+/// A generation request, validated: its characters go to `events` as they are drawn.
+pub struct Request {
+    pub prompt: Vec<i32>,
+    pub max_chars: usize,
+    pub sampler: SamplerConfig,
+    pub events: tokio::sync::mpsc::UnboundedSender<Event>,
+    pub received: Instant,
+    /// Its slot of `--max-concurrent`, held until the stream ends.
+    pub permit: OwnedSemaphorePermit,
+}
+
+/// What a stream produces.
+#[derive(Debug)]
+pub enum Event {
+    /// The next character.
+    Text(String),
+    /// All `max_chars` characters were drawn.
+    Done,
+    Failed(String),
+}
+
+/// A loaded version, as the HTTP side sees it.
+pub struct Version {
+    pub number: u64,
+    pub path: PathBuf,
+    pub signatures: BTreeMap<String, Signature>,
+    pub vocab: Vocab,
+    /// One line: what model this is.
+    pub describe: String,
+    jobs: Mutex<mpsc::Sender<Job>>,
+}
+
+impl Version {
+    /// Loads `path` in a new thread, which then serves it until this value is dropped and its
+    /// last stream has ended.
+    fn load(model: &str, number: u64, path: &Path, settings: Settings) -> Result<Arc<Self>> {
+        let (ready_tx, ready_rx) = mpsc::sync_channel(1);
+        let (jobs_tx, jobs_rx) = mpsc::channel();
+        let (label, at) = (model.to_string(), path.to_path_buf());
+        std::thread::Builder::new()
+            .name(format!("{model}/{number}"))
+            .spawn(move || {
+                let opened = Source::open(&at, &OpenOptions { session: settings.session, ..Default::default() })
+                    .and_then(|source| {
+                        let ready = describe(&source)?;
+                        Ok((source, ready))
+                    });
+                let (source, (signatures, vocab, text)) = match opened {
+                    Ok(opened) => opened,
+                    Err(e) => return drop(ready_tx.send(Err(e))),
+                };
+                let context = source.next_logits().context_size();
+                let _ = ready_tx.send(Ok((signatures, vocab.clone(), text)));
+                Worker { source, vocab, context, max_batch: settings.max_batch, model: label }.run(jobs_rx);
+            })
+            .context("starting a model thread")?;
+        let (signatures, vocab, describe) = ready_rx.recv().context("the model thread ended while loading")??;
+        Ok(Arc::new(Self { number, path: path.to_path_buf(), signatures, vocab, describe, jobs: Mutex::new(jobs_tx) }))
+    }
+
+    /// Hands `job` to the version's thread.
+    pub fn submit(&self, job: Job) -> Result<()> {
+        let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+        jobs.send(job).ok().context("the model's thread has stopped")
+    }
+}
+
+/// A loaded source's signatures, vocabulary and one-line description.
+fn describe(source: &Source) -> Result<(BTreeMap<String, Signature>, Vocab, String)> {
+    let text = match source {
+        Source::Run { config, .. } => {
+            format!("{} (run directory, {} steps)", config.model.describe(), config.steps_done)
+        }
+        Source::Saved(loaded) => match loaded.declared.as_ref().and_then(|d| d.model.as_ref()) {
+            Some(model) => format!("{} (SavedModel)", model.describe()),
+            None => "SavedModel".to_string(),
+        },
+    };
+    Ok((source.signatures()?, source.vocab()?, text))
+}
+
+/// A running stream.
+struct Stream {
+    ids: Vec<i32>,
+    prompt_len: usize,
+    request: Request,
+    sampler: Sampler,
+    model: String,
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        metrics::gauge!("minigpt_active_streams", "model" => self.model.clone()).decrement(1.0);
+    }
+}
+
+/// A version's thread.
+struct Worker {
+    source: Source,
+    vocab: Vocab,
+    /// Trailing characters the next one depends on (`None`: all).
+    context: Option<usize>,
+    max_batch: usize,
+    model: String,
+}
+
+impl Worker {
+    fn run(self, jobs: mpsc::Receiver<Job>) {
+        let mut active: VecDeque<Stream> = VecDeque::new();
+        loop {
+            if active.is_empty() {
+                // Idle: wait for work; the version is gone when every sender is.
+                match jobs.recv() {
+                    Ok(job) => self.take(job, &mut active),
+                    Err(_) => return,
+                }
+            }
+            while let Ok(job) = jobs.try_recv() {
+                self.take(job, &mut active);
+            }
+            active.retain(|s| {
+                let gone = s.request.events.is_closed();
+                if gone {
+                    metrics::counter!("minigpt_streams_cancelled_total", "model" => self.model.clone()).increment(1);
+                }
+                !gone
+            });
+            if !active.is_empty() {
+                self.step(&mut active);
+            }
+        }
+    }
+
+    fn take(&self, job: Job, active: &mut VecDeque<Stream>) {
+        match job {
+            Job::Predict { signature, inputs, reply } => {
+                let _ = reply.send(self.source.predict(&signature, &inputs));
+            }
+            Job::Generate(request) => {
+                if request.max_chars == 0 {
+                    let _ = request.events.send(Event::Done);
+                    return;
+                }
+                match Sampler::new(&request.sampler) {
+                    Ok(sampler) => {
+                        metrics::gauge!("minigpt_active_streams", "model" => self.model.clone()).increment(1.0);
+                        let (ids, prompt_len) = (request.prompt.clone(), request.prompt.len());
+                        active.push_back(Stream {
+                            ids,
+                            prompt_len,
+                            request: *request,
+                            sampler,
+                            model: self.model.clone(),
+                        });
+                    }
+                    Err(e) => drop(request.events.send(Event::Failed(format!("{e:#}")))),
+                }
+            }
+        }
+    }
+
+    /// One forward pass over the first `max_batch` streams (right-padded windows [B, W]), then
+    /// a character for each; those not done go to the back of the queue.
+    fn step(&self, active: &mut VecDeque<Stream>) {
+        let batch: Vec<Stream> = active.drain(..self.max_batch.min(active.len())).collect();
+        metrics::histogram!("minigpt_batch_size", "model" => self.model.clone()).record(batch.len() as f64);
+        let windows: Vec<&[i32]> =
+            batch.iter().map(|s| &s.ids[s.ids.len().saturating_sub(self.context.unwrap_or(usize::MAX))..]).collect();
+        // A model with a fixed context gets windows of that width, as the in-graph sampling loop
+        // of `generate` feeds it: the same shapes, the same arithmetic.
+        let width = self.context.unwrap_or_else(|| windows.iter().map(|w| w.len()).max().unwrap_or(1));
+        let logits = self.logits(&windows, width);
+        let v = self.vocab.len();
+        for (i, mut stream) in batch.into_iter().enumerate() {
+            let drawn = logits.as_ref().map_err(|e| format!("{e:#}")).and_then(|l| {
+                let at = (i * width + windows_len(&stream, self.context) - 1) * v;
+                let row = &l[at..at + v];
+                if !row.iter().all(|x| x.is_finite()) {
+                    return Err(format!(
+                        "the model's logits are NaN or infinite at generated character {}: its weights are broken",
+                        stream.ids.len() - stream.prompt_len + 1
+                    ));
+                }
+                stream.sampler.draw(row).map_err(|e| format!("{e:#}"))
+            });
+            let id = match drawn {
+                Ok(id) => id,
+                Err(e) => {
+                    let _ = stream.request.events.send(Event::Failed(e));
+                    continue;
+                }
+            };
+            if stream.ids.len() == stream.prompt_len {
+                let first = stream.request.received.elapsed().as_secs_f64();
+                metrics::histogram!("minigpt_time_to_first_char_seconds", "model" => self.model.clone()).record(first);
+            }
+            metrics::counter!("minigpt_generated_chars_total", "model" => self.model.clone()).increment(1);
+            stream.ids.push(id);
+            if stream.request.events.send(Event::Text(self.vocab.decode(&[id]))).is_err() {
+                metrics::counter!("minigpt_streams_cancelled_total", "model" => self.model.clone()).increment(1);
+                continue;
+            }
+            if stream.ids.len() - stream.prompt_len >= stream.request.max_chars {
+                let _ = stream.request.events.send(Event::Done);
+                continue;
+            }
+            active.push_back(stream);
+        }
+    }
+
+    /// logits [B, W, V] of the windows, each padded with 0 to `width`.
+    fn logits(&self, windows: &[&[i32]], width: usize) -> Result<Tensor<f32>> {
+        let mut tokens = Tensor::<i32>::new(&[windows.len() as u64, width as u64]);
+        for (row, w) in tokens.chunks_mut(width).zip(windows) {
+            row[..w.len()].copy_from_slice(w);
+        }
+        let logits = self.source.logits(&tokens)?;
+        ensure!(
+            logits.len() == windows.len() * width * self.vocab.len(),
+            "the model returned {} logits for {} windows of {width} positions and {} classes",
+            logits.len(),
+            windows.len(),
+            self.vocab.len()
+        );
+        Ok(logits)
+    }
+}
+
+/// How many ids of `stream` its window holds.
+fn windows_len(stream: &Stream, context: Option<usize>) -> usize {
+    stream.ids.len().min(context.unwrap_or(usize::MAX))
+}
+
+/// A model served under a name: a path minigpt opens (version 1), or a TensorFlow Serving base
+/// path, whose highest version is served.
+pub struct Model {
+    pub name: String,
+    pub base: PathBuf,
+    pub versioned: bool,
+    current: RwLock<Arc<Version>>,
+    settings: Settings,
+    /// Versions that failed to load, with what their folder held then (tried again once it changes).
+    failed: Mutex<HashMap<u64, Fingerprint>>,
+}
+
+impl Model {
+    pub fn open(name: &str, base: &Path, settings: Settings) -> Result<Arc<Self>> {
+        let opens_as_is = saved_model::is_saved_model(base) || base.join("config.json").is_file();
+        let (number, path, versioned) = if opens_as_is {
+            (1, base.to_path_buf(), false)
+        } else {
+            ensure!(base.is_dir(), "{}: no such folder", base.display());
+            let versions = versions(base)?;
+            let Some((number, path)) = versions.last().cloned() else {
+                bail!(
+                    "{}: not a run directory, a SavedModel, or a TensorFlow Serving base path with a version folder \
+                     (PATH/<integer>/saved_model.pb)",
+                    base.display()
+                );
+            };
+            (number, path, true)
+        };
+        let version = Version::load(name, number, &path, settings).with_context(|| format!("model {name}"))?;
+        Ok(Arc::new(Self {
+            name: name.to_string(),
+            base: base.to_path_buf(),
+            versioned,
+            current: RwLock::new(version),
+            settings,
+            failed: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    /// The version serving now.
+    pub fn current(&self) -> Arc<Version> {
+        self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Looks at the base path once: a newest version other than the one serving is loaded and
+    /// swapped in; one that fails to load leaves the current one serving, with a warning (once
+    /// per state of its folder).
+    pub fn poll(&self) {
+        let Ok(versions) = versions(&self.base) else { return };
+        let Some((number, path)) = versions.last() else { return };
+        let current = self.current();
+        if *number == current.number {
+            return;
+        }
+        let print = fingerprint(path);
+        let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        if failed.get(number) == Some(&print) {
+            return;
+        }
+        match Version::load(&self.name, *number, path, self.settings) {
+            Ok(version) => {
+                eprintln!(
+                    "model {}: serving version {number} ({}), was version {}",
+                    self.name,
+                    path.display(),
+                    current.number
+                );
+                *self.current.write().unwrap_or_else(|e| e.into_inner()) = version;
+                failed.clear();
+            }
+            Err(e) => {
+                let e = crate::text::one_line(&format!("{e:#}"));
+                eprintln!(
+                    "warning: model {}: version {number} ({}) does not load: {e}; version {} keeps serving",
+                    self.name,
+                    path.display(),
+                    current.number
+                );
+                failed.insert(*number, print);
+            }
+        }
+    }
+}
+
+/// The version folders of a base path (integer names holding a SavedModel or a run), lowest first.
+fn versions(base: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let mut found: Vec<(u64, PathBuf)> = std::fs::read_dir(base)
+        .with_context(|| format!("reading {}", base.display()))?
+        .flatten()
+        .filter_map(|e| {
+            let number = e.file_name().to_str()?.parse::<u64>().ok()?;
+            let path = e.path();
+            (saved_model::is_saved_model(&path) || path.join("config.json").is_file()).then_some((number, path))
+        })
+        .collect();
+    found.sort();
+    Ok(found)
+}
+
+/// What a folder holds: files, bytes, newest change.
+type Fingerprint = (usize, u64, Option<SystemTime>);
+
+fn fingerprint(dir: &Path) -> Fingerprint {
+    let mut print: Fingerprint = (0, 0, None);
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let Ok(meta) = entry.metadata() else { continue };
+            if meta.is_dir() {
+                stack.push(entry.path());
+            }
+            print.0 += 1;
+            print.1 += meta.len();
+            print.2 = print.2.max(meta.modified().ok());
+        }
+    }
+    print
+}
