@@ -311,6 +311,7 @@ mod tests {
     }
 
     fn parse(body: Value, sig: &Signature) -> Result<Vec<(String, AnyTensor)>, String> {
+        crate::library::load(false).unwrap();
         request(body.as_object().unwrap(), sig).map(|(_, inputs)| inputs)
     }
 
@@ -357,6 +358,7 @@ mod tests {
 
     #[test]
     fn answers_read_back_as_the_same_floats() {
+        crate::library::load(false).unwrap();
         let t = Tensor::new(&[2, 2]).with_values(&[0.1f32, -1e-30, f32::NAN, f32::NEG_INFINITY]).unwrap();
         let one = [("logits".to_string(), AnyTensor::F32(t.clone()))];
         assert_eq!(answer(Format::Row, &one).unwrap(), "{\"predictions\":[[0.1,-1e-30],[NaN,-Infinity]]}");
