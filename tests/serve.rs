@@ -558,3 +558,41 @@ fn under_load_with_faults_every_request_gets_its_answer() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn beyond_loopback_it_warns_unless_a_token_is_needed() {
+    // A network namespace of its own, with 10.9.9.9 on its loopback interface: not loopback,
+    // reachable from nowhere but the namespace.
+    let ok = Command::new("unshare").args(["-rn", "ip", "link", "set", "lo", "up"]).output();
+    if !ok.is_ok_and(|o| o.status.success()) {
+        eprintln!("skipped: `unshare -rn` and `ip` cannot make a network namespace here");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let big = small_run(&tmp.path().join("bigram"), 20_000, &["--max-steps", "20"]);
+    let token = tmp.path().join("token");
+    std::fs::write(&token, "t0ken").unwrap();
+    for (extra, warns) in [("", true), (format!(" --token-file '{}'", token.display()).as_str(), false)] {
+        let script = format!(
+            "ip link set lo up && ip addr add 10.9.9.9/32 dev lo && exec \"$0\" serve --listen 10.9.9.9:0 --model 'm={}'{extra}",
+            big.display()
+        );
+        let mut unshare = Command::new("unshare");
+        unshare.args(["-rn", "sh", "-c", &script]).arg(assert_cmd::cargo::cargo_bin("minigpt"));
+        unshare.env_remove("TF_CPP_MIN_LOG_LEVEL");
+        let server = Serving::launch(unshare);
+        assert!(server.url.starts_with("http://10.9.9.9:"), "{}", server.url);
+        let bound = minigpt::listen::listening(server.child.0.id()).unwrap();
+        assert_eq!(bound.len(), 1, "{bound:?}");
+        assert_eq!(bound[0].ip().to_string(), "10.9.9.9");
+        let stderr = server.stderr();
+        let warning = stderr.lines().find(|l| l.starts_with("warning:"));
+        match warns {
+            true => assert!(
+                warning.is_some_and(|w| w.contains("listens on 10.9.9.9:") && w.contains("without authentication")),
+                "{stderr}"
+            ),
+            false => assert_eq!(warning, None, "{stderr}"),
+        }
+    }
+}

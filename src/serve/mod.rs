@@ -95,12 +95,42 @@ pub fn run(cfg: &ServeConfig) -> Result<()> {
             model.poll();
         })?;
     }
-    let local = listener.local_addr()?;
-    if !listen::is_loopback(local.ip()) && cfg.token.is_none() {
-        eprintln!(
-            "warning: minigpt serve listens on {local}, beyond this machine, without authentication: anyone who \
-             reaches it can use its models; give --token-file, or use it only on a network you trust"
-        );
+    if let Some(warning) = exposure(listener.local_addr()?, cfg.token.is_some()) {
+        eprintln!("{warning}");
     }
     http::serve(listener, models, cfg)
+}
+
+/// The `warning:` line of a server other machines can reach without a token, if it is one.
+fn exposure(local: SocketAddr, token: bool) -> Option<String> {
+    (!listen::is_loopback(local.ip()) && !token).then(|| {
+        format!(
+            "warning: minigpt serve listens on {local}, beyond this machine, without authentication: anyone who \
+             reaches it can use its models; give --token-file, or use it only on a network you trust"
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_server_beyond_loopback_without_a_token_warns() {
+        let at = |a: &str| a.parse::<SocketAddr>().unwrap();
+        assert_eq!(exposure(at("127.0.0.1:8501"), false), None);
+        assert_eq!(exposure(at("[::1]:8501"), false), None);
+        assert_eq!(exposure(at("10.1.2.3:8501"), true), None);
+        let warning = exposure(at("0.0.0.0:8501"), false).unwrap();
+        assert!(warning.starts_with("warning: minigpt serve listens on 0.0.0.0:8501, beyond this machine"));
+        assert!(exposure(at("10.1.2.3:8501"), false).unwrap().contains("without authentication"));
+    }
+
+    #[test]
+    fn model_names_are_url_safe() {
+        assert_eq!(parse_model("gpt-2.v1=runs/x").unwrap(), ("gpt-2.v1".to_string(), PathBuf::from("runs/x")));
+        for bad in ["runs/x", "=x", "a:b=x", "a/b=x", "a="] {
+            assert!(parse_model(bad).is_err(), "{bad}");
+        }
+    }
 }
