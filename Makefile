@@ -83,9 +83,10 @@ parity: setup
 	cargo run --quiet --example parity
 
 bench: setup
-	cargo build --release --bin minigpt --example bench --example bench_cluster --example bench_gpt
+	cargo build --release --bin minigpt --example bench --example bench_cluster --example bench_gpt --example bench_serve
 	$(PY) bench/run.py --python $(PY) --minigpt target/release/examples/bench --data "$(DATA)" --reps $(REPS) \
-		--gpt-bench target/release/examples/bench_gpt --cluster-bench target/release/examples/bench_cluster
+		--gpt-bench target/release/examples/bench_gpt --cluster-bench target/release/examples/bench_cluster \
+		--serve-bench target/release/examples/bench_serve --minigpt-bin $(BIN)
 
 # The CUDA wheel, apart from the CPU set-up: its own virtualenv, library folder and target directory.
 TF_GPU_PACKAGE ?= tensorflow[and-cuda]==2.21.0

@@ -67,6 +67,8 @@ def main():
     p.add_argument("--cluster-bench", help="the bench_cluster example binary (adds 'training on several servers')")
     p.add_argument("--gpt-bench", help="the bench_gpt example binary (adds the transformer section)")
     p.add_argument("--gpt-reps", type=int, default=2)
+    p.add_argument("--serve-bench", help="the bench_serve example binary (adds the serving section)")
+    p.add_argument("--minigpt-bin", help="the minigpt binary (for the serving section)")
     args = p.parse_args()
 
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
@@ -137,6 +139,10 @@ def main():
         table += "\n\n" + section
     if args.cluster_bench:
         section, results["cluster"] = cluster_section(args.cluster_bench, args.reps, env)
+        print(section)
+        table += "\n\n" + section
+    if args.serve_bench:
+        section, results["serving"] = serve_section(args.serve_bench, args.minigpt_bin, data, env)
         print(section)
         table += "\n\n" + section
     notes_path = os.path.join(HERE, "notes.md")
@@ -277,6 +283,76 @@ def cluster_section(binary, reps, env):
                 t = r["compute_ms"] / n + n * r["bytes_per_worker"] * 8 / (gbps * 1e9) * 1e3 + r["overhead_ms"]
                 cells.append(f"{1e3 / t:.0f} ({r['compute_ms'] / t:.2f}×)")
             lines.append(f"| {label} | {gbps} Gb/s | " + " | ".join(cells) + " |")
+    return "\n".join(lines), results
+
+
+SERVE_MODELS = [
+    ("gpt", "transformer, quality configuration", ["--model", "gpt", "--block-size", "64", "--n-layer", "4",
+                                                    "--n-head", "4", "--n-embd", "128", "--dropout", "0"]),
+    ("bigram", "bigram, the notebook's", []),
+]
+
+
+def serve_section(binary, minigpt, data, env):
+    """`minigpt serve` under 1, 8, 32 and 64 concurrent streaming clients (`examples/bench_serve.rs`),
+    with continuous batching and with `--max-batch 1`; the server's RSS over 2,000 requests."""
+    import tempfile
+    results, lines = {}, [
+        "## Serving (`minigpt serve`)",
+        "",
+        "A load generator (`examples/bench_serve.rs`) against `minigpt serve` on 127.0.0.1: each client streams",
+        "`:generate_stream` requests of 100 characters after `ROMEO:` (3 per client per level, seeds all",
+        "different), with continuous batching (every running stream in each forward pass) and with `--max-batch 1`",
+        "(one stream per pass). The models have the trained configurations' shapes (trained 20 steps: the speed",
+        "does not depend on the weights). Time to first character (TTFC) and latency are per request, from",
+        "sending it; characters/s are all characters over the level's wall time. Client and server share the",
+        "machine's cores.",
+        "",
+        "| model | mode | clients | chars/s | × 1 client | TTFC p50 | TTFC p99 | latency p50 | latency p99 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, label, flags in SERVE_MODELS:
+            run_dir = os.path.join(tmp, name)
+            print(f"serving: training a {name} to serve ...", file=sys.stderr, flush=True)
+            subprocess.run([minigpt, "train", "-q", "--data", data, "--out", run_dir, "--max-steps", "20"] + flags,
+                           env=env, check=True, stdout=subprocess.DEVNULL)
+            print(f"serving: {name} under load ...", file=sys.stderr, flush=True)
+            extra = ["--leak-requests", "2000"] if name == "gpt" else []
+            out = subprocess.run([binary, "--minigpt", minigpt, "--run", run_dir] + extra, env=env, check=True,
+                                 stdout=subprocess.PIPE, text=True).stdout
+            rows = [json.loads(line) for line in out.splitlines() if line.strip()]
+            results[name] = rows
+            for row in rows:
+                if row["mode"] == "memory":
+                    continue
+                one = next(r for r in rows if r["mode"] == row["mode"] and r["clients"] == 1)
+                row["speedup"] = row["chars_per_s"] / one["chars_per_s"]
+                lines.append(f"| {label} | {row['mode'].replace('_', ' ')} | {row['clients']} | "
+                             f"{row['chars_per_s']:.0f} | {row['speedup']:.2f}× | {row['ttfc_p50_ms']:.1f} ms | "
+                             f"{row['ttfc_p99_ms']:.1f} ms | {row['latency_p50_ms']:.0f} ms | "
+                             f"{row['latency_p99_ms']:.0f} ms |")
+    gpt = results["gpt"]
+    at = lambda mode, clients: next(r for r in gpt if r["mode"] == mode and r.get("clients") == clients)  # noqa: E731
+    memory = next(r for r in gpt if r["mode"] == "memory")
+    growth = memory["rss_kib_after_all"] / memory["rss_kib_after_first"] - 1
+    lines += [
+        "",
+        f"Server RSS (transformer, batched, 32 clients of 20 characters): {memory['rss_kib_after_first'] / 1024:.0f} MiB "
+        f"after {memory['requests_first']} requests, {memory['rss_kib_after_all'] / 1024:.0f} MiB after "
+        f"{memory['requests_all']} ({growth * 100:+.1f} %).",
+        "",
+        "| target | measured | needed | met |",
+        "|---|---|---|---|",
+    ]
+    targets = [
+        ("transformer, 32 clients: aggregate ÷ one client's", at("batched", 32)["speedup"], 8, True),
+        ("transformer, 1 client: p50 time to first character (ms)", at("batched", 1)["ttfc_p50_ms"], 50, False),
+        ("RSS growth from the first requests to 2,000 (%)", growth * 100, 10, False),
+    ]
+    for label, value, bound, at_least in targets:
+        met = value >= bound if at_least else value <= bound
+        lines.append(f"| {label} | {fmt(value)} | {'≥' if at_least else '≤'} {bound} | {'yes' if met else 'NO'} |")
     return "\n".join(lines), results
 
 

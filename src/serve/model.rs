@@ -212,7 +212,8 @@ impl Worker {
         let windows: Vec<&[i32]> =
             batch.iter().map(|s| &s.ids[s.ids.len().saturating_sub(self.context.unwrap_or(usize::MAX))..]).collect();
         // A model with a fixed context gets windows of that width, as the in-graph sampling loop
-        // of `generate` feeds it: the same shapes, the same arithmetic.
+        // of `generate` feeds it: the same arithmetic, and one shape per batch size (TensorFlow
+        // prepares its kernels once per shape: a width per window length costs more than it saves).
         let width = self.context.unwrap_or_else(|| windows.iter().map(|w| w.len()).max().unwrap_or(1));
         let logits = self.logits(&windows, width);
         let v = self.vocab.len();
