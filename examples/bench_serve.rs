@@ -90,7 +90,11 @@ fn stream(client: &reqwest::blocking::Client, url: &str, chars: usize, seed: u64
     let (mut first, mut count) = (None, 0);
     for line in BufReader::new(response).lines() {
         let line = line?;
-        if line.starts_with("data: {\"details\":null") {
+        let event: serde_json::Value = match line.strip_prefix("data: ") {
+            Some(data) => serde_json::from_str(data)?,
+            None => continue,
+        };
+        if event["token"]["text"].is_string() {
             first.get_or_insert_with(|| started.elapsed().as_secs_f64());
             count += 1;
         }

@@ -23,7 +23,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use tensorflow::DataType;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 use super::json::{self as tensors};
 use super::model::{Event, Job, Model, Request as Generation, Version};
@@ -124,40 +124,66 @@ pub fn serve(listener: std::net::TcpListener, models: Vec<Arc<Model>>, cfg: &Ser
             .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
             .layer(middleware::from_fn_with_state(app.clone(), guard))
             .with_state(app.clone());
+        // The signals are caught from here on, before the server says it is ready.
+        let mut signals = Signals::new()?;
         let (stopping_tx, stopping_rx) = oneshot::channel();
-        let stop = {
-            let app = app.clone();
-            async move {
-                let signal = stop_signal().await;
-                app.draining.store(true, Ordering::SeqCst);
-                let running = app.max_concurrent - app.slots.available_permits();
-                eprintln!("{signal}: no new requests; {running} running finish (at most {}s)", drain.as_secs());
-                let _ = stopping_tx.send(());
+        let serving = axum::serve(listener, router).with_graceful_shutdown(async move {
+            let _ = stopping_rx.await;
+        });
+        let server = tokio::spawn(async move { serving.await });
+        // Histograms keep their samples until rendered: folded in every few seconds, whether or
+        // not anything reads the metrics.
+        let metrics = app.metrics.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                metrics.run_upkeep();
             }
-        };
-        let server = tokio::spawn(async move { axum::serve(listener, router).with_graceful_shutdown(stop).await });
+        });
         crate::output::line(format_args!("listening on http://{local}"))?;
-        let _ = stopping_rx.await;
-        match tokio::time::timeout(drain, server).await {
-            Ok(done) => done?.context("serving")?,
-            Err(_) => {
-                let running = app.max_concurrent - app.slots.available_permits();
-                eprintln!("warning: {running} requests still running after --drain-seconds: stopped");
-            }
+        let signal = signals.next().await;
+        app.draining.store(true, Ordering::SeqCst);
+        let running = || app.max_concurrent - app.slots.available_permits();
+        eprintln!("{signal}: no new requests; {} running finish (at most {}s)", running(), drain.as_secs());
+        let _ = stopping_tx.send(());
+        tokio::select! {
+            done = tokio::time::timeout(drain, server) => match done {
+                Ok(done) => done?.context("serving")?,
+                Err(_) => stop_now(&format!("warning: {} requests still running after --drain-seconds: stopped", running()), 0),
+            },
+            again = signals.next() => stop_now(&format!("{again} again: stopped with {} requests running", running()), 130),
         }
         Ok(())
     })
 }
 
-/// The name of the signal that asks the server to stop.
-async fn stop_signal() -> &'static str {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+/// Exits at once with `code`, after `line` on stderr: model threads may be inside TensorFlow,
+/// whose static destructors must not run under them.
+fn stop_now(line: &str, code: i32) -> ! {
+    eprintln!("{line}");
+    // SAFETY: `_exit` ends the process without running destructors or exit handlers.
+    unsafe { libc::_exit(code) }
+}
+
+/// SIGTERM and SIGINT, caught from creation on.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let term = signal(SignalKind::terminate()).context("catching SIGTERM")?;
+        Ok(Self { term, int: signal(SignalKind::interrupt()).context("catching SIGINT")? })
+    }
+
+    /// The name of the next one.
+    async fn next(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
     }
 }
 
@@ -183,8 +209,10 @@ async fn guard(State(app): State<Arc<App>>, request: Request, next: Next) -> Res
 
 fn authorized(headers: &HeaderMap, token: &str) -> bool {
     use subtle::ConstantTimeEq;
-    let given =
-        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| {
+        let (scheme, token) = v.split_once(' ')?;
+        scheme.eq_ignore_ascii_case("bearer").then_some(token.trim_start())
+    });
     given.is_some_and(|given| bool::from(given.as_bytes().ct_eq(token.as_bytes())))
 }
 
@@ -275,7 +303,7 @@ impl App {
     }
 
     /// A slot for a stream or a prediction, or 503 (stopping) or 429 (all taken).
-    fn slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+    fn slot(&self) -> Result<OwnedSemaphorePermit, ApiError> {
         if self.draining.load(Ordering::SeqCst) {
             return Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, "the server is stopping".into()));
         }
@@ -345,14 +373,21 @@ async fn model_post(
     if matches!(target, Target::Status | Target::Metadata) {
         return Err(ApiError(StatusCode::METHOD_NOT_ALLOWED, format!("GET /v1/models/{rest}, not {}", Method::POST)));
     }
+    // The slot first: bodies are read and parsed by requests that have one.
+    let permit = app.slot()?;
     let body = app.object(&headers, body).await?;
     match target {
-        Target::Predict => predict(&app, &version, body).await,
-        _ => generate(&app, &version, body, target == Target::Stream, received).await,
+        Target::Predict => predict(&app, &version, body, permit).await,
+        _ => generate(&app, &version, body, target == Target::Stream, received, permit).await,
     }
 }
 
-async fn predict(app: &App, version: &Version, body: Map<String, Value>) -> Result<Response, ApiError> {
+async fn predict(
+    app: &App,
+    version: &Version,
+    body: Map<String, Value>,
+    permit: OwnedSemaphorePermit,
+) -> Result<Response, ApiError> {
     let signature = match body.get("signature_name") {
         None => SERVING.to_string(),
         Some(Value::String(s)) => s.clone(),
@@ -364,19 +399,27 @@ async fn predict(app: &App, version: &Version, body: Map<String, Value>) -> Resu
             names(&version.signatures)
         ))
     })?;
-    let (format, inputs) = tensors::request(&body, sig).map_err(bad)?;
-    let _permit = app.slot()?;
+    // JSON to tensors and back off the async threads: a large batch takes a while.
+    let sig = sig.clone();
+    let (format, inputs) = blocking(move || tensors::request(&body, &sig)).await?.map_err(bad)?;
     let (reply, answer) = oneshot::channel();
     version
-        .submit(Job::Predict { signature, inputs, reply })
+        .submit(Job::Predict { signature, inputs, reply, permit })
         .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
     let outputs = match tokio::time::timeout(app.timeout, answer).await {
         Err(_) => return Err(deadline(app.timeout)),
         Ok(Err(_)) => return Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, "the model's thread has stopped".into())),
         Ok(Ok(result)) => result.map_err(|e| run_error(&e))?,
     };
-    let text = tensors::answer(format, &outputs).map_err(bad)?;
+    let text = blocking(move || tensors::answer(format, &outputs)).await?.map_err(bad)?;
     Ok(([(header::CONTENT_TYPE, "application/json")], text).into_response())
+}
+
+/// `work` on tokio's blocking threads.
+async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("a worker thread failed: {e}")))
 }
 
 fn deadline(timeout: Duration) -> ApiError {
@@ -392,18 +435,15 @@ fn names<T>(m: &BTreeMap<String, T>) -> String {
 #[serde(deny_unknown_fields)]
 struct GenerateBody {
     prompt: String,
-    #[serde(default = "default_chars")]
-    max_chars: usize,
+    /// 200, or `--max-chars` if lower.
+    #[serde(default)]
+    max_chars: Option<usize>,
     #[serde(default = "default_temperature")]
     temperature: f32,
     #[serde(default)]
     top_k: Option<u32>,
     #[serde(default)]
     seed: Option<u64>,
-}
-
-fn default_chars() -> usize {
-    200
 }
 
 fn default_temperature() -> f32 {
@@ -416,6 +456,7 @@ async fn generate(
     body: Map<String, Value>,
     streaming: bool,
     received: Instant,
+    permit: OwnedSemaphorePermit,
 ) -> Result<Response, ApiError> {
     let body: GenerateBody =
         serde_path_to_error::deserialize(Value::Object(body)).map_err(|e| match e.path().to_string().as_str() {
@@ -426,10 +467,11 @@ async fn generate(
         return Err(bad("prompt: the prompt is empty: give at least one character"));
     }
     let prompt = version.vocab.encode(&body.prompt).map_err(|e| bad(format!("prompt: {e}")))?;
-    if body.max_chars > app.max_chars {
+    let max_chars = body.max_chars.unwrap_or(app.max_chars.min(200));
+    if max_chars > app.max_chars {
         return Err(bad(format!(
-            "max_chars: {} is above this server's limit, {} (--max-chars)",
-            body.max_chars, app.max_chars
+            "max_chars: {max_chars} is above this server's limit, {} (--max-chars)",
+            app.max_chars
         )));
     }
     let t = body.temperature;
@@ -440,15 +482,14 @@ async fn generate(
         return Err(bad("top_k: must be at least 1"));
     }
     let seed = body.seed.unwrap_or_else(|| rand::random::<u32>() as u64);
-    let permit = app.slot()?;
     let (events, mut rx) = mpsc::unbounded_channel();
     let request = Generation {
         prompt,
-        max_chars: body.max_chars,
+        max_chars,
         sampler: SamplerConfig { seed: seed as i64, temperature: t, top_k: body.top_k },
         events,
         received,
-        permit,
+        permit: Some(permit),
     };
     version
         .submit(Job::Generate(Box::new(request)))

@@ -39,9 +39,15 @@ pub enum Job {
         signature: String,
         inputs: Vec<(String, AnyTensor)>,
         reply: oneshot::Sender<Result<Vec<(String, AnyTensor)>>>,
+        /// Its slot of `--max-concurrent`, held until it has run.
+        permit: OwnedSemaphorePermit,
     },
     Generate(Box<Request>),
 }
+
+/// Jobs a version's thread takes between two steps, at most: a steady flow of new work does not
+/// hold the running streams back.
+const JOBS_PER_STEP: usize = 8;
 
 /// A generation request, validated: its characters go to `events` as they are drawn.
 pub struct Request {
@@ -50,8 +56,9 @@ pub struct Request {
     pub sampler: SamplerConfig,
     pub events: tokio::sync::mpsc::UnboundedSender<Event>,
     pub received: Instant,
-    /// Its slot of `--max-concurrent`, held until the stream ends.
-    pub permit: OwnedSemaphorePermit,
+    /// Its slot of `--max-concurrent`, held until the stream ends (given back before its last
+    /// event, so that a client may send its next request as soon as it has it).
+    pub permit: Option<OwnedSemaphorePermit>,
 }
 
 /// What a stream produces.
@@ -72,7 +79,7 @@ pub struct Version {
     pub vocab: Vocab,
     /// One line: what model this is.
     pub describe: String,
-    jobs: Mutex<mpsc::Sender<Job>>,
+    jobs: mpsc::Sender<Job>,
 }
 
 impl Version {
@@ -100,13 +107,12 @@ impl Version {
             })
             .context("starting a model thread")?;
         let (signatures, vocab, describe) = ready_rx.recv().context("the model thread ended while loading")??;
-        Ok(Arc::new(Self { number, path: path.to_path_buf(), signatures, vocab, describe, jobs: Mutex::new(jobs_tx) }))
+        Ok(Arc::new(Self { number, path: path.to_path_buf(), signatures, vocab, describe, jobs: jobs_tx }))
     }
 
     /// Hands `job` to the version's thread.
     pub fn submit(&self, job: Job) -> Result<()> {
-        let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
-        jobs.send(job).ok().context("the model's thread has stopped")
+        self.jobs.send(job).ok().context("the model's thread has stopped")
     }
 }
 
@@ -124,13 +130,21 @@ fn describe(source: &Source) -> Result<(BTreeMap<String, Signature>, Vocab, Stri
     Ok((source.signatures()?, source.vocab()?, text))
 }
 
-/// A running stream.
+/// A running stream: its window (at most the model's context) and how many characters it drew.
 struct Stream {
-    ids: Vec<i32>,
-    prompt_len: usize,
+    window: Vec<i32>,
+    generated: usize,
     request: Request,
     sampler: Sampler,
     model: String,
+}
+
+impl Stream {
+    /// Ends the stream with its last event; its slot is free before the client reads it.
+    fn end(mut self, event: Event) {
+        self.request.permit.take();
+        let _ = self.request.events.send(event);
+    }
 }
 
 impl Drop for Stream {
@@ -153,6 +167,13 @@ impl Worker {
     fn run(self, jobs: mpsc::Receiver<Job>) {
         let mut active: VecDeque<Stream> = VecDeque::new();
         loop {
+            active.retain(|s| {
+                let gone = s.request.events.is_closed();
+                if gone {
+                    self.cancelled();
+                }
+                !gone
+            });
             if active.is_empty() {
                 // Idle: wait for work; the version is gone when every sender is.
                 match jobs.recv() {
@@ -160,98 +181,135 @@ impl Worker {
                     Err(_) => return,
                 }
             }
-            while let Ok(job) = jobs.try_recv() {
+            for job in jobs.try_iter().take(JOBS_PER_STEP) {
                 self.take(job, &mut active);
             }
-            active.retain(|s| {
-                let gone = s.request.events.is_closed();
-                if gone {
-                    metrics::counter!("minigpt_streams_cancelled_total", "model" => self.model.clone()).increment(1);
-                }
-                !gone
-            });
             if !active.is_empty() {
                 self.step(&mut active);
             }
         }
     }
 
+    fn cancelled(&self) {
+        metrics::counter!("minigpt_streams_cancelled_total", "model" => self.model.clone()).increment(1);
+    }
+
     fn take(&self, job: Job, active: &mut VecDeque<Stream>) {
         match job {
-            Job::Predict { signature, inputs, reply } => {
-                let _ = reply.send(self.source.predict(&signature, &inputs));
+            Job::Predict { signature, inputs, reply, permit } => {
+                // A client gone (or timed out) leaves nothing to answer.
+                if !reply.is_closed() {
+                    let _ = reply.send(self.source.predict(&signature, &inputs));
+                }
+                drop(permit);
             }
-            Job::Generate(request) => {
+            Job::Generate(mut request) => {
+                if request.events.is_closed() {
+                    return self.cancelled();
+                }
                 if request.max_chars == 0 {
+                    request.permit.take();
                     let _ = request.events.send(Event::Done);
                     return;
                 }
                 match Sampler::new(&request.sampler) {
                     Ok(sampler) => {
                         metrics::gauge!("minigpt_active_streams", "model" => self.model.clone()).increment(1.0);
-                        let (ids, prompt_len) = (request.prompt.clone(), request.prompt.len());
-                        active.push_back(Stream {
-                            ids,
-                            prompt_len,
-                            request: *request,
-                            sampler,
-                            model: self.model.clone(),
-                        });
+                        let prompt = std::mem::take(&mut request.prompt);
+                        let keep = prompt.len().saturating_sub(self.context.unwrap_or(usize::MAX));
+                        let window = prompt[keep..].to_vec();
+                        let model = self.model.clone();
+                        active.push_back(Stream { window, generated: 0, request: *request, sampler, model });
                     }
-                    Err(e) => drop(request.events.send(Event::Failed(format!("{e:#}")))),
+                    Err(e) => {
+                        request.permit.take();
+                        let _ = request.events.send(Event::Failed(format!("{e:#}")));
+                    }
                 }
             }
         }
     }
 
-    /// One forward pass over the first `max_batch` streams (right-padded windows [B, W]), then
-    /// a character for each; those not done go to the back of the queue.
+    /// One step over the first `max_batch` streams: their forward pass, then a character for
+    /// each; those not done go to the back of the queue.
     fn step(&self, active: &mut VecDeque<Stream>) {
         let batch: Vec<Stream> = active.drain(..self.max_batch.min(active.len())).collect();
         metrics::histogram!("minigpt_batch_size", "model" => self.model.clone()).record(batch.len() as f64);
-        let windows: Vec<&[i32]> =
-            batch.iter().map(|s| &s.ids[s.ids.len().saturating_sub(self.context.unwrap_or(usize::MAX))..]).collect();
-        // A model with a fixed context gets windows of that width, as the in-graph sampling loop
-        // of `generate` feeds it: the same arithmetic, and one shape per batch size (TensorFlow
-        // prepares its kernels once per shape: a width per window length costs more than it saves).
-        let width = self.context.unwrap_or_else(|| windows.iter().map(|w| w.len()).max().unwrap_or(1));
-        let logits = self.logits(&windows, width);
-        let v = self.vocab.len();
-        for (i, mut stream) in batch.into_iter().enumerate() {
-            let drawn = logits.as_ref().map_err(|e| format!("{e:#}")).and_then(|l| {
-                let at = (i * width + windows_len(&stream, self.context) - 1) * v;
-                let row = &l[at..at + v];
-                if !row.iter().all(|x| x.is_finite()) {
-                    return Err(format!(
-                        "the model's logits are NaN or infinite at generated character {}: its weights are broken",
-                        stream.ids.len() - stream.prompt_len + 1
-                    ));
-                }
-                stream.sampler.draw(row).map_err(|e| format!("{e:#}"))
-            });
-            let id = match drawn {
-                Ok(id) => id,
-                Err(e) => {
-                    let _ = stream.request.events.send(Event::Failed(e));
-                    continue;
-                }
-            };
-            if stream.ids.len() == stream.prompt_len {
-                let first = stream.request.received.elapsed().as_secs_f64();
-                metrics::histogram!("minigpt_time_to_first_char_seconds", "model" => self.model.clone()).record(first);
+        let windows: Vec<&[i32]> = batch.iter().map(|s| s.window.as_slice()).collect();
+        let rows = self.rows(&windows);
+        for (stream, row) in batch.into_iter().zip(rows) {
+            if let Some(stream) = self.advance(stream, row) {
+                active.push_back(stream);
             }
-            metrics::counter!("minigpt_generated_chars_total", "model" => self.model.clone()).increment(1);
-            stream.ids.push(id);
-            if stream.request.events.send(Event::Text(self.vocab.decode(&[id]))).is_err() {
-                metrics::counter!("minigpt_streams_cancelled_total", "model" => self.model.clone()).increment(1);
-                continue;
-            }
-            if stream.ids.len() - stream.prompt_len >= stream.request.max_chars {
-                let _ = stream.request.events.send(Event::Done);
-                continue;
-            }
-            active.push_back(stream);
         }
+    }
+
+    /// The next-character logits [V] of each window. A model with a fixed context runs them in
+    /// one pass, each window right-padded to that width, as the in-graph sampling loop of
+    /// `generate` feeds it (one shape per batch size: TensorFlow prepares its kernels once per
+    /// shape); the model is causal, so the padding does not change what it computes for a window.
+    /// A model whose context is not known runs each window alone, at its own length. A pass that
+    /// fails is run again window by window, so that each stream gets its own error.
+    fn rows(&self, windows: &[&[i32]]) -> Vec<Result<Vec<f32>, String>> {
+        let Some(width) = self.context else {
+            return windows.iter().map(|w| self.alone(w)).collect();
+        };
+        match self.logits(windows, width) {
+            Ok(logits) => {
+                let v = self.vocab.len();
+                let at = |i: usize, w: &[i32]| (i * width + w.len() - 1) * v;
+                windows.iter().enumerate().map(|(i, w)| Ok(logits[at(i, w)..at(i, w) + v].to_vec())).collect()
+            }
+            Err(_) if windows.len() > 1 => windows.iter().map(|w| self.alone(w)).collect(),
+            Err(e) => vec![Err(format!("{e:#}"))],
+        }
+    }
+
+    fn alone(&self, window: &[i32]) -> Result<Vec<f32>, String> {
+        let width = self.context.unwrap_or(window.len());
+        let logits = self.logits(&[window], width).map_err(|e| format!("{e:#}"))?;
+        let v = self.vocab.len();
+        Ok(logits[(window.len() - 1) * v..window.len() * v].to_vec())
+    }
+
+    /// Draws `stream`'s next character from `row` and sends it: the stream, unless it ended.
+    fn advance(&self, mut stream: Stream, row: Result<Vec<f32>, String>) -> Option<Stream> {
+        let drawn = row.and_then(|row| {
+            if !row.iter().all(|x| x.is_finite()) {
+                return Err(format!(
+                    "the model's logits are NaN or infinite at generated character {}: its weights are broken",
+                    stream.generated + 1
+                ));
+            }
+            stream.sampler.draw(&row).map_err(|e| format!("{e:#}"))
+        });
+        let id = match drawn {
+            Ok(id) => id,
+            Err(e) => {
+                stream.end(Event::Failed(e));
+                return None;
+            }
+        };
+        if stream.generated == 0 {
+            let first = stream.request.received.elapsed().as_secs_f64();
+            metrics::histogram!("minigpt_time_to_first_char_seconds", "model" => self.model.clone()).record(first);
+        }
+        metrics::counter!("minigpt_generated_chars_total", "model" => self.model.clone()).increment(1);
+        stream.generated += 1;
+        if self.context.is_some_and(|c| stream.window.len() >= c) {
+            stream.window.remove(0);
+        }
+        stream.window.push(id);
+        let sent = stream.request.events.send(Event::Text(self.vocab.decode(&[id])));
+        if stream.generated >= stream.request.max_chars {
+            stream.end(Event::Done);
+            return None;
+        }
+        if sent.is_err() {
+            self.cancelled();
+            return None;
+        }
+        Some(stream)
     }
 
     /// logits [B, W, V] of the windows, each padded with 0 to `width`.
@@ -270,11 +328,6 @@ impl Worker {
         );
         Ok(logits)
     }
-}
-
-/// How many ids of `stream` its window holds.
-fn windows_len(stream: &Stream, context: Option<usize>) -> usize {
-    stream.ids.len().min(context.unwrap_or(usize::MAX))
 }
 
 /// A model served under a name: a path minigpt opens (version 1), or a TensorFlow Serving base
@@ -333,8 +386,8 @@ impl Model {
             return;
         }
         let print = fingerprint(path);
-        let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
-        if failed.get(number) == Some(&print) {
+        let failed = || self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        if failed().get(number) == Some(&print) {
             return;
         }
         match Version::load(&self.name, *number, path, self.settings) {
@@ -346,7 +399,7 @@ impl Model {
                     current.number
                 );
                 *self.current.write().unwrap_or_else(|e| e.into_inner()) = version;
-                failed.clear();
+                failed().clear();
             }
             Err(e) => {
                 let e = crate::text::one_line(&format!("{e:#}"));
@@ -356,7 +409,7 @@ impl Model {
                     path.display(),
                     current.number
                 );
-                failed.insert(*number, print);
+                failed().insert(*number, print);
             }
         }
     }
