@@ -76,6 +76,20 @@ pub fn resolve(address: &str) -> Result<SocketAddr> {
     Ok(SocketAddr::new(ip, port))
 }
 
+/// `HOST:PORT` to listen on, resolved once ([`resolve`]), and whether it is every interface:
+/// a host that resolves to a wildcard is refused unless written `0.0.0.0` or `[::]`.
+pub fn resolve_bind(address: &str) -> Result<(SocketAddr, bool)> {
+    let bind = resolve(address)?;
+    let host = &address[..address.rfind(':').unwrap_or(0)];
+    let written_wildcard = matches!(host, "0.0.0.0" | "[::]" | "::");
+    anyhow::ensure!(
+        !bind.ip().is_unspecified() || written_wildcard,
+        "{address}: the host resolves to {}, every interface: write 0.0.0.0 or [::] if that is meant",
+        bind.ip()
+    );
+    Ok((bind, written_wildcard))
+}
+
 /// Every address `HOST:PORT` resolves to (an IP address: itself), IPv4 addresses mapped into IPv6
 /// as the IPv4 addresses they are.
 pub fn resolve_all(address: &str) -> Result<Vec<SocketAddr>> {

@@ -55,15 +55,22 @@ pub struct SamplerConfig {
 
 impl SamplerConfig {
     pub fn validate(&self) -> Result<()> {
-        anyhow::ensure!(self.top_k != Some(0), "--top-k must be at least 1");
+        match self.invalid() {
+            Some((setting, what)) => anyhow::bail!("--{} {what}", setting.replace('_', "-")),
+            None => Ok(()),
+        }
+    }
+
+    /// The first setting out of range, if any: its name (`top_k`, `temperature`) and what it
+    /// must be.
+    pub fn invalid(&self) -> Option<(&'static str, String)> {
+        if self.top_k == Some(0) {
+            return Some(("top_k", "must be at least 1".into()));
+        }
         // Below the smallest normal float, TensorFlow's kernels read the temperature as 0.
         let t = self.temperature;
-        anyhow::ensure!(
-            t >= f32::MIN_POSITIVE && t.is_finite(),
-            "--temperature must be a positive number from {:e} up, got {t:e}",
-            f32::MIN_POSITIVE
-        );
-        Ok(())
+        (!(t >= f32::MIN_POSITIVE && t.is_finite()))
+            .then(|| ("temperature", format!("must be a positive number from {:e} up, got {t:e}", f32::MIN_POSITIVE)))
     }
 }
 

@@ -8,11 +8,10 @@ mod common;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::cluster::{command, Proc};
+use common::cluster::{command, until_first_line, Proc};
 use common::{export, python, small_run, TINY_GPT};
 use serde_json::{json, Value};
 
@@ -31,19 +30,8 @@ impl Serving {
         Self::launch(cmd)
     }
 
-    fn launch(mut cmd: Command) -> Self {
-        let stderr = tempfile::NamedTempFile::new().unwrap();
-        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::from(stderr.reopen().unwrap())).spawn().unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let _ = tx.send(BufReader::new(stdout).lines().next());
-        });
-        let child = Proc(child);
-        let line = match rx.recv_timeout(Duration::from_secs(120)) {
-            Ok(Some(Ok(line))) => line,
-            _ => panic!("the server did not start: {}", std::fs::read_to_string(stderr.path()).unwrap()),
-        };
+    fn launch(cmd: Command) -> Self {
+        let (child, line, stderr) = until_first_line(cmd, Duration::from_secs(120));
         let url = line.strip_prefix("listening on ").unwrap_or_else(|| panic!("{line}")).to_string();
         Self { child, url, stderr }
     }

@@ -81,15 +81,9 @@ impl Listen {
 /// a loopback address (Debian's `/etc/hosts` maps the machine's own name to 127.0.1.1) is refused:
 /// no other machine could reach it there.
 fn resolve_to_listen(text: &str) -> Result<(SocketAddr, bool)> {
-    let bind = listen::resolve(text)?;
+    let (bind, written_wildcard) = listen::resolve_bind(text)?;
     let host = &text[..text.rfind(':').unwrap_or(0)];
     let literal = host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>().is_ok();
-    let written_wildcard = matches!(host, "0.0.0.0" | "[::]" | "::");
-    ensure!(
-        !bind.ip().is_unspecified() || written_wildcard,
-        "{text}: the host resolves to {}, every interface: write 0.0.0.0 or [::] if that is meant",
-        bind.ip()
-    );
     ensure!(
         literal || host == "localhost" || !listen::is_loopback(bind.ip()),
         "{text}: {host} resolves to {}, a loopback address, where no other machine reaches it: give this \

@@ -396,7 +396,7 @@ async fn predict(
     let sig = version.signatures.get(&signature).ok_or_else(|| {
         bad(format!(
             "Serving signature name: {signature:?} not found in signature def (it has: {})",
-            names(&version.signatures)
+            tensors::list(&version.signatures)
         ))
     })?;
     // JSON to tensors and back off the async threads: a large batch takes a while.
@@ -424,10 +424,6 @@ async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) 
 
 fn deadline(timeout: Duration) -> ApiError {
     ApiError(StatusCode::GATEWAY_TIMEOUT, format!("no answer within {}s (--timeout-seconds)", timeout.as_secs_f64()))
-}
-
-fn names<T>(m: &BTreeMap<String, T>) -> String {
-    m.keys().cloned().collect::<Vec<_>>().join(", ")
 }
 
 /// The body of `:generate` and `:generate_stream`.
@@ -474,23 +470,13 @@ async fn generate(
             app.max_chars
         )));
     }
-    let t = body.temperature;
-    if !(t >= f32::MIN_POSITIVE && t.is_finite()) {
-        return Err(bad(format!("temperature: must be a positive number from {:e} up, got {t:e}", f32::MIN_POSITIVE)));
-    }
-    if body.top_k == Some(0) {
-        return Err(bad("top_k: must be at least 1"));
-    }
     let seed = body.seed.unwrap_or_else(|| rand::random::<u32>() as u64);
+    let sampler = SamplerConfig { seed: seed as i64, temperature: body.temperature, top_k: body.top_k };
+    if let Some((setting, what)) = sampler.invalid() {
+        return Err(bad(format!("{setting}: {what}")));
+    }
     let (events, mut rx) = mpsc::unbounded_channel();
-    let request = Generation {
-        prompt,
-        max_chars,
-        sampler: SamplerConfig { seed: seed as i64, temperature: t, top_k: body.top_k },
-        events,
-        received,
-        permit: Some(permit),
-    };
+    let request = Generation { prompt, max_chars, sampler, events, received, permit: Some(permit) };
     version
         .submit(Job::Generate(Box::new(request)))
         .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;

@@ -100,7 +100,8 @@ fn check_keys<'a>(keys: impl Iterator<Item = &'a String>, signature: &Signature,
     Ok(())
 }
 
-fn list<T>(m: &BTreeMap<String, T>) -> String {
+/// The keys of `m`, quoted, for a message.
+pub(super) fn list<T>(m: &BTreeMap<String, T>) -> String {
     m.keys().map(|k| format!("{k:?}")).collect::<Vec<_>>().join(", ")
 }
 

@@ -63,22 +63,9 @@ pub fn read_token(path: &std::path::Path) -> Result<String> {
     Ok(token)
 }
 
-/// `HOST:PORT` to listen on, as `--listen` gives it: the host resolved once, a wildcard only as
-/// `0.0.0.0`/`[::]`.
-fn address(text: &str) -> Result<SocketAddr> {
-    let address = listen::resolve(text).context("--listen")?;
-    let host = &text[..text.rfind(':').unwrap_or(0)];
-    ensure!(
-        !address.ip().is_unspecified() || matches!(host, "0.0.0.0" | "[::]" | "::"),
-        "--listen {text}: the host resolves to {}, every interface: write 0.0.0.0 or [::] if that is meant",
-        address.ip()
-    );
-    Ok(address)
-}
-
 /// `minigpt serve`.
 pub fn run(cfg: &ServeConfig) -> Result<()> {
-    let bind = address(&cfg.listen)?;
+    let (bind, _) = listen::resolve_bind(&cfg.listen).context("--listen")?;
     let listener = listen::bind_tcp(bind, &cfg.listen)?;
     let mut models = Vec::new();
     for (name, path) in &cfg.models {

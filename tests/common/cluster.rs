@@ -58,20 +58,8 @@ impl Server {
 
     /// Starts `command`, a server that is to listen on `address`, and waits (at most 60 s) for it
     /// to say it serves there.
-    pub fn launch(mut command: Command, address: &str) -> Self {
-        let stderr = tempfile::NamedTempFile::new().unwrap();
-        let mut child = command.stdout(Stdio::piped()).stderr(Stdio::from(stderr.reopen().unwrap())).spawn().unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let first = BufReader::new(stdout).lines().next();
-            let _ = tx.send(first);
-        });
-        let child = Proc(child);
-        let line = match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(Some(Ok(line))) => line,
-            _ => panic!("the server did not start: {}", std::fs::read_to_string(stderr.path()).unwrap()),
-        };
+    pub fn launch(command: Command, address: &str) -> Self {
+        let (child, line, stderr) = until_first_line(command, Duration::from_secs(60));
         let port = address.rsplit_once(':').unwrap().1;
         assert!(line.starts_with("minigpt server: TensorFlow gRPC server at grpc://") && line.contains(port), "{line}");
         Self { child, address: address.to_string(), line, stderr }
@@ -85,6 +73,24 @@ impl Server {
     /// The addresses it listens on (the kernel's tables, as `ss -ltnp` shows them).
     pub fn listening(&self) -> Vec<std::net::SocketAddr> {
         minigpt::listen::listening(self.child.0.id()).unwrap()
+    }
+}
+
+/// Starts `command` with its stderr in a file and waits (at most `wait`) for the first line it
+/// prints on stdout, the one a server prints once it serves.
+pub fn until_first_line(mut command: Command, wait: Duration) -> (Proc, String, tempfile::NamedTempFile) {
+    let stderr = tempfile::NamedTempFile::new().unwrap();
+    let mut child = command.stdout(Stdio::piped()).stderr(Stdio::from(stderr.reopen().unwrap())).spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let first = BufReader::new(stdout).lines().next();
+        let _ = tx.send(first);
+    });
+    let child = Proc(child);
+    match rx.recv_timeout(wait) {
+        Ok(Some(Ok(line))) => (child, line, stderr),
+        _ => panic!("the server did not start: {}", std::fs::read_to_string(stderr.path()).unwrap()),
     }
 }
 
