@@ -293,6 +293,7 @@ impl TrainArgs {
             listen,
             worker_timeout: Duration::from_secs(self.worker_timeout),
             step_timeout: Duration::from_secs(self.step_timeout),
+            await_names: self.cluster.is_none(),
         }))
     }
 
@@ -707,6 +708,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     listen: None,
                     worker_timeout: timeout,
                     step_timeout: timeout,
+                    await_names: false,
                 };
                 let cluster = Cluster::start(&options, None)?;
                 cluster.wait_for_workers()?;

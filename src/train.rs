@@ -10,7 +10,7 @@ use std::time::Instant;
 use anyhow::{bail, ensure, Context, Result};
 use tensorflow::Tensor;
 
-use crate::cluster::{self, Cluster, ClusterOptions};
+use crate::cluster::{self, Cluster, ClusterOptions, Waited};
 use crate::data::{self, Batches, Corpus, Vocab};
 use crate::device::{DeviceChoice, SessionConfig};
 use crate::eval;
@@ -98,7 +98,7 @@ pub struct Report {
     pub quiet: bool,
 }
 
-/// Set by the first SIGINT or SIGTERM once [`stop_on_signals`] is called: the loop finishes its
+/// Set by the first SIGINT, SIGTERM or SIGHUP once [`stop_on_signals`] is called: the loop finishes its
 /// step, checkpoints and returns [`Interrupted`].
 fn stop_flag() -> &'static Arc<AtomicBool> {
     static FLAG: OnceLock<Arc<AtomicBool>> = OnceLock::new();
@@ -111,28 +111,48 @@ fn loading_flag() -> &'static Arc<AtomicBool> {
     FLAG.get_or_init(|| Arc::new(AtomicBool::new(true)))
 }
 
-/// Makes Ctrl-C and SIGTERM exit at once (code 130) while the run is being set up (corpus,
-/// download, graph), and stop training cleanly at the end of the current step once it trains; a
-/// second one then exits at once.
+/// Makes Ctrl-C, SIGTERM and SIGHUP (a closed terminal, a dropped SSH session) exit at once (code
+/// 130) while the run is being set up (corpus, download, graph), and stop training cleanly at the
+/// end of the current step once it trains; a second one then exits at once. Each exit at once
+/// says why on stderr.
 pub fn stop_on_signals() -> Result<()> {
-    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        let installed = "installing the signal handler";
-        signal_hook::flag::register_conditional_shutdown(signal, 130, loading_flag().clone()).context(installed)?;
-        signal_hook::flag::register_conditional_shutdown(signal, 130, stop_flag().clone()).context(installed)?;
-        signal_hook::flag::register(signal, stop_flag().clone()).context(installed)?;
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    for signal in [SIGINT, SIGTERM, SIGHUP] {
+        let (loading, stop) = (loading_flag().clone(), stop_flag().clone());
+        let action = move || {
+            if loading.load(Ordering::SeqCst) {
+                exit_at_once(b"interrupted while starting: nothing was trained, nothing to save\n");
+            }
+            if stop.swap(true, Ordering::SeqCst) {
+                exit_at_once(b"interrupted again: exiting without a checkpoint; the newest one is kept\n");
+            }
+        };
+        // SAFETY: the action only touches atomics, and write(2) and _exit(2), which are
+        // async-signal-safe.
+        unsafe { signal_hook::low_level::register(signal, action) }.context("installing the signal handler")?;
     }
     Ok(())
+}
+
+/// In a signal handler: writes `message` to stderr and exits with code 130.
+fn exit_at_once(message: &[u8]) -> ! {
+    // SAFETY: write(2) of a static buffer and _exit(2), both async-signal-safe.
+    unsafe {
+        libc::write(2, message.as_ptr().cast(), message.len());
+        libc::_exit(130)
+    }
 }
 
 fn stop_requested() -> bool {
     stop_flag().load(Ordering::Relaxed)
 }
 
-/// The workers of a cluster run did not come back within `--worker-timeout`; the failed session
-/// still holds the chief's state, which the loop checkpoints before giving up.
+/// The workers of a cluster run did not come back within `--worker-timeout` (why), or a signal
+/// came while waiting for them (`None`); the failed session still holds the chief's state, which
+/// the loop checkpoints before giving up.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct WorkersLost(String);
+#[error("{}", .0.as_deref().unwrap_or("interrupted while waiting for the workers"))]
+struct WorkersLost(Option<String>);
 
 /// Training stopped by a signal after checkpointing; `minigpt` exits with code 130.
 #[derive(Debug, thiserror::Error)]
@@ -470,7 +490,11 @@ fn recovering<T>(runner: &Runner, dir: &RunDir, step: u64, run: impl Fn() -> Res
         let prefix = saved.path().join("state");
         let prefix = crate::files::path_str(&prefix)?;
         runner.save(prefix, [0, 0]).context("reading the chief's state from the failed session")?;
-        let waited = cluster.wait_for_workers().map_err(|e| WorkersLost(crate::text::error_line(&e)))?;
+        let waited = match cluster.wait_for_workers_unless(&stop_requested) {
+            Ok(Waited::Answered(waited)) => waited,
+            Ok(Waited::Stopped) => return Err(WorkersLost(None).into()),
+            Err(e) => return Err(WorkersLost(Some(crate::text::error_line(&e))).into()),
+        };
         runner.reconnect()?;
         runner.restore(prefix)?;
         runner.open_events(&dir.path.join("events"))?;
@@ -687,6 +711,9 @@ fn run_steps(
                 Err(e) if e.is::<WorkersLost>() => {
                     rec.checkpoint(global_step, [epoch as i64, step as i64])?;
                     rec.progress.finish();
+                    if e.downcast_ref::<WorkersLost>().is_some_and(|lost| lost.0.is_none()) {
+                        return Err(Interrupted { step: global_step, dir: dir.path.clone() }.into());
+                    }
                     bail!(
                         "{e}; the run is checkpointed at step {global_step}: continue with `minigpt train --resume \
                          --out {}`, with or without --cluster",

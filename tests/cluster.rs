@@ -101,7 +101,8 @@ fn the_replicas_run_on_the_workers() {
     let (a, b) = (Server::start(), Server::start());
     let spec = ClusterSpec::parse(&cluster_flag(&[&a, &b])).unwrap();
     let timeout = Duration::from_secs(60);
-    let options = ClusterOptions { spec, listen: None, worker_timeout: timeout, step_timeout: timeout };
+    let options =
+        ClusterOptions { spec, listen: None, worker_timeout: timeout, step_timeout: timeout, await_names: false };
     let cluster = Cluster::start(&options, None).unwrap();
     let chief = format!("/job:{}/", cluster.job);
     let model = ModelShape { arch: Arch::Bigram, n_embd: 16, n_layer: 1, n_head: 1, dropout: 0.0 }.with(65, 8);
@@ -268,6 +269,41 @@ fn ctrl_c_of_a_distributed_run_checkpoints_and_exits_130() {
     assert_eq!(status.code(), Some(130), "{stderr}");
     let message = stderr.lines().last().unwrap_or("");
     assert!(message.starts_with("interrupted at step "), "{message}");
+    let step: u64 = message["interrupted at step ".len()..].split(':').next().unwrap().parse().unwrap();
+    assert!(run.join(format!("ckpt/ckpt-{step}.index")).is_file());
+}
+
+/// Ctrl-C while the chief waits for a dead worker (--worker-timeout's default 300 s): the wait
+/// says what it waits for every 10 s, and the signal is honoured at once: checkpoint, the line
+/// that says how to resume, exit 130 (after the wait ran out it would be exit 1).
+#[test]
+fn ctrl_c_while_waiting_for_a_worker_checkpoints_and_exits_130() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = corpus(tmp.path());
+    let run = tmp.path().join("run");
+    let (a, mut b) = (Server::start(), Server::start());
+    let cluster = cluster_flag(&[&a, &b]);
+    let mut training =
+        Training::spawn(&corpus, &run, &["--log-every", "1", "--max-steps", "100000", "--cluster", &cluster]);
+    training.until_step(20);
+    b.child.0.kill().unwrap();
+    b.child.0.wait().unwrap();
+    std::thread::sleep(Duration::from_secs(13));
+    training.child.signal(libc::SIGINT);
+    let (_, status, stderr) = training.finish();
+    assert_eq!(status.code(), Some(130), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert!(lines[0].contains(&format!("worker task 1 ({}) failed at step", b.address)), "{stderr}");
+    assert!(
+        lines.iter().any(|l| l.starts_with(&format!("warning: still waiting for worker task 1 at {}", b.address))
+            && l.ends_with("of 300 s (--worker-timeout)")),
+        "{stderr}"
+    );
+    let message = lines.last().unwrap();
+    assert!(
+        message.starts_with("interrupted at step ") && message.contains("minigpt train --resume --out"),
+        "{stderr}"
+    );
     let step: u64 = message["interrupted at step ".len()..].split(':').next().unwrap().parse().unwrap();
     assert!(run.join(format!("ckpt/ckpt-{step}.index")).is_file());
 }

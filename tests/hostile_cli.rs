@@ -506,7 +506,7 @@ fn silent_server() -> (String, std::sync::mpsc::Receiver<()>) {
 fn a_signal_while_loading_exits_at_once() {
     let tmp = tempfile::tempdir().unwrap();
     let (url, connected) = silent_server();
-    for signal in [libc::SIGTERM, libc::SIGINT] {
+    for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
         let mut child = Command::new(assert_cmd::cargo::cargo_bin("minigpt"))
             .args(["train", "--data", &url, "--out"])
             .arg(tmp.path().join("run"))
@@ -533,6 +533,9 @@ fn a_signal_while_loading_exits_at_once() {
             std::thread::sleep(Duration::from_millis(20));
         };
         assert_eq!(status.code(), Some(130), "signal {signal}");
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+        assert_eq!(stderr, "interrupted while starting: nothing was trained, nothing to save\n", "signal {signal}");
         assert!(!tmp.path().join("run").exists(), "a run directory was left behind");
     }
 }

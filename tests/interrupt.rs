@@ -1,4 +1,4 @@
-//! Ctrl-C (and SIGTERM) during training: the step finishes, a checkpoint is written, the process exits with
+//! Ctrl-C (and SIGTERM, and SIGHUP from a closed terminal) during training: the step finishes, a checkpoint is written, the process exits with
 //! 130 and says how to resume; a second process on the same run directory is refused meanwhile.
 
 mod common;
@@ -14,6 +14,11 @@ fn sigint_checkpoints_exits_130_and_the_run_resumes() {
 #[test]
 fn sigterm_checkpoints_exits_130_and_the_run_resumes() {
     interrupt(libc::SIGTERM);
+}
+
+#[test]
+fn sighup_checkpoints_exits_130_and_the_run_resumes() {
+    interrupt(libc::SIGHUP);
 }
 
 /// Trains until step 100, sends `signal`, checks the checkpoint, the exit and the resume.

@@ -170,10 +170,20 @@ fn addresses_that_are_not_this_machines_and_workers_named_twice_give_one_line() 
     train(&["--listen", &p, "--cluster", &format!("worker=localhost:{p_port}")], "is the chief's own address");
     train(&["--cluster", &format!("worker=0.0.0.0:{p_port}")], "not 0.0.0.0");
     train(&["--cluster", "worker=no-such-host.invalid:2222"], "cannot resolve the host name");
-    // ... after waiting --worker-timeout for it, as said on one warning line.
+    // ... at once, --worker-timeout's 300 s notwithstanding (fails_with allows 120 s).
+    fails_with(
+        &["train", "--data", corpus, "--out", out, "--cluster", "worker=no-such-host.invalid:2222"],
+        "worker task 0: no-such-host.invalid:2222: cannot resolve the host name",
+    );
+    // A name from TF_CONFIG (a cluster manager's, for a task still starting) is waited for, up to
+    // --worker-timeout, as said on a warning line.
+    let tf_config = format!(
+        r#"{{"cluster": {{"chief": ["{p}"], "worker": ["no-such-host.invalid:2"]}}, "task": {{"type": "chief", "index": 0}}}}"#
+    );
     let waited = common::minigpt()
         .args(["train", "--data", corpus, "--out", out, "--worker-timeout", "1"])
-        .args(["--cluster", "worker=no-such-host.invalid:2"])
+        .env("TF_CONFIG", &tf_config)
+        .timeout(std::time::Duration::from_secs(120))
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&waited.stderr);
@@ -182,7 +192,9 @@ fn addresses_that_are_not_this_machines_and_workers_named_twice_give_one_line() 
         first.starts_with("warning: worker task 0: no-such-host.invalid:2: cannot resolve the host name"),
         "{stderr}"
     );
-    assert!(first.ends_with("waiting up to 1 s for it to resolve (--worker-timeout)"), "{stderr}");
+    assert!(first.ends_with("waiting for it to resolve: 0 s of 1 s (--worker-timeout)"), "{stderr}");
+    let last = stderr.lines().last().unwrap_or("");
+    assert!(last.starts_with("error: ") && last.contains("still after 1 s (--worker-timeout)"), "{stderr}");
 
     // A host name that resolves to loopback (Debian's /etc/hosts maps the machine's own name to
     // 127.0.1.1) is refused: no other machine would reach it. `localhost` is meant so.

@@ -39,6 +39,18 @@ use crate::tfx::OwnedStatus;
 /// How long a probe of one worker may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How often a wait says what it is waiting for.
+const WAIT_REPORT: Duration = Duration::from_secs(10);
+
+/// How a wait for the workers ended.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Waited {
+    /// Every worker answers, after this long.
+    Answered(Duration),
+    /// The caller asked to stop waiting (a signal).
+    Stopped,
+}
+
 /// The addresses of `--cluster worker=H1:P1,H2:P2`, in task order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterSpec {
@@ -114,6 +126,9 @@ pub struct ClusterOptions {
     pub listen: Option<Listen>,
     pub worker_timeout: Duration,
     pub step_timeout: Duration,
+    /// Wait, up to `worker_timeout`, for worker names that do not resolve yet (TF_CONFIG: a cluster
+    /// manager's names for tasks still starting); otherwise such a name is an error at once.
+    pub await_names: bool,
 }
 
 /// The chief's view of a cluster: its own server, the workers, and the timeouts.
@@ -144,7 +159,8 @@ impl Cluster {
             Some(listen) => listen.clone(),
             None => Listen::free_local()?,
         };
-        let resolved = resolve_workers(&options.spec, options.worker_timeout)?;
+        let wait_for_names = if options.await_names { options.worker_timeout } else { Duration::ZERO };
+        let resolved = resolve_workers(&options.spec, wait_for_names)?;
         check_distinct(&options.spec, &resolved, &listen)?;
         // A worker that is not there fails a call at once instead of being waited for without end
         // (TensorFlow's master waits for every worker's devices with no deadline otherwise).
@@ -245,24 +261,44 @@ impl Cluster {
     }
 
     /// Waits (polling) until every worker answers, for at most `worker_timeout`: an error naming
-    /// each one still down.
+    /// each one still down. Says on stderr every [`WAIT_REPORT`] what it waits for.
     pub fn wait_for_workers(&self) -> Result<Duration> {
+        match self.wait_for_workers_unless(&|| false)? {
+            Waited::Answered(waited) => Ok(waited),
+            Waited::Stopped => bail!("stopped waiting for the workers"),
+        }
+    }
+
+    /// [`Cluster::wait_for_workers`], which also ends, within a probe's time, once `stop` is true.
+    pub fn wait_for_workers_unless(&self, stop: &dyn Fn() -> bool) -> Result<Waited> {
         let start = Instant::now();
+        let mut reported = Duration::ZERO;
         loop {
             let down = self.down()?;
             if down.is_empty() {
-                return Ok(start.elapsed());
+                return Ok(Waited::Answered(start.elapsed()));
             }
-            if start.elapsed() >= self.worker_timeout {
-                let names: Vec<String> = down
-                    .iter()
-                    .map(|(i, why)| format!("worker task {i} at {} ({why})", self.spec.workers[*i]))
-                    .collect();
+            if stop() {
+                return Ok(Waited::Stopped);
+            }
+            let names: Vec<String> =
+                down.iter().map(|(i, why)| format!("worker task {i} at {} ({why})", self.spec.workers[*i])).collect();
+            let waited = start.elapsed();
+            if waited >= self.worker_timeout {
                 bail!(
                     "{} did not answer within {} s (--worker-timeout): is `minigpt server --listen {}` running there?",
                     names.join(", "),
                     self.worker_timeout.as_secs(),
                     self.spec.workers[down[0].0]
+                );
+            }
+            if waited >= reported + WAIT_REPORT {
+                reported = waited;
+                eprintln!(
+                    "warning: still waiting for {}: {} s of {} s (--worker-timeout)",
+                    names.join(", "),
+                    waited.as_secs(),
+                    self.worker_timeout.as_secs()
                 );
             }
             std::thread::sleep(Duration::from_millis(500));
@@ -282,12 +318,12 @@ impl Cluster {
     }
 }
 
-/// Every address of every worker, in task order. A name that does not resolve yet (a cluster
-/// manager's name for a task that is still starting) is waited for, polling, up to `timeout`,
-/// with one `warning:` line when the wait starts.
+/// Every address of every worker, in task order. A name that does not resolve is an error, at
+/// once with `timeout` zero; otherwise it is waited for (a cluster manager's name for a task that
+/// is still starting), polling, up to `timeout`, saying so every [`WAIT_REPORT`].
 fn resolve_workers(spec: &ClusterSpec, timeout: Duration) -> Result<Vec<Vec<SocketAddr>>> {
     let start = Instant::now();
-    let mut warned = false;
+    let mut reported: Option<Duration> = None;
     loop {
         let attempt: Result<Vec<Vec<SocketAddr>>> = spec
             .workers
@@ -297,15 +333,19 @@ fn resolve_workers(spec: &ClusterSpec, timeout: Duration) -> Result<Vec<Vec<Sock
             .collect();
         let error = match attempt {
             Ok(resolved) => return Ok(resolved),
+            Err(e) if timeout.is_zero() => return Err(e),
             Err(e) if start.elapsed() >= timeout => {
                 return Err(e.context(format!("still after {} s (--worker-timeout)", timeout.as_secs())))
             }
             Err(e) => e,
         };
-        if !std::mem::replace(&mut warned, true) {
+        let waited = start.elapsed();
+        if reported.is_none_or(|r| waited >= r + WAIT_REPORT) {
+            reported = Some(waited);
             eprintln!(
-                "warning: {}; waiting up to {} s for it to resolve (--worker-timeout)",
+                "warning: {}; waiting for it to resolve: {} s of {} s (--worker-timeout)",
                 crate::text::error_line(&error),
+                waited.as_secs(),
                 timeout.as_secs()
             );
         }
