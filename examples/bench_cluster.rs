@@ -84,7 +84,8 @@ fn main() -> Result<()> {
         }
         let spec = ClusterSpec { workers: addresses };
         let timeout = Duration::from_secs(120);
-        let options = ClusterOptions { spec, listen: None, worker_timeout: timeout, step_timeout: timeout };
+        let options =
+            ClusterOptions { spec, listen: None, worker_timeout: timeout, step_timeout: timeout, await_names: false };
         Runner::on_cluster(&model, &opts, session, Cluster::start(&options, None)?)?
     };
     runner.init()?;
