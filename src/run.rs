@@ -19,6 +19,9 @@ use crate::sampler::SamplerConfig;
 use crate::text::one_line;
 use crate::tfx::CheckpointReader;
 
+/// Everything `train` writes in a run directory.
+const RUN_FILES: [&str; 6] = ["ckpt", "lock", "config.json", "metrics.csv", "loss.png", "events"];
+
 /// Checkpoints kept in `ckpt/` unless `--keep` says otherwise.
 pub const KEEP_CHECKPOINTS: usize = 3;
 
@@ -154,28 +157,83 @@ pub struct RunLock {
 }
 
 impl RunDir {
-    /// Creates a new run directory; refuses one that already holds a run. A directory whose run
-    /// stopped before its first checkpoint (config.json, no `ckpt/checkpoint`) holds nothing to
-    /// resume: it is started afresh.
+    /// Creates a new run directory. A folder that exists is taken only if it is empty or holds
+    /// nothing but what minigpt writes in a run (recognised by its `config.json`, which must read
+    /// as a run's): a run stopped before its first checkpoint (a `config.json`, no checkpoint) is
+    /// started afresh; a run with checkpoints is refused (`--resume` continues it), and so is
+    /// anything else (the user's files, a SavedModel, `--out .`).
     pub fn create(path: &Path) -> Result<Self> {
         let dir = Self { path: path.to_path_buf() };
         dir.check_contained()?;
-        let foreign = !dir.config_path().exists()
-            && fs::read_dir(dir.ckpt_dir()).is_ok_and(|mut entries| entries.next().is_some());
-        ensure!(
-            !foreign,
-            "{} holds checkpoints (ckpt/) that no minigpt run accounts for (no config.json): choose another --out, \
-             or move them away",
-            path.display()
-        );
-        let unfinished = dir.config_path().exists() && !dir.ckpt_dir().join("checkpoint").exists();
-        ensure!(
-            !dir.config_path().exists() || unfinished,
-            "{} already holds a run: choose another --out (or delete it), or continue it with --resume",
-            path.display()
-        );
+        if path.exists() {
+            ensure!(path.is_dir(), "--out {} is not a folder", path.display());
+            dir.check_only_ours()?;
+        }
         fs::create_dir_all(dir.ckpt_dir()).with_context(|| format!("creating run directory {}", path.display()))?;
         Ok(dir)
+    }
+
+    /// Refuses an existing folder that holds anything but a run minigpt can start afresh.
+    fn check_only_ours(&self) -> Result<()> {
+        let path = &self.path;
+        let listing = |dir: &Path| -> Result<Vec<String>> {
+            let mut names = Vec::new();
+            for entry in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+                names.push(
+                    entry.with_context(|| format!("reading {}", dir.display()))?.file_name().to_string_lossy().into(),
+                );
+            }
+            names.sort();
+            Ok(names)
+        };
+        // What a run writes, and what a run that died may leave (temporary files, a partial plot).
+        let ours = |name: &str| RUN_FILES.contains(&name) || name.starts_with(".tmp") || name == ".loss-partial.png";
+        let foreign: Vec<String> = listing(path)?.into_iter().filter(|n| !ours(n)).collect();
+        if !foreign.is_empty() {
+            let shown = foreign.iter().take(3).map(String::as_str).collect::<Vec<_>>().join(", ");
+            let more = if foreign.len() > 3 { format!(" and {} more", foreign.len() - 3) } else { String::new() };
+            bail!(
+                "--out {} holds files minigpt did not write there ({shown}{more}): give a new or empty folder",
+                path.display()
+            );
+        }
+        let checkpoints: Vec<String> = match self.ckpt_dir().is_dir() {
+            true => listing(&self.ckpt_dir())?.into_iter().filter(|n| !n.starts_with(".partial-")).collect(),
+            false => Vec::new(),
+        };
+        if !self.config_path().exists() {
+            ensure!(
+                checkpoints.is_empty(),
+                "{} holds checkpoints (ckpt/) that no minigpt run accounts for (no config.json): choose another --out, \
+                 or move them away",
+                path.display()
+            );
+            let made = ["metrics.csv", "loss.png", "events"].iter().find(|n| path.join(n).exists());
+            ensure!(
+                made.is_none(),
+                "--out {} holds {} but no config.json: it is not a minigpt run; give a new or empty folder",
+                path.display(),
+                made.unwrap_or(&"")
+            );
+            return Ok(());
+        }
+        let config = self.read_config().map_err(|e| {
+            anyhow::anyhow!(
+                "--out {} holds a config.json that is not a minigpt run's ({}): give a new or empty folder",
+                path.display(),
+                crate::text::error_line(&e)
+            )
+        })?;
+        ensure!(
+            checkpoints.is_empty(),
+            "{} already holds a run{}: choose another --out (or delete it), or continue it with --resume",
+            path.display(),
+            match self.ckpt_dir().join("checkpoint").exists() {
+                true => String::new(),
+                false => format!(" (checkpoints in ckpt/, {} steps done)", config.steps_done),
+            }
+        );
+        Ok(())
     }
 
     /// Opens an existing run directory.
@@ -189,7 +247,7 @@ impl RunDir {
 
     /// Refuses a run directory whose files lead out of it: minigpt writes only inside a run.
     fn check_contained(&self) -> Result<()> {
-        for name in ["ckpt", "lock", "config.json", "metrics.csv", "loss.png", "events"] {
+        for name in RUN_FILES {
             let path = self.path.join(name);
             let link = fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink());
             ensure!(

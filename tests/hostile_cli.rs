@@ -97,6 +97,64 @@ const CASES: &[Case] = &[
         after: checkpoint_kept,
     },
     Case {
+        name: "--out into a folder of the user's own config.json",
+        setup: |_, dir| {
+            std::fs::create_dir(dir.join("mine")).unwrap();
+            std::fs::write(dir.join("mine/config.json"), "{\"theme\": \"dark\"}").unwrap();
+            std::fs::write(dir.join("mine/metrics.csv"), "a,b\n1,2\n").unwrap();
+        },
+        args: "train --data CORPUS --out DIR/mine --max-steps 3",
+        code: 1,
+        says: "/mine holds a config.json that is not a minigpt run's",
+        after: |_, dir| {
+            assert_eq!(std::fs::read_to_string(dir.join("mine/config.json")).unwrap(), "{\"theme\": \"dark\"}");
+            assert_eq!(std::fs::read_to_string(dir.join("mine/metrics.csv")).unwrap(), "a,b\n1,2\n");
+            assert!(!dir.join("mine/ckpt").exists());
+        },
+    },
+    Case {
+        name: "--out into a folder that is not a run (and --out .)",
+        setup: |_, dir| std::fs::write(dir.join("notes.txt"), "mine").unwrap(),
+        args: "train --data CORPUS --out DIR/. --max-steps 3",
+        code: 1,
+        says: "holds files minigpt did not write there (notes.txt, run): give a new or empty folder",
+        after: |_, dir| {
+            let corpus = dir.join("../base/small.txt");
+            let out = common::minigpt().current_dir(dir).args(["train", "--out", ".", "--data"]).arg(corpus).output();
+            let out = out.unwrap();
+            assert_eq!(out.status.code(), Some(1));
+            assert!(common::last_stderr_line(&out).contains("--out . holds files minigpt did not write there"));
+            assert!(!dir.join("ckpt").exists() && !dir.join("config.json").exists());
+        },
+    },
+    Case {
+        name: "--out into a SavedModel",
+        setup: |run, dir| poison_and_export(run, dir, "0"),
+        args: "train --data CORPUS --out DIR/saved --max-steps 3",
+        code: 1,
+        says: "holds files minigpt did not write there (",
+        after: |_, dir| {
+            assert!(!dir.join("saved/ckpt").exists() && !dir.join("saved/config.json").exists());
+            usable(&dir.join("saved"), dir);
+        },
+    },
+    Case {
+        name: "--init-from a run --out the same run",
+        setup: no_setup,
+        args: "train --init-from RUN --data CORPUS --out RUN --max-steps 3",
+        code: 1,
+        says: "already holds a run: choose another --out",
+        after: checkpoint_kept,
+    },
+    Case {
+        name: "--out a run whose ckpt/checkpoint was removed",
+        setup: |run, _| std::fs::remove_file(run.join("ckpt/checkpoint")).unwrap(),
+        args: "train --data CORPUS --out RUN --max-steps 3",
+        code: 1,
+        says: "already holds a run (checkpoints in ckpt/, 5 steps done)",
+        after: checkpoint_kept,
+    },
+    Case {
         name: "a ckpt/ that leads out of the run is not written through",
         setup: |run, dir| {
             std::fs::rename(run.join("ckpt"), dir.join("elsewhere")).unwrap();
