@@ -416,6 +416,10 @@ impl TrainArgs {
     }
 }
 
+/// The most threads `--intra-op-threads` or `--inter-op-threads` may ask for: TensorFlow starts
+/// them all at once, as threads of the system.
+const MAX_THREADS: u32 = 1024;
+
 /// TensorFlow runtime settings shared by the commands that run a graph.
 #[derive(Args, Debug, Clone, Default)]
 pub struct SessionArgs {
@@ -453,6 +457,15 @@ impl SessionArgs {
             self.gpu_memory_fraction.is_none() || (fraction > 0.0 && fraction <= 1.0),
             "--gpu-memory-fraction must be in (0, 1], not {fraction}"
         );
+        for (flag, threads) in
+            [("--intra-op-threads", self.intra_op_threads), ("--inter-op-threads", self.inter_op_threads)]
+        {
+            ensure!(
+                threads <= MAX_THREADS,
+                "{flag} {threads} is more than {MAX_THREADS} (this machine has {} cores; 0 is one a core)",
+                std::thread::available_parallelism().map_or(1, |n| n.get())
+            );
+        }
         let visible = match &self.gpus {
             Some(list) => GpuConfig::parse_list(list)?,
             None => 0,

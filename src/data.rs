@@ -106,7 +106,12 @@ pub fn load_corpus(source: &str) -> Result<Corpus> {
     let text = crate::files::read_text(&path, "corpus", MAX_CORPUS_BYTES)?;
     let sha256 = sha256_hex(text.as_bytes());
     ensure!(!text.is_empty(), "corpus {} is empty", path.display());
-    Ok(Corpus { text, source: source.to_string(), sha256 })
+    // A file is recorded by its absolute path: `--resume` and `eval` find it from any folder.
+    let source = match is_url(source) {
+        true => source.to_string(),
+        false => std::path::absolute(&path).ok().and_then(|p| p.to_str().map(str::to_string)).unwrap_or(source.into()),
+    };
+    Ok(Corpus { text, source, sha256 })
 }
 
 /// The largest corpus minigpt reads: its ids take four times as much memory again.

@@ -3,11 +3,12 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use anyhow::Result;
+use anyhow::{ensure, Result};
 
 use crate::run::RunDir;
 use crate::saved_model::{self, Declared};
 use crate::text::thousands;
+use crate::tfx::Var;
 
 /// The description `minigpt info` prints.
 pub fn describe(path: &Path) -> Result<String> {
@@ -22,10 +23,15 @@ fn describe_run(path: &Path) -> Result<String> {
     let dir = RunDir::open(path)?;
     let config = dir.read_config()?;
     let m = &config.model;
+    // What is reported must be what the newest checkpoint holds, as every other command checks.
+    let vars = m.variables()?;
+    if let Some(newest) = dir.checkpoints().ok().and_then(|c| c.into_iter().next()) {
+        dir.check_variables(&vars, &newest)?;
+    }
     let mut out = String::new();
     writeln!(out, "run:          {}", path.display())?;
     writeln!(out, "model:        {}", m.describe())?;
-    writeln!(out, "parameters:   {}", thousands(m.parameter_count()?))?;
+    writeln!(out, "parameters:   {}", thousands(parameters(&vars)))?;
     writeln!(out, "vocabulary:   {} characters", config.vocab.len())?;
     let t = &config.train;
     // config.json is written after the checkpoint state: a process killed in between leaves it a
@@ -75,8 +81,28 @@ fn describe_saved_model(path: &Path) -> Result<String> {
     let declared = Declared::read(path)?.unwrap_or_default();
     match &declared.model {
         Some(m) => {
+            // The model minigpt.json declares must be the one the variables hold, as for
+            // `train --init-from`.
+            let vars = m.variables()?;
+            let held = saved_model::weight_elements(path)?;
+            ensure!(
+                parameters(&vars) <= held,
+                "{}: its assets.extra/minigpt.json declares a model ({}) of {} parameters; its variables hold {}",
+                path.display(),
+                m.describe(),
+                thousands(parameters(&vars)),
+                thousands(held)
+            );
+            saved_model::import_weights(path, &vars).map_err(|e| {
+                anyhow::anyhow!(
+                    "{}: its assets.extra/minigpt.json declares a model ({}) its variables do not hold: {}",
+                    path.display(),
+                    m.describe(),
+                    crate::text::error_line(&e)
+                )
+            })?;
             writeln!(out, "model:        {} (assets.extra/minigpt.json)", m.describe())?;
-            writeln!(out, "parameters:   {}", thousands(m.parameter_count()?))?;
+            writeln!(out, "parameters:   {}", thousands(parameters(&vars)))?;
         }
         None => {
             // No configuration: list what the variables checkpoint holds.
@@ -102,4 +128,9 @@ fn describe_saved_model(path: &Path) -> Result<String> {
         writeln!(out, "data:         {} (SHA-256 {})", data.source, data.sha256)?;
     }
     Ok(out)
+}
+
+/// The elements of `vars`, all told.
+fn parameters(vars: &[Var]) -> u64 {
+    vars.iter().map(|v| v.shape.iter().product::<u64>()).sum()
 }

@@ -15,7 +15,7 @@
 //! graph
 //! summary, sampler, loss, optim, model, cluster
 //! data, device
-//! proto, tfx, files, text, listen, output
+//! proto, tfx, files, text, listen, output, memory
 //! library
 //! ```
 
@@ -30,6 +30,7 @@ pub mod info;
 pub mod library;
 pub mod listen;
 pub mod loss;
+pub mod memory;
 pub mod model;
 pub mod object_graph;
 pub mod optim;

@@ -13,7 +13,7 @@ fn main() -> ExitCode {
     }
     let cli = minigpt::cli::Cli::parse();
     // `--log-placement` is TensorFlow's own log, at its INFO level.
-    let verbose = std::env::args().skip(1).any(|a| a == "-v" || a == "--verbose" || a == "--log-placement");
+    let verbose = std::env::args_os().skip(1).any(|a| a == "-v" || a == "--verbose" || a == "--log-placement");
     match minigpt::library::load(verbose).and_then(|()| minigpt::cli::run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => failure(&e),

@@ -17,7 +17,7 @@ use crate::model::ModelConfig;
 use crate::optim::AdamConfig;
 use crate::sampler::SamplerConfig;
 use crate::text::one_line;
-use crate::tfx::CheckpointReader;
+use crate::tfx::{CheckpointReader, Var};
 
 /// Everything `train` writes in a run directory.
 const RUN_FILES: [&str; 6] = ["ckpt", "lock", "config.json", "metrics.csv", "loss.png", "events"];
@@ -164,6 +164,8 @@ impl RunDir {
     /// anything else (the user's files, a SavedModel, `--out .`).
     pub fn create(path: &Path) -> Result<Self> {
         let dir = Self { path: path.to_path_buf() };
+        // TensorFlow takes the checkpoint and event paths as UTF-8.
+        path_str(path).context("--out")?;
         dir.check_contained()?;
         if path.exists() {
             ensure!(path.is_dir(), "--out {} is not a folder", path.display());
@@ -350,7 +352,13 @@ impl RunDir {
             },
         };
         let runner = Runner::new(&config.model, &opts, session)?;
-        self.restore_latest(&runner)?;
+        let restored = self.restore_latest(&runner)?;
+        // config.json is written after the checkpoint: while a run trains, the newest checkpoint
+        // may be a step ahead of it. What was restored is what an export or a sample is of.
+        let mut config = config;
+        if let Some(step) = restored.file_name().and_then(|n| n.to_str()?.strip_prefix("ckpt-")?.parse().ok()) {
+            config.steps_done = step;
+        }
         Ok((config, runner))
     }
 
@@ -390,7 +398,7 @@ impl RunDir {
             };
             // (A restore assigns whatever shape it reads: check first, or a wrong config.json
             // fails later as a shape error deep in TensorFlow.)
-            self.check_shapes(runner, &prefix)?;
+            self.check_variables(&runner.variables(), &prefix)?;
             match whole(path_str(&prefix)?) {
                 Ok(()) => {
                     if !damaged.is_empty() {
@@ -417,10 +425,13 @@ impl RunDir {
 
     /// An error naming the first variable of the graph that `prefix` lacks or holds in another
     /// shape (a config.json that does not describe the checkpoint), if it can be read that far.
-    fn check_shapes(&self, runner: &Runner, prefix: &Path) -> Result<()> {
+    /// Checks that checkpoint `prefix` holds every one of `vars` (config.json's model's
+    /// variables) in its shape: an error naming the first that differs. A checkpoint that cannot
+    /// be read is left to the restore, which names the damage.
+    pub fn check_variables(&self, vars: &[Var], prefix: &Path) -> Result<()> {
         let Ok(entries) = CheckpointReader::open(path_str(prefix)?).and_then(|r| r.entries()) else { return Ok(()) };
         let config = self.config_path();
-        for var in runner.variables() {
+        for var in vars {
             let want: Vec<i64> = var.shape.iter().map(|&d| d as i64).collect();
             match entries.iter().find(|e| e.key == var.name) {
                 None => bail!(

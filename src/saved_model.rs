@@ -226,6 +226,26 @@ impl Declared {
         if let Some(model) = &declared.model {
             model.validate().with_context(|| format!("{}: its model", path.display()))?;
         }
+        // Its training window and batch, the context and batch `eval` uses: checked as the
+        // command line checks them.
+        for (field, value) in [("block_size", declared.train.block_size), ("batch_size", declared.train.batch_size)] {
+            ensure!(
+                value.is_none_or(|n| (1..=crate::model::MAX_SIZE as usize).contains(&n)),
+                "{}: its train.{field} must be from 1 to {}, not {}",
+                path.display(),
+                crate::model::MAX_SIZE,
+                value.unwrap_or(0)
+            );
+        }
+        if let (Some(limit), Some(window)) =
+            (declared.model.as_ref().and_then(|m| m.context_limit()), declared.train.block_size)
+        {
+            ensure!(
+                window as u64 <= limit,
+                "{}: its train.block_size {window} exceeds its model's {limit} positions",
+                path.display()
+            );
+        }
         Ok(Some(declared))
     }
 
@@ -718,16 +738,7 @@ fn from_serving_order(dir: &Path, vars: &[Var]) -> Result<Option<Vec<Tensor<f32>
 fn import_by_name(dir: &Path, vars: &[Var]) -> Result<Vec<Tensor<f32>>> {
     let reader = variables_reader(dir)?;
     let entries = reader.entries()?;
-    let model_entries: Vec<&CheckpointEntry> = entries
-        .iter()
-        .filter(|e| {
-            e.dtype == DataType::Float
-                && !e.key.starts_with("optimizer/")
-                && !e.key.starts_with('_')
-                && !e.key.ends_with("/m")
-                && !e.key.ends_with("/v")
-        })
-        .collect();
+    let model_entries: Vec<&CheckpointEntry> = entries.iter().filter(|e| is_weight(e)).collect();
     let mut out = Vec::with_capacity(vars.len());
     for var in vars {
         let shape: Vec<i64> = var.shape.iter().map(|&d| d as i64).collect();
@@ -770,6 +781,23 @@ fn import_by_name(dir: &Path, vars: &[Var]) -> Result<Vec<Tensor<f32>>> {
         out.extend(values.into_iter().next());
     }
     Ok(out)
+}
+
+/// Whether a `variables/` checkpoint entry may be a model weight (not an optimizer's slot or
+/// counter, not a bookkeeping entry).
+fn is_weight(e: &CheckpointEntry) -> bool {
+    e.dtype == DataType::Float
+        && !e.key.starts_with("optimizer/")
+        && !e.key.starts_with('_')
+        && !e.key.ends_with("/m")
+        && !e.key.ends_with("/v")
+}
+
+/// The elements of every entry of a SavedModel's `variables/` checkpoint that may be a model
+/// weight: at least the model's parameter count (more where a weight is listed twice).
+pub fn weight_elements(dir: &Path) -> Result<u64> {
+    let entries = variables_reader(dir)?.entries()?;
+    Ok(entries.iter().filter(|e| is_weight(e)).map(|e| e.shape.iter().product::<i64>().max(0) as u64).sum())
 }
 
 /// The reader of a SavedModel's `variables/` checkpoint.

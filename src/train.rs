@@ -15,6 +15,7 @@ use crate::data::{self, Batches, Corpus, Vocab};
 use crate::device::{DeviceChoice, SessionConfig};
 use crate::eval;
 use crate::graph::{GraphOptions, Purpose, Runner};
+use crate::memory;
 use crate::model::{ModelConfig, ModelShape};
 use crate::output;
 use crate::run::{Best, DataInfo, Load, MetricsRow, RunConfig, RunDir, TrainSettings};
@@ -366,56 +367,42 @@ fn check_sizes(train_data: &[i32], val_data: &[i32], block_size: usize, batch_si
 /// gradients and Adam's two slots (4 × 4 bytes a parameter); the step's tensors of B·T rows (the
 /// logits, their softmax and gradients: 6 × [B·T, V]; the embeddings and their gradients: 8 ×
 /// [B·T, C]; per block, the [B·T, C] and [B·T, 4C] tensors of attention and MLP, 24 × C in all, and
-/// 4 × the attention weights [B, H, T, T]); the corpus and its ids.
+/// 4 × the attention weights [B, H, T, T]); the graph ([`ModelConfig::graph_bytes`]); the corpus
+/// and its ids. Saturating: a size past `u64` is past any machine.
 pub fn memory_needed(config: &RunConfig, corpus_bytes: usize) -> Result<u64> {
     let m = &config.model;
     let (b, t) = (config.train.batch_size as u64, config.train.block_size as u64);
     let params = m.parameter_count()?;
-    let rows = b * t;
-    let per_block = 24 * rows * m.n_embd + 4 * b * m.n_head * t * t;
+    let rows = b.saturating_mul(t);
+    let per_block = (24 * m.n_embd)
+        .saturating_mul(rows)
+        .saturating_add((4 * b).saturating_mul(m.n_head).saturating_mul(t).saturating_mul(t));
     let blocks = if m.arch == crate::model::Arch::Gpt { m.n_layer } else { 0 };
-    let activations = 6 * rows * m.vocab_size + 8 * rows * m.n_embd + blocks * per_block;
-    Ok(16 * params + 4 * activations + 5 * corpus_bytes as u64)
-}
-
-/// The memory this process may still use: what the kernel says is available, or less if a
-/// cgroup limits it.
-fn memory_available() -> Option<u64> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let kib = meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse::<u64>()
-        .ok()?;
-    let mut available = kib * 1024;
-    let cgroup = |f: &str| std::fs::read_to_string(format!("/sys/fs/cgroup/{f}")).ok()?.trim().parse::<u64>().ok();
-    if let (Some(max), Some(current)) = (cgroup("memory.max"), cgroup("memory.current")) {
-        available = available.min(max.saturating_sub(current));
-    }
-    Some(available)
+    let activations =
+        (6 * m.vocab_size + 8 * m.n_embd).saturating_mul(rows).saturating_add(blocks.saturating_mul(per_block));
+    Ok(params
+        .saturating_mul(16)
+        .saturating_add(activations.saturating_mul(4))
+        .saturating_add(m.graph_bytes())
+        .saturating_add(5 * corpus_bytes as u64))
 }
 
 /// Refuses a run that cannot fit, with the numbers, before any graph is built (instead of
 /// training until the kernel kills it).
 fn check_memory(config: &RunConfig, corpus_bytes: usize) -> Result<()> {
-    let needed = memory_needed(config, corpus_bytes)?;
-    let Some(available) = memory_available() else { return Ok(()) };
-    let gib = |bytes: u64| bytes as f64 / (1u64 << 30) as f64;
-    ensure!(
-        needed <= available,
-        "this run needs about {:.1} GiB ({} parameters with their gradients and Adam's slots, a batch of {} × {} \
-         characters' activations, the corpus), more than the {:.1} GiB available: lower --batch-size, --block-size \
-         or the model's size",
-        gib(needed),
+    let parts = format!(
+        "{} parameters with their gradients and Adam's slots, a batch of {} × {} characters' activations, the \
+         graph, the corpus",
         thousands(config.model.parameter_count()?),
         config.train.batch_size,
         config.train.block_size,
-        gib(available)
     );
-    Ok(())
+    memory::ensure_fits(
+        memory_needed(config, corpus_bytes)?,
+        "this run",
+        &parts,
+        "lower --batch-size, --block-size or the model's size",
+    )
 }
 
 /// The training graph of a run, with summaries, on the run's device: in this process, or (with

@@ -65,6 +65,14 @@ fn poison(run: &Path, value: &str) {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// Sets `section.key` of the SavedModel `saved`'s `assets.extra/minigpt.json` to `value` (JSON).
+fn edit_declared(saved: &Path, section: &str, key: &str, value: &str) {
+    let path = saved.join("assets.extra/minigpt.json");
+    let mut declared: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    declared[section][key] = serde_json::from_str(value).unwrap();
+    std::fs::write(path, serde_json::to_string_pretty(&declared).unwrap()).unwrap();
+}
+
 /// `poison`, then `minigpt export` of the run to `DIR/saved`.
 fn poison_and_export(run: &Path, dir: &Path, value: &str) {
     poison(run, value);
@@ -452,8 +460,100 @@ const CASES: &[Case] = &[
         setup: no_setup,
         args: "train --data CORPUS --out DIR/new --model gpt --n-embd 65536 --n-head 1 --n-layer 2",
         code: 1,
-        says: "1564.2 GiB (103,092,846,650 parameters with their gradients",
+        says: "the model needs about 384.1 GiB (103,092,846,650 parameters, the graph of 2 blocks)",
         after: no_run_made,
+    },
+    Case {
+        name: "a depth no machine here holds",
+        setup: no_setup,
+        args: "train --data CORPUS --out DIR/new --model gpt --n-embd 8 --n-head 1 --n-layer 100000",
+        code: 1,
+        says: "the model needs about 1172.2 GiB (87,201,514 parameters, the graph of 100000 blocks)",
+        after: no_run_made,
+    },
+    Case {
+        name: "a width TensorFlow cannot shape",
+        setup: no_setup,
+        args: "train --data CORPUS --out DIR/new --model gpt --n-embd 1000000000 --n-head 1 --n-layer 1",
+        code: 1,
+        says: "--n-embd 1000000000 is more than 536870911: the MLP's width",
+        after: no_run_made,
+    },
+    Case {
+        name: "a width no machine here holds (the notebook's model)",
+        setup: no_setup,
+        args: "train --data CORPUS --out DIR/new --n-embd 2000000000",
+        code: 1,
+        says: "the model needs about 864.3 GiB (232,000,000,058 parameters), more than the",
+        after: no_run_made,
+    },
+    Case {
+        name: "more threads than TensorFlow should start",
+        setup: no_setup,
+        args: "generate --run RUN --prompt To --intra-op-threads 100000",
+        code: 1,
+        says: "--intra-op-threads 100000 is more than 1024",
+        after: nothing,
+    },
+    Case {
+        name: "config.json with a depth no machine here holds",
+        setup: |run, _| {
+            edit_config(run, "model.arch", "\"gpt\"");
+            edit_config(run, "model.n_layer", "100000");
+            edit_config(run, "model.n_head", "1");
+            edit_config(run, "model.block_size", "64");
+        },
+        args: "eval --run RUN",
+        code: 1,
+        says: "config.json is not a valid run config: the model needs about",
+        after: checkpoint_kept,
+    },
+    Case {
+        name: "minigpt.json with a training window of 0",
+        setup: |run, dir| {
+            poison_and_export(run, dir, "0");
+            edit_declared(&dir.join("saved"), "train", "block_size", "0");
+        },
+        args: "eval --run DIR/saved --data CORPUS",
+        code: 1,
+        says: "minigpt.json: its train.block_size must be from 1 to 2147483647, not 0",
+        after: nothing,
+    },
+    Case {
+        name: "info on a minigpt.json that claims more than the model holds",
+        setup: |run, dir| {
+            poison_and_export(run, dir, "0");
+            edit_declared(&dir.join("saved"), "model", "n_embd", "512");
+        },
+        args: "info --run DIR/saved",
+        code: 1,
+        says: "its variables hold",
+        after: nothing,
+    },
+    Case {
+        name: "info on a config.json the checkpoint contradicts",
+        setup: |run, _| edit_config(run, "model.n_embd", "64"),
+        args: "info --run RUN",
+        code: 1,
+        says: "does not match checkpoint",
+        after: checkpoint_kept,
+    },
+    Case {
+        name: "export while training: config.json a checkpoint behind",
+        setup: |run, _| {
+            let path = run.join("config.json");
+            let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            config["steps_done"] = serde_json::json!(3);
+            std::fs::write(path, config.to_string()).unwrap();
+        },
+        args: "export --run RUN --out DIR/saved",
+        code: 0,
+        says: "wrote SavedModel",
+        after: |_, dir| {
+            let text = std::fs::read_to_string(dir.join("saved/assets.extra/minigpt.json")).unwrap();
+            let declared: serde_json::Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(declared["steps_done"], 5, "the steps of the checkpoint it exported");
+        },
     },
     Case {
         name: "a run stopped before its first checkpoint is started again",
@@ -618,4 +718,31 @@ fn a_model_description_minigpt_cannot_read_is_a_warning() {
             "{stderr}"
         );
     }
+}
+
+/// Arguments that are not UTF-8: a path minigpt can use works (an export), one TensorFlow cannot
+/// take is one error line before anything is made, and neither panics.
+#[test]
+fn paths_that_are_not_utf8_work_or_give_one_line() {
+    use std::os::unix::ffi::OsStrExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let run = common::small_run(&tmp.path().join("base"), 30_000, &["--max-steps", "2", "--eval-batches", "1"]);
+    let odd = |name: &[u8]| tmp.path().join(std::ffi::OsStr::from_bytes(name));
+    let export =
+        common::minigpt().args(["export", "-v", "--run"]).arg(&run).arg("--out").arg(odd(b"saved\xff")).output();
+    let export = export.unwrap();
+    assert!(export.status.success(), "{}", String::from_utf8_lossy(&export.stderr));
+    assert!(odd(b"saved\xff").join("saved_model.pb").is_file());
+    let train = common::minigpt()
+        .args(["train", "--data"])
+        .arg(tmp.path().join("base/small.txt"))
+        .arg("--out")
+        .arg(odd(b"run\xff"))
+        .output()
+        .unwrap();
+    assert_eq!(train.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&train.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(common::last_stderr_line(&train).starts_with("error: --out: path "), "{stderr}");
+    assert!(!odd(b"run\xff").exists(), "a run directory was made");
 }

@@ -8,6 +8,7 @@ use anyhow::{ensure, Result};
 use serde::{Deserialize, Serialize};
 use tensorflow::{ops, DataType, Output, Scope};
 
+use crate::text::thousands;
 use crate::tfx::Var;
 
 /// An embedding lookup made by a forward pass: `rows = table[ids]`.
@@ -201,10 +202,62 @@ impl ModelConfig {
         }
     }
 
+    /// The rules every model obeys, and that it fits in memory ([`ModelConfig::check_fits`]).
     pub fn validate(&self) -> Result<()> {
+        self.check_rules()?;
+        self.check_fits()
+    }
+
+    /// The rules alone: every size at least 1 where it counts and at most [`MAX_SIZE`].
+    fn check_rules(&self) -> Result<()> {
         ensure!(self.vocab_size > 0, "vocab_size must be at least 1");
         ensure!(self.arch != Arch::Gpt || self.block_size > 0, "--block-size must be at least 1");
+        for (flag, value) in [
+            ("vocab_size", self.vocab_size),
+            ("--n-embd", self.n_embd),
+            ("--n-layer", self.n_layer),
+            ("--n-head", self.n_head),
+            ("--block-size", self.block_size),
+        ] {
+            ensure!(
+                value <= MAX_SIZE,
+                "{flag} {value} is more than {MAX_SIZE}, the most a TensorFlow shape here takes"
+            );
+        }
+        if self.arch == Arch::Gpt {
+            ensure!(
+                4 * self.n_embd <= MAX_SIZE,
+                "--n-embd {} is more than {}: the MLP's width, 4 × n_embd, is a TensorFlow shape (at most {MAX_SIZE})",
+                self.n_embd,
+                MAX_SIZE / 4
+            );
+        }
         self.shape().validate()
+    }
+
+    /// Refuses a model whose weights and graph alone ([`ModelConfig::memory_needed`]) exceed the
+    /// memory available, before anything is built.
+    pub fn check_fits(&self) -> Result<()> {
+        let parts = match self.arch {
+            Arch::Bigram => format!("{} parameters", thousands(self.parameter_count()?)),
+            Arch::Gpt => {
+                format!("{} parameters, the graph of {} blocks", thousands(self.parameter_count()?), self.n_layer)
+            }
+        };
+        crate::memory::ensure_fits(self.memory_needed()?, "the model", &parts, "lower --n-embd or --n-layer")
+    }
+
+    /// The bytes the model needs in any command: its weights (4 a parameter) and its graph.
+    pub fn memory_needed(&self) -> Result<u64> {
+        Ok(self.parameter_count()?.saturating_mul(4).saturating_add(self.graph_bytes()))
+    }
+
+    /// The memory of the model's graph, built and run: [`GRAPH_BYTES_PER_BLOCK`] a block.
+    pub fn graph_bytes(&self) -> u64 {
+        match self.arch {
+            Arch::Bigram => 0,
+            Arch::Gpt => self.n_layer.saturating_mul(GRAPH_BYTES_PER_BLOCK),
+        }
     }
 
     /// Builds the model's variables in `scope`; `seed` fixes their initial values.
@@ -215,16 +268,41 @@ impl ModelConfig {
         })
     }
 
-    /// Trainable parameters, counted from the variables the model's builder makes (in a scratch
-    /// graph holding nothing else).
-    pub fn parameter_count(&self) -> Result<u64> {
+    /// The model's variables (names and shapes), built in a scratch graph holding nothing else.
+    pub fn variables(&self) -> Result<Vec<Var>> {
         self.validate()?;
-        let model = self.build(DataType::Float, 0, &mut Scope::new_root_scope())?;
-        Ok(parameters(model.as_ref()))
+        Ok(self.build(DataType::Float, 0, &mut Scope::new_root_scope())?.variables())
+    }
+
+    /// Trainable parameters, counted from the variables the model's builder makes (in a scratch
+    /// graph holding nothing else). The blocks are alike: a transformer of more than two counts
+    /// those of one and two blocks and adds the difference for each further block. Saturating.
+    pub fn parameter_count(&self) -> Result<u64> {
+        self.check_rules()?;
+        let count = |model: &ModelConfig| -> Result<u64> {
+            let built = model.build(DataType::Float, 0, &mut Scope::new_root_scope())?;
+            Ok(parameters(built.as_ref()))
+        };
+        if self.arch != Arch::Gpt || self.n_layer <= 2 {
+            return count(self);
+        }
+        let one = count(&Self { n_layer: 1, ..self.clone() })?;
+        let two = count(&Self { n_layer: 2, ..self.clone() })?;
+        Ok(one.saturating_add((two - one).saturating_mul(self.n_layer - 1)))
     }
 }
 
+/// The largest size (vocabulary, width, depth, heads, context) minigpt takes: TensorFlow's int32
+/// shape operands.
+pub const MAX_SIZE: u64 = i32::MAX as u64;
+
+/// The memory one transformer block's graph takes, built and run: measured 11.6 MB a block
+/// (`minigpt train --model gpt --n-embd 8 --n-head 1 --block-size 8 --batch-size 2`, peak RSS at
+/// 2, 40 and 120 blocks), rounded up.
+pub const GRAPH_BYTES_PER_BLOCK: u64 = 12 << 20;
+
 /// Trainable parameters of a built model.
 pub fn parameters(model: &dyn LanguageModel) -> u64 {
-    model.variables().iter().map(|v| v.shape.iter().product::<u64>()).sum()
+    let size = |v: &Var| v.shape.iter().fold(1u64, |n, &d| n.saturating_mul(d));
+    model.variables().iter().fold(0u64, |n, v| n.saturating_add(size(v)))
 }
