@@ -100,7 +100,7 @@ fn main() -> Result<()> {
     let evaluator = Runner::new(&cfg, &GraphOptions::inference(1337), SessionConfig::default())?;
     evaluator.set_weights(&weights)?;
     let start = Instant::now();
-    let val_loss = minigpt::eval::evaluate(|x, y| evaluator.loss(x, y), val, t, None, 0)?;
+    let val_loss = minigpt::eval::evaluate(|x, y| evaluator.loss(x, y), val, t, None, 0, None)?;
     let eval_s = start.elapsed().as_secs_f64();
 
     let fraction = |rate: f64| rate * flops / (matmul_gflops * 1e9);

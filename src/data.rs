@@ -255,11 +255,13 @@ pub struct Vocab {
 }
 
 impl Vocab {
+    /// `sorted(set(text))`, in memory proportional to the vocabulary, not the text.
     pub fn from_text(text: &str) -> Self {
-        let mut chars: Vec<char> = text.chars().collect();
-        chars.sort_unstable();
-        chars.dedup();
-        Self::from_sorted(chars)
+        let mut seen = vec![false; char::MAX as usize + 1];
+        for c in text.chars() {
+            seen[c as usize] = true;
+        }
+        Self::from_sorted((0..seen.len() as u32).filter(|&c| seen[c as usize]).filter_map(char::from_u32).collect())
     }
 
     /// A vocabulary in the given id order (as stored in a run or a SavedModel).

@@ -367,8 +367,9 @@ fn check_sizes(train_data: &[i32], val_data: &[i32], block_size: usize, batch_si
 /// gradients and Adam's two slots (4 × 4 bytes a parameter); the step's tensors of B·T rows (the
 /// logits, their softmax and gradients: 6 × [B·T, V]; the embeddings and their gradients: 8 ×
 /// [B·T, C]; per block, the [B·T, C] and [B·T, 4C] tensors of attention and MLP, 24 × C in all, and
-/// 4 × the attention weights [B, H, T, T]); the graph ([`ModelConfig::graph_bytes`]); the corpus
-/// and its ids. Saturating: a size past `u64` is past any machine.
+/// 4 × the attention weights [B, H, T, T]); the graph ([`ModelConfig::graph_bytes`]); the corpus,
+/// its ids (4 bytes a character) and the epoch's window order (4 bytes a window): 9 bytes a byte
+/// of corpus at most. Saturating: a size past `u64` is past any machine.
 pub fn memory_needed(config: &RunConfig, corpus_bytes: usize) -> Result<u64> {
     let m = &config.model;
     let (b, t) = (config.train.batch_size as u64, config.train.block_size as u64);
@@ -384,7 +385,7 @@ pub fn memory_needed(config: &RunConfig, corpus_bytes: usize) -> Result<u64> {
         .saturating_mul(16)
         .saturating_add(activations.saturating_mul(4))
         .saturating_add(m.graph_bytes())
-        .saturating_add(5 * corpus_bytes as u64))
+        .saturating_add(9 * corpus_bytes as u64))
 }
 
 /// Refuses a run that cannot fit, with the numbers, before any graph is built (instead of
@@ -625,7 +626,8 @@ impl Recorder<'_> {
     fn evaluate(&mut self, step: u64, epoch: u64) -> Result<()> {
         let s = &self.config.train;
         let sample = self.report.eval_batches.map(|n| (n, s.batch_size));
-        self.val_loss = eval::evaluate(|x, y| self.runner.loss(x, y), self.val_data, s.block_size, sample, s.seed)?;
+        self.val_loss =
+            eval::evaluate(|x, y| self.runner.loss(x, y), self.val_data, s.block_size, sample, s.seed, None)?;
         self.progress.line(&format!("step {step}: train loss {:.4}, val loss {:.4}", self.last_loss, self.val_loss));
         self.metrics.push(MetricsRow { step, epoch, loss: self.last_loss, val_loss: Some(self.val_loss) });
         self.runner.write_scalars(step, &[("val_loss", self.val_loss as f32)])?;

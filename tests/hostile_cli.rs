@@ -746,3 +746,47 @@ fn paths_that_are_not_utf8_work_or_give_one_line() {
     assert!(common::last_stderr_line(&train).starts_with("error: --out: path "), "{stderr}");
     assert!(!odd(b"run\xff").exists(), "a run directory was made");
 }
+
+/// An evaluation of over a million windows says so when it starts and how far it is every 10 s.
+#[test]
+fn a_long_evaluation_shows_progress() {
+    use std::io::BufRead;
+    let tmp = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(common::corpus_path()).unwrap();
+    let run = tmp.path().join("run");
+    let trained = common::minigpt()
+        .args(["train", "-q", "--max-steps", "2", "--eval-batches", "1", "--data"])
+        .arg(common::corpus_path())
+        .arg("--out")
+        .arg(&run)
+        .output()
+        .unwrap();
+    assert!(trained.status.success(), "{}", String::from_utf8_lossy(&trained.stderr));
+    let big = tmp.path().join("big.txt");
+    std::fs::write(&big, text.repeat(12)).unwrap();
+    let mut child = Command::new(assert_cmd::cargo::cargo_bin("minigpt"))
+        .args(["eval", "--run"])
+        .arg(&run)
+        .arg("--data")
+        .arg(&big)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    let mut seen = Vec::new();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines().map(|l| l.unwrap());
+    let progress = lines.find(|line| {
+        seen.push(line.clone());
+        line.starts_with("evaluating val: ")
+    });
+    // SAFETY: our own child, not yet waited for.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let _ = child.wait();
+    assert!(
+        seen.iter().any(|l| l == "evaluating 1,338,409 val windows (--eval-batches N evaluates N batches)"),
+        "{seen:?}"
+    );
+    let progress = progress.expect("no progress line before the evaluation ended");
+    assert!(progress.contains(" of 1,338,409 windows (") && progress.ends_with(" s"), "{progress}");
+}
