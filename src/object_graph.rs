@@ -28,11 +28,52 @@ const VARIABLE_VALUE: &str = "VARIABLE_VALUE";
 /// The MetaGraph tagged `tag`, if it has an object graph (a TF2 SavedModel; a TF1-style one's
 /// saver restores everything).
 fn meta_graph(dir: &Path, tag: &str) -> Result<Option<proto::MetaGraphDef>> {
+    Ok(tagged_meta_graph(dir, tag)?.filter(|m| m.object_graph_def.is_some()))
+}
+
+/// The MetaGraph tagged `tag`, if there is one.
+fn tagged_meta_graph(dir: &Path, tag: &str) -> Result<Option<proto::MetaGraphDef>> {
     // Protocol buffers stop at 2 GiB.
     let bytes = crate::files::read_input(&dir.join("saved_model.pb"), "SavedModel graph", 2 << 30)?;
     let model = proto::SavedModel::decode(&bytes[..]).with_context(|| format!("{}: saved_model.pb", dir.display()))?;
     let tagged = |m: &proto::MetaGraphDef| m.meta_info_def.as_ref().is_some_and(|i| i.tags.iter().any(|t| t == tag));
-    Ok(model.meta_graphs.into_iter().find(|m| tagged(m) && m.object_graph_def.is_some()))
+    Ok(model.meta_graphs.into_iter().find(tagged))
+}
+
+/// The init ops TensorFlow's loader runs when it loads the MetaGraph tagged `tag` (a TF1
+/// `main_op` or `legacy_init_op`, a TF2 `__saved_model_init_op`) that do something: each as
+/// `name (op type)`. A `NoOp` with no inputs does nothing and is left out.
+pub fn init_ops(dir: &Path, tag: &str) -> Result<Vec<String>> {
+    let Some(meta) = tagged_meta_graph(dir, tag)? else { return Ok(Vec::new()) };
+    let mut names: Vec<String> = Vec::new();
+    for key in ["saved_model_main_op", "legacy_init_op", "main_op"] {
+        if let Some(proto::collection_def::Kind::NodeList(list)) =
+            meta.collection_def.get(key).and_then(|c| c.kind.as_ref())
+        {
+            names.extend(
+                list.value.iter().map(|n| n.split(':').next().unwrap_or(n).trim_start_matches('^').to_string()),
+            );
+        }
+    }
+    if let Some(output) = meta.signature_def.get("__saved_model_init_op").and_then(|s| s.outputs.values().next()) {
+        if let Some(proto::tensor_info::Encoding::Name(name)) = &output.encoding {
+            names.push(name.split(':').next().unwrap_or(name).to_string());
+        }
+    }
+    let nodes = meta.graph_def.map(|g| g.node).unwrap_or_default();
+    let mut out = Vec::new();
+    for name in names {
+        let node = nodes.iter().find(|n| n.name == name);
+        if node.is_some_and(|n| n.op == "NoOp" && n.input.is_empty()) {
+            continue;
+        }
+        let what = node.map_or("not in its graph".to_string(), |n| n.op.clone());
+        let described = format!("{name} ({what})");
+        if !out.contains(&described) {
+            out.push(described);
+        }
+    }
+    Ok(out)
 }
 
 /// The SavedModel's checkpoint: its prefix, reader and object graph.

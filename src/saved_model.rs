@@ -271,6 +271,16 @@ fn load_bundle(dir: &Path, session: SessionConfig, scope: &mut Scope) -> Result<
         let index = variables.join("variables.index");
         ensure!(index.is_file(), "{}: its variables index {} is missing", dir.display(), index.display());
     }
+    // TensorFlow's loader runs the init op; it cannot be told not to. Say so before it does.
+    let init = crate::object_graph::init_ops(dir, SERVE_TAG).unwrap_or_default();
+    if !init.is_empty() {
+        eprintln!(
+            "warning: {}: loading it runs its init op {}, as TensorFlow's loader does: a SavedModel is a program; load \
+             only ones you trust",
+            dir.display(),
+            init.join(", ")
+        );
+    }
     let options = session.session_options()?;
     tensorflow::SavedModelBundle::load(&options, [SERVE_TAG], &mut scope.graph_mut(), dir).map_err(|e| {
         let damaged =

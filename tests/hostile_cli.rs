@@ -790,3 +790,40 @@ fn a_long_evaluation_shows_progress() {
     let progress = progress.expect("no progress line before the evaluation ended");
     assert!(progress.contains(" of 1,338,409 windows (") && progress.ends_with(" s"), "{progress}");
 }
+
+/// A SavedModel is a program: TensorFlow's loader runs its init op (here a TF1 `main_op` that
+/// writes a file), which minigpt cannot prevent; it says so, naming the op, before it loads.
+#[test]
+fn a_savedmodel_whose_init_op_does_something_is_named_before_it_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (saved, marker) = (tmp.path().join("tf1"), tmp.path().join("marker"));
+    let script = "import sys, tensorflow as tf\n\
+        tf1 = tf.compat.v1\n\
+        g = tf.Graph()\n\
+        with g.as_default():\n\
+        \x20   tokens = tf1.placeholder(tf.int32, [None, None], name='tokens')\n\
+        \x20   table = tf1.get_variable('embedding/embeddings', shape=[3, 3])\n\
+        \x20   logits = tf.gather(table, tokens, name='logits')\n\
+        \x20   main_op = tf.io.write_file(sys.argv[2], 'written on load')\n\
+        \x20   with tf1.Session() as s:\n\
+        \x20       s.run(tf1.global_variables_initializer())\n\
+        \x20       b = tf1.saved_model.Builder(sys.argv[1])\n\
+        \x20       sig = tf1.saved_model.predict_signature_def({'tokens': tokens}, {'logits': logits})\n\
+        \x20       b.add_meta_graph_and_variables(s, ['serve'], signature_def_map={'serving_default': sig}, \
+        main_op=main_op)\n\
+        \x20       b.save()\n";
+    let made = Command::new(common::python()).args(["-c", script]).arg(&saved).arg(&marker).output().unwrap();
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    assert!(!marker.exists());
+    let out = common::minigpt().args(["info", "--run"]).arg(&saved).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let first = stderr.lines().next().unwrap_or("");
+    assert!(
+        first.starts_with("warning: ")
+            && first.contains("loading it runs its init op WriteFile (WriteFile)")
+            && first.ends_with("a SavedModel is a program; load only ones you trust"),
+        "{stderr}"
+    );
+    assert!(marker.exists(), "TensorFlow's loader ran the init op, as the warning says");
+}
