@@ -750,14 +750,23 @@ fn import_by_name(dir: &Path, vars: &[Var]) -> Result<Vec<Tensor<f32>>> {
     let entries = reader.entries()?;
     let model_entries: Vec<&CheckpointEntry> = entries.iter().filter(|e| is_weight(e)).collect();
     let mut out = Vec::with_capacity(vars.len());
+    // Entries found by name, and for which variable: one entry named for two variables (a model
+    // of more blocks than the SavedModel has) is not a match.
+    let mut named: Vec<(&str, &str)> = Vec::new();
     for var in vars {
         let shape: Vec<i64> = var.shape.iter().map(|&d| d as i64).collect();
         let exact: Vec<&CheckpointEntry> = model_entries.iter().copied().filter(|e| e.key == var.name).collect();
-        let by_name = if exact.is_empty() {
+        let by_name: Vec<&CheckpointEntry> = if exact.is_empty() {
             model_entries.iter().copied().filter(|e| names_match(&e.key, &var.name)).collect()
         } else {
             exact
         };
+        if let [entry] = by_name[..] {
+            if let Some((_, other)) = named.iter().find(|(key, _)| *key == entry.key) {
+                bail!("{}: {} and {other} would both be its {}", dir.display(), var.name, entry.key);
+            }
+            named.push((&entry.key, &var.name));
+        }
         let candidates = if by_name.is_empty() {
             model_entries.iter().copied().filter(|e| e.shape == shape).collect()
         } else {
@@ -803,11 +812,13 @@ fn is_weight(e: &CheckpointEntry) -> bool {
         && !e.key.ends_with("/v")
 }
 
-/// The elements of every entry of a SavedModel's `variables/` checkpoint that may be a model
-/// weight: at least the model's parameter count (more where a weight is listed twice).
+/// The elements of every floating-point entry of a SavedModel's `variables/` checkpoint but its
+/// bookkeeping: at least the model's parameter count (more with an optimizer's slots, or a weight
+/// listed twice; a Keras model's weights may be listed only under its optimizer).
 pub fn weight_elements(dir: &Path) -> Result<u64> {
     let entries = variables_reader(dir)?.entries()?;
-    Ok(entries.iter().filter(|e| is_weight(e)).map(|e| e.shape.iter().product::<i64>().max(0) as u64).sum())
+    let float = |e: &&CheckpointEntry| e.dtype == DataType::Float && !e.key.starts_with('_');
+    Ok(entries.iter().filter(float).map(|e| e.shape.iter().product::<i64>().max(0) as u64).sum())
 }
 
 /// The reader of a SavedModel's `variables/` checkpoint.

@@ -827,3 +827,51 @@ fn a_savedmodel_whose_init_op_does_something_is_named_before_it_runs() {
     );
     assert!(marker.exists(), "TensorFlow's loader ran the init op, as the warning says");
 }
+
+/// The peak resident memory (VmHWM) of `minigpt train` on `corpus`, in bytes, read from /proc
+/// until the process ends.
+fn train_peak_memory(corpus: &Path, out: &Path) -> u64 {
+    let mut child = Command::new(assert_cmd::cargo::cargo_bin("minigpt"))
+        .args(["train", "-q", "--max-steps", "1", "--eval-batches", "1", "--shuffle", "none", "--data"])
+        .arg(corpus)
+        .arg("--out")
+        .arg(out)
+        .env("TF_CPP_MIN_LOG_LEVEL", "2")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let status = format!("/proc/{}/status", child.id());
+    let mut peak = 0u64;
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        let kib = std::fs::read_to_string(&status).ok().and_then(|s| {
+            s.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().trim_end_matches("kB").trim().parse::<u64>().ok()
+        });
+        peak = peak.max(kib.unwrap_or(0) * 1024);
+        assert!(start.elapsed() < Duration::from_secs(300), "training never ended");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    peak
+}
+
+/// A corpus costs memory in proportion to its size, a few bytes a character (its text and its
+/// ids): 24 more MiB of corpus raise training's peak by at most 6 bytes a character.
+#[test]
+fn corpus_memory_is_a_few_bytes_a_character() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(common::corpus_path()).unwrap();
+    let (small, big) = (tmp.path().join("small.txt"), tmp.path().join("big.txt"));
+    std::fs::write(&small, &text).unwrap();
+    let big_text = text.repeat(24);
+    std::fs::write(&big, &big_text).unwrap();
+    let base = train_peak_memory(&small, &tmp.path().join("small"));
+    let peak = train_peak_memory(&big, &tmp.path().join("big"));
+    let per_char = (peak.saturating_sub(base)) as f64 / (big_text.len() - text.len()) as f64;
+    eprintln!(
+        "peak {base} bytes with {} characters, {peak} with {}: {per_char:.2} bytes a character",
+        text.len(),
+        big_text.len()
+    );
+    assert!(per_char <= 6.0, "{per_char:.2} bytes a character");
+}
