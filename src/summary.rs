@@ -10,24 +10,24 @@ use tensorflow::{ops, DataType, Operation, Output, Scope, Session, SessionRunArg
 use crate::files::path_str;
 use crate::tfx;
 
-/// The summary ops of a training graph. `loss` and `learning_rate` write the graph's own tensors
-/// (run them with a train step); the others write fed values.
+/// The summary ops of a training graph. Every value is fed: a train step's loss and learning
+/// rate are written by a run of their own after the step, so that every train step runs the same
+/// fetches and targets (each set of them is another pruned, optimized and, with XLA, compiled
+/// graph).
 pub struct Summaries {
     logdir: Operation,
     create: Operation,
     /// int64 scalar placeholder: the step every write is stamped with.
     step: Operation,
-    loss: Operation,
-    learning_rate: Operation,
     fed: Vec<(String, Operation, Operation)>,
     flush: Operation,
 }
 
-/// Tags written from values computed outside the graph.
-pub const FED_TAGS: [&str; 2] = ["val_loss", "tokens_per_s"];
+/// The tags written.
+pub const FED_TAGS: [&str; 4] = ["loss", "learning_rate", "val_loss", "tokens_per_s"];
 
 impl Summaries {
-    pub fn build(loss: Output, learning_rate: Output, scope: &mut Scope) -> tensorflow::Result<Self> {
+    pub fn build(scope: &mut Scope) -> tensorflow::Result<Self> {
         let scope = &mut scope.new_sub_scope("summary");
         let writer: Output = ops::SummaryWriter::new()
             .shared_name("minigpt_events")
@@ -53,8 +53,6 @@ impl Summaries {
                 &mut scope.with_op_name(&format!("summary/write/{tag}")),
             )
         };
-        let loss = write("loss", loss, scope)?;
-        let learning_rate = write("learning_rate", learning_rate, scope)?;
         let mut fed = Vec::new();
         for tag in FED_TAGS {
             let value = tfx::placeholder(&format!("summary/value/{tag}"), DataType::Float, &[], scope)?;
@@ -62,7 +60,7 @@ impl Summaries {
             fed.push((tag.to_string(), value, op));
         }
         let flush = ops::flush_summary_writer(writer, &mut scope.with_op_name("summary/flush"))?;
-        Ok(Self { logdir, create, step, loss, learning_rate, fed, flush })
+        Ok(Self { logdir, create, step, fed, flush })
     }
 }
 
@@ -75,13 +73,6 @@ impl Summaries {
         args.add_feed(&self.logdir, 0, &logdir);
         args.add_target(&self.create);
         session.run(&mut args).with_context(|| format!("creating the event file in {}", dir.display()))
-    }
-
-    /// Adds the writes of the graph's own loss and learning rate, stamped `step`, to a run.
-    pub fn add_graph_writes<'a>(&'a self, args: &mut SessionRunArgs<'a>, step: &'a Tensor<i64>) {
-        args.add_feed(&self.step, 0, step);
-        args.add_target(&self.loss);
-        args.add_target(&self.learning_rate);
     }
 
     /// Writes `values` (tags from [`FED_TAGS`]) at `step`, then flushes the event file.

@@ -121,7 +121,7 @@ pub(super) fn build(
                 vars.iter().map(|v| v.shape.len() >= 2 && !forward.lookups.iter().any(|l| l.var == v.name)).collect();
             let train_op = optimizer.apply(&vars, &grads, &squares, &decayed, &mut scope.with_op_name("train_step"))?;
             let summaries = match summaries {
-                true => Some(Summaries::build(step_loss.clone(), optimizer.learning_rate.clone(), scope)?),
+                true => Some(Summaries::build(scope)?),
                 false => None,
             };
             checkpointed.extend(optimizer.variables());

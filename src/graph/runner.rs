@@ -232,34 +232,25 @@ impl Runner {
 
     /// One Adam step on the batch; returns the loss before the step.
     pub fn train_step<T: TensorType + Copy>(&self, x: &Tensor<i32>, y: &Tensor<i32>) -> Result<T> {
-        self.train_step_with(x, y, None)
-    }
-
-    /// [`Runner::train_step`] that also writes its loss and learning rate to TensorBoard at `step`.
-    pub fn train_step_logged(&self, x: &Tensor<i32>, y: &Tensor<i32>, step: u64) -> Result<f32> {
-        self.train_step_with(x, y, Some(step))
-    }
-
-    fn train_step_with<T: TensorType + Copy>(
-        &self,
-        x: &Tensor<i32>,
-        y: &Tensor<i32>,
-        logged_at: Option<u64>,
-    ) -> Result<T> {
         let train = self.training()?;
-        let step = logged_at.map(|step| Tensor::from(step as i64));
         let mut args = SessionRunArgs::new();
         args.add_feed(&self.g.tokens, 0, x);
         args.add_feed(&self.g.targets, 0, y);
         args.add_feed(&train.training, 0, &self.yes);
         args.add_target(&train.train_op);
-        if let Some(step) = &step {
-            let summaries = train.summaries.as_ref().context("the graph was built without summary ops")?;
-            summaries.add_graph_writes(&mut args, step);
-        }
         let loss = args.request_fetch(&train.step_loss.operation, train.step_loss.index);
         self.session().run(&mut args).context("running the train step")?;
         Ok(args.fetch::<T>(loss)?[0])
+    }
+
+    /// [`Runner::train_step`] that also writes its loss and learning rate to TensorBoard at `step`:
+    /// the same step (the same graph run, compiled once), with the learning rate read before it
+    /// and both written after it.
+    pub fn train_step_logged(&self, x: &Tensor<i32>, y: &Tensor<i32>, step: u64) -> Result<f32> {
+        let learning_rate = self.learning_rate::<f32>()?;
+        let loss = self.train_step::<f32>(x, y)?;
+        self.write_scalars(step, &[("loss", loss), ("learning_rate", learning_rate)])?;
+        Ok(loss)
     }
 
     /// One Adam step traced by TensorFlow (`RunOptions.trace_level = FULL_TRACE`): the loss and
