@@ -163,6 +163,14 @@ impl RunDir {
     /// started afresh; a run with checkpoints is refused (`--resume` continues it), and so is
     /// anything else (the user's files, a SavedModel, `--out .`).
     pub fn create(path: &Path) -> Result<Self> {
+        let dir = Self::check_new(path)?;
+        fs::create_dir_all(dir.ckpt_dir()).with_context(|| format!("creating run directory {}", path.display()))?;
+        Ok(dir)
+    }
+
+    /// [`RunDir::create`]'s checks alone, making nothing: `train` runs them before it reads (or
+    /// downloads) the corpus.
+    pub fn check_new(path: &Path) -> Result<Self> {
         let dir = Self { path: path.to_path_buf() };
         // TensorFlow takes the checkpoint and event paths as UTF-8.
         path_str(path).context("--out")?;
@@ -171,7 +179,6 @@ impl RunDir {
             ensure!(path.is_dir(), "--out {} is not a folder", path.display());
             dir.check_only_ours()?;
         }
-        fs::create_dir_all(dir.ckpt_dir()).with_context(|| format!("creating run directory {}", path.display()))?;
         Ok(dir)
     }
 

@@ -188,7 +188,10 @@ pub fn run(cfg: &TrainConfig) -> Result<()> {
     stop_on_signals()?;
     let summary = match &cfg.start {
         Start::Resume { .. } => resume(cfg)?,
-        Start::New { data, .. } | Start::InitFrom { data, .. } => train(cfg, &data::load_corpus(data)?)?,
+        Start::New { data, .. } | Start::InitFrom { data, .. } => {
+            RunDir::check_new(&cfg.out)?;
+            train(cfg, &data::load_corpus(data)?)?
+        }
     };
     output::line(format_args!(
         "trained {} steps in {:.1} s ({:.0} steps/s): last loss {:.4}, val loss {:.4}; run saved to {}",

@@ -136,6 +136,14 @@ const CASES: &[Case] = &[
         },
     },
     Case {
+        name: "--out is checked before the corpus is downloaded",
+        setup: |_, dir| std::fs::write(dir.join("notes.txt"), "mine").unwrap(),
+        args: "train --data http://127.0.0.1:9/input.txt --out DIR/. --max-steps 3",
+        code: 1,
+        says: "holds files minigpt did not write there (notes.txt, run)",
+        after: nothing,
+    },
+    Case {
         name: "--out into a SavedModel",
         setup: |run, dir| poison_and_export(run, dir, "0"),
         args: "train --data CORPUS --out DIR/saved --max-steps 3",
