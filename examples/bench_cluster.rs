@@ -109,7 +109,7 @@ fn main() -> Result<()> {
             "workers": args.workers,
             "steps_per_s": args.steps as f64 / seconds,
             "step_ms": seconds * 1e3 / args.steps as f64,
-            "parameters": minigpt::model::parameters(runner.model()),
+            "parameters": minigpt::model::parameters(&runner.variables()),
             "worker_bytes_received": received,
             "worker_bytes_sent": sent,
         })

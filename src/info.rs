@@ -5,10 +5,10 @@ use std::path::Path;
 
 use anyhow::{ensure, Result};
 
-use crate::run::RunDir;
+use crate::model::parameters;
+use crate::run::{self, RunDir};
 use crate::saved_model::{self, Declared};
 use crate::text::thousands;
-use crate::tfx::Var;
 
 /// The description `minigpt info` prints.
 pub fn describe(path: &Path) -> Result<String> {
@@ -36,10 +36,7 @@ fn describe_run(path: &Path) -> Result<String> {
     let t = &config.train;
     // config.json is written after the checkpoint state: a process killed in between leaves it a
     // checkpoint behind. The newest checkpoint's step is what a resume continues from.
-    let newest = dir
-        .checkpoints()
-        .ok()
-        .and_then(|c| c.first()?.file_name()?.to_str()?.strip_prefix("ckpt-")?.parse::<u64>().ok());
+    let newest = dir.checkpoints().ok().and_then(|c| run::checkpoint_step(c.first()?));
     let steps = newest.unwrap_or(0).max(config.steps_done);
     writeln!(
         out,
@@ -128,9 +125,4 @@ fn describe_saved_model(path: &Path) -> Result<String> {
         writeln!(out, "data:         {} (SHA-256 {})", data.source, data.sha256)?;
     }
     Ok(out)
-}
-
-/// The elements of `vars`, all told.
-fn parameters(vars: &[Var]) -> u64 {
-    vars.iter().map(|v| v.shape.iter().product::<u64>()).sum()
 }

@@ -363,7 +363,7 @@ impl RunDir {
         // config.json is written after the checkpoint: while a run trains, the newest checkpoint
         // may be a step ahead of it. What was restored is what an export or a sample is of.
         let mut config = config;
-        if let Some(step) = restored.file_name().and_then(|n| n.to_str()?.strip_prefix("ckpt-")?.parse().ok()) {
+        if let Some(step) = checkpoint_step(&restored) {
             config.steps_done = step;
         }
         Ok((config, runner))
@@ -551,6 +551,11 @@ impl RunDir {
 }
 
 /// The text of a `ckpt/checkpoint` state file.
+/// The step a rotated checkpoint was saved at: N of `ckpt/ckpt-N`.
+pub fn checkpoint_step(prefix: &Path) -> Option<u64> {
+    prefix.file_name()?.to_str()?.strip_prefix("ckpt-")?.parse().ok()
+}
+
 fn read_state(state: &Path) -> Result<String> {
     crate::files::read_text(state, "checkpoint state", crate::files::MAX_SMALL_FILE)
 }

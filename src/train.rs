@@ -254,7 +254,7 @@ pub fn train(cfg: &TrainConfig, corpus: &Corpus) -> Result<TrainSummary> {
     let runner = build_runner(&mut config, cfg)?;
     runner.init()?;
     if !cfg.report.quiet {
-        let params = crate::model::parameters(runner.model());
+        let params = crate::model::parameters(&runner.variables());
         output::line(format_args!(
             "model: {}, {} parameters, vocabulary of {}",
             format!("{:?}", config.model.arch).to_lowercase(),

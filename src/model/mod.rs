@@ -238,18 +238,14 @@ impl ModelConfig {
     /// Refuses a model whose weights and graph alone ([`ModelConfig::memory_needed`]) exceed the
     /// memory available, before anything is built.
     pub fn check_fits(&self) -> Result<()> {
+        let params = self.parameter_count()?;
         let parts = match self.arch {
-            Arch::Bigram => format!("{} parameters", thousands(self.parameter_count()?)),
-            Arch::Gpt => {
-                format!("{} parameters, the graph of {} blocks", thousands(self.parameter_count()?), self.n_layer)
-            }
+            Arch::Bigram => format!("{} parameters", thousands(params)),
+            Arch::Gpt => format!("{} parameters, the graph of {} blocks", thousands(params), self.n_layer),
         };
-        crate::memory::ensure_fits(self.memory_needed()?, "the model", &parts, "lower --n-embd or --n-layer")
-    }
-
-    /// The bytes the model needs in any command: its weights (4 a parameter) and its graph.
-    pub fn memory_needed(&self) -> Result<u64> {
-        Ok(self.parameter_count()?.saturating_mul(4).saturating_add(self.graph_bytes()))
+        // Its weights (4 bytes a parameter) and its graph.
+        let needed = params.saturating_mul(4).saturating_add(self.graph_bytes());
+        crate::memory::ensure_fits(needed, "the model", &parts, "lower --n-embd or --n-layer")
     }
 
     /// The memory of the model's graph, built and run: [`GRAPH_BYTES_PER_BLOCK`] a block.
@@ -281,7 +277,7 @@ impl ModelConfig {
         self.check_rules()?;
         let count = |model: &ModelConfig| -> Result<u64> {
             let built = model.build(DataType::Float, 0, &mut Scope::new_root_scope())?;
-            Ok(parameters(built.as_ref()))
+            Ok(parameters(&built.variables()))
         };
         if self.arch != Arch::Gpt || self.n_layer <= 2 {
             return count(self);
@@ -301,8 +297,8 @@ pub const MAX_SIZE: u64 = i32::MAX as u64;
 /// 2, 40 and 120 blocks), rounded up.
 pub const GRAPH_BYTES_PER_BLOCK: u64 = 12 << 20;
 
-/// Trainable parameters of a built model.
-pub fn parameters(model: &dyn LanguageModel) -> u64 {
+/// The elements of `vars`, all told (a model's trainable parameters). Saturating.
+pub fn parameters(vars: &[Var]) -> u64 {
     let size = |v: &Var| v.shape.iter().fold(1u64, |n, &d| n.saturating_mul(d));
-    model.variables().iter().fold(0u64, |n, v| n.saturating_add(size(v)))
+    vars.iter().fold(0u64, |n, v| n.saturating_add(size(v)))
 }
