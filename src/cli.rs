@@ -559,6 +559,7 @@ impl ServeArgs {
             settings: Settings {
                 session: self.session.to_config(self.device)?,
                 max_batch: self.max_batch.map_or(max_concurrent, |b| b as usize),
+                max_streams: max_concurrent,
             },
         })
     }

@@ -100,8 +100,8 @@ impl Sampler {
             Ok((logits, temperature, next))
         };
         let (logits, temperature, next) = build(&mut scope).context("building the sampler")?;
-        let session = Session::new(&SessionConfig::default().session_options()?, &scope.graph())
-            .context("creating the sampler's session")?;
+        let options = SessionConfig::small_graph_options()?;
+        let session = Session::new(&options, &scope.graph()).context("creating the sampler's session")?;
         Ok(Self { session, logits, temperature, next, value: Tensor::from(cfg.temperature) })
     }
 

@@ -5,7 +5,7 @@
 mod common;
 
 use minigpt::device::SessionConfig;
-use minigpt::graph::{GraphOptions, Runner};
+use minigpt::graph::{Decoder, GraphOptions, Part, Runner};
 use minigpt::model::ModelConfig;
 use minigpt::run::{Load, RunDir};
 use minigpt::sample::{self, Generation};
@@ -128,6 +128,49 @@ fn gpt_cached_steps_compute_the_logits_of_the_whole_context() {
     }
     // A full window slides with the next character: nothing is kept.
     assert_eq!(cache.len, 0);
+}
+
+#[test]
+fn the_serving_decoder_gives_each_stream_the_logits_of_its_whole_window() {
+    // `minigpt serve`'s cached step: streams in slots of their own, a prompt written at once,
+    // then one position a step, the window passed again whole when it slides; a slot taken over
+    // by a shorter stream; steps with some of the streams only. Each stream's logits against a
+    // pass over its window alone.
+    let runner = gpt(SamplerConfig::default());
+    let cfg = ModelConfig::gpt(20, 16, 2, 2, 8);
+    let decoder = Decoder::new(&cfg, &runner.weights().unwrap(), 3, SessionConfig::default()).unwrap().unwrap();
+    let whole = |w: &[i32]| -> Vec<f32> {
+        let x = Tensor::new(&[1, w.len() as u64]).with_values(w).unwrap();
+        let full: Tensor<f32> = runner.logits(&x).unwrap();
+        full[(w.len() - 1) * 20..].to_vec()
+    };
+    // (window, positions already in the slot, slot)
+    let mut streams: Vec<(Vec<i32>, usize, usize)> =
+        vec![(vec![3, 1, 4], 0, 0), ((4..12).collect(), 0, 1), (vec![5], 0, 2)];
+    for step in 0..30 {
+        if step == 12 {
+            streams[1] = (vec![9, 2], 0, 1); // a new stream in slot 1, which holds 8 positions of the old
+        }
+        let running: Vec<usize> = (0..streams.len()).filter(|&i| step % 5 != 3 || i != 2).collect();
+        let parts: Vec<Part> = running
+            .iter()
+            .map(|&i| Part { slot: streams[i].2, from: streams[i].1, tokens: &streams[i].0[streams[i].1..] })
+            .collect();
+        let logits = decoder.step(&parts).unwrap();
+        for (&i, got) in running.iter().zip(&logits) {
+            let want = whole(&streams[i].0);
+            let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            let scale = want.iter().map(|l| l.abs()).fold(0.0f32, f32::max);
+            assert!(diff <= 1e-5 * scale, "step {step}, stream {i}: logits differ by {diff} (largest {scale})");
+            let (window, cached, _) = &mut streams[i];
+            *cached = window.len();
+            if window.len() == 8 {
+                window.remove(0);
+                *cached = 0;
+            }
+            window.push(((step * 7 + i * 3) % 20) as i32);
+        }
+    }
 }
 
 #[test]

@@ -77,9 +77,14 @@ impl Serving {
 
     /// A metric's value (summed over its labels), 0 if absent.
     fn metric(&self, name: &str) -> f64 {
+        self.metric_where(name, "")
+    }
+
+    /// A metric's value summed over the series whose labels include `labels` (`key="value"`).
+    fn metric_where(&self, name: &str, labels: &str) -> f64 {
         let text = client().get(format!("{}/monitoring/prometheus/metrics", self.url)).send().unwrap().text().unwrap();
         text.lines()
-            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']) && l.contains(labels))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
     }
@@ -184,6 +189,11 @@ fn tensorflow_servings_api_answers_as_its_documentation_shows() {
         dims.as_array().unwrap().iter().map(|d| d["size"].as_str().unwrap()).collect::<Vec<_>>(),
         ["-1", "-1", "58"]
     );
+    // An export of minigpt's transformer decodes from attention caches, with the weights it
+    // holds: the run's text.
+    assert!(server.stderr().contains("(SavedModel); attention caches for 64 streams"), "{}", server.stderr());
+    let request = json!({"prompt": "ROMEO:", "max_chars": 100, "seed": 9});
+    assert_eq!(server.text("gpt", &request), generated(&gpt, "ROMEO:", 100, 9));
     let (_, meta) = server.get("/v1/models/gpt/versions/1/metadata");
     let sigs = meta["metadata"]["signature_def"]["signature_def"].as_object().unwrap();
     assert!(sigs.contains_key("serving_default") && sigs.contains_key("train_step"), "{meta}");
@@ -248,6 +258,7 @@ fn a_streams_text_is_its_own_alone_or_batched_with_31_others() {
     let (big, gpt) = runs(tmp.path());
     let (big_arg, gpt_arg) = (format!("big={}", big.display()), format!("gpt={}", gpt.display()));
     let server = Serving::start(&["--model", &big_arg, "--model", &gpt_arg]);
+    assert!(server.stderr().contains("attention caches for 64 streams"), "{}", server.stderr());
     for (model, run) in [("gpt", &gpt), ("big", &big)] {
         let request = json!({"prompt": "ROMEO:", "max_chars": 150, "seed": 5});
         let alone = server.text(model, &request);
@@ -285,6 +296,15 @@ fn a_streams_text_is_its_own_alone_or_batched_with_31_others() {
         eprintln!("{model}: {count} steps for 32 × 150 characters, {:.1} streams per step", sum / count);
         assert!(sum == 32.0 * 150.0 && sum / count > 2.0, "{model}: the streams did not share steps ({sum} / {count})");
     }
+    // The transformer's streams took steps from their caches while their windows filled, and
+    // passed over whole windows once they slid; the bigram has no caches.
+    let steps = |model: &str, pass: &str| {
+        server.metric_where("minigpt_stream_steps_total", &format!("model=\"{model}\",pass=\"{pass}\""))
+    };
+    let (cached, window) = (steps("gpt", "cached"), steps("gpt", "window"));
+    eprintln!("gpt: {cached} stream steps from caches, {window} over whole windows");
+    assert!(cached > 33.0 * 20.0 && window > 33.0 * 20.0, "{cached} cached, {window} whole");
+    assert_eq!(steps("big", "cached"), 0.0);
     for name in [
         "minigpt_time_to_first_char_seconds_count",
         "minigpt_request_seconds_count",

@@ -10,16 +10,19 @@
 //! next-character ops, the sampling loop, the training ops); `gradients.rs` the loss's gradients
 //! and the per-lookup squares of embedding tables that Keras' Adam uses; `replicas.rs` the train
 //! step replicated on a cluster's workers; `checkpoint.rs` the save and restore ops; `runner.rs`
-//! the [`Runner`], which runs a built graph in its session; `text.rs` the text graphs of
+//! the [`Runner`], which runs a built graph in its session; `decoder.rs` the cached decoding
+//! step `minigpt serve` runs for many streams at once; `text.rs` the text graphs of
 //! `minigpt graph`.
 
 mod build;
 mod checkpoint;
+mod decoder;
 mod gradients;
 mod replicas;
 mod runner;
 mod text;
 
+pub use decoder::{Decoder, Part};
 pub use runner::{Runner, ServingTensors};
 pub use text::{text, write_text, GRAPH_SEED};
 

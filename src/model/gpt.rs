@@ -7,7 +7,7 @@ use std::cell::Cell;
 use tensorflow::{ops, DataType, Output, Scope};
 
 use super::layers::{self, Dense, Embedding, LayerNorm};
-use super::{CacheSpec, Dropout, Forward, LanguageModel, ModelConfig};
+use super::{CacheSpec, Decoded, Dropout, Forward, LanguageModel, ModelConfig, Rows};
 use crate::tfx::{self, Var};
 
 /// Shapes of one forward pass, computed from the tokens (not from activations: see
@@ -140,8 +140,84 @@ impl Attention {
         pass.dropout(y, &[pass.bt.clone(), tfx::shape_const(&[c], scope)?], site, scope)
     }
 
+    /// A decoding step's rows x [N, C] -> the heads' outputs, merged and projected [N, C]. Each
+    /// row's key and value are written to its slot of `cache` ([S, H, W, D] each) at its position
+    /// first; then each row attends to its slot's positions up to its own. Those after it get
+    /// the causal mask's -1e9, so a weight of exactly zero: they must hold finite numbers (a slot
+    /// is zeroed before a stream takes it), as a NaN would survive that zero.
+    fn decode(&self, x: Output, step: &DecodeStep, cache: [&Var; 2], scope: &mut Scope) -> tensorflow::Result<Output> {
+        let (c, h) = (self.n_embd, self.n_head);
+        let d = c / h;
+        let qkv = self.qkv.apply(x, scope)?; // [N, 3C]
+        let parts = ops::Split::new().num_split(3).build(ops::constant(1i32, scope)?, qkv, scope)?; // 3 × [N, C]
+        let heads = tfx::shape_const(&[-1, h, d], scope)?;
+        let head = |i: usize, scope: &mut Scope| ops::reshape(parts.output(i), heads.clone(), scope); // [N, H, D]
+        let dtype = cache[0].dtype;
+        let q = ops::mul(head(0, scope)?, tfx::scalar(dtype, 1.0 / (d as f64).sqrt(), scope)?, scope)?;
+        let mut writes = Vec::with_capacity(2);
+        for (i, var) in cache.iter().enumerate() {
+            let kv = head(i + 1, scope)?;
+            writes.push(ops::resource_scatter_nd_update(var.handle.clone(), step.at.clone(), kv, scope)?);
+        }
+        let after = &mut scope.with_control_dependencies(&writes);
+        let read = |var: &Var, scope: &mut Scope| {
+            ops::ResourceGather::new().dtype(var.dtype).build(var.handle.clone(), step.slots.clone(), scope)
+        };
+        let (keys, values) = (read(cache[0], after)?, read(cache[1], after)?); // [N, H, W, D]
+        let q = ops::reshape(q, tfx::shape_const(&[-1, h, 1, d], scope)?, scope)?; // [N, H, 1, D]
+        let scores = ops::BatchMatMulV2::new().adj_y(true).build(q, keys, scope)?; // [N, H, 1, W]
+        let att = ops::softmax(ops::add_v2(scores, step.bias.clone(), scope)?, scope)?;
+        let y = ops::BatchMatMulV2::new().build(att, values, scope)?; // [N, H, 1, D]
+        let y = ops::reshape(y, tfx::shape_const(&[-1, c], scope)?, scope)?; // [N, C]
+        self.proj.apply(y.into(), scope)
+    }
+
     fn variables(&self) -> [Var; 4] {
         [self.qkv.kernel.clone(), self.qkv.bias.clone(), self.proj.kernel.clone(), self.proj.bias.clone()]
+    }
+}
+
+/// What every block of a decoding step shares (see [`Rows`]).
+struct DecodeStep {
+    /// [N] int32
+    slots: Output,
+    /// [N, H, 3] int32: where each row's key and value go in a cache (slot, head, position).
+    at: Output,
+    /// [N, 1, 1, W]: 0 up to each row's position, -1e9 after (the causal mask, per row).
+    bias: Output,
+}
+
+impl DecodeStep {
+    fn new(rows: &Rows, heads: i64, context: i64, dtype: DataType, scope: &mut Scope) -> tensorflow::Result<Self> {
+        let column = tfx::shape_const(&[-1, 1], scope)?;
+        let one = ops::constant(1i32, scope)?;
+        let zero = ops::constant(0i32, scope)?;
+        let slots = ops::reshape(rows.slots.clone(), column.clone(), scope)?; // [N, 1]
+        let positions = ops::reshape(rows.positions.clone(), column, scope)?; // [N, 1]
+        let zeros = ops::mul(slots.clone(), zero.clone(), scope)?; // [N, 1] zeros
+        let range = |n: i64, scope: &mut Scope| -> tensorflow::Result<Output> {
+            let r = ops::range(zero.clone(), ops::constant(n as i32, scope)?, one.clone(), scope)?;
+            Ok(ops::reshape(r, tfx::shape_const(&[1, -1], scope)?, scope)?.into())
+            // [1, n]
+        };
+        let on_heads = |x: Output, scope: &mut Scope| -> tensorflow::Result<Output> {
+            let x = ops::add_v2(x, ops::mul(range(heads, scope)?, zero.clone(), scope)?, scope)?; // [N, H]
+            Ok(ops::expand_dims(x, ops::constant(2i32, scope)?, scope)?.into()) // [N, H, 1]
+        };
+        let parts = [
+            on_heads(slots.into(), scope)?,
+            on_heads(ops::add_v2(zeros, range(heads, scope)?, scope)?.into(), scope)?,
+            on_heads(positions.clone().into(), scope)?,
+        ];
+        let at = tfx::concat(&parts, 2, scope)?; // [N, H, 3]
+        let after = ops::less(positions, range(context, scope)?, scope)?; // [N, W]: key j after the row's position
+        let bias = ops::mul(
+            ops::Cast::new().DstT(dtype).build(after.clone(), scope)?,
+            tfx::scalar(dtype, -1e9, scope)?,
+            scope,
+        )?;
+        let bias = ops::reshape(bias, tfx::shape_const(&[-1, 1, 1, context], scope)?, scope)?;
+        Ok(Self { slots: rows.slots.clone(), at, bias: bias.into() })
     }
 }
 
@@ -232,6 +308,17 @@ impl Block {
         let x: Output = ops::add_v2(ops::gather_v2(x, at.clone(), axis, scope)?, a, scope)?.into(); // [B, 1, C]
         let h = self.ln_2.apply(x.clone(), scope)?;
         let m = self.mlp.forward(h, row, self.first_site + 2, scope)?;
+        Ok(ops::add_v2(x, m, scope)?.into())
+    }
+
+    /// A decoding step's rows x [N, C] -> [N, C], with the block's keys and values in `cache`.
+    fn decode(&self, x: Output, step: &DecodeStep, cache: [&Var; 2], scope: &mut Scope) -> tensorflow::Result<Output> {
+        let h = self.ln_1.apply(x.clone(), scope)?; // [N, C]
+        let a = self.attn.decode(h, step, cache, scope)?;
+        let x: Output = ops::add_v2(x, a, scope)?.into(); // residual
+        let h = self.ln_2.apply(x.clone(), scope)?;
+        let hidden = gelu(self.mlp.fc.apply(h, scope)?, scope)?; // [N, 4C]
+        let m = self.mlp.out.apply(hidden, scope)?; // [N, C]
         Ok(ops::add_v2(x, m, scope)?.into())
     }
 
@@ -357,6 +444,32 @@ impl LanguageModel for Gpt {
     ) -> tensorflow::Result<(Output, Vec<Output>)> {
         let (forward, present) = self.run(tokens, None, Some(past), None, scope)?;
         Ok((forward.logits, present))
+    }
+
+    fn decode_rows(&self, rows: &Rows, slots: u64, scope: &mut Scope) -> tensorflow::Result<Option<Decoded>> {
+        let (c, h, w) = (self.cfg.n_embd, self.cfg.n_head, self.cfg.block_size);
+        let dtype = self.wte.embeddings.dtype;
+        let shape = [slots, h, w, c / h];
+        let mut caches = Vec::with_capacity(2 * self.blocks.len());
+        for i in 0..self.blocks.len() {
+            for kind in ["keys", "values"] {
+                let name = format!("decode/h{i}/{kind}");
+                let zeros = tfx::zeros(dtype, &shape, &mut scope.new_sub_scope(&format!("{name}_init")))?;
+                caches.push(Var::new(&name, dtype, &shape, zeros, scope)?);
+            }
+        }
+        let scope = &mut scope.new_sub_scope("decode");
+        let step = DecodeStep::new(rows, h as i64, w as i64, dtype, scope)?;
+        let tok = self.wte.apply(rows.tokens.clone(), scope)?.rows; // [N, C]
+        let pos = self.wpe.apply(rows.positions.clone(), scope)?.rows; // [N, C]
+        let mut x: Output = ops::add_v2(tok, pos, scope)?.into();
+        for (i, block) in self.blocks.iter().enumerate() {
+            x = block.decode(x, &step, [&caches[2 * i], &caches[2 * i + 1]], scope)?;
+        }
+        let x = ops::gather_v2(x, rows.last.clone(), ops::constant(0i32, scope)?, scope)?; // [M, C]
+        let x = self.ln_f.apply(x.into(), scope)?;
+        let logits = self.head.apply(x, scope)?; // [M, V]
+        Ok(Some(Decoded { logits, caches }))
     }
 
     fn variables(&self) -> Vec<Var> {

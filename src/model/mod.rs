@@ -72,6 +72,36 @@ pub trait LanguageModel {
     ) -> tensorflow::Result<(Output, Vec<Output>)> {
         Err(tensorflow::Status::new_set_lossy(tensorflow::Code::Unimplemented, "this model keeps no attention cache"))
     }
+    /// One step of decoding for many streams at once ([`Rows`]), each stream's keys and values
+    /// kept between steps in a slot of `slots` variables the step makes (its caches, zero at
+    /// first): the logits [M, V] of the `rows.last` rows. `None`: the model keeps no caches.
+    fn decode_rows(&self, _rows: &Rows, _slots: u64, _scope: &mut Scope) -> tensorflow::Result<Option<Decoded>> {
+        Ok(None)
+    }
+}
+
+/// The rows of a decoding step: each a token of some stream at its position in that stream's
+/// window, the stream's keys and values in slot `slots[i]`. A stream's rows in one step are
+/// consecutive positions (a prompt) or one (the character drawn last); each row sees the
+/// positions up to its own of its slot, its step's rows included; the slot's later positions
+/// must hold finite numbers (zeros, or what the same stream wrote there).
+pub struct Rows {
+    /// [N] int32
+    pub tokens: Output,
+    /// [N] int32, each below the model's context
+    pub positions: Output,
+    /// [N] int32
+    pub slots: Output,
+    /// [M] int32: the rows whose logits are wanted (each stream's last).
+    pub last: Output,
+}
+
+/// What [`LanguageModel::decode_rows`] builds.
+pub struct Decoded {
+    /// [M, V]
+    pub logits: Output,
+    /// The slots' keys and values, each [slots, H, context, D].
+    pub caches: Vec<Var>,
 }
 
 /// The attention caches a model keeps: `tensors` tensors of shape [B, heads, P, head_dim].
@@ -192,6 +222,17 @@ impl ModelConfig {
     }
 
     /// One line: `bigram, n_embd 128` or `gpt, 4 blocks, 4 heads, n_embd 128, block 64, dropout 0`.
+    /// Whether the model keeps attention caches ([`LanguageModel::decode_rows`]).
+    pub fn decodes_cached(&self) -> bool {
+        self.arch == Arch::Gpt
+    }
+
+    /// The bytes of one stream's attention caches: keys and values of every block at every
+    /// position of the context, float32.
+    pub fn cache_bytes_per_stream(&self) -> u64 {
+        2 * self.n_layer * self.block_size * self.n_embd * 4
+    }
+
     pub fn describe(&self) -> String {
         match self.arch {
             Arch::Bigram => format!("bigram, n_embd {}", self.n_embd),

@@ -17,6 +17,7 @@ use axum::middleware::{self, Next};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use axum::Router;
 use futures_util::stream::{self, Stream};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -127,6 +128,11 @@ pub fn serve(listener: std::net::TcpListener, models: Vec<Arc<Model>>, cfg: &Ser
         // The signals are caught from here on, before the server says it is ready.
         let mut signals = Signals::new()?;
         let (stopping_tx, stopping_rx) = oneshot::channel();
+        // Each event is written as soon as it is drawn: without TCP_NODELAY, a small write
+        // after another waits for the client's delayed ACK (40 ms on Linux).
+        let listener = listener.tap_io(|stream| {
+            let _ = stream.set_nodelay(true);
+        });
         let serving = axum::serve(listener, router).with_graceful_shutdown(async move {
             let _ = stopping_rx.await;
         });

@@ -7,11 +7,19 @@
 //! seeded by the request), and the model is causal, so the positions padded after a shorter
 //! window do not change its logits.
 //!
+//! A transformer's streams keep their attention keys and values in slots of a [`Decoder`]
+//! between steps: a step computes one position of each stream whose window is still filling (a
+//! new stream's prompt at once), and passes over the whole window only of those whose window
+//! slides (the notebook's crop: every position moves). Its logits are checked against the
+//! model's own at load.
+//!
 //! A TensorFlow Serving base path (`PATH/<version>/`) serves its highest version; a poller loads
 //! a new one beside the old, swaps it in, and the old version's thread ends with its last stream.
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::sync::{mpsc, Arc, Mutex, RwLock};
 use std::time::{Instant, SystemTime};
 
@@ -21,6 +29,8 @@ use tokio::sync::{oneshot, OwnedSemaphorePermit};
 
 use crate::data::Vocab;
 use crate::device::SessionConfig;
+use crate::graph::{Decoder, Part};
+use crate::model::ModelConfig;
 use crate::sampler::{Sampler, SamplerConfig};
 use crate::saved_model::{self, OpenOptions, Signature, Source};
 use crate::tfx::AnyTensor;
@@ -31,7 +41,13 @@ pub struct Settings {
     pub session: SessionConfig,
     /// Streams per forward pass, at most.
     pub max_batch: usize,
+    /// Streams running at once, at most (`--max-concurrent`): the attention caches' slots.
+    pub max_streams: usize,
 }
+
+/// The attention caches of a version take this much memory at most (fewer slots than streams
+/// beyond it: the streams without one pass over their whole window each step).
+const CACHE_BYTES: u64 = 256 << 20;
 
 /// Work for a version's thread.
 pub enum Job {
@@ -102,8 +118,22 @@ impl Version {
                     Err(e) => return drop(ready_tx.send(Err(e))),
                 };
                 let context = source.next_logits().context_size();
+                let decoder = decoder(&source, &at, &settings).unwrap_or_else(|e| {
+                    let e = crate::text::one_line(&format!("{e:#}"));
+                    eprintln!(
+                        "warning: model {label}: no cached decoding ({e}): each character is a pass over its window"
+                    );
+                    None
+                });
+                let text = match &decoder {
+                    Some(d) => format!("{text}; attention caches for {} streams", d.capacity),
+                    None => text,
+                };
                 let _ = ready_tx.send(Ok((signatures, vocab.clone(), text)));
-                Worker { source, vocab, context, max_batch: settings.max_batch, model: label }.run(jobs_rx);
+                let free =
+                    Rc::new(RefCell::new(decoder.as_ref().map_or(Vec::new(), |d| (0..d.capacity).rev().collect())));
+                let max_batch = settings.max_batch;
+                Worker { source, vocab, context, max_batch, model: label, decoder, free }.run(jobs_rx);
             })
             .context("starting a model thread")?;
         let (signatures, vocab, describe) = ready_rx.recv().context("the model thread ended while loading")??;
@@ -130,9 +160,56 @@ fn describe(source: &Source) -> Result<(BTreeMap<String, Signature>, Vocab, Stri
     Ok((source.signatures()?, source.vocab()?, text))
 }
 
+/// The decoder of a transformer `source` (from `path`), with as many slots as streams may run
+/// (within [`CACHE_BYTES`]), if its logits are the model's own; `None` for other models.
+fn decoder(source: &Source, path: &Path, settings: &Settings) -> Result<Option<Decoder>> {
+    let (config, weights): (&ModelConfig, _) = match source {
+        Source::Run { config, runner } => (&config.model, runner.weights::<f32>()?),
+        Source::Saved(loaded) => match loaded.declared.as_ref().and_then(|d| d.model.as_ref()) {
+            Some(model) if model.decodes_cached() => (model, saved_model::import_weights(path, &model.variables()?)?),
+            _ => return Ok(None),
+        },
+    };
+    if !config.decodes_cached() {
+        return Ok(None);
+    }
+    let per_slot = config.cache_bytes_per_stream();
+    let slots = settings.max_streams.min((CACHE_BYTES / per_slot.max(1)) as usize);
+    if slots == 0 {
+        return Ok(None);
+    }
+    let Some(decoder) = Decoder::new(config, &weights, slots, settings.session)? else { return Ok(None) };
+    // A window of the model's own against one decoding step.
+    let v = config.vocab_size as i32;
+    let probe: Vec<i32> = (0..decoder.context.min(16) as i32).map(|i| (i * 7 + 3) % v).collect();
+    let tokens = Tensor::new(&[1, probe.len() as u64]).with_values(&probe)?;
+    let whole = source.logits(&tokens)?;
+    let want = &whole[whole.len() - v as usize..];
+    let got = decoder.step(&[Part { slot: 0, from: 0, tokens: &probe }])?.remove(0);
+    let scale = want.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+    let diff = got.iter().zip(want).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+    ensure!(diff <= 1e-4 * scale.max(1.0), "its logits differ from the model's by {diff:e} (largest {scale:e})");
+    Ok(Some(decoder))
+}
+
+/// A stream's slot of the [`Decoder`]'s caches, given back when the stream ends.
+struct Slot {
+    index: usize,
+    free: Rc<RefCell<Vec<usize>>>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.free.borrow_mut().push(self.index);
+    }
+}
+
 /// A running stream: its window (at most the model's context) and how many characters it drew.
 struct Stream {
     window: Vec<i32>,
+    /// Its slot of the caches, if it has one, and how many positions of its window the slot holds.
+    slot: Option<Slot>,
+    cached: usize,
     generated: usize,
     request: Request,
     sampler: Sampler,
@@ -161,6 +238,9 @@ struct Worker {
     context: Option<usize>,
     max_batch: usize,
     model: String,
+    decoder: Option<Decoder>,
+    /// The decoder's free slots.
+    free: Rc<RefCell<Vec<usize>>>,
 }
 
 impl Worker {
@@ -219,7 +299,10 @@ impl Worker {
                         let keep = prompt.len().saturating_sub(self.context.unwrap_or(usize::MAX));
                         let window = prompt[keep..].to_vec();
                         let model = self.model.clone();
-                        active.push_back(Stream { window, generated: 0, request: *request, sampler, model });
+                        let slot = self.slot();
+                        let stream =
+                            Stream { window, slot, cached: 0, generated: 0, request: *request, sampler, model };
+                        active.push_back(stream);
                     }
                     Err(e) => {
                         request.permit.take();
@@ -230,18 +313,70 @@ impl Worker {
         }
     }
 
+    /// A free slot of the decoder's caches, zeroed, if there is one.
+    fn slot(&self) -> Option<Slot> {
+        let decoder = self.decoder.as_ref()?;
+        let slot = Slot { index: self.free.borrow_mut().pop()?, free: self.free.clone() };
+        decoder.clear(&[slot.index]).ok()?;
+        Some(slot)
+    }
+
     /// One step over the first `max_batch` streams: their forward pass, then a character for
     /// each; those not done go to the back of the queue.
     fn step(&self, active: &mut VecDeque<Stream>) {
-        let batch: Vec<Stream> = active.drain(..self.max_batch.min(active.len())).collect();
+        let mut batch: Vec<Stream> = active.drain(..self.max_batch.min(active.len())).collect();
         metrics::histogram!("minigpt_batch_size", "model" => self.model.clone()).record(batch.len() as f64);
-        let windows: Vec<&[i32]> = batch.iter().map(|s| s.window.as_slice()).collect();
-        let rows = self.rows(&windows);
-        for (stream, row) in batch.into_iter().zip(rows) {
-            if let Some(stream) = self.advance(stream, row) {
+        let mut rows: Vec<Option<Result<Vec<f32>, String>>> = batch.iter().map(|_| None).collect();
+        let decoded: Vec<usize> = (0..batch.len()).filter(|&i| self.decodes(&batch[i])).collect();
+        if let Some(decoder) = self.decoder.as_ref().filter(|_| !decoded.is_empty()) {
+            let parts: Vec<Part> = decoded
+                .iter()
+                .map(|&i| {
+                    let s = &batch[i];
+                    Part {
+                        slot: s.slot.as_ref().map_or(0, |slot| slot.index),
+                        from: s.cached,
+                        tokens: &s.window[s.cached..],
+                    }
+                })
+                .collect();
+            // A step that fails leaves the slots as they were: those streams pass over their windows.
+            if let Ok(logits) = decoder.step(&parts) {
+                for (&i, row) in decoded.iter().zip(logits) {
+                    rows[i] = Some(Ok(row));
+                    batch[i].cached = batch[i].window.len();
+                }
+            }
+        }
+        let whole: Vec<usize> = (0..batch.len()).filter(|&i| rows[i].is_none()).collect();
+        if !whole.is_empty() {
+            let windows: Vec<&[i32]> = whole.iter().map(|&i| batch[i].window.as_slice()).collect();
+            for (&i, row) in whole.iter().zip(self.rows(&windows)) {
+                rows[i] = Some(row);
+            }
+        }
+        let steps = |kind: &'static str, n: usize| {
+            metrics::counter!("minigpt_stream_steps_total", "model" => self.model.clone(), "pass" => kind)
+                .increment(n as u64);
+        };
+        steps("cached", batch.len() - whole.len());
+        steps("window", whole.len());
+        for (i, (mut stream, row)) in batch.into_iter().zip(rows).enumerate() {
+            if whole.contains(&i) {
+                stream.cached = 0; // the slot does not hold this window
+            }
+            if let Some(stream) = self.advance(stream, row.unwrap_or_else(|| Err("no logits".into()))) {
                 active.push_back(stream);
             }
         }
+    }
+
+    /// Whether `stream`'s next logits come from its slot: it has one, and its window is not a
+    /// whole new one of the model's context (which a pass over it computes at once).
+    fn decodes(&self, stream: &Stream) -> bool {
+        self.decoder.is_some()
+            && stream.slot.is_some()
+            && !(stream.cached == 0 && self.context.is_some_and(|c| stream.window.len() >= c))
     }
 
     /// The next-character logits [V] of each window. A model with a fixed context runs them in
@@ -298,6 +433,7 @@ impl Worker {
         stream.generated += 1;
         if self.context.is_some_and(|c| stream.window.len() >= c) {
             stream.window.remove(0);
+            stream.cached = 0; // every position moved
         }
         stream.window.push(id);
         let sent = stream.request.events.send(Event::Text(self.vocab.decode(&[id])));
