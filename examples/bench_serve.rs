@@ -1,7 +1,8 @@
 //! `make bench`'s serving section: a load generator against `minigpt serve` (started here as a
 //! child process on a free port of 127.0.0.1, killed by PID at the end). For each level of
-//! concurrent streaming clients: aggregate characters per second, and p50/p99 of the time to the
-//! first character and of the whole request; with continuous batching and with `--max-batch 1`.
+//! concurrent streaming clients and each request length: aggregate characters per second, and
+//! p50/p99 of the time to the first character and of the whole request; with continuous batching
+//! and with `--max-batch 1`.
 //! Then the server's RSS after the first 100 and after 2,000 requests. JSON lines on stdout.
 //!
 //!     cargo run --release --example bench_serve -- --minigpt target/release/minigpt --run RUN
@@ -27,9 +28,10 @@ struct Args {
     /// Concurrent clients, per level.
     #[arg(long, value_delimiter = ',', default_value = "1,8,32,64")]
     levels: Vec<usize>,
-    /// Characters per request.
-    #[arg(long, default_value_t = 100)]
-    chars: usize,
+    /// Characters per request, one workload each (e.g. `50,100`: within a 64-character context
+    /// after `ROMEO:`, and past it).
+    #[arg(long, value_delimiter = ',', default_value = "100")]
+    chars: Vec<usize>,
     /// Requests per client at each level.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
@@ -148,10 +150,13 @@ fn main() -> Result<()> {
         for clients in [1, 2] {
             level(&server, clients, 1, 100)?;
         }
-        for &clients in &args.levels {
-            let mut line = level(&server, clients, args.rounds, args.chars)?;
-            line["mode"] = json!(mode);
-            println!("{line}");
+        for &chars in &args.chars {
+            for &clients in &args.levels {
+                let mut line = level(&server, clients, args.rounds, chars)?;
+                line["mode"] = json!(mode);
+                line["chars"] = json!(chars);
+                println!("{line}");
+            }
         }
     }
     if args.leak_requests > 0 {
