@@ -179,9 +179,10 @@ fn decoder(source: &Source, path: &Path, settings: &Settings) -> Result<Option<D
         return Ok(None);
     }
     let Some(decoder) = Decoder::new(config, &weights, slots, settings.session)? else { return Ok(None) };
-    // A window of the model's own against one decoding step.
+    // A whole window (the shape a sliding stream's passes have: nothing more to compile) through
+    // the model's own pass, against one decoding step.
     let v = config.vocab_size as i32;
-    let probe: Vec<i32> = (0..decoder.context.min(16) as i32).map(|i| (i * 7 + 3) % v).collect();
+    let probe: Vec<i32> = (0..decoder.context as i32).map(|i| (i * 7 + 3) % v).collect();
     let tokens = Tensor::new(&[1, probe.len() as u64]).with_values(&probe)?;
     let whole = source.logits(&tokens)?;
     let want = &whole[whole.len() - v as usize..];
@@ -321,54 +322,56 @@ impl Worker {
         Some(slot)
     }
 
-    /// One step over the first `max_batch` streams: their forward pass, then a character for
-    /// each; those not done go to the back of the queue.
+    /// One step over the first `max_batch` streams: their next-character logits (from their
+    /// caches where they can, else a pass over their windows), then a character for each; those
+    /// not done go to the back of the queue.
     fn step(&self, active: &mut VecDeque<Stream>) {
         let mut batch: Vec<Stream> = active.drain(..self.max_batch.min(active.len())).collect();
         metrics::histogram!("minigpt_batch_size", "model" => self.model.clone()).record(batch.len() as f64);
-        let mut rows: Vec<Option<Result<Vec<f32>, String>>> = batch.iter().map(|_| None).collect();
-        let decoded: Vec<usize> = (0..batch.len()).filter(|&i| self.decodes(&batch[i])).collect();
-        if let Some(decoder) = self.decoder.as_ref().filter(|_| !decoded.is_empty()) {
-            let parts: Vec<Part> = decoded
-                .iter()
-                .map(|&i| {
-                    let s = &batch[i];
-                    Part {
-                        slot: s.slot.as_ref().map_or(0, |slot| slot.index),
-                        from: s.cached,
-                        tokens: &s.window[s.cached..],
-                    }
-                })
-                .collect();
-            // A step that fails leaves the slots as they were: those streams pass over their windows.
-            if let Ok(logits) = decoder.step(&parts) {
-                for (&i, row) in decoded.iter().zip(logits) {
-                    rows[i] = Some(Ok(row));
-                    batch[i].cached = batch[i].window.len();
-                }
-            }
-        }
+        let mut rows: Vec<Option<Result<Vec<f32>, String>>> =
+            self.decode(&mut batch).into_iter().map(|row| row.map(Ok)).collect();
         let whole: Vec<usize> = (0..batch.len()).filter(|&i| rows[i].is_none()).collect();
         if !whole.is_empty() {
             let windows: Vec<&[i32]> = whole.iter().map(|&i| batch[i].window.as_slice()).collect();
             for (&i, row) in whole.iter().zip(self.rows(&windows)) {
                 rows[i] = Some(row);
+                batch[i].cached = 0; // the slot does not hold this window
             }
         }
-        let steps = |kind: &'static str, n: usize| {
-            metrics::counter!("minigpt_stream_steps_total", "model" => self.model.clone(), "pass" => kind)
+        let steps = |pass: &'static str, n: usize| {
+            metrics::counter!("minigpt_stream_steps_total", "model" => self.model.clone(), "pass" => pass)
                 .increment(n as u64);
         };
         steps("cached", batch.len() - whole.len());
         steps("window", whole.len());
-        for (i, (mut stream, row)) in batch.into_iter().zip(rows).enumerate() {
-            if whole.contains(&i) {
-                stream.cached = 0; // the slot does not hold this window
-            }
+        for (stream, row) in batch.into_iter().zip(rows) {
             if let Some(stream) = self.advance(stream, row.unwrap_or_else(|| Err("no logits".into()))) {
                 active.push_back(stream);
             }
         }
+    }
+
+    /// The logits of the streams that take this step from their caches, in one decoding step
+    /// (`None` for the others). A step that fails leaves them all to a pass over their windows.
+    fn decode(&self, batch: &mut [Stream]) -> Vec<Option<Vec<f32>>> {
+        let mut rows = vec![None; batch.len()];
+        let decoded: Vec<usize> = (0..batch.len()).filter(|&i| self.decodes(&batch[i])).collect();
+        let Some(decoder) = self.decoder.as_ref().filter(|_| !decoded.is_empty()) else { return rows };
+        let parts: Vec<Part> = decoded
+            .iter()
+            .map(|&i| {
+                let s = &batch[i];
+                let slot = s.slot.as_ref().map_or(0, |slot| slot.index);
+                Part { slot, from: s.cached, tokens: &s.window[s.cached..] }
+            })
+            .collect();
+        if let Ok(logits) = decoder.step(&parts) {
+            for (i, row) in decoded.into_iter().zip(logits) {
+                rows[i] = Some(row);
+                batch[i].cached = batch[i].window.len();
+            }
+        }
+        rows
     }
 
     /// Whether `stream`'s next logits come from its slot: it has one, and its window is not a
