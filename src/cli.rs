@@ -529,6 +529,10 @@ pub struct ServeArgs {
     /// Seconds a prediction or a (non-streamed) generation may take; beyond, 504.
     #[arg(long, default_value_t = 300.0)]
     pub timeout_seconds: f64,
+    /// Seconds a request body may take to arrive once its headers have; beyond, 408 (a client
+    /// that stalls would otherwise hold its slot of --max-concurrent).
+    #[arg(long, default_value_t = 30.0)]
+    pub read_timeout_seconds: f64,
     /// After SIGTERM or Ctrl-C, seconds running requests may take to finish.
     #[arg(long, default_value_t = 30.0)]
     pub drain_seconds: f64,
@@ -555,6 +559,7 @@ impl ServeArgs {
             max_body_bytes: self.max_body_bytes,
             drain: seconds("--drain-seconds", self.drain_seconds)?,
             timeout: seconds("--timeout-seconds", self.timeout_seconds)?,
+            read_timeout: seconds("--read-timeout-seconds", self.read_timeout_seconds)?,
             token: self.token_file.as_deref().map(serve::read_token).transpose()?,
             settings: Settings {
                 session: self.session.to_config(self.device)?,

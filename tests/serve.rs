@@ -382,7 +382,7 @@ fn a_client_that_goes_away_frees_its_slot() {
     let tmp = tempfile::tempdir().unwrap();
     let (_, gpt) = runs(tmp.path());
     let gpt_arg = format!("gpt={}", gpt.display());
-    let server = Serving::start(&["--model", &gpt_arg, "--max-concurrent", "1"]);
+    let server = Serving::start(&["--model", &gpt_arg, "--max-concurrent", "1", "--read-timeout-seconds", "2"]);
     let body = json!({"prompt": "ROMEO:", "max_chars": 10000, "seed": 1});
     let response = client().post(format!("{}/v1/models/gpt:generate_stream", server.url)).json(&body).send().unwrap();
     let mut stream = events(response);
@@ -405,6 +405,25 @@ fn a_client_that_goes_away_frees_its_slot() {
     let drawn = server.metric("minigpt_generated_chars_total");
     assert!(drawn < 10000.0, "the abandoned stream went on: {drawn} characters");
     eprintln!("the abandoned stream stopped after {} characters", drawn - 5.0);
+
+    // A client whose body stalls holds the only slot until --read-timeout-seconds, then gets 408.
+    let address = server.url.trim_start_matches("http://");
+    let mut stalled = TcpStream::connect(address).unwrap();
+    let head = "POST /v1/models/gpt:generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+                Content-Length: 100\r\n\r\n{\"prompt\"";
+    stalled.write_all(head.as_bytes()).unwrap();
+    let sent = Instant::now();
+    std::thread::sleep(Duration::from_millis(500));
+    let small = json!({"prompt": "A", "max_chars": 5, "seed": 2});
+    assert_eq!(server.post("/v1/models/gpt:generate", &small).0, 429, "the stalled request holds the slot");
+    stalled.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut reply = [0u8; 512];
+    let n = stalled.read(&mut reply).unwrap();
+    let reply = String::from_utf8_lossy(&reply[..n]);
+    assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
+    assert!(reply.contains("--read-timeout-seconds"), "{reply}");
+    assert!(sent.elapsed() >= Duration::from_secs(2), "answered before the timeout: {:?}", sent.elapsed());
+    assert_eq!(server.post("/v1/models/gpt:generate", &small).0, 200, "the slot is free again");
 }
 
 #[test]

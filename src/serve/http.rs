@@ -41,6 +41,7 @@ struct App {
     max_chars: usize,
     max_body_bytes: usize,
     timeout: Duration,
+    read_timeout: Duration,
     token: Option<String>,
     /// Set once SIGTERM or Ctrl-C came: new work is refused with 503.
     draining: AtomicBool,
@@ -108,6 +109,7 @@ pub fn serve(listener: std::net::TcpListener, models: Vec<Arc<Model>>, cfg: &Ser
         max_chars: cfg.max_chars,
         max_body_bytes: cfg.max_body_bytes,
         timeout: cfg.timeout,
+        read_timeout: cfg.read_timeout,
         token: cfg.token.clone(),
         draining: AtomicBool::new(false),
         metrics,
@@ -324,7 +326,8 @@ impl App {
         })
     }
 
-    /// The body as a JSON object: 413 above `--max-body-bytes`.
+    /// The body as a JSON object: 413 above `--max-body-bytes`, 408 if it does not arrive within
+    /// `--read-timeout-seconds`.
     async fn object(&self, headers: &HeaderMap, body: Body) -> Result<Map<String, Value>, ApiError> {
         let limit = self.max_body_bytes;
         let too_large = || ApiError(StatusCode::PAYLOAD_TOO_LARGE, format!("the request body is over {limit} bytes"));
@@ -332,7 +335,14 @@ impl App {
         if declared.is_some_and(|n| n > limit as u64) {
             return Err(too_large());
         }
-        let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let read = tokio::time::timeout(self.read_timeout, axum::body::to_bytes(body, limit)).await.map_err(|_| {
+            let within = self.read_timeout.as_secs_f64();
+            ApiError(
+                StatusCode::REQUEST_TIMEOUT,
+                format!("the request body did not arrive within {within}s (--read-timeout-seconds)"),
+            )
+        })?;
+        let bytes = read.map_err(|e| {
             match std::error::Error::source(&e).is_some_and(|s| s.to_string().contains("length limit exceeded")) {
                 true => too_large(),
                 false => bad(format!("reading the request body: {e}")),

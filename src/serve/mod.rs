@@ -34,6 +34,8 @@ pub struct ServeConfig {
     pub drain: Duration,
     /// Non-streaming requests (predict, generate) answered within this, else 504.
     pub timeout: Duration,
+    /// For a request body to arrive.
+    pub read_timeout: Duration,
     /// Every request but `/health` needs `Authorization: Bearer <token>`.
     pub token: Option<String>,
     pub settings: Settings,
