@@ -1,5 +1,6 @@
 //! `minigpt serve`: TensorFlow Serving's REST API against a Python client and Python's
-//! TensorFlow, generation alone and among others (continuous batching), limits and bad requests,
+//! TensorFlow, generation alone and among others (continuous batching, attention caches and their
+//! check at load), limits and bad requests,
 //! clients that go away, SIGTERM, new and broken versions, and a load with faults. Every server
 //! listens on a free port of 127.0.0.1 (`--listen 127.0.0.1:0`) and is killed by PID at the end.
 
@@ -314,6 +315,32 @@ fn a_streams_text_is_its_own_alone_or_batched_with_31_others() {
     ] {
         assert!(server.metric(name) > 0.0 || name == "minigpt_active_streams", "{name}");
     }
+}
+
+#[test]
+fn a_model_whose_caches_would_disagree_is_served_without_them() {
+    // An export whose minigpt.json declares 1 head where the model has 2: a decoder built from
+    // the declaration computes other logits. The check at load catches it, and the SavedModel's
+    // own passes serve the run's text.
+    let tmp = tempfile::tempdir().unwrap();
+    let tiny: Vec<&str> = TINY_GPT.split(' ').chain(["--max-steps", "60"]).collect();
+    let gpt = small_run(&tmp.path().join("gpt"), 20_000, &tiny);
+    let saved = tmp.path().join("saved");
+    export(&gpt, &saved);
+    let declared = saved.join("assets.extra/minigpt.json");
+    let mut json: Value = serde_json::from_str(&std::fs::read_to_string(&declared).unwrap()).unwrap();
+    assert_eq!(json["model"]["n_head"], 2);
+    json["model"]["n_head"] = json!(1);
+    std::fs::write(&declared, json.to_string()).unwrap();
+    let arg = format!("m={}", saved.display());
+    let server = Serving::start(&["--model", &arg]);
+    let stderr = server.stderr();
+    assert!(stderr.contains("warning: model m: no cached decoding (its logits differ from the model's by"), "{stderr}");
+    assert!(!stderr.contains("attention caches"), "{stderr}");
+    let request = json!({"prompt": "ROMEO:", "max_chars": 100, "seed": 4});
+    assert_eq!(server.text("m", &request), generated(&gpt, "ROMEO:", 100, 4));
+    assert_eq!(server.metric_where("minigpt_stream_steps_total", "pass=\"cached\""), 0.0);
+    assert_eq!(server.metric_where("minigpt_stream_steps_total", "pass=\"window\""), 100.0);
 }
 
 #[test]
