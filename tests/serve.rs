@@ -1,8 +1,8 @@
 //! `minigpt serve`: TensorFlow Serving's REST API against a Python client and Python's
 //! TensorFlow, generation alone and among others (continuous batching, attention caches and their
-//! check at load), limits and bad requests,
-//! clients that go away, SIGTERM, new and broken versions, and a load with faults. Every server
-//! listens on a free port of 127.0.0.1 (`--listen 127.0.0.1:0`) and is killed by PID at the end.
+//! check at load), limits and bad requests, clients that go away or stall, SIGTERM, new and broken
+//! versions, and a load with faults. Every server listens on a free port of 127.0.0.1
+//! (`--listen 127.0.0.1:0`) and is killed by PID at the end.
 
 mod common;
 
