@@ -529,8 +529,8 @@ pub struct ServeArgs {
     /// Seconds a prediction or a (non-streamed) generation may take; beyond, 504.
     #[arg(long, default_value_t = 300.0)]
     pub timeout_seconds: f64,
-    /// Seconds a request body may take to arrive once its headers have; beyond, 408 (a client
-    /// that stalls would otherwise hold its slot of --max-concurrent).
+    /// Seconds a request's headers may take to arrive (beyond, the connection is closed), and
+    /// then its body (beyond, 408: a client that stalls would otherwise hold its slot).
     #[arg(long, default_value_t = 30.0)]
     pub read_timeout_seconds: f64,
     /// After SIGTERM or Ctrl-C, seconds running requests may take to finish.

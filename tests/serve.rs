@@ -451,6 +451,17 @@ fn a_client_that_goes_away_frees_its_slot() {
     assert!(reply.contains("--read-timeout-seconds"), "{reply}");
     assert!(sent.elapsed() >= Duration::from_secs(2), "answered before the timeout: {:?}", sent.elapsed());
     assert_eq!(server.post("/v1/models/gpt:generate", &small).0, 200, "the slot is free again");
+
+    // Half its headers, then nothing: the connection is closed after the timeout.
+    let mut slow = TcpStream::connect(address).unwrap();
+    slow.write_all(b"POST /v1/models/gpt:generate HTTP/1.1\r\nHost: x\r\n").unwrap();
+    let sent = Instant::now();
+    slow.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut reply = Vec::new();
+    let _ = slow.read_to_end(&mut reply);
+    let waited = sent.elapsed();
+    assert!(waited >= Duration::from_secs(2) && waited < Duration::from_secs(30), "closed after {waited:?}");
+    assert!(reply.is_empty() || reply.starts_with(b"HTTP/1.1 408"), "{}", String::from_utf8_lossy(&reply));
 }
 
 #[test]

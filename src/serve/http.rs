@@ -17,9 +17,11 @@ use axum::middleware::{self, Next};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::serve::ListenerExt;
 use axum::Router;
 use futures_util::stream::{self, Stream};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -130,15 +132,7 @@ pub fn serve(listener: std::net::TcpListener, models: Vec<Arc<Model>>, cfg: &Ser
         // The signals are caught from here on, before the server says it is ready.
         let mut signals = Signals::new()?;
         let (stopping_tx, stopping_rx) = oneshot::channel();
-        // Each event is written as soon as it is drawn: without TCP_NODELAY, a small write
-        // after another waits for the client's delayed ACK (40 ms on Linux).
-        let listener = listener.tap_io(|stream| {
-            let _ = stream.set_nodelay(true);
-        });
-        let serving = axum::serve(listener, router).with_graceful_shutdown(async move {
-            let _ = stopping_rx.await;
-        });
-        let server = tokio::spawn(async move { serving.await });
+        let server = tokio::spawn(connections(listener, router, app.read_timeout, stopping_rx));
         // Histograms keep their samples until rendered: folded in every few seconds, whether or
         // not anything reads the metrics.
         let metrics = app.metrics.clone();
@@ -156,13 +150,51 @@ pub fn serve(listener: std::net::TcpListener, models: Vec<Arc<Model>>, cfg: &Ser
         let _ = stopping_tx.send(());
         tokio::select! {
             done = tokio::time::timeout(drain, server) => match done {
-                Ok(done) => done?.context("serving")?,
+                Ok(done) => done.context("serving")?,
                 Err(_) => stop_now(&format!("warning: {} requests still running after --drain-seconds: stopped", running()), 0),
             },
             again = signals.next() => stop_now(&format!("{again} again: stopped with {} requests running", running()), 130),
         }
         Ok(())
     })
+}
+
+/// Serves `router` on each connection `listener` accepts until `stop`; then accepts no more, and
+/// waits for the open connections to end their running requests (hyper's graceful shutdown).
+/// Every connection writes at once (TCP_NODELAY: each event is sent as soon as it is drawn,
+/// not after the client's delayed ACK, 40 ms on Linux), and a request's headers must arrive
+/// within `read_timeout` or the connection is closed.
+async fn connections(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    read_timeout: Duration,
+    stop: oneshot::Receiver<()>,
+) {
+    let graceful = GracefulShutdown::new();
+    let mut stop = std::pin::pin!(stop);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(_) => {
+                    // Out of file descriptors, most likely: let some connections end first.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = &mut stop => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let mut http = hyper::server::conn::http1::Builder::new();
+        http.timer(TokioTimer::new()).header_read_timeout(read_timeout);
+        let connection = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(router.clone()));
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
 }
 
 /// Exits at once with `code`, after `line` on stderr: model threads may be inside TensorFlow,
