@@ -1,7 +1,7 @@
 //! A graph for its purpose: the model's forward pass and loss; for inference the next-character
 //! ops and the sampling loop; for training the gradients, Adam, summaries and save ops.
 
-use tensorflow::{ops, DataType, Operation, Output, Scope};
+use tensorflow::{ops, DataType, Operation, Output, Scope, SessionRunArgs, Tensor, TensorType};
 
 use super::checkpoint::{restore_ops, save_ops};
 use super::gradients::{gradients, lookup_squares};
@@ -45,6 +45,37 @@ pub(super) struct NextOps {
     pub(super) cache: Option<CacheSpec>,
 }
 
+/// For each of a model's variables, a placeholder `<name>/value` and the op assigning it.
+pub(super) struct Setters(Vec<(Operation, Operation)>);
+
+impl Setters {
+    pub(super) fn new(vars: &[Var], scope: &mut Scope) -> tensorflow::Result<Self> {
+        let mut setters = Vec::with_capacity(vars.len());
+        for var in vars {
+            let dims: Vec<i64> = var.shape.iter().map(|&d| d as i64).collect();
+            let value = tfx::placeholder(&format!("{}/value", var.name), var.dtype, &dims, scope)?;
+            let name = format!("{}/set", var.name);
+            let assign = ops::assign_variable_op(var.handle.clone(), value.clone(), &mut scope.with_op_name(&name))?;
+            setters.push((value, assign));
+        }
+        Ok(Self(setters))
+    }
+
+    /// Feeds `values` (in the variables' order) to `args`, with the assignments as targets.
+    pub(super) fn feed<'a, T: TensorType>(
+        &'a self,
+        args: &mut SessionRunArgs<'a>,
+        values: &'a [Tensor<T>],
+    ) -> anyhow::Result<()> {
+        anyhow::ensure!(values.len() == self.0.len(), "expected {} weight tensors, got {}", self.0.len(), values.len());
+        for ((value, assign), t) in self.0.iter().zip(values) {
+            args.add_feed(value, 0, t);
+            args.add_target(assign);
+        }
+        Ok(())
+    }
+}
+
 /// The graph's ops, as built.
 pub(super) struct Parts {
     /// The root scope, which owns the graph.
@@ -61,8 +92,7 @@ pub(super) struct Parts {
     pub(super) loss: Output,
     /// Initialises every variable.
     pub(super) init: Operation,
-    /// For each model variable, a placeholder `<name>/value` and the op assigning it.
-    pub(super) setters: Vec<(Operation, Operation)>,
+    pub(super) setters: Setters,
     /// Every checkpointed variable (the model's, then the optimizer's) and its read.
     pub(super) reads: Vec<(Var, Output)>,
     /// String scalar naming the checkpoint for `restore` (and `save`).
@@ -151,17 +181,7 @@ pub(super) fn build(
     };
     let inits: Vec<Operation> = checkpointed.iter().map(|v| v.initializer.clone()).collect();
     let init = tfx::group("init", &inits, scope)?;
-    let mut setters = Vec::with_capacity(vars.len());
-    for var in &vars {
-        let dims: Vec<i64> = var.shape.iter().map(|&d| d as i64).collect();
-        let value = tfx::placeholder(&format!("{}/value", var.name), var.dtype, &dims, scope)?;
-        let assign = ops::assign_variable_op(
-            var.handle.clone(),
-            value.clone(),
-            &mut scope.with_op_name(&format!("{}/set", var.name)),
-        )?;
-        setters.push((value, assign));
-    }
+    let setters = Setters::new(&vars, scope)?;
     let mut reads = Vec::with_capacity(checkpointed.len());
     for v in &checkpointed {
         reads.push((v.clone(), v.read(&mut scope.with_op_name(&format!("read/{}", v.name)))?));

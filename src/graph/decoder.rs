@@ -6,6 +6,7 @@
 use anyhow::{ensure, Context, Result};
 use tensorflow::{ops, DataType, Operation, Output, Scope, Session, SessionRunArgs, Tensor};
 
+use super::build::Setters;
 use crate::device::SessionConfig;
 use crate::model::{ModelConfig, Rows};
 use crate::tfx;
@@ -82,23 +83,12 @@ impl Decoder {
             zeroes.push(ops::resource_scatter_update(cache.handle.clone(), cleared.clone(), zeros, scope)?);
         }
         let clear = (cleared, tfx::group("decode/clear_slots", &zeroes, scope)?);
-        let vars = lm.variables();
-        ensure!(weights.len() == vars.len(), "expected {} weight tensors, got {}", vars.len(), weights.len());
-        let mut setters = Vec::with_capacity(vars.len());
-        for var in &vars {
-            let dims: Vec<i64> = var.shape.iter().map(|&d| d as i64).collect();
-            let value = tfx::placeholder(&format!("{}/value", var.name), var.dtype, &dims, scope)?;
-            let assign = ops::assign_variable_op(var.handle.clone(), value.clone(), scope)?;
-            setters.push((value, assign));
-        }
+        let setters = Setters::new(&lm.variables(), scope)?;
         // Not compiled: XLA would compile again for every new number of rows.
         let session = Session::new(&session.for_graph(false).session_options()?, &scope.graph())
             .context("creating the decoder's session")?;
         let mut args = SessionRunArgs::new();
-        for ((value, assign), t) in setters.iter().zip(weights) {
-            args.add_feed(value, 0, t);
-            args.add_target(assign);
-        }
+        setters.feed(&mut args, weights)?;
         for cache in &decoded.caches {
             args.add_target(&cache.initializer);
         }

@@ -119,17 +119,8 @@ impl Runner {
 
     /// Sets the model's variables (in [`Runner::variables`] order).
     pub fn set_weights<T: TensorType>(&self, values: &[Tensor<T>]) -> Result<()> {
-        ensure!(
-            values.len() == self.g.setters.len(),
-            "expected {} weight tensors, got {}",
-            self.g.setters.len(),
-            values.len()
-        );
         let mut args = SessionRunArgs::new();
-        for ((value, assign), t) in self.g.setters.iter().zip(values) {
-            args.add_feed(value, 0, t);
-            args.add_target(assign);
-        }
+        self.g.setters.feed(&mut args, values)?;
         self.session().run(&mut args).context("setting weights")
     }
 
