@@ -350,7 +350,10 @@ pub fn listening(pid: u32) -> io::Result<Vec<SocketAddr>> {
             }
         }
     }
+    // Distinct addresses: two sockets on one address (a listener and its stand-in while a
+    // restarted server binds again) are one place it listens.
     found.sort();
+    found.dedup();
     Ok(found)
 }
 
