@@ -15,7 +15,7 @@ use crate::device::{self, DeviceChoice, GpuConfig, SessionConfig, Xla};
 use crate::eval::{self, EvalConfig, Split};
 use crate::graph;
 use crate::info;
-use crate::model::{Arch, ModelConfig, ModelShape};
+use crate::model::{Arch, ModelConfig, ModelShape, Precision};
 use crate::optim::AdamConfig;
 use crate::output;
 use crate::run::{TrainSettings, KEEP_CHECKPOINTS};
@@ -352,6 +352,7 @@ impl TrainArgs {
             n_layer: self.n_layer.unwrap_or(4),
             n_head: self.n_head.unwrap_or(4),
             dropout: self.dropout.unwrap_or(0.0),
+            precision: self.session.precision.unwrap_or_default(),
         };
         let start = if self.resume {
             Start::Resume {
@@ -398,6 +399,7 @@ impl TrainArgs {
             ("--n-layer", "/model/n_layer", self.n_layer.is_some()),
             ("--n-head", "/model/n_head", self.n_head.is_some()),
             ("--dropout", "/model/dropout", self.dropout.is_some()),
+            ("--precision", "/model/precision", self.session.precision.is_some()),
             ("--lr", "/train/adam/learning_rate", self.lr.is_some()),
             ("--warmup-steps", "/train/adam/warmup_steps", self.warmup_steps.is_some()),
             ("--lr-decay-steps", "/train/adam/decay_steps", self.lr_decay_steps.is_some()),
@@ -447,6 +449,11 @@ pub struct SessionArgs {
     /// Print the device each op is placed on (TensorFlow's own log, on stderr).
     #[arg(long)]
     pub log_placement: bool,
+    /// Keras' dtype policy: the layers compute in float32, bfloat16 or float16; variables,
+    /// LayerNorm's statistics, the loss and the logits sampled from stay float32 [default:
+    /// float32 for a new run, a run's own otherwise; a SavedModel computes as it was exported].
+    #[arg(long, value_enum)]
+    pub precision: Option<Precision>,
 }
 
 impl SessionArgs {
@@ -481,6 +488,7 @@ impl SessionArgs {
             device,
             gpu: GpuConfig { memory_fraction: fraction, visible, log_placement: self.log_placement },
             own_threads: false,
+            precision: self.precision,
         })
     }
 }
@@ -666,6 +674,9 @@ pub struct GraphArgs {
     /// Dropout rate in train steps (gpt).
     #[arg(long, default_value_t = 0.0)]
     pub dropout: f64,
+    /// Keras' dtype policy the graph computes in.
+    #[arg(long, value_enum, default_value_t = Precision::Float32)]
+    pub precision: Precision,
 }
 
 impl LoadArgs {
@@ -709,6 +720,7 @@ impl GraphArgs {
             n_layer: self.n_layer,
             n_head: self.n_head,
             dropout: self.dropout,
+            precision: self.precision,
         };
         let model = shape.with(self.vocab_size, self.block_size);
         model.validate()?;

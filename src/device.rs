@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use prost::Message;
 use tensorflow::{Graph, Session, SessionOptions};
 
+use crate::precision::Precision;
 use crate::proto;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
@@ -37,6 +38,8 @@ pub struct SessionConfig {
     /// Thread pools of the session's own (`use_per_session_threads`) instead of the process's,
     /// which the first session of a process sizes for all.
     pub own_threads: bool,
+    /// The dtype policy a run directory's model is loaded under, instead of its own.
+    pub precision: Option<Precision>,
 }
 
 /// Whether a session compiles its graph with XLA's JIT.

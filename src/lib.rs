@@ -15,7 +15,7 @@
 //! graph
 //! summary, sampler, loss, optim, model, cluster
 //! data, device
-//! proto, tfx, files, text, listen, output, memory
+//! proto, tfx, files, text, listen, output, memory, precision
 //! library
 //! ```
 
@@ -36,6 +36,7 @@ pub mod object_graph;
 pub mod optim;
 pub mod output;
 pub mod plot;
+pub mod precision;
 pub mod proto;
 pub mod run;
 pub mod sample;

@@ -134,12 +134,17 @@ impl Adam {
     /// `squares[i]`, when given, replaces `g²` for variable `i`: Keras receives an embedding's
     /// gradient as `IndexedSlices` with one row per lookup and squares those rows before summing
     /// duplicates, so its `v` grows by Σ(per-lookup row)², not (Σ rows)².
+    ///
+    /// With `only_if` (a bool scalar), a step where it is false changes nothing: the variables,
+    /// m, v and `iterations` keep their values (Keras' `LossScaleOptimizer` skips the inner
+    /// optimizer on a non-finite gradient, so the schedule does not advance either).
     pub fn apply(
         &self,
         vars: &[Var],
         grads: &[Output],
         squares: &[Option<Output>],
         decayed: &[bool],
+        only_if: Option<&Output>,
         scope: &mut Scope,
     ) -> tensorflow::Result<Operation> {
         let (cfg, dtype) = (&self.cfg, self.dtype);
@@ -167,12 +172,19 @@ impl Adam {
             Ok(ops::mul(self.learning_rate.clone(), tfx::scalar(dtype, cfg.weight_decay, scope)?, scope)?.into())
         });
         let decay = decay.transpose()?;
+        // `new`, or `old` where the step is skipped.
+        let guard = |new: Output, old: Output, scope: &mut Scope| -> tensorflow::Result<Output> {
+            match only_if {
+                Some(cond) => Ok(ops::select_v2(cond.clone(), new, old, scope)?.into()),
+                None => Ok(new),
+            }
+        };
         for (i, (var, grad)) in vars.iter().zip(&grads).enumerate() {
             let (m, v) = (&self.m[i], &self.v[i]);
             let m_old = m.read(scope)?;
             let m_new = ops::add_v2(
                 m_old.clone(),
-                ops::mul(ops::sub(grad.clone(), m_old, scope)?, keep_1.clone(), scope)?,
+                ops::mul(ops::sub(grad.clone(), m_old.clone(), scope)?, keep_1.clone(), scope)?,
                 scope,
             )?;
             let grad = grad.clone();
@@ -182,25 +194,34 @@ impl Adam {
             };
             let v_old = v.read(scope)?;
             let v_new =
-                ops::add_v2(v_old.clone(), ops::mul(ops::sub(g2, v_old, scope)?, keep_2.clone(), scope)?, scope)?;
+                ops::add_v2(v_old.clone(), ops::mul(ops::sub(g2, v_old.clone(), scope)?, keep_2.clone(), scope)?, scope)?;
             let step = ops::real_div(
                 ops::mul(m_new.clone(), alpha.clone(), scope)?,
                 ops::add_v2(ops::sqrt(v_new.clone(), scope)?, epsilon.clone(), scope)?,
                 scope,
             )?;
-            updates.push(ops::assign_variable_op(m.handle.clone(), m_new, scope)?);
-            updates.push(ops::assign_variable_op(v.handle.clone(), v_new, scope)?);
-            match &decay {
+            updates.push(ops::assign_variable_op(m.handle.clone(), guard(m_new.into(), m_old, scope)?, scope)?);
+            updates.push(ops::assign_variable_op(v.handle.clone(), guard(v_new.into(), v_old, scope)?, scope)?);
+            match (&decay, only_if) {
                 // AdamW (as Keras': the decay first, then the Adam step).
-                Some(lr_wd) if decayed.get(i).copied().unwrap_or(false) => {
+                (Some(lr_wd), _) if decayed.get(i).copied().unwrap_or(false) => {
                     let w = var.read(scope)?;
-                    let shrunk = ops::sub(w.clone(), ops::mul(w, lr_wd.clone(), scope)?, scope)?;
-                    updates.push(ops::assign_variable_op(var.handle.clone(), ops::sub(shrunk, step, scope)?, scope)?);
+                    let shrunk = ops::sub(w.clone(), ops::mul(w.clone(), lr_wd.clone(), scope)?, scope)?;
+                    let new = guard(ops::sub(shrunk, step, scope)?.into(), w, scope)?;
+                    updates.push(ops::assign_variable_op(var.handle.clone(), new, scope)?);
+                }
+                (_, Some(_)) => {
+                    let w = var.read(scope)?;
+                    let new = guard(ops::sub(w.clone(), step, scope)?.into(), w, scope)?;
+                    updates.push(ops::assign_variable_op(var.handle.clone(), new, scope)?);
                 }
                 _ => updates.push(ops::assign_sub_variable_op(var.handle.clone(), step, scope)?),
             }
         }
-        let one = ops::constant(1i64, scope)?;
+        let one: Output = match only_if {
+            Some(cond) => ops::Cast::new().DstT(DataType::Int64).build(cond.clone(), scope)?.into(),
+            None => ops::constant(1i64, scope)?.into(),
+        };
         let increment = ops::assign_add_variable_op(
             self.iterations.handle.clone(),
             one,
@@ -276,4 +297,75 @@ fn clip_by_global_norm(
         .map(|g| Ok(ops::mul(g.clone(), factor.clone(), scope)?.into()))
         .collect::<tensorflow::Result<Vec<Output>>>()?;
     Ok((grads, vec![None; squares.len()]))
+}
+
+/// Keras' `LossScaleOptimizer` with its defaults, for float16: the loss is multiplied by `scale`
+/// before its gradients are taken, so that small ones do not vanish in float16, and the gradients
+/// are divided by it before the optimizer sees them. A step with a non-finite gradient is skipped
+/// and halves the scale; after [`LossScale::GROWTH_STEPS`] finite steps in a row it doubles. The
+/// scale and the count of finite steps are checkpointed with the optimizer.
+pub struct LossScale {
+    /// float32 scalar, from [`LossScale::INITIAL`].
+    pub scale: Var,
+    /// int64 scalar: finite steps since the scale last changed.
+    pub counter: Var,
+}
+
+impl LossScale {
+    pub const INITIAL: f64 = 32768.0;
+    pub const GROWTH_STEPS: i64 = 2000;
+    pub const SCALE: &'static str = "optimizer/loss_scale/scale";
+    pub const COUNTER: &'static str = "optimizer/loss_scale/counter";
+
+    pub fn new(scope: &mut Scope) -> tensorflow::Result<Self> {
+        let initial = ops::constant(Self::INITIAL as f32, &mut scope.with_op_name(&format!("{}/Initializer", Self::SCALE)))?;
+        let scale = Var::new(Self::SCALE, DataType::Float, &[], initial.into(), scope)?;
+        let zero = ops::constant(0i64, &mut scope.with_op_name(&format!("{}/Initializer", Self::COUNTER)))?;
+        let counter = Var::new(Self::COUNTER, DataType::Int64, &[], zero.into(), scope)?;
+        Ok(Self { scale, counter })
+    }
+
+    /// bool scalar: every element of every one of `grads` is finite.
+    pub fn all_finite(grads: &[Output], scope: &mut Scope) -> tensorflow::Result<Output> {
+        let mut parts = Vec::with_capacity(grads.len());
+        for g in grads {
+            let ok = ops::is_finite(g.clone(), scope)?;
+            let rank = ops::rank(ok.clone(), scope)?;
+            let axes = ops::range(ops::constant(0i32, scope)?, rank, ops::constant(1i32, scope)?, scope)?;
+            parts.push(ops::all(ok, axes, scope)?.into());
+        }
+        let all = ops::Pack::new().N(parts.len() as i64).build_instance(parts, scope)?.output();
+        Ok(ops::all(all, ops::constant(0i32, scope)?, &mut scope.with_op_name("loss_scale/finite"))?.into())
+    }
+
+    /// Each of `grads` divided by `scale` (the value the gradients were taken with).
+    pub fn unscale(grads: Vec<Output>, scale: &Output, scope: &mut Scope) -> tensorflow::Result<Vec<Output>> {
+        grads.into_iter().map(|g| Ok(ops::real_div(g, scale.clone(), scope)?.into())).collect()
+    }
+
+    /// After `after`: on a finite step the counter goes up, and at [`LossScale::GROWTH_STEPS`]
+    /// the scale doubles and the counter restarts; on a non-finite step the scale halves and the
+    /// counter restarts.
+    pub fn update(&self, finite: &Output, after: &[Operation], scope: &mut Scope) -> tensorflow::Result<Operation> {
+        let scope = &mut scope.new_sub_scope("loss_scale");
+        let scale = self.scale.read(scope)?;
+        let counter = self.counter.read(scope)?;
+        let grown = ops::equal(counter.clone(), ops::constant(Self::GROWTH_STEPS - 1, scope)?, scope)?;
+        let doubled = ops::mul(scale.clone(), ops::constant(2f32, scope)?, scope)?;
+        let halved = ops::mul(scale.clone(), ops::constant(0.5f32, scope)?, scope)?;
+        let on_finite = ops::select_v2(grown.clone(), doubled, scale, scope)?;
+        let new_scale = ops::select_v2(finite.clone(), on_finite, halved, scope)?;
+        let zero = ops::constant(0i64, scope)?;
+        let next = ops::add_v2(counter, ops::constant(1i64, scope)?, scope)?;
+        let on_finite = ops::select_v2(grown, zero.clone(), next, scope)?;
+        let new_counter = ops::select_v2(finite.clone(), on_finite, zero, scope)?;
+        let later = &mut scope.with_control_dependencies(after);
+        let set_scale = ops::assign_variable_op(self.scale.handle.clone(), new_scale, later)?;
+        let set_counter = ops::assign_variable_op(self.counter.handle.clone(), new_counter, later)?;
+        tfx::group("update", &[set_scale, set_counter], later)
+    }
+
+    pub fn variables(&self) -> Vec<Var> {
+        vec![self.scale.clone(), self.counter.clone()]
+    }
 }

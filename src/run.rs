@@ -348,8 +348,10 @@ impl RunDir {
     }
 
     /// Builds the graph of the run for `what` and restores its newest usable checkpoint.
+    /// The model computes in `session.precision` if given, else in the run's own.
     pub fn load(&self, what: Load, session: SessionConfig) -> Result<(RunConfig, Runner)> {
-        let config = self.read_config()?;
+        let mut config = self.read_config()?;
+        config.model.precision = session.precision.unwrap_or(config.model.precision);
         let opts = match what {
             Load::Inference { sampler: Some(sampler) } => GraphOptions::sampling(sampler),
             Load::Inference { sampler: None } => GraphOptions::inference(0),
@@ -362,7 +364,6 @@ impl RunDir {
         let restored = self.restore_latest(&runner)?;
         // config.json is written after the checkpoint: while a run trains, the newest checkpoint
         // may be a step ahead of it. What was restored is what an export or a sample is of.
-        let mut config = config;
         if let Some(step) = checkpoint_step(&restored) {
             config.steps_done = step;
         }

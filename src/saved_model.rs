@@ -575,6 +575,12 @@ pub enum Source {
 impl Source {
     pub fn open(path: &Path, opts: &OpenOptions) -> Result<Self> {
         if is_saved_model(path) {
+            if let Some(precision) = opts.session.precision {
+                bail!(
+                    "--precision {precision} applies to run directories: {} is a SavedModel, which computes as it was exported",
+                    path.display()
+                );
+            }
             return Ok(Self::Saved(Loaded::load(path, opts.vocab.as_deref(), opts.session)?));
         }
         ensure!(opts.vocab.is_none(), "--vocab is for SavedModels; a run directory has its vocabulary in config.json");

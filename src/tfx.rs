@@ -43,6 +43,11 @@ impl Var {
     pub fn read(&self, scope: &mut Scope) -> tensorflow::Result<Output> {
         Ok(ops::ReadVariableOp::new().dtype(self.dtype).build(self.handle.clone(), scope)?.into())
     }
+
+    /// The variable's value in `dtype`, the dtype a layer computes in (Keras' autocast).
+    pub fn read_as(&self, dtype: DataType, scope: &mut Scope) -> tensorflow::Result<Output> {
+        cast(self.read(scope)?, dtype, scope)
+    }
 }
 
 /// A constant `[n]` int32 shape tensor.
@@ -60,13 +65,27 @@ pub fn zeros(dtype: DataType, shape: &[u64], scope: &mut Scope) -> tensorflow::R
     Ok(ops::fill(dims, zero, scope)?.into())
 }
 
-/// A float scalar constant of `dtype` (float or double).
+/// A float scalar constant of `dtype` (double, float, or float16 and bfloat16 rounded from the
+/// float, as Python's `tf.cast` of a number does).
 pub fn scalar(dtype: DataType, value: f64, scope: &mut Scope) -> tensorflow::Result<Output> {
     Ok(match dtype {
-        DataType::Double => ops::constant(value, scope)?,
-        _ => ops::constant(value as f32, scope)?,
+        DataType::Double => ops::constant(value, scope)?.into(),
+        DataType::BFloat16 | DataType::Half => cast(ops::constant(value as f32, scope)?.into(), dtype, scope)?,
+        _ => ops::constant(value as f32, scope)?.into(),
+    })
+}
+
+/// `x` in `dtype`: a `Cast`, unless it is of `dtype` already.
+pub fn cast(x: Output, dtype: DataType, scope: &mut Scope) -> tensorflow::Result<Output> {
+    if dtype_of(&x) == dtype {
+        return Ok(x);
     }
-    .into())
+    Ok(ops::Cast::new().DstT(dtype).build(x, scope)?.into())
+}
+
+/// The element type of `x`.
+pub fn dtype_of(x: &Output) -> DataType {
+    x.operation.output_type(x.index as usize)
 }
 
 /// A constant of any tensor type.

@@ -230,6 +230,10 @@ pub fn train(cfg: &TrainConfig, corpus: &Corpus) -> Result<TrainSummary> {
     let encoded = vocab.encode(&corpus.text).context("the corpus does not fit the --init-from model's vocabulary")?;
     let (train_data, val_data) = data::split(&encoded);
     check_sizes(train_data, val_data, settings.block_size, settings.batch_size)?;
+    let model = match (&cfg.start, cfg.session.precision) {
+        (Start::InitFrom { .. }, precision) => ModelConfig { precision: precision.unwrap_or_default(), ..model },
+        _ => model,
+    };
     let mut config = RunConfig {
         model,
         train: settings.clone(),
@@ -426,6 +430,11 @@ fn build_runner(config: &mut RunConfig, cfg: &TrainConfig) -> Result<Runner> {
         cfg.session.xla != crate::device::Xla::On,
         "--xla does not work with --cluster: TensorFlow's distributed runtime compiles nothing with XLA's \
          auto-clustering (no cluster is compiled on the chief or the workers); drop --xla"
+    );
+    ensure!(
+        !config.model.precision.scales_loss(),
+        "--precision mixed_float16 does not work with --cluster: its loss scaling is built into the single-process \
+         step; use mixed_bfloat16 or train in one process"
     );
     let workers = c.spec.workers.len();
     ensure!(

@@ -9,7 +9,7 @@ use super::replicas::replicated;
 use super::{GraphOptions, Purpose};
 use crate::loss;
 use crate::model::{CacheSpec, Dropout, LanguageModel, ModelConfig};
-use crate::optim::Adam;
+use crate::optim::{Adam, LossScale};
 use crate::sampler::Chain;
 use crate::summary::Summaries;
 use crate::tfx::{self, Var};
@@ -130,10 +130,22 @@ pub(super) fn build(
                 .build(no, &mut scope.with_op_name("training"))?;
             let step = optimizer.iterations.read(scope)?;
             let dropout = Dropout { training: training.clone().into(), step: step.clone(), seed: opts.seed };
+            let loss_scale = match model_cfg.precision.scales_loss() {
+                true => Some(LossScale::new(scope)?),
+                false => None,
+            };
+            let mut finite = None;
             let (forward, xent, step_loss, grads, squares) = if replicas.is_empty() {
                 let forward = model.forward(tokens.clone().into(), Some(&dropout), scope)?;
                 let xent = loss::cross_entropy(forward.logits.clone(), targets.clone().into(), vocab, scope)?;
-                let (grads, row_grads) = gradients(&xent, &forward, &vars, scope)?;
+                let scale = loss_scale.as_ref().map(|ls| ls.scale.read(scope)).transpose()?;
+                let (mut grads, mut row_grads) = gradients(&xent, &forward, &vars, scale.as_ref(), scope)?;
+                if let Some(scale) = &scale {
+                    let scope = &mut scope.new_sub_scope("loss_scale");
+                    finite = Some(LossScale::all_finite(&[grads.clone(), row_grads.clone()].concat(), scope)?);
+                    grads = LossScale::unscale(grads, scale, scope)?;
+                    row_grads = LossScale::unscale(row_grads, scale, scope)?;
+                }
                 let squares = lookup_squares(&forward.lookups, row_grads, &vars, scope)?;
                 let step_loss = xent.loss.clone();
                 (forward, xent, step_loss, grads, squares)
@@ -149,12 +161,18 @@ pub(super) fn build(
             // AdamW decays matrices, not biases, norms or embedding tables.
             let decayed: Vec<bool> =
                 vars.iter().map(|v| v.shape.len() >= 2 && !forward.lookups.iter().any(|l| l.var == v.name)).collect();
-            let train_op = optimizer.apply(&vars, &grads, &squares, &decayed, &mut scope.with_op_name("train_step"))?;
+            let mut train_op =
+                optimizer.apply(&vars, &grads, &squares, &decayed, finite.as_ref(), &mut scope.with_op_name("train_step"))?;
+            if let (Some(ls), Some(finite)) = (&loss_scale, &finite) {
+                let update = ls.update(finite, std::slice::from_ref(&train_op), scope)?;
+                train_op = tfx::group("train_step/loss_scaled", &[train_op, update], scope)?;
+            }
             let summaries = match summaries {
                 true => Some(Summaries::build(scope)?),
                 false => None,
             };
             checkpointed.extend(optimizer.variables());
+            checkpointed.extend(loss_scale.iter().flat_map(LossScale::variables));
             let learning = (training, step_loss, grads, optimizer, train_op, summaries);
             (forward.logits, xent.loss, Some(learning), None, None)
         }
@@ -240,7 +258,11 @@ pub(super) fn next_ops(model: &dyn LanguageModel, vocab: i64, scope: &mut Scope)
         let present = present
             .into_iter()
             .enumerate()
-            .map(|(i, p)| Ok(ops::identity(p, &mut scope.with_op_name(&format!("sample/present/{i}")))?.into()))
+            .map(|(i, p)| {
+                // (In the variables' dtype, as the past is fed: exact from a lower precision.)
+                let p = tfx::cast(p, dtype, scope)?;
+                Ok(ops::identity(p, &mut scope.with_op_name(&format!("sample/present/{i}")))?.into())
+            })
             .collect::<tensorflow::Result<_>>()?;
         let logits = slice_last(logits, 3, scope)?; // [1, V]
         return Ok(NextOps { context, past, present, logits, cache: Some(spec) });

@@ -15,18 +15,25 @@ use crate::tfx::{self, Var};
 /// `add_gradients` frees its `dx` array before TensorFlow reads it, so that upstream gradient
 /// cannot be passed directly.) It is passed through a surrogate
 /// `Σ logits · stop_gradient(dlogits)`, whose gradient at the logits is `dlogits` exactly.
+///
+/// With `scale` (a float32 scalar, [`crate::optim::LossScale`]), these are the gradients of the
+/// loss times `scale`.
 pub(super) fn gradients(
     xent: &CrossEntropy,
     forward: &Forward,
     vars: &[Var],
+    scale: Option<&Output>,
     scope: &mut Scope,
 ) -> tensorflow::Result<(Vec<Output>, Vec<Output>)> {
     let scope = &mut scope.new_sub_scope("loss_gradient");
     let dtype = xent.logits_2d.operation.output_type(xent.logits_2d.index as usize);
     let n = ops::size(xent.labels.clone(), scope)?;
     let n = ops::Cast::new().DstT(dtype).build(n, scope)?;
-    let one = tfx::scalar(dtype, 1.0, scope)?;
-    let inv_n = ops::real_div(one, n, scope)?; // 1/N
+    let one = match scale {
+        Some(scale) => tfx::cast(scale.clone(), dtype, scope)?,
+        None => tfx::scalar(dtype, 1.0, scope)?,
+    };
+    let inv_n = ops::real_div(one, n, scope)?; // 1/N (scale/N)
     let dlogits = ops::mul(xent.backprop.clone(), inv_n, scope)?; // [N, V]
     let dlogits = ops::stop_gradient(dlogits, scope)?;
     let surrogate = ops::mul(xent.logits_2d.clone(), dlogits, scope)?; // [N, V]

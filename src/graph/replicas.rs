@@ -120,7 +120,7 @@ fn replica_graph_def(model_cfg: &ModelConfig, dtype: DataType, seed: i64) -> ten
     let dropout = Dropout { training: training.into(), step: step.into(), seed };
     let forward = model.forward(tokens.into(), Some(&dropout), scope)?;
     let xent = loss::cross_entropy(forward.logits.clone(), targets.into(), model_cfg.vocab_size as i64, scope)?;
-    let (grads, row_grads) = gradients(&xent, &forward, &vars, scope)?;
+    let (grads, row_grads) = gradients(&xent, &forward, &vars, None, scope)?;
     ops::identity(xent.loss, &mut scope.with_op_name("out/loss"))?;
     for (k, g) in grads.into_iter().enumerate() {
         ops::identity(g, &mut scope.with_op_name(&format!("out/grad/{k}")))?;

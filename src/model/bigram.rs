@@ -18,7 +18,7 @@ impl Bigram {
     pub fn new(
         vocab_size: u64,
         n_embd: u64,
-        dtype: DataType,
+        dtype: (DataType, DataType),
         seed: i64,
         scope: &mut Scope,
     ) -> tensorflow::Result<Self> {
@@ -38,10 +38,11 @@ impl LanguageModel for Bigram {
     ) -> tensorflow::Result<Forward> {
         let scope = &mut scope.new_sub_scope("mini_gpt");
         let lookup = self.embedding.apply(tokens.clone(), scope)?;
-        let x = lookup.rows.clone(); // [B, T, C]
+        let x = lookup.out.clone(); // [B, T, C]
         let flat = tfx::shape_const(&[-1, self.n_embd as i64], scope)?;
         let x = ops::reshape(x, flat, scope)?; // [B*T, C]
         let logits = self.dense.apply(x.into(), scope)?; // [B*T, V]
+        let logits = tfx::cast(logits, self.embedding.embeddings.dtype, scope)?; // float32 for the loss
         let bt = ops::shape(tokens, scope)?; // [2] = (B, T)
         let v = tfx::shape_const(&[self.vocab_size as i64], scope)?;
         let shape = tfx::concat(&[bt.into(), v], 0, scope)?; // (B, T, V)

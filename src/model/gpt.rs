@@ -53,10 +53,10 @@ impl Pass<'_> {
     }
 }
 
-/// What the model's variables are made with: their dtype, and for each initializer an op seed of
-/// its own, in creation order.
+/// What the model's variables are made with: their dtype and the dtype the layers compute in,
+/// and for each initializer an op seed of its own, in creation order.
 struct Params {
-    dtype: DataType,
+    dtype: (DataType, DataType),
     seed: i64,
     stream: Cell<i64>,
 }
@@ -113,21 +113,17 @@ impl Attention {
             let z = ops::reshape(parts.output(i), heads_shape.clone(), scope)?; // [B, T, H, D]
             heads.push(Output::from(ops::transpose(z, perm.clone(), scope)?)); // [B, H, T, D]
         }
-        let dtype = output_dtype(&heads[0]);
-        // Keras' MultiHeadAttention scales the queries, not the scores.
-        let q = ops::mul(heads[0].clone(), tfx::scalar(dtype, 1.0 / (d as f64).sqrt(), scope)?, scope)?;
-        let (mut k, mut v) = (heads[1].clone(), heads[2].clone()); // [B, H, T, D]
+        let (q, mut k, mut v) = (heads[0].clone(), heads[1].clone(), heads[2].clone()); // [B, H, T, D]
         if let Some([past_k, past_v]) = past {
             k = tfx::concat(&[past_k, k], 2, scope)?; // [B, H, P + T, D]
             v = tfx::concat(&[past_v, v], 2, scope)?;
         }
-        let scores = ops::BatchMatMulV2::new().adj_y(true).build(q, k.clone(), scope)?; // [B, H, T, P + T]
-        let masked = ops::add_v2(scores, pass.mask.clone(), scope)?;
-        let att = ops::softmax(masked, scope)?; // [B, H, T, P + T]
-                                                // (A pass with dropout has no cached positions: P = 0 here.)
+        let scores = batch_matmul(q, k.clone(), true, scope)?; // [B, H, T, P + T]
+        let att = attention_weights(scores, d, &pass.mask, scope)?; // [B, H, T, P + T]
+        // (A pass with dropout has no cached positions: P = 0 here.)
         let dims = [pass.b.clone(), tfx::shape_const(&[h], scope)?, pass.t1.clone(), pass.t1.clone()];
-        let att = pass.dropout(att.into(), &dims, site, scope)?;
-        let y = ops::BatchMatMulV2::new().build(att, v.clone(), scope)?; // [B, H, T, D]
+        let att = pass.dropout(att, &dims, site, scope)?;
+        let y = batch_matmul(att, v.clone(), false, scope)?; // [B, H, T, D]
         let y = ops::transpose(y, perm, scope)?; // [B, T, H, D]
         let merged = tfx::concat(&[bt.clone(), tfx::shape_const(&[c], scope)?], 0, scope)?;
         Ok((ops::reshape(y, merged, scope)?.into(), [k, v])) // [B, T, C]
@@ -152,8 +148,7 @@ impl Attention {
         let parts = ops::Split::new().num_split(3).build(ops::constant(1i32, scope)?, qkv, scope)?; // 3 × [N, C]
         let heads = tfx::shape_const(&[-1, h, d], scope)?;
         let head = |i: usize, scope: &mut Scope| ops::reshape(parts.output(i), heads.clone(), scope); // [N, H, D]
-        let dtype = cache[0].dtype;
-        let q = ops::mul(head(0, scope)?, tfx::scalar(dtype, 1.0 / (d as f64).sqrt(), scope)?, scope)?;
+        let q = head(0, scope)?;
         let mut writes = Vec::with_capacity(2);
         for (i, var) in cache.iter().enumerate() {
             let kv = head(i + 1, scope)?;
@@ -165,9 +160,9 @@ impl Attention {
         };
         let (keys, values) = (read(cache[0], after)?, read(cache[1], after)?); // [N, H, W, D]
         let q = ops::reshape(q, tfx::shape_const(&[-1, h, 1, d], scope)?, scope)?; // [N, H, 1, D]
-        let scores = ops::BatchMatMulV2::new().adj_y(true).build(q, keys, scope)?; // [N, H, 1, W]
-        let att = ops::softmax(ops::add_v2(scores, step.bias.clone(), scope)?, scope)?;
-        let y = ops::BatchMatMulV2::new().build(att, values, scope)?; // [N, H, 1, D]
+        let scores = batch_matmul(q.into(), keys.into(), true, scope)?; // [N, H, 1, W]
+        let att = attention_weights(scores, d, &step.bias, scope)?;
+        let y = batch_matmul(att, values.into(), false, scope)?; // [N, H, 1, D]
         let y = ops::reshape(y, tfx::shape_const(&[-1, c], scope)?, scope)?; // [N, C]
         self.proj.apply(y.into(), scope)
     }
@@ -183,7 +178,8 @@ struct DecodeStep {
     slots: Output,
     /// [N, H, 3] int32: where each row's key and value go in a cache (slot, head, position).
     at: Output,
-    /// [N, 1, 1, W]: 0 up to each row's position, -1e9 after (the causal mask, per row).
+    /// [N, 1, 1, W]: 0 up to each row's position, -1e9 after (the causal mask, per row), in the
+    /// scores' dtype.
     bias: Output,
 }
 
@@ -265,9 +261,9 @@ impl Block {
     /// Block `i`: variables under `gpt/h<i>/`.
     fn new(i: u64, cfg: &ModelConfig, p: &Params, scope: &mut Scope) -> tensorflow::Result<Self> {
         let name = |part: &str| format!("gpt/h{i}/{part}");
-        let ln_1 = LayerNorm::new(&name("ln_1"), cfg.n_embd, p.dtype, scope)?;
+        let ln_1 = LayerNorm::new(&name("ln_1"), cfg.n_embd, p.dtype.0, scope)?;
         let attn = Attention::new(&name("attn"), cfg, p, scope)?;
-        let ln_2 = LayerNorm::new(&name("ln_2"), cfg.n_embd, p.dtype, scope)?;
+        let ln_2 = LayerNorm::new(&name("ln_2"), cfg.n_embd, p.dtype.0, scope)?;
         let mlp = Mlp::new(&name("mlp"), cfg, p, scope)?;
         Ok(Self { ln_1, attn, ln_2, mlp, first_site: 3 * i as i64 + 1 })
     }
@@ -341,13 +337,19 @@ pub struct Gpt {
 }
 
 impl Gpt {
-    pub fn new(cfg: &ModelConfig, dtype: DataType, seed: i64, scope: &mut Scope) -> tensorflow::Result<Self> {
+    /// The dtype the layers compute in.
+    fn compute(&self) -> DataType {
+        self.head.compute
+    }
+
+    /// Variables of `dtype.0`, computing in `dtype.1`.
+    pub fn new(cfg: &ModelConfig, dtype: (DataType, DataType), seed: i64, scope: &mut Scope) -> tensorflow::Result<Self> {
         let (v, c) = (cfg.vocab_size, cfg.n_embd);
         let p = Params { dtype, seed, stream: Cell::new(0) };
         let wte = Embedding::new("gpt/wte", v, c, dtype, p.seeds(), scope)?;
         let wpe = Embedding::new("gpt/wpe", cfg.block_size, c, dtype, p.seeds(), scope)?;
         let blocks = (0..cfg.n_layer).map(|i| Block::new(i, cfg, &p, scope)).collect::<tensorflow::Result<_>>()?;
-        let ln_f = LayerNorm::new("gpt/ln_f", c, dtype, scope)?;
+        let ln_f = LayerNorm::new("gpt/ln_f", c, dtype.0, scope)?;
         let head = p.dense("gpt/head", c, v, scope)?;
         Ok(Self { wte, wpe, blocks, ln_f, head, cfg: cfg.clone() })
     }
@@ -381,10 +383,11 @@ impl Gpt {
             }
             None => ops::constant(0i32, scope)?.into(),
         };
-        let dtype = self.wte.embeddings.dtype;
-        let mask = causal_bias(&p, &t, dtype, scope)?;
+        let mask = causal_bias(&p, &t, score_dtype(self.compute()), scope)?;
         let dropout = match dropout {
-            Some(d) if self.cfg.dropout > 0.0 => Some(layers::DropoutPass::new(self.cfg.dropout, dtype, d, scope)?),
+            Some(d) if self.cfg.dropout > 0.0 => {
+                Some(layers::DropoutPass::new(self.cfg.dropout, self.compute(), d, scope)?)
+            }
             _ => None,
         };
         let pass = Pass { b: element(&bt, 0, scope)?, t1, t, bt, dropout, p, mask };
@@ -392,7 +395,7 @@ impl Gpt {
         let end = ops::add_v2(pass.p.clone(), pass.t.clone(), scope)?;
         let positions = ops::range(pass.p.clone(), end, ops::constant(1i32, scope)?, scope)?; // P..P+T
         let pos = self.wpe.apply(positions.into(), scope)?; // rows [T, C]
-        let x = ops::add_v2(tok.rows.clone(), pos.rows.clone(), scope)?.into(); // [B, T, C]
+        let x = ops::add_v2(tok.out.clone(), pos.out.clone(), scope)?.into(); // [B, T, C]
         let c = tfx::shape_const(&[self.cfg.n_embd as i64], scope)?;
         let mut x = pass.dropout(x, &[pass.bt.clone(), c], 0, scope)?;
         let mut present = Vec::with_capacity(2 * self.blocks.len());
@@ -403,7 +406,10 @@ impl Gpt {
                 x = block.forward_at(x, &pass, row, at, scope)?; // [B, 1, C]
                 break;
             }
-            let block_past = past.map(|p| [p[2 * i].clone(), p[2 * i + 1].clone()]);
+            let block_past = match past {
+                Some(p) => Some([tfx::cast(p[2 * i].clone(), self.compute(), scope)?, tfx::cast(p[2 * i + 1].clone(), self.compute(), scope)?]),
+                None => None,
+            };
             let (y, kv) = block.forward(x, block_past, &pass, scope)?;
             present.extend(kv);
             x = y;
@@ -411,6 +417,7 @@ impl Gpt {
         let x = self.ln_f.apply(x, scope)?;
         let bt = row.as_ref().map_or(&pass.bt, |row| &row.bt);
         let logits = dense3(&self.head, x, bt, self.cfg.vocab_size as i64, scope)?; // [B, T or 1, V]
+        let logits = tfx::cast(logits, self.wte.embeddings.dtype, scope)?; // float32 for the loss and sampling
         Ok((Forward { logits, lookups: vec![tok, pos] }, present))
     }
 }
@@ -448,7 +455,7 @@ impl LanguageModel for Gpt {
 
     fn decode_rows(&self, rows: &Rows, slots: u64, scope: &mut Scope) -> tensorflow::Result<Option<Decoded>> {
         let (c, h, w) = (self.cfg.n_embd, self.cfg.n_head, self.cfg.block_size);
-        let dtype = self.wte.embeddings.dtype;
+        let dtype = self.compute();
         let shape = [slots, h, w, c / h];
         let mut caches = Vec::with_capacity(2 * self.blocks.len());
         for i in 0..self.blocks.len() {
@@ -459,9 +466,9 @@ impl LanguageModel for Gpt {
             }
         }
         let scope = &mut scope.new_sub_scope("decode");
-        let step = DecodeStep::new(rows, h as i64, w as i64, dtype, scope)?;
-        let tok = self.wte.apply(rows.tokens.clone(), scope)?.rows; // [N, C]
-        let pos = self.wpe.apply(rows.positions.clone(), scope)?.rows; // [N, C]
+        let step = DecodeStep::new(rows, h as i64, w as i64, score_dtype(dtype), scope)?;
+        let tok = self.wte.apply(rows.tokens.clone(), scope)?.out; // [N, C]
+        let pos = self.wpe.apply(rows.positions.clone(), scope)?.out; // [N, C]
         let mut x: Output = ops::add_v2(tok, pos, scope)?.into();
         for (i, block) in self.blocks.iter().enumerate() {
             x = block.decode(x, &step, [&caches[2 * i], &caches[2 * i + 1]], scope)?;
@@ -469,6 +476,7 @@ impl LanguageModel for Gpt {
         let x = ops::gather_v2(x, rows.last.clone(), ops::constant(0i32, scope)?, scope)?; // [M, C]
         let x = self.ln_f.apply(x.into(), scope)?;
         let logits = self.head.apply(x, scope)?; // [M, V]
+        let logits = tfx::cast(logits, self.wte.embeddings.dtype, scope)?;
         Ok(Some(Decoded { logits, caches }))
     }
 
@@ -510,8 +518,39 @@ fn element(shape: &Output, i: i32, scope: &mut Scope) -> tensorflow::Result<Outp
     Ok(ops::StridedSlice::new().build(shape.clone(), at(i, scope)?, at(i + 1, scope)?, at(1, scope)?, scope)?.into())
 }
 
-fn output_dtype(x: &Output) -> DataType {
-    x.operation.output_type(x.index as usize)
+/// The attention weights of `scores` (q·kᵀ, [..., T, S], in the compute dtype) for heads of
+/// width `d`, under `mask` (0 or -1e9, [T, S] or broadcast to it): Keras' `dot_product_attention`,
+/// the path its `MultiHeadAttention` takes without dropout. The scores are cast to at least
+/// float32 and scaled by 1/√d there, masked, put through the softmax, and the weights cast back
+/// to the compute dtype.
+fn attention_weights(scores: Output, d: i64, mask: &Output, scope: &mut Scope) -> tensorflow::Result<Output> {
+    let dtype = tfx::dtype_of(&scores);
+    let scores = tfx::cast(scores, score_dtype(dtype), scope)?;
+    let scale = tfx::scalar(score_dtype(dtype), 1.0 / (d as f64).sqrt(), scope)?;
+    let scaled = ops::mul(scores, scale, scope)?;
+    let att = ops::softmax(ops::add_v2(scaled, mask.clone(), scope)?, scope)?;
+    tfx::cast(att.into(), dtype, scope)
+}
+
+/// `a · b` (`a · bᵀ` with `adj_y`) over the leading axes. In float16 the product is taken in
+/// float32 and rounded to float16 once: the C++ gradient of `BatchMatMulV2` is a `BatchMatMulV3`,
+/// which has no float16 kernel on the CPU.
+fn batch_matmul(a: Output, b: Output, adj_y: bool, scope: &mut Scope) -> tensorflow::Result<Output> {
+    let dtype = tfx::dtype_of(&a);
+    if dtype != DataType::Half {
+        return Ok(ops::BatchMatMulV2::new().adj_y(adj_y).build(a, b, scope)?.into());
+    }
+    let (a, b) = (tfx::cast(a, DataType::Float, scope)?, tfx::cast(b, DataType::Float, scope)?);
+    tfx::cast(ops::BatchMatMulV2::new().adj_y(adj_y).build(a, b, scope)?.into(), dtype, scope)
+}
+
+/// The dtype attention scores and their softmax are computed in: float32 for the half
+/// precisions, else the compute dtype.
+fn score_dtype(compute: DataType) -> DataType {
+    match compute {
+        DataType::BFloat16 | DataType::Half => DataType::Float,
+        other => other,
+    }
 }
 
 /// A Dense layer on [B, T, n_in] (`bt` = (B, T)) -> [B, T, n_out].
@@ -523,11 +562,25 @@ fn dense3(dense: &Dense, x: Output, bt: &Output, n_out: i64, scope: &mut Scope) 
     Ok(ops::reshape(y, shape, scope)?.into())
 }
 
-/// Exact GELU, `x·Φ(x) = ½x(1 + erf(x/√2))` (TensorFlow 2.21 has no Gelu op).
+/// Exact GELU, `x·Φ(x) = ½x(1 + erf(x/√2))` (TensorFlow 2.21 has no Gelu op). In float16 and
+/// bfloat16, where `1 + erf` would round twice, its value is `tf.nn.gelu`'s, `½x·erfc(-x/√2)`;
+/// the C++ registry has no gradient for `Erfc`, so the gradient comes from `erf`, through a term
+/// that is exactly zero (`erf(z) - stop_gradient(erf(z))`).
 fn gelu(x: Output, scope: &mut Scope) -> tensorflow::Result<Output> {
-    let dtype = output_dtype(&x);
-    let scaled = ops::mul(x.clone(), tfx::scalar(dtype, std::f64::consts::FRAC_1_SQRT_2, scope)?, scope)?;
-    let cdf = ops::add_v2(tfx::scalar(dtype, 1.0, scope)?, ops::erf(scaled, scope)?, scope)?;
-    let half_x = ops::mul(x, tfx::scalar(dtype, 0.5, scope)?, scope)?;
+    let dtype = tfx::dtype_of(&x);
+    let root_half = tfx::scalar(dtype, std::f64::consts::FRAC_1_SQRT_2, scope)?;
+    let half = tfx::scalar(dtype, 0.5, scope)?;
+    if score_dtype(dtype) == dtype {
+        let scaled = ops::mul(x.clone(), root_half, scope)?;
+        let cdf = ops::add_v2(tfx::scalar(dtype, 1.0, scope)?, ops::erf(scaled, scope)?, scope)?;
+        let half_x = ops::mul(x, half, scope)?;
+        return Ok(ops::mul(half_x, cdf, scope)?.into());
+    }
+    let minus_z = ops::mul(ops::neg(x.clone(), scope)?, root_half.clone(), scope)?; // -x/√2
+    let value = ops::stop_gradient(ops::erfc(minus_z, scope)?, scope)?;
+    let erf = ops::erf(ops::mul(x.clone(), root_half, scope)?, scope)?;
+    let zero = ops::sub(erf.clone(), ops::stop_gradient(erf, scope)?, scope)?;
+    let cdf = ops::add_v2(value, zero, scope)?;
+    let half_x = ops::mul(half, x, scope)?;
     Ok(ops::mul(half_x, cdf, scope)?.into())
 }

@@ -62,6 +62,8 @@ impl<'a> DropoutPass<'a> {
 /// `layers.Embedding(vocab_size, n_embd)`: initializer `uniform(-0.05, 0.05)`.
 pub struct Embedding {
     pub embeddings: Var, // [V, C]
+    /// The dtype its rows are handed on in.
+    compute: DataType,
 }
 
 impl Embedding {
@@ -69,22 +71,24 @@ impl Embedding {
         name: &str,
         vocab_size: u64,
         n_embd: u64,
-        dtype: DataType,
+        (dtype, compute): (DataType, DataType),
         seeds: (i64, i64),
         scope: &mut Scope,
     ) -> tensorflow::Result<Self> {
         let shape = [vocab_size, n_embd];
         let init = uniform_init(0.05, &shape, dtype, seeds, &mut scope.new_sub_scope(&format!("{name}/init")))?;
-        Ok(Self { embeddings: Var::new(&format!("{name}/embeddings"), dtype, &shape, init, scope)? })
+        Ok(Self { embeddings: Var::new(&format!("{name}/embeddings"), dtype, &shape, init, scope)?, compute })
     }
 
     /// ids: [...] int32 -> rows [..., C]. A read of the variable then `GatherV2`, whose gradient
-    /// the C++ registry has (`ResourceGather`'s it lacks).
+    /// the C++ registry has (`ResourceGather`'s it lacks); then, as Keras' `Embedding` does, the
+    /// rows cast to the compute dtype (the table is not: its gradient rows stay float32).
     pub fn apply(&self, ids: Output, scope: &mut Scope) -> tensorflow::Result<Lookup> {
         let table = self.embeddings.read(scope)?; // [V, C]
         let axis = ops::constant(0i32, scope)?;
-        let rows = ops::gather_v2(table, ids.clone(), axis, scope)?.into();
-        Ok(Lookup { var: self.embeddings.name.clone(), ids, rows })
+        let rows: Output = ops::gather_v2(table, ids.clone(), axis, scope)?.into();
+        let out = tfx::cast(rows.clone(), self.compute, scope)?;
+        Ok(Lookup { var: self.embeddings.name.clone(), ids, rows, out })
     }
 }
 
@@ -92,6 +96,8 @@ impl Embedding {
 pub struct Dense {
     pub kernel: Var, // [n_in, n_out]
     pub bias: Var,   // [n_out]
+    /// The dtype it computes in (its variables are cast to it when read).
+    pub compute: DataType,
 }
 
 impl Dense {
@@ -99,7 +105,7 @@ impl Dense {
         name: &str,
         n_in: u64,
         n_out: u64,
-        dtype: DataType,
+        (dtype, compute): (DataType, DataType),
         seeds: (i64, i64),
         scope: &mut Scope,
     ) -> tensorflow::Result<Self> {
@@ -109,14 +115,14 @@ impl Dense {
         let kernel = Var::new(&format!("{name}/kernel"), dtype, &shape, init, scope)?;
         let zeros = tfx::zeros(dtype, &[n_out], &mut scope.new_sub_scope(&format!("{name}/bias_init")))?;
         let bias = Var::new(&format!("{name}/bias"), dtype, &[n_out], zeros, scope)?;
-        Ok(Self { kernel, bias })
+        Ok(Self { kernel, bias, compute })
     }
 
-    /// x: [N, n_in] -> [N, n_out]
+    /// x: [N, n_in] (in the compute dtype) -> [N, n_out]
     pub fn apply(&self, x: Output, scope: &mut Scope) -> tensorflow::Result<Output> {
-        let w = self.kernel.read(scope)?; // [n_in, n_out]
+        let w = self.kernel.read_as(self.compute, scope)?; // [n_in, n_out]
         let xw = ops::mat_mul(x, w, scope)?; // [N, n_out]
-        let b = self.bias.read(scope)?; // [n_out]
+        let b = self.bias.read_as(self.compute, scope)?; // [n_out]
         Ok(ops::bias_add(xw, b, scope)?.into())
     }
 }
@@ -143,8 +149,17 @@ impl LayerNorm {
     }
 
     /// x [..., C] -> (x - mean) / sqrt(var + eps) * gamma + beta, statistics over the last axis,
-    /// computed as Keras does: `x * inv + (beta - mean * inv)` with `inv = gamma / sqrt(var + eps)`.
+    /// computed as Keras does: `x * inv + (beta - mean * inv)` with `inv = gamma / sqrt(var + eps)`,
+    /// in at least the variables' precision (x of float16 or bfloat16 is cast to float32 and the
+    /// output back to x's dtype).
     pub fn apply(&self, x: Output, scope: &mut Scope) -> tensorflow::Result<Output> {
+        let dtype = tfx::dtype_of(&x);
+        let x = tfx::cast(x, self.gamma.dtype, scope)?;
+        let y = self.normalize(x, scope)?;
+        tfx::cast(y, dtype, scope)
+    }
+
+    fn normalize(&self, x: Output, scope: &mut Scope) -> tensorflow::Result<Output> {
         let axis = ops::constant(-1i32, scope)?;
         let mean = ops::Mean::new().keep_dims(true).build(x.clone(), axis.clone(), scope)?; // [..., 1]
         let var = ops::Mean::new().keep_dims(true).build(

@@ -8,6 +8,7 @@ use anyhow::{ensure, Result};
 use serde::{Deserialize, Serialize};
 use tensorflow::{ops, DataType, Output, Scope};
 
+pub use crate::precision::Precision;
 use crate::text::thousands;
 use crate::tfx::Var;
 
@@ -18,8 +19,10 @@ pub struct Lookup {
     pub var: String,
     /// [...] int32
     pub ids: Output,
-    /// [..., C]
+    /// [..., C] as gathered, in the variable's dtype (the rows gradients are taken at)
     pub rows: Output,
+    /// [..., C] in the compute dtype: what the layer hands on
+    pub out: Output,
 }
 
 /// A forward pass: the logits and the embedding lookups on the way (Keras' gradients of
@@ -134,6 +137,7 @@ pub struct ModelShape {
     pub n_head: u64,
     /// Dropout rate in train steps (gpt).
     pub dropout: f64,
+    pub precision: Precision,
 }
 
 impl ModelShape {
@@ -167,6 +171,7 @@ impl ModelShape {
             n_head: self.n_head,
             block_size: if self.arch == Arch::Gpt { block_size } else { 0 },
             dropout: self.dropout,
+            precision: self.precision,
         }
     }
 }
@@ -193,17 +198,29 @@ pub struct ModelConfig {
     /// Dropout rate in training (gpt).
     #[serde(default)]
     pub dropout: f64,
+    /// The dtype policy (float32 in runs made before there was a choice).
+    #[serde(default)]
+    pub precision: Precision,
 }
 
 impl ModelConfig {
     /// The notebook's model.
     pub fn bigram(vocab_size: u64, n_embd: u64) -> Self {
-        Self { arch: Arch::Bigram, vocab_size, n_embd, n_layer: 0, n_head: 0, block_size: 0, dropout: 0.0 }
+        Self {
+            arch: Arch::Bigram,
+            vocab_size,
+            n_embd,
+            n_layer: 0,
+            n_head: 0,
+            block_size: 0,
+            dropout: 0.0,
+            precision: Precision::Float32,
+        }
     }
 
     /// The transformer, without dropout.
     pub fn gpt(vocab_size: u64, n_embd: u64, n_layer: u64, n_head: u64, block_size: u64) -> Self {
-        Self { arch: Arch::Gpt, vocab_size, n_embd, n_layer, n_head, block_size, dropout: 0.0 }
+        Self { arch: Arch::Gpt, vocab_size, n_embd, n_layer, n_head, block_size, dropout: 0.0, precision: Precision::Float32 }
     }
 
     pub fn shape(&self) -> ModelShape {
@@ -213,6 +230,7 @@ impl ModelConfig {
             n_layer: self.n_layer,
             n_head: self.n_head,
             dropout: self.dropout,
+            precision: self.precision,
         }
     }
 
@@ -221,25 +239,30 @@ impl ModelConfig {
         (self.arch == Arch::Gpt).then_some(self.block_size)
     }
 
-    /// One line: `bigram, n_embd 128` or `gpt, 4 blocks, 4 heads, n_embd 128, block 64, dropout 0`.
     /// Whether the model keeps attention caches ([`LanguageModel::decode_rows`]).
     pub fn decodes_cached(&self) -> bool {
         self.arch == Arch::Gpt
     }
 
     /// The bytes of one stream's attention caches: keys and values of every block at every
-    /// position of the context, float32.
+    /// position of the context, in the precision computed.
     pub fn cache_bytes_per_stream(&self) -> u64 {
-        2 * self.n_layer * self.block_size * self.n_embd * 4
+        2 * self.n_layer * self.block_size * self.n_embd * self.precision.compute_bytes()
     }
 
+    /// One line: `bigram, n_embd 128` or `gpt, 4 blocks, 4 heads, n_embd 128, block 64, dropout 0`,
+    /// then the precision unless float32.
     pub fn describe(&self) -> String {
-        match self.arch {
+        let model = match self.arch {
             Arch::Bigram => format!("bigram, n_embd {}", self.n_embd),
             Arch::Gpt => format!(
                 "gpt, {} blocks, {} heads, n_embd {}, block {}, dropout {}",
                 self.n_layer, self.n_head, self.n_embd, self.block_size, self.dropout
             ),
+        };
+        match self.precision {
+            Precision::Float32 => model,
+            precision => format!("{model}, {precision}"),
         }
     }
 
@@ -297,8 +320,10 @@ impl ModelConfig {
         }
     }
 
-    /// Builds the model's variables in `scope`; `seed` fixes their initial values.
+    /// Builds the model's variables in `scope` (of `dtype`; the layers compute in the dtype of
+    /// the model's precision); `seed` fixes their initial values.
     pub fn build(&self, dtype: DataType, seed: i64, scope: &mut Scope) -> tensorflow::Result<Box<dyn LanguageModel>> {
+        let dtype = (dtype, self.precision.compute(dtype));
         Ok(match self.arch {
             Arch::Bigram => Box::new(bigram::Bigram::new(self.vocab_size, self.n_embd, dtype, seed, scope)?),
             Arch::Gpt => Box::new(gpt::Gpt::new(self, dtype, seed, scope)?),
