@@ -55,10 +55,28 @@ fn main() -> Result<()> {
     }
     let (model, batch) = match args.config.as_str() {
         "bigram-32" | "bigram-1024" => {
-            let shape = ModelShape { arch: Arch::Bigram, n_embd: 128, n_layer: 1, n_head: 1, dropout: 0.0, precision: Default::default() };
+            let shape = ModelShape {
+                arch: Arch::Bigram,
+                n_embd: 128,
+                n_layer: 1,
+                n_head: 1,
+                dropout: 0.0,
+                precision: Default::default(),
+            };
             (shape.with(65, 64), if args.config == "bigram-32" { 32 } else { 1024 })
         }
-        "gpt" => (ModelShape { arch: Arch::Gpt, n_embd: 128, n_layer: 4, n_head: 4, dropout: 0.0, precision: Default::default() }.with(65, 64), 12),
+        "gpt" => (
+            ModelShape {
+                arch: Arch::Gpt,
+                n_embd: 128,
+                n_layer: 4,
+                n_head: 4,
+                dropout: 0.0,
+                precision: Default::default(),
+            }
+            .with(65, 64),
+            12,
+        ),
         other => bail!("--config {other}: expected bigram-32, bigram-1024 or gpt"),
     };
     let block = 64u64;

@@ -193,8 +193,11 @@ impl Adam {
                 None => ops::square(grad.clone(), scope)?.into(),
             };
             let v_old = v.read(scope)?;
-            let v_new =
-                ops::add_v2(v_old.clone(), ops::mul(ops::sub(g2, v_old.clone(), scope)?, keep_2.clone(), scope)?, scope)?;
+            let v_new = ops::add_v2(
+                v_old.clone(),
+                ops::mul(ops::sub(g2, v_old.clone(), scope)?, keep_2.clone(), scope)?,
+                scope,
+            )?;
             let step = ops::real_div(
                 ops::mul(m_new.clone(), alpha.clone(), scope)?,
                 ops::add_v2(ops::sqrt(v_new.clone(), scope)?, epsilon.clone(), scope)?,
@@ -318,7 +321,8 @@ impl LossScale {
     pub const COUNTER: &'static str = "optimizer/loss_scale/counter";
 
     pub fn new(scope: &mut Scope) -> tensorflow::Result<Self> {
-        let initial = ops::constant(Self::INITIAL as f32, &mut scope.with_op_name(&format!("{}/Initializer", Self::SCALE)))?;
+        let initial =
+            ops::constant(Self::INITIAL as f32, &mut scope.with_op_name(&format!("{}/Initializer", Self::SCALE)))?;
         let scale = Var::new(Self::SCALE, DataType::Float, &[], initial.into(), scope)?;
         let zero = ops::constant(0i64, &mut scope.with_op_name(&format!("{}/Initializer", Self::COUNTER)))?;
         let counter = Var::new(Self::COUNTER, DataType::Int64, &[], zero.into(), scope)?;

@@ -59,4 +59,3 @@ impl std::fmt::Display for Precision {
         f.write_str(self.name())
     }
 }
-

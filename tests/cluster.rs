@@ -105,7 +105,15 @@ fn the_replicas_run_on_the_workers() {
         ClusterOptions { spec, listen: None, worker_timeout: timeout, step_timeout: timeout, await_names: false };
     let cluster = Cluster::start(&options, None).unwrap();
     let chief = format!("/job:{}/", cluster.job);
-    let model = ModelShape { arch: Arch::Bigram, n_embd: 16, n_layer: 1, n_head: 1, dropout: 0.0, precision: Default::default() }.with(65, 8);
+    let model = ModelShape {
+        arch: Arch::Bigram,
+        n_embd: 16,
+        n_layer: 1,
+        n_head: 1,
+        dropout: 0.0,
+        precision: Default::default(),
+    }
+    .with(65, 8);
     let opts = GraphOptions::training(1, AdamConfig::default());
     let runner = Runner::on_cluster(&model, &opts, SessionConfig::default(), cluster).unwrap();
     runner.init().unwrap();

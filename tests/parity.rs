@@ -41,6 +41,34 @@ fn minigpt_gpt_computes_what_the_keras_transformer_computes() {
 }
 
 #[test]
+fn minigpt_gpt_under_mixed_precision_computes_what_keras_computes_under_the_same_policy() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let corpus_path = common::corpus_path();
+    let corpus = data::load_corpus(corpus_path.to_str().unwrap()).unwrap();
+    for (i, flags) in parity::GPT_MIXED.iter().enumerate() {
+        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("parity-gpt-mixed-{i}"));
+        let _ = std::fs::remove_dir_all(&out);
+        parity::make_gpt_fixtures(&python(root), root, &corpus_path, &out, flags).unwrap();
+        for xla in [Xla::Off, Xla::On] {
+            let session = SessionConfig { xla, ..Default::default() };
+            let checks = parity::check_gpt(&out, &corpus, session).unwrap();
+            let table = parity::Table(&checks).to_string();
+            println!("{flags:?}, {xla:?}:\n{table}");
+            // As in float32 (2 blocks), with the loss scales of mixed_float16's steps, and its
+            // overflow steps: scales, applied, losses, the scale and count after, the state.
+            let variables = 2 + 12 * 2 + 4;
+            let float32 = 2 + variables + 2 + 3 * variables + 2;
+            let expected = match i {
+                0 => float32,
+                _ => float32 + 1 + 4 + 3 * variables + 2,
+            };
+            assert_eq!(checks.len(), expected, "{table}");
+            assert!(checks.iter().all(|c| c.passed()), "parity failed ({flags:?}, {xla:?}):\n{table}");
+        }
+    }
+}
+
+#[test]
 fn minigpt_computes_what_the_notebook_computes() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let python = python(root);

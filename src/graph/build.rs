@@ -161,8 +161,14 @@ pub(super) fn build(
             // AdamW decays matrices, not biases, norms or embedding tables.
             let decayed: Vec<bool> =
                 vars.iter().map(|v| v.shape.len() >= 2 && !forward.lookups.iter().any(|l| l.var == v.name)).collect();
-            let mut train_op =
-                optimizer.apply(&vars, &grads, &squares, &decayed, finite.as_ref(), &mut scope.with_op_name("train_step"))?;
+            let mut train_op = optimizer.apply(
+                &vars,
+                &grads,
+                &squares,
+                &decayed,
+                finite.as_ref(),
+                &mut scope.with_op_name("train_step"),
+            )?;
             if let (Some(ls), Some(finite)) = (&loss_scale, &finite) {
                 let update = ls.update(finite, std::slice::from_ref(&train_op), scope)?;
                 train_op = tfx::group("train_step/loss_scaled", &[train_op, update], scope)?;

@@ -14,6 +14,7 @@ use super::{GraphOptions, Purpose, POSITION_KEY};
 use crate::cluster::{Cluster, ClusterSpec};
 use crate::device::SessionConfig;
 use crate::model::{Arch, LanguageModel, ModelConfig};
+use crate::optim::LossScale;
 use crate::proto;
 use crate::sampler::{Cache, NextLogits, SamplerConfig};
 use crate::summary::Summaries;
@@ -152,6 +153,14 @@ impl Runner {
     pub fn iterations(&self) -> Result<i64> {
         let adam = &self.training()?.optimizer;
         Ok(self.read::<i64>(std::iter::once(adam.iterations.name.clone()))?[0][0])
+    }
+
+    /// The loss scale of the coming step (mixed_float16's training graphs; `None` in others).
+    pub fn loss_scale(&self) -> Result<Option<f32>> {
+        if !self.g.reads.iter().any(|(v, _)| v.name == LossScale::SCALE) {
+            return Ok(None);
+        }
+        Ok(Some(self.read::<f32>(std::iter::once(LossScale::SCALE.to_string()))?[0][0]))
     }
 
     /// The learning rate of the coming step.

@@ -120,7 +120,7 @@ impl Attention {
         }
         let scores = batch_matmul(q, k.clone(), true, scope)?; // [B, H, T, P + T]
         let att = attention_weights(scores, d, &pass.mask, scope)?; // [B, H, T, P + T]
-        // (A pass with dropout has no cached positions: P = 0 here.)
+                                                                    // (A pass with dropout has no cached positions: P = 0 here.)
         let dims = [pass.b.clone(), tfx::shape_const(&[h], scope)?, pass.t1.clone(), pass.t1.clone()];
         let att = pass.dropout(att, &dims, site, scope)?;
         let y = batch_matmul(att, v.clone(), false, scope)?; // [B, H, T, D]
@@ -343,7 +343,12 @@ impl Gpt {
     }
 
     /// Variables of `dtype.0`, computing in `dtype.1`.
-    pub fn new(cfg: &ModelConfig, dtype: (DataType, DataType), seed: i64, scope: &mut Scope) -> tensorflow::Result<Self> {
+    pub fn new(
+        cfg: &ModelConfig,
+        dtype: (DataType, DataType),
+        seed: i64,
+        scope: &mut Scope,
+    ) -> tensorflow::Result<Self> {
         let (v, c) = (cfg.vocab_size, cfg.n_embd);
         let p = Params { dtype, seed, stream: Cell::new(0) };
         let wte = Embedding::new("gpt/wte", v, c, dtype, p.seeds(), scope)?;
@@ -407,7 +412,10 @@ impl Gpt {
                 break;
             }
             let block_past = match past {
-                Some(p) => Some([tfx::cast(p[2 * i].clone(), self.compute(), scope)?, tfx::cast(p[2 * i + 1].clone(), self.compute(), scope)?]),
+                Some(p) => Some([
+                    tfx::cast(p[2 * i].clone(), self.compute(), scope)?,
+                    tfx::cast(p[2 * i + 1].clone(), self.compute(), scope)?,
+                ]),
                 None => None,
             };
             let (y, kv) = block.forward(x, block_past, &pass, scope)?;
@@ -553,13 +561,20 @@ fn score_dtype(compute: DataType) -> DataType {
     }
 }
 
-/// A Dense layer on [B, T, n_in] (`bt` = (B, T)) -> [B, T, n_out].
+/// A Dense layer on [B, T, n_in] (`bt` = (B, T)) -> [B, T, n_out]. In float16 and bfloat16 the
+/// bias is added after the reshape, as Keras' `tensordot` leaves it: a bias fused into the matrix
+/// product (Grappler fuses a `BiasAdd` that follows a `MatMul`) would be added before the product
+/// is rounded to the low precision, once where Keras rounds twice.
 fn dense3(dense: &Dense, x: Output, bt: &Output, n_out: i64, scope: &mut Scope) -> tensorflow::Result<Output> {
     let n_in = dense.kernel.shape[0] as i64;
     let flat = ops::reshape(x, tfx::shape_const(&[-1, n_in], scope)?, scope)?; // [B*T, n_in]
-    let y = dense.apply(flat.into(), scope)?; // [B*T, n_out]
     let shape = tfx::concat(&[bt.clone(), tfx::shape_const(&[n_out], scope)?], 0, scope)?;
-    Ok(ops::reshape(y, shape, scope)?.into())
+    if score_dtype(dense.compute) == dense.compute {
+        let y = dense.apply(flat.into(), scope)?; // [B*T, n_out]
+        return Ok(ops::reshape(y, shape, scope)?.into());
+    }
+    let xw = ops::reshape(dense.matmul(flat.into(), scope)?, shape, scope)?; // [B, T, n_out]
+    dense.add_bias(xw.into(), scope)
 }
 
 /// Exact GELU, `x·Φ(x) = ½x(1 + erf(x/√2))` (TensorFlow 2.21 has no Gelu op). In float16 and

@@ -120,8 +120,18 @@ impl Dense {
 
     /// x: [N, n_in] (in the compute dtype) -> [N, n_out]
     pub fn apply(&self, x: Output, scope: &mut Scope) -> tensorflow::Result<Output> {
+        let xw = self.matmul(x, scope)?;
+        self.add_bias(xw, scope)
+    }
+
+    /// x: [N, n_in] -> x · kernel [N, n_out], without the bias.
+    pub fn matmul(&self, x: Output, scope: &mut Scope) -> tensorflow::Result<Output> {
         let w = self.kernel.read_as(self.compute, scope)?; // [n_in, n_out]
-        let xw = ops::mat_mul(x, w, scope)?; // [N, n_out]
+        Ok(ops::mat_mul(x, w, scope)?.into())
+    }
+
+    /// xw [..., n_out] + bias.
+    pub fn add_bias(&self, xw: Output, scope: &mut Scope) -> tensorflow::Result<Output> {
         let b = self.bias.read_as(self.compute, scope)?; // [n_out]
         Ok(ops::bias_add(xw, b, scope)?.into())
     }

@@ -220,7 +220,16 @@ impl ModelConfig {
 
     /// The transformer, without dropout.
     pub fn gpt(vocab_size: u64, n_embd: u64, n_layer: u64, n_head: u64, block_size: u64) -> Self {
-        Self { arch: Arch::Gpt, vocab_size, n_embd, n_layer, n_head, block_size, dropout: 0.0, precision: Precision::Float32 }
+        Self {
+            arch: Arch::Gpt,
+            vocab_size,
+            n_embd,
+            n_layer,
+            n_head,
+            block_size,
+            dropout: 0.0,
+            precision: Precision::Float32,
+        }
     }
 
     pub fn shape(&self) -> ModelShape {

@@ -18,7 +18,7 @@ use tensorflow::{Tensor, TensorType};
 use minigpt::data::{self, Batches, Corpus, Shuffle, Vocab, NOTEBOOK_SHUFFLE_BUFFER};
 use minigpt::device::{SessionConfig, Xla};
 use minigpt::graph::{GraphOptions, Runner};
-use minigpt::model::ModelConfig;
+use minigpt::model::{ModelConfig, Precision};
 use minigpt::optim::AdamConfig;
 use minigpt::sample::{self, Generation};
 use minigpt::sampler::SamplerConfig;
@@ -68,6 +68,11 @@ pub fn make_fixtures(python: &Path, root: &Path, corpus: &Path, out: &Path) -> R
 /// quality configuration (`make train-gpt`) on a shorter context; `make_gpt_fixtures.py` flags.
 pub const GPT_SIZES: [&[&str]; 2] =
     [&[], &["--n-embd", "128", "--n-layer", "4", "--n-head", "4", "--block-size", "32", "--batch-size", "2"]];
+
+/// The mixed precisions checked against Keras under the same policy, at the small size:
+/// `make_gpt_fixtures.py` flags (mixed_float16's with the steps where float16 overflows).
+pub const GPT_MIXED: [&[&str]; 2] =
+    [&["--precision", "mixed_bfloat16"], &["--precision", "mixed_float16", "--overflow-steps", "8"]];
 
 /// Runs `python_export/make_gpt_fixtures.py` (the Keras transformer) likewise, with `flags`.
 pub fn make_gpt_fixtures(python: &Path, root: &Path, corpus: &Path, out: &Path, flags: &[&str]) -> Result<()> {
@@ -210,7 +215,14 @@ pub fn check(dir: &Path, corpus: &Corpus, session: SessionConfig) -> Result<Vec<
         losses.push(runner.train_step::<f32>(&x, &y)? as f64);
         if i == 0 || i + 1 == m.steps {
             let state = [within(1e-6, 1e-5), within(1e-7, 1e-5), within(1e-10, 1e-5)];
-            checks.extend(compare_state(&runner, &fx, &names, ("", i + 1), state)?);
+            checks.extend(compare_state(
+                &runner,
+                &fx,
+                &names,
+                ("", &format!("step {}", i + 1), &format!("step{}", i + 1)),
+                state,
+                2e-5,
+            )?);
         }
     }
     checks.push(close_slice(
@@ -255,6 +267,65 @@ struct GptManifest {
     step_losses: Vec<f64>,
     step_learning_rates: Vec<f64>,
     step_grad_norms: Vec<f64>,
+    #[serde(default)]
+    precision: Precision,
+    #[serde(default)]
+    step_loss_scales: Vec<f64>,
+    #[serde(default)]
+    overflow: Option<Overflow>,
+}
+
+/// The steps after the head's kernel was scaled up to make float16's gradients overflow.
+#[derive(Deserialize)]
+struct Overflow {
+    loss_scales: Vec<f64>,
+    applied: Vec<bool>,
+    losses: Vec<f64>,
+    final_scale: f64,
+    iterations: i64,
+}
+
+/// The parity tolerances of the transformer under one precision: per element `(atol, rtol)` for
+/// arrays, relative for losses and learning rates.
+struct GptTolerances {
+    forward: Tolerances,
+    rates: f64,
+    losses: f64,
+    /// Weights, Adam's m, Adam's v after the steps.
+    state: [Within; 3],
+    /// The attention's key bias, absolute (see [`key_bias_apart`]).
+    key_bias: f64,
+}
+
+impl GptTolerances {
+    fn of(precision: Precision) -> Self {
+        match precision {
+            // Weights are ~0.1, Adam's m ~1e-3 and v ~1e-6: each gets an atol below its own scale.
+            Precision::Float32 => Self {
+                forward: Tolerances { logits: (1e-5, 1e-5), loss: 1e-5, grads: (5e-7, 1e-4) },
+                rates: 1e-6,
+                losses: 1e-5,
+                state: [(1e-5, 1e-4), (1e-6, 1e-4), (1e-9, 1e-4)],
+                key_bias: 2e-5,
+            },
+            // bfloat16 keeps 8 bits: an element rounded once more or less differs by 2^-8 of itself.
+            Precision::MixedBfloat16 => Self {
+                forward: Tolerances { logits: (5e-2, 5e-2), loss: 2e-3, grads: (4e-3, 2e-1) },
+                rates: 1e-6,
+                losses: 2e-3,
+                state: [(2e-2, 2e-2), (1e-3, 2e-1), (1e-6, 2e-1)],
+                key_bias: 5e-2,
+            },
+            // float16 keeps 11 bits.
+            Precision::MixedFloat16 => Self {
+                forward: Tolerances { logits: (1e-2, 1e-2), loss: 1e-3, grads: (1e-3, 1e-1) },
+                rates: 1e-6,
+                losses: 1e-3,
+                state: [(2e-3, 2e-3), (1e-4, 1e-1), (1e-7, 1e-1)],
+                key_bias: 2.5e-2,
+            },
+        }
+    }
 }
 
 /// The flags of `make_gpt_fixtures.py`'s AdamW (minigpt's flags of the same names).
@@ -277,7 +348,11 @@ pub fn check_gpt(dir: &Path, corpus: &Corpus, session: SessionConfig) -> Result<
     let fx = Fixtures(dir.to_path_buf());
     let m: GptManifest = fx.manifest()?;
     ensure!(m.data_sha256 == corpus.sha256, "the fixtures in {} were made from another corpus", dir.display());
-    let cfg = ModelConfig::gpt(m.vocab_size, m.n_embd, m.n_layer, m.n_head, m.block_size);
+    let cfg = ModelConfig {
+        precision: m.precision,
+        ..ModelConfig::gpt(m.vocab_size, m.n_embd, m.n_layer, m.n_head, m.block_size)
+    };
+    let tol = GptTolerances::of(m.precision);
     let o = &m.optimizer;
     let adam = AdamConfig {
         learning_rate: o.lr,
@@ -294,31 +369,98 @@ pub fn check_gpt(dir: &Path, corpus: &Corpus, session: SessionConfig) -> Result<
     let names: Vec<String> = runner.variables().iter().map(|v| v.name.clone()).collect();
     runner.set_weights(&fx.vars("init", &names, "")?)?;
     let (x, y) = (fx.tensor::<i32>("x.npy")?, fx.tensor::<i32>("y.npy")?);
-    let label = format!("gpt ({} blocks, {} heads, C {}): ", m.n_layer, m.n_head, m.n_embd);
-    let tolerances = Tolerances { logits: (1e-5, 1e-5), loss: 1e-5, grads: (5e-7, 1e-4) };
-    let mut checks = forward_checks(&runner, &fx, &names, (&x, &y), (&label, "", ""), m.loss, tolerances)?;
+    let label = format!("gpt ({} blocks, {} heads, C {}, {}): ", m.n_layer, m.n_head, m.n_embd, m.precision);
+    let mut checks = forward_checks(&runner, &fx, &names, (&x, &y), (&label, "", ""), m.loss, tol.forward)?;
 
     let (xs, ys) = (fx.array::<i32>("steps/x.npy")?, fx.array::<i32>("steps/y.npy")?);
     let steps = xs.shape()[0];
     ensure!(steps == m.step_losses.len(), "steps/x.npy has {steps} batches, the manifest {}", m.step_losses.len());
     let clipped = m.step_grad_norms.iter().filter(|&&n| n > o.grad_clip).count();
     ensure!(clipped > 0, "no step of the fixtures is clipped: the check would not test clipping");
-    let (mut rates, mut losses) = (Vec::new(), Vec::new());
+    let (mut rates, mut losses, mut scales) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..steps {
-        let batch = |a: &ArrayD<i32>| -> Result<Tensor<i32>> {
-            let part = a.index_axis(ndarray::Axis(0), i);
-            let dims: Vec<u64> = part.shape().iter().map(|&d| d as u64).collect();
-            Ok(Tensor::new(&dims).with_values(&part.iter().cloned().collect::<Vec<_>>())?)
-        };
         rates.push(runner.learning_rate::<f32>()? as f64);
-        losses.push(runner.train_step::<f32>(&batch(&xs)?, &batch(&ys)?)? as f64);
+        scales.extend(runner.loss_scale()?.map(f64::from));
+        losses.push(runner.train_step::<f32>(&batch(&xs, i)?, &batch(&ys, i)?)? as f64);
     }
     let what = format!("{steps} AdamW steps ({clipped} clipped)");
-    checks.push(close_slice(&format!("{label}learning rate, {what}"), &rates, &m.step_learning_rates, (0.0, 1e-6)));
-    checks.push(close_slice(&format!("{label}losses, {what}"), &losses, &m.step_losses, (0.0, 1e-5)));
-    // Weights are ~0.1, Adam's m ~1e-3 and v ~1e-6: each gets an atol below its own scale.
-    let state = [(1e-5, 1e-4), (1e-6, 1e-4), (1e-9, 1e-4)];
-    checks.extend(compare_state(&runner, &fx, &names, (&label, steps), state)?);
+    checks.push(close_slice(
+        &format!("{label}learning rate, {what}"),
+        &rates,
+        &m.step_learning_rates,
+        (0.0, tol.rates),
+    ));
+    checks.push(close_slice(&format!("{label}losses, {what}"), &losses, &m.step_losses, (0.0, tol.losses)));
+    if m.precision.scales_loss() {
+        checks.push(close_slice(&format!("{label}loss scales, {what}"), &scales, &m.step_loss_scales, (0.0, 0.0)));
+    }
+    let state = tol.state;
+    checks.extend(compare_state(
+        &runner,
+        &fx,
+        &names,
+        (&label, &format!("step {steps}"), &format!("step{steps}")),
+        state,
+        tol.key_bias,
+    )?);
+    if let Some(o) = &m.overflow {
+        checks.extend(check_overflow(&runner, &fx, &names, o, &label, &tol)?);
+    }
+    Ok(checks)
+}
+
+/// Batch `i` of `[S, B, T]` batches.
+fn batch(a: &ArrayD<i32>, i: usize) -> Result<Tensor<i32>> {
+    let part = a.index_axis(ndarray::Axis(0), i);
+    let dims: Vec<u64> = part.shape().iter().map(|&d| d as u64).collect();
+    Ok(Tensor::new(&dims).with_values(&part.iter().cloned().collect::<Vec<_>>())?)
+}
+
+/// mixed_float16's loss scaling against Keras' `LossScaleOptimizer` where float16 overflows: the
+/// weights of `overflow/init` (the head's kernel scaled up), the steps on `overflow/x.npy`: each
+/// step's loss scale and whether it was applied (exactly), its loss, the scale and the step count
+/// after them (exactly), the weights and Adam's m and v.
+fn check_overflow(
+    runner: &Runner,
+    fx: &Fixtures,
+    names: &[String],
+    o: &Overflow,
+    label: &str,
+    tol: &GptTolerances,
+) -> Result<Vec<Check>> {
+    runner.set_weights(&fx.vars("overflow/init", names, "")?)?;
+    let (xs, ys) = (fx.array::<i32>("overflow/x.npy")?, fx.array::<i32>("overflow/y.npy")?);
+    let (mut scales, mut applied, mut losses) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..xs.shape()[0] {
+        scales.push(runner.loss_scale()?.context("no loss scale in a mixed_float16 graph")? as f64);
+        let before = runner.iterations()?;
+        losses.push(runner.train_step::<f32>(&batch(&xs, i)?, &batch(&ys, i)?)? as f64);
+        applied.push(runner.iterations()? > before);
+    }
+    let skipped = applied.iter().filter(|a| !**a).count();
+    ensure!(skipped > 0 && skipped < applied.len(), "the overflow fixtures skip {skipped} of {} steps", applied.len());
+    let what = format!("{} steps after the head's kernel was scaled up ({skipped} skipped by Keras)", applied.len());
+    let as_f64 = |v: &[bool]| v.iter().map(|&a| a as u8 as f64).collect::<Vec<_>>();
+    let mut checks = vec![
+        close_slice(&format!("{label}loss scales, {what}"), &scales, &o.loss_scales, (0.0, 0.0)),
+        close_slice(&format!("{label}steps applied, {what}"), &as_f64(&applied), &as_f64(&o.applied), (0.0, 0.0)),
+        close_slice(&format!("{label}losses, {what}"), &losses, &o.losses, (0.0, tol.losses)),
+    ];
+    let after = [runner.loss_scale()?.unwrap_or(f32::NAN) as f64, runner.iterations()? as f64];
+    checks.push(close_slice(
+        &format!("{label}loss scale and step count after them"),
+        &after,
+        &[o.final_scale, o.iterations as f64],
+        (0.0, 0.0),
+    ));
+    checks.extend(compare_state(
+        runner,
+        fx,
+        names,
+        (label, "after the overflow steps", "overflow/step"),
+        tol.state,
+        tol.key_bias,
+    )?);
     Ok(checks)
 }
 
@@ -366,24 +508,26 @@ fn forward_checks(
     Ok(checks)
 }
 
-/// Weights and Adam's m and v after `step` steps, rows named `<label>step <step>: <var>[ Adam m|v]`.
+/// Weights and Adam's m and v against `<folder>/<var>[.m|.v].npy`, rows named
+/// `<label><when>: <var>[ Adam m|v]`.
 fn compare_state(
     runner: &Runner,
     fx: &Fixtures,
     names: &[String],
-    (label, step): (&str, usize),
+    (label, when, folder): (&str, &str, &str),
     [weights_within, m_within, v_within]: [Within; 3],
+    key_bias: f64,
 ) -> Result<Vec<Check>> {
     let weights = runner.weights::<f32>()?;
     let [m, v] = runner.adam_moments::<f32>()?;
     let mut checks = Vec::new();
     let sets = [("", &weights, "", weights_within), (".m", &m, " Adam m", m_within), (".v", &v, " Adam v", v_within)];
     for (suffix, got, which, tolerance) in sets {
-        let want = fx.vars(&format!("step{step}"), names, suffix)?;
+        let want = fx.vars(folder, names, suffix)?;
         for (i, name) in names.iter().enumerate() {
-            let quantity = format!("{label}step {step}: {name}{which}");
+            let quantity = format!("{label}{when}: {name}{which}");
             if suffix.is_empty() && name.ends_with("attn/qkv/bias") {
-                checks.extend(key_bias_apart(&quantity, &got[i], &want[i], tolerance));
+                checks.extend(key_bias_apart(&quantity, &got[i], &want[i], tolerance, key_bias));
                 continue;
             }
             let want = ArrayD::from_shape_vec(
@@ -399,15 +543,21 @@ fn compare_state(
 /// The attention's key bias has no gradient in exact arithmetic (adding the same number to all of a
 /// query's scores leaves its softmax unchanged): Keras and minigpt both move it by rounding noise,
 /// which Adam's normalisation scales up. A `[q | k | v]` bias is compared as the query and value
-/// parts at `within`, and the key part alone, to an absolute 2e-5.
-fn key_bias_apart(quantity: &str, got: &Tensor<f32>, want: &Tensor<f32>, within: Within) -> Vec<Check> {
+/// parts at `within`, and the key part alone, to an absolute `key_within` (2e-5 in float32).
+fn key_bias_apart(
+    quantity: &str,
+    got: &Tensor<f32>,
+    want: &Tensor<f32>,
+    within: Within,
+    key_within: f64,
+) -> Vec<Check> {
     let (got, want): (Vec<f64>, Vec<f64>) =
         (got.iter().map(|&g| g as f64).collect(), want.iter().map(|&w| w as f64).collect());
     let c = want.len() / 3;
     let qv = |v: &[f64]| [&v[..c], &v[2 * c..]].concat();
     vec![
         close_slice(&format!("{quantity} (query, value)"), &qv(&got), &qv(&want), within),
-        close_slice(&format!("{quantity} (key)"), &got[c..2 * c], &want[c..2 * c], (2e-5, 0.0)),
+        close_slice(&format!("{quantity} (key)"), &got[c..2 * c], &want[c..2 * c], (key_within, 0.0)),
     ]
 }
 
