@@ -45,6 +45,17 @@ impl Precision {
         self == Precision::MixedFloat16
     }
 
+    /// How far (relative to the largest) two computations of the same logits by different op
+    /// orders may differ under this policy: eight units in the last place of its low precision
+    /// (float32's: 1e-4).
+    pub fn logits_tolerance(self) -> f32 {
+        match self {
+            Precision::Float32 => 1e-4,
+            Precision::MixedBfloat16 => 8.0 * 2f32.powi(-8),
+            Precision::MixedFloat16 => 8.0 * 2f32.powi(-11),
+        }
+    }
+
     /// Bytes of one computed element (attention caches are kept in it).
     pub fn compute_bytes(self) -> u64 {
         match self {

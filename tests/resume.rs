@@ -261,3 +261,51 @@ fn a_resumed_gpt_run_with_dropout_matches_an_uninterrupted_one_bit_for_bit() {
     let second = run(&["train", "--resume", "--out", split.to_str().unwrap(), "--log-every", "3", "--max-steps", "38"]);
     assert_same_run((&whole, &all), (&split, &first, &second), 38);
 }
+
+/// The loss scale of the run in `dir`, as its newest checkpoint holds it.
+fn loss_scale(dir: &Path) -> Option<f32> {
+    let session = minigpt::device::SessionConfig { device: minigpt::device::DeviceChoice::Cpu, ..Default::default() };
+    let run = minigpt::run::RunDir::open(dir).unwrap();
+    let (_, runner) = run.load(minigpt::run::Load::Training { summaries: false }, session).unwrap();
+    runner.loss_scale().unwrap()
+}
+
+#[test]
+fn a_resumed_mixed_float16_run_matches_an_uninterrupted_one_loss_scale_included() {
+    // The loss scale and its count of finite steps are checkpointed with the optimizer.
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tiny_corpus(tmp.path());
+    let (whole, split) = (tmp.path().join("whole"), tmp.path().join("split"));
+    let flags = format!("{} --precision mixed_float16 --epochs 2", common::TINY_GPT);
+    let gpt: Vec<&str> = flags.split(' ').collect();
+    let all = train(&corpus, &whole, &gpt);
+    let first = train(&corpus, &split, &[&gpt[..], &["--max-steps", "25"]].concat());
+    let second = run(&["train", "--resume", "--out", split.to_str().unwrap(), "--log-every", "3", "--max-steps", "38"]);
+    assert_same_run((&whole, &all), (&split, &first, &second), 38);
+    let config = std::fs::read_to_string(whole.join("config.json")).unwrap();
+    assert!(config.contains("\"precision\": \"mixed_float16\""), "{config}");
+    assert_eq!(loss_scale(&whole), Some(32768.0));
+    // Another precision on resume is refused, as any setting of the run.
+    let out = minigpt()
+        .args(["train", "--resume", "--out", split.to_str().unwrap(), "--precision", "mixed_bfloat16"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(last_stderr_line(&out).contains("--precision"), "{}", last_stderr_line(&out));
+}
+
+#[test]
+fn the_loss_scale_doubles_after_2000_finite_steps() {
+    // Keras' LossScaleOptimizer: 2^15 at first, doubled on the 2000th finite step in a row.
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tiny_corpus(tmp.path());
+    let (before, after) = (tmp.path().join("before"), tmp.path().join("after"));
+    let flags = ["--precision", "mixed_float16", "--embedding-dim", "8", "--batch-size", "2", "--epochs", "100", "-q"];
+    train(&corpus, &before, &[&flags[..], &["--max-steps", "1999"]].concat());
+    train(&corpus, &after, &[&flags[..], &["--max-steps", "2000"]].concat());
+    assert_eq!((loss_scale(&before), loss_scale(&after)), (Some(32768.0), Some(65536.0)));
+    // A float32 run keeps none.
+    let plain = tmp.path().join("plain");
+    train(&corpus, &plain, &["--max-steps", "3", "-q"]);
+    assert_eq!(loss_scale(&plain), None);
+}

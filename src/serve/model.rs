@@ -189,7 +189,8 @@ fn decoder(source: &Source, path: &Path, settings: &Settings) -> Result<Option<D
     let got = decoder.step(&[Part { slot: 0, from: 0, tokens: &probe }])?.remove(0);
     let scale = want.iter().fold(0.0f32, |m, x| m.max(x.abs()));
     let diff = got.iter().zip(want).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
-    ensure!(diff <= 1e-4 * scale.max(1.0), "its logits differ from the model's by {diff:e} (largest {scale:e})");
+    let within = config.precision.logits_tolerance() * scale.max(1.0);
+    ensure!(diff <= within, "its logits differ from the model's by {diff:e} (largest {scale:e})");
     Ok(Some(decoder))
 }
 
