@@ -398,3 +398,62 @@ fn the_transformer_trains_with_dropout_and_says_what_it_is() {
         "--n-head (3) must divide --n-embd (128)",
     );
 }
+
+#[test]
+fn a_mixed_precision_run_keeps_its_policy_through_eval_generate_and_export() {
+    let tmp = tempfile::tempdir().unwrap();
+    let flags = format!("{} --block-size 16 --max-steps 30 --precision mixed_bfloat16", common::TINY_GPT);
+    let run = common::small_run(tmp.path(), 20_000, &flags.split(' ').collect::<Vec<_>>());
+    let config = std::fs::read_to_string(run.join("config.json")).unwrap();
+    assert!(config.contains("\"precision\": \"mixed_bfloat16\""), "{config}");
+    let info = minigpt().arg("info").arg("--run").arg(&run).output().unwrap();
+    assert!(String::from_utf8_lossy(&info.stdout).contains("dropout 0, mixed_bfloat16"));
+
+    // The in-graph loop and the notebook's loop draw the same text under the run's policy.
+    let generate = |extra: &[&str]| {
+        let out = minigpt()
+            .args(["generate", "--prompt", "ROMEO:", "--chars", "40", "--run"])
+            .arg(&run)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert_eq!(generate(&[]), generate(&["--no-cache"]));
+    // Variables are float32 whatever the policy: the same checkpoint evaluates in float32, close
+    // to the bfloat16 loss.
+    let val_loss = |extra: &[&str]| -> f64 {
+        let out = minigpt().args(["eval", "--eval-batches", "4", "--run"]).arg(&run).args(extra).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8(out.stdout).unwrap();
+        text.lines().find_map(|l| l.strip_prefix("val_loss: ")).unwrap().parse().unwrap()
+    };
+    let (mixed, float32) = (val_loss(&[]), val_loss(&["--precision", "float32"]));
+    assert!(mixed != float32 && (mixed - float32).abs() < 0.02, "{mixed} against {float32}");
+
+    // An export computes in the run's policy and says so; its logits stay float32.
+    let saved = tmp.path().join("saved");
+    common::export(&run, &saved);
+    let declared = std::fs::read_to_string(saved.join("assets.extra/minigpt.json")).unwrap();
+    assert!(declared.contains("\"precision\": \"mixed_bfloat16\""), "{declared}");
+    let saved_loss = val_loss_of(&saved);
+    assert!((saved_loss - mixed).abs() < 0.02, "{saved_loss} against {mixed}");
+    fails_with(
+        &["eval", "--run", saved.to_str().unwrap(), "--precision", "float32"],
+        "--precision float32 applies to run directories",
+    );
+}
+
+/// The validation loss of a SavedModel on the corpus it was trained on (4 batches).
+fn val_loss_of(saved: &Path) -> f64 {
+    let out = minigpt()
+        .args(["eval", "--eval-batches", "4", "--data", &saved.parent().unwrap().join("small.txt").to_string_lossy()])
+        .arg("--run")
+        .arg(saved)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    text.lines().find_map(|l| l.strip_prefix("val_loss: ")).unwrap().parse().unwrap()
+}
