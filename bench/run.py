@@ -209,11 +209,64 @@ def gpt_section(binary, python, data, reps, env):
         ("generation of 2000 characters ≥ 1500 chars/s", r["gpt_generate_2000_chars_per_s"]["minigpt"], 1500, True),
         ("evaluation over every validation window ≤ 25 s", r["gpt_eval_full_s"]["minigpt"], 25, False),
     ]
+    section, results["precisions"], precision_targets = precision_section(raw["minigpt"])
+    targets += precision_targets
     lines += ["", "| target | measured | needed | met |", "|---|---|---|---|"]
     for label, value, bound, at_least in targets:
         met = value >= bound if at_least else value <= bound
         lines.append(f"| {label} | {fmt(value)} | {'≥' if at_least else '≤'} {bound} | {'yes' if met else 'NO'} |")
-    return "\n".join(lines), results
+    return "\n".join(lines + ["", section]), results
+
+
+# key in bench_gpt's JSON (float32's), key under gpt_precisions, unit, label
+PRECISION_FIGURES = [
+    ("gpt_train_steps_per_s", "train_steps_per_s", "steps/s", "train step, XLA (the default)"),
+    ("gpt_train_steps_per_s_no_xla", "train_steps_per_s_no_xla", "steps/s", "train step without XLA"),
+    ("gpt_eval_full_s", "eval_full_s", "s", "evaluation over every validation window"),
+    ("gpt_generate_2000_chars_per_s", "generate_2000_chars_per_s", "chars/s", "`minigpt generate`, 2000 characters"),
+    ("gpt_val_loss", "val_loss", "", "validation loss of those weights"),
+]
+PRECISIONS = [("mixed_bfloat16", "`--precision mixed_bfloat16`"), ("mixed_float16", "`--precision mixed_float16`"),
+              ("onednn_bfloat16_rewrite", "float32 + TensorFlow's bfloat16 rewrite")]
+
+
+def precision_section(runs):
+    """The precisions side by side (bench_gpt's runs): median [min–max] of each figure; the targets
+    of mixed_bfloat16."""
+    lines = [
+        "### Precisions",
+        "",
+        "The same weights (after the float32 steps above) under each Keras dtype policy, and the float32 graph",
+        "under TensorFlow's own rewrite (Grappler's `auto_mixed_precision_onednn_bfloat16`, which moves the ops",
+        "it lists to bfloat16 and casts around them). Median [min–max].",
+        "",
+        "| figure | unit | float32 | " + " | ".join(label for _, label in PRECISIONS) + " |",
+        "|---|---|---|" + "---|" * len(PRECISIONS),
+    ]
+    results = {}
+    for key, sub, unit, label in PRECISION_FIGURES:
+        row = {"float32": summary([r[key] for r in runs])["median"]}
+        cells = [cell(summary([r[key] for r in runs]))]
+        for name, _ in PRECISIONS:
+            values = [r["gpt_precisions"][name].get(sub) for r in runs]
+            if None in values:
+                cells.append("")
+                continue
+            row[name] = summary(values)["median"]
+            cells.append(cell(summary(values)))
+        results[sub] = row
+        lines.append(f"| {label} | {unit} | " + " | ".join(cells) + " |")
+    bf16 = summary([r["matmul_gflops_bf16"] for r in runs])
+    f32 = summary([r["matmul_gflops"] for r in runs])
+    results["matmul_gflops"] = {"float32": f32["median"], "bfloat16": bf16["median"]}
+    lines.append(f"| 2048 × 2048 MatMul | GFLOP/s | {cell(f32)} | {cell(bf16)} (bfloat16) | | |")
+    step = results["train_steps_per_s"]
+    targets = [
+        ("mixed_bfloat16: evaluation over every validation window ≤ 25 s", results["eval_full_s"]["mixed_bfloat16"],
+         25, False),
+        ("mixed_bfloat16: train step ≥ 1.4× float32's", step["mixed_bfloat16"] / step["float32"], 1.4, True),
+    ]
+    return "\n".join(lines), results, targets
 
 
 CLUSTER_CONFIGS = [

@@ -2,7 +2,9 @@
 //! the MatMul rate of this machine through TensorFlow, training steps per second of the quality
 //! configuration with and without XLA and the fraction of the MatMul rate each reaches, generation
 //! of 200 and 2000 characters (the whole `minigpt generate` process), and the evaluation over
-//! every validation window. One JSON line.
+//! every validation window; then the same for each mixed precision (Keras' `mixed_bfloat16` and
+//! `mixed_float16` policies) and for TensorFlow's own bfloat16 rewrite of the float32 graph, with
+//! the bfloat16 MatMul rate beside the float32 one. One JSON line.
 //!
 //!     cargo run --release --example bench_gpt -- --data FILE
 
@@ -17,9 +19,10 @@ use minigpt::data::{self, Batches, Shuffle, Vocab};
 use minigpt::device::{SessionConfig, Xla};
 use minigpt::graph::{GraphOptions, Runner};
 use minigpt::model::ModelConfig;
+use minigpt::model::Precision;
 use minigpt::optim::AdamConfig;
 use serde_json::json;
-use tensorflow::{ops, Scope, Session, SessionOptions, SessionRunArgs, Tensor};
+use tensorflow::{ops, DataType, Scope, Session, SessionOptions, SessionRunArgs, Tensor};
 
 // The quality configuration: 4 blocks, 4 heads, width 128, context 64, batch 12.
 const LAYERS: u64 = 4;
@@ -41,7 +44,7 @@ struct Args {
 fn main() -> Result<()> {
     let args = Args::parse();
     minigpt::library::load(false)?;
-    let matmul_gflops = matmul_gflops()?;
+    let (matmul_gflops, matmul_gflops_bf16) = (matmul_rate(DataType::Float)?, matmul_rate(DataType::BFloat16)?);
     let corpus = data::load_corpus(&args.data)?;
     let vocab = Vocab::from_text(&corpus.text);
     let encoded = vocab.encode(&corpus.text)?;
@@ -59,14 +62,7 @@ fn main() -> Result<()> {
     for xla in [Xla::Auto, Xla::Off] {
         let runner = Runner::new(&cfg, &GraphOptions::training(1337, AdamConfig::default()), session(xla))?;
         runner.init()?;
-        for _ in 0..args.warmup {
-            runner.train_step::<f32>(&x, &y)?;
-        }
-        let start = Instant::now();
-        for _ in 0..args.steps {
-            runner.train_step::<f32>(&x, &y)?;
-        }
-        rates.push(args.steps as f64 / start.elapsed().as_secs_f64());
+        rates.push(steps_per_s(&runner, (&x, &y), args.warmup, args.steps)?);
         trained.get_or_insert(runner.weights::<f32>()?);
     }
     let weights = trained.context("no training run")?;
@@ -117,11 +113,50 @@ fn main() -> Result<()> {
     let val_loss = minigpt::eval::evaluate(|x, y| evaluator.loss(x, y), val, t, None, 0, None)?;
     let eval_s = start.elapsed().as_secs_f64();
 
+    // Each mixed precision, and TensorFlow's bfloat16 rewrite of the float32 graph: training steps
+    // (XLA and without), the full evaluation, 2000 characters of `minigpt generate`.
+    let mut mixed = serde_json::Map::new();
+    let variants = [
+        ("mixed_bfloat16", Precision::MixedBfloat16, false),
+        ("mixed_float16", Precision::MixedFloat16, false),
+        ("onednn_bfloat16_rewrite", Precision::Float32, true),
+    ];
+    for (name, precision, rewrite) in variants {
+        let cfg = ModelConfig { precision, ..cfg.clone() };
+        let config = |xla| SessionConfig { onednn_bfloat16_rewrite: rewrite, ..session(xla) };
+        let mut row = serde_json::Map::new();
+        for (key, xla) in [("train_steps_per_s", Xla::Auto), ("train_steps_per_s_no_xla", Xla::Off)] {
+            let runner = Runner::new(&cfg, &GraphOptions::training(1337, AdamConfig::default()), config(xla))?;
+            runner.init()?;
+            runner.set_weights(&weights)?;
+            row.insert(key.into(), json!(steps_per_s(&runner, (&x, &y), args.warmup, args.steps)?));
+        }
+        let evaluator = Runner::new(&cfg, &GraphOptions::inference(1337), config(Xla::Auto))?;
+        evaluator.set_weights(&weights)?;
+        let start = Instant::now();
+        let loss = minigpt::eval::evaluate(|x, y| evaluator.loss(x, y), val, t, None, 0, None)?;
+        row.insert("eval_full_s".into(), json!(start.elapsed().as_secs_f64()));
+        row.insert("val_loss".into(), json!(loss));
+        if !rewrite {
+            let start = Instant::now();
+            let status = Command::new(&minigpt)
+                .args(["generate", "--run", path_str(&run)?, "--prompt", "To be, or not to be", "--chars", "2000"])
+                .args(["--precision", precision.name()])
+                .stdout(Stdio::null())
+                .status()?;
+            anyhow::ensure!(status.success(), "minigpt generate --precision {precision} failed");
+            row.insert("generate_2000_chars_per_s".into(), json!(2000.0 / start.elapsed().as_secs_f64()));
+        }
+        mixed.insert(name.into(), row.into());
+    }
+
     let fraction = |rate: f64| rate * flops / (matmul_gflops * 1e9);
     println!(
         "{}",
         json!({
             "matmul_gflops": matmul_gflops,
+            "matmul_gflops_bf16": matmul_gflops_bf16,
+            "gpt_precisions": mixed,
             "gpt_train_steps_per_s": rates[0],
             "gpt_train_steps_per_s_no_xla": rates[1],
             "gpt_train_e2e_steps_per_s": e2e_rate,
@@ -135,6 +170,18 @@ fn main() -> Result<()> {
         })
     );
     Ok(())
+}
+
+/// Training steps per second on one batch, after `warmup` steps.
+fn steps_per_s(runner: &Runner, (x, y): (&Tensor<i32>, &Tensor<i32>), warmup: usize, steps: usize) -> Result<f64> {
+    for _ in 0..warmup {
+        runner.train_step::<f32>(x, y)?;
+    }
+    let start = Instant::now();
+    for _ in 0..steps {
+        runner.train_step::<f32>(x, y)?;
+    }
+    Ok(steps as f64 / start.elapsed().as_secs_f64())
 }
 
 fn path_str(path: &Path) -> Result<&str> {
@@ -157,22 +204,37 @@ fn step_flops(vocab: u64) -> f64 {
     6.0 * non_embedding * tokens + attention
 }
 
-/// GFLOP/s of a 2048 × 2048 float32 MatMul through TensorFlow, its inputs fed (constants would be
-/// folded away): the median of 5 timings of 10 runs.
-fn matmul_gflops() -> Result<f64> {
+/// GFLOP/s of a 2048 × 2048 MatMul of `dtype` (float32 or bfloat16) through TensorFlow, its
+/// inputs fed (constants would be folded away): the median of 5 timings of 10 runs.
+fn matmul_rate(dtype: DataType) -> Result<f64> {
     let n = 2048u64;
     let mut scope = Scope::new_root_scope();
-    let a = minigpt::tfx::placeholder("a", tensorflow::DataType::Float, &[n as i64, n as i64], &mut scope)?;
-    let b = minigpt::tfx::placeholder("b", tensorflow::DataType::Float, &[n as i64, n as i64], &mut scope)?;
+    let a = minigpt::tfx::placeholder("a", dtype, &[n as i64, n as i64], &mut scope)?;
+    let b = minigpt::tfx::placeholder("b", dtype, &[n as i64, n as i64], &mut scope)?;
     let product = ops::mat_mul(a.clone(), b.clone(), &mut scope)?;
     let values: Vec<f32> = (0..n * n).map(|i| ((i * 7919) % 1000) as f32 / 1000.0).collect();
-    let value = Tensor::new(&[n, n]).with_values(&values)?;
+    match dtype {
+        DataType::BFloat16 => {
+            let values: Vec<tensorflow::BFloat16> = values.into_iter().map(tensorflow::BFloat16::from).collect();
+            time_matmul(&scope, [&a, &b], &product, &Tensor::new(&[n, n]).with_values(&values)?, n)
+        }
+        _ => time_matmul(&scope, [&a, &b], &product, &Tensor::new(&[n, n]).with_values(&values)?, n),
+    }
+}
+
+fn time_matmul<T: tensorflow::TensorType>(
+    scope: &Scope,
+    [a, b]: [&tensorflow::Operation; 2],
+    product: &tensorflow::Operation,
+    value: &Tensor<T>,
+    n: u64,
+) -> Result<f64> {
     let session = Session::new(&SessionOptions::new(), &scope.graph())?;
     let run = || -> Result<()> {
         let mut args = SessionRunArgs::new();
-        args.add_feed(&a, 0, &value);
-        args.add_feed(&b, 0, &value);
-        args.request_fetch(&product, 0);
+        args.add_feed(a, 0, value);
+        args.add_feed(b, 0, value);
+        args.request_fetch(product, 0);
         Ok(session.run(&mut args)?)
     };
     run()?;

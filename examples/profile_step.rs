@@ -45,6 +45,7 @@ fn main() -> Result<()> {
         Arch::Bigram => ModelConfig::bigram(vocab.len() as u64, 128),
         Arch::Gpt => ModelConfig::gpt(vocab.len() as u64, 128, args.n_layer, args.n_head, t as u64),
     };
+    let cfg = ModelConfig { precision: args.session.precision.unwrap_or_default(), ..cfg };
     let session = args.session.to_config(Default::default())?;
     let runner = Runner::new(&cfg, &GraphOptions::training(1337, Default::default()), session)?;
     runner.init()?;

@@ -489,6 +489,7 @@ impl SessionArgs {
             gpu: GpuConfig { memory_fraction: fraction, visible, log_placement: self.log_placement },
             own_threads: false,
             precision: self.precision,
+            onednn_bfloat16_rewrite: false,
         })
     }
 }

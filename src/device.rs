@@ -40,6 +40,10 @@ pub struct SessionConfig {
     pub own_threads: bool,
     /// The dtype policy a run directory's model is loaded under, instead of its own.
     pub precision: Option<Precision>,
+    /// TensorFlow's own bfloat16 rewrite of a float32 graph (Grappler's
+    /// `auto_mixed_precision_onednn_bfloat16`): `make bench` measures it against the mixed
+    /// policies.
+    pub onednn_bfloat16_rewrite: bool,
 }
 
 /// Whether a session compiles its graph with XLA's JIT.
@@ -113,8 +117,13 @@ impl SessionConfig {
                 visible_device_list: self.gpu.visible_list(),
                 ..Default::default()
             }),
-            graph_options: (self.xla == Xla::On).then(|| proto::GraphOptions {
-                optimizer_options: Some(proto::OptimizerOptions { global_jit_level: jit as i32, ..Default::default() }),
+            graph_options: (self.xla == Xla::On || self.onednn_bfloat16_rewrite).then(|| proto::GraphOptions {
+                optimizer_options: (self.xla == Xla::On)
+                    .then(|| proto::OptimizerOptions { global_jit_level: jit as i32, ..Default::default() }),
+                rewrite_options: self.onednn_bfloat16_rewrite.then(|| proto::RewriterConfig {
+                    auto_mixed_precision_onednn_bfloat16: proto::rewriter_config::Toggle::On as i32,
+                    ..Default::default()
+                }),
                 ..Default::default()
             }),
             ..Default::default()
