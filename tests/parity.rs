@@ -16,55 +16,49 @@ fn python(root: &Path) -> PathBuf {
     python
 }
 
-#[test]
-fn minigpt_gpt_computes_what_the_keras_transformer_computes() {
+/// The Keras transformer's fixtures made with `flags` in `<target tmp>/<name>`, checked against
+/// minigpt without XLA and with it (`train --model gpt` compiles its step with XLA by default):
+/// `expected` checks, every one passing.
+fn gpt_against_keras(name: &str, flags: &[&str], expected: usize) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let corpus_path = common::corpus_path();
     let corpus = data::load_corpus(corpus_path.to_str().unwrap()).unwrap();
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_dir_all(&out);
+    parity::make_gpt_fixtures(&python(root), root, &corpus_path, &out, flags).unwrap();
+    for xla in [Xla::Off, Xla::On] {
+        let session = SessionConfig { xla, ..Default::default() };
+        let checks = parity::check_gpt(&out, &corpus, session).unwrap();
+        let table = parity::Table(&checks).to_string();
+        println!("{flags:?}, {xla:?}:\n{table}");
+        assert_eq!(checks.len(), expected, "{table}");
+        assert!(checks.iter().all(|c| c.passed()), "parity failed ({flags:?}, {xla:?}):\n{table}");
+    }
+}
+
+/// The checks of a float32 transformer of `blocks` blocks: logits, loss, the gradients of 2 + 12
+/// per block + 4 variables; learning rates and losses of the AdamW steps; each variable (the
+/// attention bias in two rows), m and v.
+fn float32_checks(blocks: usize) -> usize {
+    let variables = 2 + 12 * blocks + 4;
+    2 + variables + 2 + 3 * variables + blocks
+}
+
+#[test]
+fn minigpt_gpt_computes_what_the_keras_transformer_computes() {
     for (i, (flags, blocks)) in parity::GPT_SIZES.iter().zip([2, 4]).enumerate() {
-        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("parity-gpt-fixtures-{i}"));
-        let _ = std::fs::remove_dir_all(&out);
-        parity::make_gpt_fixtures(&python(root), root, &corpus_path, &out, flags).unwrap();
-        // Without XLA, and with it: `train --model gpt` compiles its step with XLA by default.
-        for xla in [Xla::Off, Xla::On] {
-            let session = SessionConfig { xla, ..Default::default() };
-            let checks = parity::check_gpt(&out, &corpus, session).unwrap();
-            let table = parity::Table(&checks).to_string();
-            println!("{xla:?}:\n{table}");
-            // logits, loss, the gradients of 2 + 12 per block + 4 variables; learning rates and
-            // losses of the AdamW steps; each variable (the attention bias in two rows), m and v.
-            let variables = 2 + 12 * blocks + 4;
-            assert_eq!(checks.len(), 2 + variables + 2 + 3 * variables + blocks, "{table}");
-            assert!(checks.iter().all(|c| c.passed()), "parity failed ({xla:?}):\n{table}");
-        }
+        gpt_against_keras(&format!("parity-gpt-fixtures-{i}"), flags, float32_checks(blocks));
     }
 }
 
 #[test]
 fn minigpt_gpt_under_mixed_precision_computes_what_keras_computes_under_the_same_policy() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let corpus_path = common::corpus_path();
-    let corpus = data::load_corpus(corpus_path.to_str().unwrap()).unwrap();
+    // 2 blocks. mixed_float16 adds the loss scales of its steps, and its overflow steps: their
+    // scales, which were applied, losses, the scale and count after them, the state.
+    let variables = 2 + 12 * 2 + 4;
+    let expected = [float32_checks(2), float32_checks(2) + 1 + 4 + 3 * variables + 2];
     for (i, flags) in parity::GPT_MIXED.iter().enumerate() {
-        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("parity-gpt-mixed-{i}"));
-        let _ = std::fs::remove_dir_all(&out);
-        parity::make_gpt_fixtures(&python(root), root, &corpus_path, &out, flags).unwrap();
-        for xla in [Xla::Off, Xla::On] {
-            let session = SessionConfig { xla, ..Default::default() };
-            let checks = parity::check_gpt(&out, &corpus, session).unwrap();
-            let table = parity::Table(&checks).to_string();
-            println!("{flags:?}, {xla:?}:\n{table}");
-            // As in float32 (2 blocks), with the loss scales of mixed_float16's steps, and its
-            // overflow steps: scales, applied, losses, the scale and count after, the state.
-            let variables = 2 + 12 * 2 + 4;
-            let float32 = 2 + variables + 2 + 3 * variables + 2;
-            let expected = match i {
-                0 => float32,
-                _ => float32 + 1 + 4 + 3 * variables + 2,
-            };
-            assert_eq!(checks.len(), expected, "{table}");
-            assert!(checks.iter().all(|c| c.passed()), "parity failed ({flags:?}, {xla:?}):\n{table}");
-        }
+        gpt_against_keras(&format!("parity-gpt-mixed-{i}"), flags, expected[i]);
     }
 }
 
