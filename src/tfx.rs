@@ -124,6 +124,18 @@ pub fn concat(values: &[Output], axis: i32, scope: &mut Scope) -> tensorflow::Re
     Ok(nd.finish()?.into())
 }
 
+/// `a · b` kept out of XLA's clusters (`_XlaCompile = false`): TensorFlow's own kernel runs it
+/// even where the graph around it is compiled.
+pub fn mat_mul_outside_xla(a: Output, b: Output, scope: &mut Scope) -> tensorflow::Result<Output> {
+    let name = scope.get_unique_name_for_op("MatMul");
+    let mut graph = scope.graph_mut();
+    let mut nd = graph.new_operation("MatMul", &name)?;
+    nd.add_input(a);
+    nd.add_input(b);
+    nd.set_attr_bool("_XlaCompile", false)?;
+    Ok(nd.finish()?.into())
+}
+
 /// The `tensor_names` and `shape_and_slices` inputs of `SaveV2` and `RestoreV2` (`<name>/...`):
 /// every tensor whole.
 fn checkpoint_keys(name: &str, names: &[String], scope: &mut Scope) -> tensorflow::Result<(Output, Output)> {

@@ -37,11 +37,11 @@ fn gpt_against_keras(name: &str, flags: &[&str], expected: usize) {
 }
 
 /// The checks of a float32 transformer of `blocks` blocks: logits, loss, the gradients of 2 + 12
-/// per block + 4 variables; learning rates and losses of the AdamW steps; each variable (the
-/// attention bias in two rows), m and v.
+/// per block + 4 variables; the inference graph's logits and loss; learning rates and losses of
+/// the AdamW steps; each variable (the attention bias in two rows), m and v.
 fn float32_checks(blocks: usize) -> usize {
     let variables = 2 + 12 * blocks + 4;
-    2 + variables + 2 + 3 * variables + blocks
+    2 + variables + 2 + 2 + 3 * variables + blocks
 }
 
 #[test]

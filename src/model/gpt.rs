@@ -22,6 +22,8 @@ struct Pass<'a> {
     /// T
     t: Output,
     dropout: Option<layers::DropoutPass<'a>>,
+    /// Gradients are taken of this pass: it is a train step's (it was given a [`Dropout`]).
+    train_step: bool,
     /// P (0 without cached positions)
     p: Output,
     /// [T, P + T]: the causal mask, added to the attention scores.
@@ -39,6 +41,7 @@ impl Pass<'_> {
             t1: one.into(),
             t: ops::constant(1i32, scope)?.into(),
             dropout: None,
+            train_step: self.train_step,
             p: self.p.clone(),
             mask: self.mask.clone(),
         })
@@ -104,7 +107,7 @@ impl Attention {
     ) -> tensorflow::Result<(Output, [Output; 2])> {
         let (bt, c, h) = (&pass.bt, self.n_embd, self.n_head);
         let d = c / h;
-        let qkv = dense3(&self.qkv, x, bt, 3 * c, scope)?; // [B, T, 3C]
+        let qkv = dense3(&self.qkv, x, pass, 3 * c, scope)?; // [B, T, 3C]
         let parts = ops::Split::new().num_split(3).build(ops::constant(2i32, scope)?, qkv, scope)?; // 3 × [B, T, C]
         let heads_shape = tfx::concat(&[bt.clone(), tfx::shape_const(&[h, d], scope)?], 0, scope)?; // (B, T, H, D)
         let perm = tfx::shape_const(&[0, 2, 1, 3], scope)?;
@@ -132,7 +135,7 @@ impl Attention {
     /// The output projection of the heads' outputs y [B, T, C], dropout site `site`.
     fn project(&self, y: Output, pass: &Pass, site: i64, scope: &mut Scope) -> tensorflow::Result<Output> {
         let c = self.n_embd;
-        let y = dense3(&self.proj, y, &pass.bt, c, scope)?;
+        let y = dense3(&self.proj, y, pass, c, scope)?;
         pass.dropout(y, &[pass.bt.clone(), tfx::shape_const(&[c], scope)?], site, scope)
     }
 
@@ -236,9 +239,9 @@ impl Mlp {
     /// x [B, T, C] -> [B, T, C]; dropout site `site` on the output.
     fn forward(&self, x: Output, pass: &Pass, site: i64, scope: &mut Scope) -> tensorflow::Result<Output> {
         let c = self.n_embd;
-        let hidden = dense3(&self.fc, x, &pass.bt, 4 * c, scope)?; // [B, T, 4C]
-        let hidden = gelu(hidden, scope)?;
-        let y = dense3(&self.out, hidden, &pass.bt, c, scope)?; // [B, T, C]
+        let hidden = dense3(&self.fc, x, pass, 4 * c, scope)?; // [B, T, 4C]
+        let hidden = gelu(hidden, pass.train_step, scope)?;
+        let y = dense3(&self.out, hidden, pass, c, scope)?; // [B, T, C]
         pass.dropout(y, &[pass.bt.clone(), tfx::shape_const(&[c], scope)?], site, scope)
     }
 
@@ -313,7 +316,7 @@ impl Block {
         let a = self.attn.decode(h, step, cache, scope)?;
         let x: Output = ops::add_v2(x, a, scope)?.into(); // residual
         let h = self.ln_2.apply(x.clone(), scope)?;
-        let hidden = gelu(self.mlp.fc.apply(h, scope)?, scope)?; // [N, 4C]
+        let hidden = gelu(self.mlp.fc.apply(h, scope)?, false, scope)?; // [N, 4C]
         let m = self.mlp.out.apply(hidden, scope)?; // [N, C]
         Ok(ops::add_v2(x, m, scope)?.into())
     }
@@ -389,13 +392,14 @@ impl Gpt {
             None => ops::constant(0i32, scope)?.into(),
         };
         let mask = causal_bias(&p, &t, score_dtype(self.compute()), scope)?;
+        let train_step = dropout.is_some();
         let dropout = match dropout {
             Some(d) if self.cfg.dropout > 0.0 => {
                 Some(layers::DropoutPass::new(self.cfg.dropout, self.compute(), d, scope)?)
             }
             _ => None,
         };
-        let pass = Pass { b: element(&bt, 0, scope)?, t1, t, bt, dropout, p, mask };
+        let pass = Pass { b: element(&bt, 0, scope)?, t1, t, bt, dropout, train_step, p, mask };
         let tok = self.wte.apply(tokens, scope)?; // rows [B, T, C]
         let end = ops::add_v2(pass.p.clone(), pass.t.clone(), scope)?;
         let positions = ops::range(pass.p.clone(), end, ops::constant(1i32, scope)?, scope)?; // P..P+T
@@ -423,8 +427,8 @@ impl Gpt {
             x = y;
         }
         let x = self.ln_f.apply(x, scope)?;
-        let bt = row.as_ref().map_or(&pass.bt, |row| &row.bt);
-        let logits = dense3(&self.head, x, bt, self.cfg.vocab_size as i64, scope)?; // [B, T or 1, V]
+        let at_pass = row.as_ref().unwrap_or(&pass);
+        let logits = dense3(&self.head, x, at_pass, self.cfg.vocab_size as i64, scope)?; // [B, T or 1, V]
         let logits = tfx::cast(logits, self.wte.embeddings.dtype, scope)?; // float32 for the loss and sampling
         Ok((Forward { logits, lookups: vec![tok, pos] }, present))
     }
@@ -555,47 +559,57 @@ fn batch_matmul(a: Output, b: Output, adj_y: bool, scope: &mut Scope) -> tensorf
 /// The dtype attention scores and their softmax are computed in: float32 for the half
 /// precisions, else the compute dtype.
 fn score_dtype(compute: DataType) -> DataType {
-    match compute {
-        DataType::BFloat16 | DataType::Half => DataType::Float,
-        other => other,
+    match low(compute) {
+        true => DataType::Float,
+        false => compute,
     }
 }
 
-/// A Dense layer on [B, T, n_in] (`bt` = (B, T)) -> [B, T, n_out]. In float16 and bfloat16 the
-/// bias is added after the reshape, as Keras' `tensordot` leaves it: a bias fused into the matrix
-/// product (Grappler fuses a `BiasAdd` that follows a `MatMul`) would be added before the product
-/// is rounded to the low precision, once where Keras rounds twice.
-fn dense3(dense: &Dense, x: Output, bt: &Output, n_out: i64, scope: &mut Scope) -> tensorflow::Result<Output> {
+/// Float16 or bfloat16: the compute dtypes of Keras' mixed policies.
+fn low(dtype: DataType) -> bool {
+    matches!(dtype, DataType::BFloat16 | DataType::Half)
+}
+
+/// A Dense layer on [B, T, n_in] (`pass.bt` = (B, T)) -> [B, T, n_out]. In float16 and bfloat16
+/// the bias is added after the reshape, as Keras' `tensordot` leaves it: a bias fused into the
+/// matrix product (Grappler fuses a `BiasAdd` that follows a `MatMul`) would be added before the
+/// product is rounded to the low precision, once where Keras rounds twice. Outside a train step,
+/// a bfloat16 product is left out of XLA's clusters, to oneDNN's bfloat16 kernel: XLA's CPU
+/// backend computes it in float32 (the full evaluation is about 30% faster so).
+fn dense3(dense: &Dense, x: Output, pass: &Pass, n_out: i64, scope: &mut Scope) -> tensorflow::Result<Output> {
     let n_in = dense.kernel.shape[0] as i64;
     let flat = ops::reshape(x, tfx::shape_const(&[-1, n_in], scope)?, scope)?; // [B*T, n_in]
-    let shape = tfx::concat(&[bt.clone(), tfx::shape_const(&[n_out], scope)?], 0, scope)?;
-    if score_dtype(dense.compute) == dense.compute {
+    let shape = tfx::concat(&[pass.bt.clone(), tfx::shape_const(&[n_out], scope)?], 0, scope)?;
+    if !low(dense.compute) {
         let y = dense.apply(flat.into(), scope)?; // [B*T, n_out]
         return Ok(ops::reshape(y, shape, scope)?.into());
     }
-    let xw = ops::reshape(dense.matmul(flat.into(), scope)?, shape, scope)?; // [B, T, n_out]
+    let outside_xla = dense.compute == DataType::BFloat16 && !pass.train_step;
+    let xw = ops::reshape(dense.matmul(flat.into(), outside_xla, scope)?, shape, scope)?; // [B, T, n_out]
     dense.add_bias(xw.into(), scope)
 }
 
 /// Exact GELU, `x·Φ(x) = ½x(1 + erf(x/√2))` (TensorFlow 2.21 has no Gelu op). In float16 and
-/// bfloat16, where `1 + erf` would round twice, its value is `tf.nn.gelu`'s, `½x·erfc(-x/√2)`;
-/// the C++ registry has no gradient for `Erfc`, so the gradient comes from `erf`, through a term
-/// that is exactly zero (`erf(z) - stop_gradient(erf(z))`).
-fn gelu(x: Output, scope: &mut Scope) -> tensorflow::Result<Output> {
+/// bfloat16, where `1 + erf` would round twice, its value is `tf.nn.gelu`'s, `½x·erfc(-x/√2)`.
+/// The C++ registry has no gradient for `Erfc`: in a `train_step` the gradient comes from `erf`,
+/// through a term that is exactly zero (`erf(z) - stop_gradient(erf(z))`).
+fn gelu(x: Output, train_step: bool, scope: &mut Scope) -> tensorflow::Result<Output> {
     let dtype = tfx::dtype_of(&x);
     let root_half = tfx::scalar(dtype, std::f64::consts::FRAC_1_SQRT_2, scope)?;
     let half = tfx::scalar(dtype, 0.5, scope)?;
-    if score_dtype(dtype) == dtype {
+    if !low(dtype) {
         let scaled = ops::mul(x.clone(), root_half, scope)?;
         let cdf = ops::add_v2(tfx::scalar(dtype, 1.0, scope)?, ops::erf(scaled, scope)?, scope)?;
         let half_x = ops::mul(x, half, scope)?;
         return Ok(ops::mul(half_x, cdf, scope)?.into());
     }
     let minus_z = ops::mul(ops::neg(x.clone(), scope)?, root_half.clone(), scope)?; // -x/√2
-    let value = ops::stop_gradient(ops::erfc(minus_z, scope)?, scope)?;
-    let erf = ops::erf(ops::mul(x.clone(), root_half, scope)?, scope)?;
-    let zero = ops::sub(erf.clone(), ops::stop_gradient(erf, scope)?, scope)?;
-    let cdf = ops::add_v2(value, zero, scope)?;
+    let mut cdf: Output = ops::erfc(minus_z, scope)?.into();
+    if train_step {
+        let erf = ops::erf(ops::mul(x.clone(), root_half, scope)?, scope)?;
+        let zero = ops::sub(erf.clone(), ops::stop_gradient(erf, scope)?, scope)?;
+        cdf = ops::add_v2(ops::stop_gradient(cdf, scope)?, zero, scope)?.into();
+    }
     let half_x = ops::mul(half, x, scope)?;
     Ok(ops::mul(half_x, cdf, scope)?.into())
 }

@@ -120,14 +120,18 @@ impl Dense {
 
     /// x: [N, n_in] (in the compute dtype) -> [N, n_out]
     pub fn apply(&self, x: Output, scope: &mut Scope) -> tensorflow::Result<Output> {
-        let xw = self.matmul(x, scope)?;
+        let xw = self.matmul(x, false, scope)?;
         self.add_bias(xw, scope)
     }
 
-    /// x: [N, n_in] -> x · kernel [N, n_out], without the bias.
-    pub fn matmul(&self, x: Output, scope: &mut Scope) -> tensorflow::Result<Output> {
+    /// x: [N, n_in] -> x · kernel [N, n_out], without the bias; `outside_xla`: the product is
+    /// left to TensorFlow's kernel where the graph around it is compiled.
+    pub fn matmul(&self, x: Output, outside_xla: bool, scope: &mut Scope) -> tensorflow::Result<Output> {
         let w = self.kernel.read_as(self.compute, scope)?; // [n_in, n_out]
-        Ok(ops::mat_mul(x, w, scope)?.into())
+        match outside_xla {
+            true => tfx::mat_mul_outside_xla(x, w, scope),
+            false => Ok(ops::mat_mul(x, w, scope)?.into()),
+        }
     }
 
     /// xw [..., n_out] + bias.

@@ -371,6 +371,19 @@ pub fn check_gpt(dir: &Path, corpus: &Corpus, session: SessionConfig) -> Result<
     let (x, y) = (fx.tensor::<i32>("x.npy")?, fx.tensor::<i32>("y.npy")?);
     let label = format!("gpt ({} blocks, {} heads, C {}, {}): ", m.n_layer, m.n_head, m.n_embd, m.precision);
     let mut checks = forward_checks(&runner, &fx, &names, (&x, &y), (&label, "", ""), m.loss, tol.forward)?;
+    // The inference graph (evaluation, generation, serving) computes without gradients: its
+    // GELU has no gradient term, and in bfloat16 its products are left out of XLA's clusters.
+    let inference = Runner::new(&cfg, &GraphOptions::inference(1), session)?;
+    inference.set_weights(&fx.vars("init", &names, "")?)?;
+    let logits: Tensor<f32> = inference.logits(&x)?;
+    let want = fx.array::<f32>("logits.npy")?;
+    checks.push(close(&format!("{label}logits, inference graph"), &logits, &want, tol.forward.logits)?);
+    checks.push(relative(
+        &format!("{label}loss, inference graph"),
+        inference.loss::<f32>(&x, &y)?,
+        m.loss,
+        tol.forward.loss,
+    ));
 
     let (xs, ys) = (fx.array::<i32>("steps/x.npy")?, fx.array::<i32>("steps/y.npy")?);
     let steps = xs.shape()[0];
@@ -495,17 +508,22 @@ fn forward_checks(
         &fx.array::<f32>(&format!("{folder}logits.npy"))?,
         tol.logits,
     )?];
-    checks.push(Check {
-        quantity: format!("{label}loss{batch}"),
-        diff: (got_loss as f64 - loss).abs() / loss.abs(),
-        tolerance: tol.loss,
-        measure: "|Δ| / |loss|".into(),
-    });
+    checks.push(relative(&format!("{label}loss{batch}"), got_loss, loss, tol.loss));
     for (i, name) in names.iter().enumerate() {
         let want = fx.array::<f32>(&format!("{folder}grad/{}.npy", name.replace('/', ".")))?;
         checks.push(close(&format!("{label}gradient {name}"), &grads[i], &want, tol.grads)?);
     }
     Ok(checks)
+}
+
+/// A loss against Keras', relative.
+fn relative(quantity: &str, got: f32, want: f64, tolerance: f64) -> Check {
+    Check {
+        quantity: quantity.into(),
+        diff: (got as f64 - want).abs() / want.abs(),
+        tolerance,
+        measure: "|Δ| / |loss|".into(),
+    }
 }
 
 /// Weights and Adam's m and v against `<folder>/<var>[.m|.v].npy`, rows named
