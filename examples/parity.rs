@@ -1,6 +1,7 @@
 //! `make parity`: makes the fixtures with the notebook's code (and with the Keras transformer of
-//! `python_export/gpt.py`) under the pinned Python TensorFlow, compares minigpt against them and
-//! prints one row per check; exits 1 if any row fails.
+//! `python_export/gpt.py`, in float32 and under Keras' mixed policies) under the pinned Python
+//! TensorFlow, compares minigpt against them and prints one row per check; exits 1 if any row
+//! fails.
 //!
 //!     cargo run --example parity [-- [--xla] [FIXTURES_DIR]]
 //!
@@ -43,8 +44,9 @@ fn run() -> anyhow::Result<bool> {
     let xla = if xla { minigpt::device::Xla::On } else { minigpt::device::Xla::Off };
     let session = minigpt::device::SessionConfig { xla, ..Default::default() };
     let mut checks = parity::check(&out, &corpus, session)?;
-    for (i, flags) in parity::GPT_SIZES.iter().enumerate() {
-        let gpt_out = out.join(format!("gpt-{i}"));
+    let gpt = parity::GPT_SIZES.iter().map(|f| ("gpt", f)).chain(parity::GPT_MIXED.iter().map(|f| ("gpt-mixed", f)));
+    for (i, (name, flags)) in gpt.enumerate() {
+        let gpt_out = out.join(format!("{name}-{i}"));
         parity::make_gpt_fixtures(&python, &root, &local, &gpt_out, flags)?;
         checks.extend(parity::check_gpt(&gpt_out, &corpus, session)?);
     }

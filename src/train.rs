@@ -575,10 +575,11 @@ impl Progress {
     /// After the step `step` of an epoch (global step `global_step` done) with loss `loss`.
     fn step(&mut self, step: u64, global_step: u64, loss: f32) {
         let smoothed = match self.smoothed {
+            _ if !loss.is_finite() => self.smoothed.unwrap_or(f64::NAN), // a skipped step
             Some(s) => 0.98 * s + 0.02 * loss as f64,
             None => loss as f64,
         };
-        self.smoothed = Some(smoothed);
+        self.smoothed = smoothed.is_finite().then_some(smoothed);
         match &self.bar {
             Some(bar) => {
                 bar.set_position(global_step);
@@ -668,6 +669,11 @@ impl Recorder<'_> {
     }
 }
 
+/// Under `mixed_float16` a step whose loss is not finite is skipped, as Keras'
+/// `LossScaleOptimizer` skips it (its gradients are not finite either); this many in a row stop
+/// the run: halving the scale cannot help when the weights themselves overflow float16.
+const SKIPPED_IN_A_ROW: u32 = 20;
+
 /// The notebook's loop from `at` on, with evaluation and checkpoints.
 fn run_steps(
     runner: &Runner,
@@ -695,6 +701,7 @@ fn run_steps(
     let mut rec =
         Recorder { runner, dir, config, report, val_data, metrics, progress, last_loss: f32::NAN, val_loss: f64::NAN };
     let mut global_step = at.step;
+    let (scaled, mut skipped) = (rec.config.model.precision.scales_loss(), 0);
     runner.open_events(&dir.path.join("events"))?;
     loading_flag().store(false, Ordering::Relaxed);
 
@@ -723,20 +730,41 @@ fn run_steps(
                 }
                 result => result?,
             };
-            if !loss.is_finite() {
-                // The loss of step g is that of the weights saved as ckpt-g, if any: not good ones.
-                let aside = dir.discard_checkpoint(global_step)?;
+            // Under loss scaling a non-finite loss (float16 overflowed in the forward pass) made
+            // the gradients non-finite too: the step was skipped and the scale halved.
+            let skip = scaled && !loss.is_finite() && skipped + 1 < SKIPPED_IN_A_ROW;
+            if !loss.is_finite() && !skip {
+                let why = match scaled {
+                    true => format!(
+                        ", the {SKIPPED_IN_A_ROW}th step in a row (float16 overflows: try --precision mixed_bfloat16 \
+                         or a lower --lr)"
+                    ),
+                    false => " (try a lower --lr)".into(),
+                };
+                // The loss of step g is that of the weights saved as ckpt-g, if any: not good ones,
+                // nor are those of the skipped steps before it, which did not change them.
+                let mut aside = None;
+                for g in (global_step - skipped as u64..=global_step).rev() {
+                    aside = dir.discard_checkpoint(g)?.or(aside);
+                }
                 let last = dir.checkpoints().ok().and_then(|c| c.into_iter().next());
                 let kept = last.map_or("no good checkpoint is left".to_string(), |p| {
                     format!("the newest checkpoint is still {}", p.display())
                 });
                 let aside = aside.map_or(String::new(), |p| format!(" (its weights are kept as {})", p.display()));
-                bail!(
-                    "training stopped: the loss became {loss} at step {global_step}{aside} (try a lower --lr); {kept}"
-                );
+                bail!("training stopped: the loss became {loss} at step {global_step}{why}{aside}; {kept}");
             }
-            rec.last_loss = loss;
-            if logged {
+            if skip {
+                skipped += 1;
+                let scale = runner.loss_scale()?.unwrap_or(f32::NAN);
+                rec.progress.line(&format!(
+                    "step {global_step}: the loss is {loss} (float16 overflowed): step skipped, loss scale now {scale}"
+                ));
+            } else {
+                skipped = 0;
+                rec.last_loss = loss;
+            }
+            if logged && !skip {
                 rec.metrics.push(MetricsRow { step: global_step, epoch: epoch + 1, loss, val_loss: None });
                 let tokens_per_s = rec.progress.tokens_per_s(global_step + 1);
                 if tokens_per_s.is_finite() {

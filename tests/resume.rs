@@ -309,3 +309,32 @@ fn the_loss_scale_doubles_after_2000_finite_steps() {
     train(&corpus, &plain, &["--max-steps", "3", "-q"]);
     assert_eq!(loss_scale(&plain), None);
 }
+
+#[test]
+fn under_mixed_float16_a_non_finite_loss_skips_the_step_and_twenty_in_a_row_stop_the_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tiny_corpus(tmp.path());
+    let dir = tmp.path().join("run");
+    // The first step makes the weights about 1e30: float16 overflows in every forward pass after.
+    let out = minigpt()
+        .args(["train", "--precision", "mixed_float16", "--block-size", "16", "--lr", "1e30", "--save-every", "1"])
+        .args(["--data", corpus.to_str().unwrap(), "--out", dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    // Steps 1 to 19 are skipped, each halving the loss scale, as Keras' LossScaleOptimizer does.
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for g in 1..20 {
+        let scale = 32768f32 / 2f32.powi(g);
+        let skipped = format!("step {g}: the loss is NaN (float16 overflowed): step skipped, loss scale now {scale}\n");
+        assert!(stdout.contains(&skipped), "no {skipped:?} in:\n{stdout}");
+    }
+    let line = last_stderr_line(&out);
+    assert!(
+        line.starts_with("error: training stopped: the loss became NaN at step 20, the 20th step in a row"),
+        "{line}"
+    );
+    // Every checkpoint since the first non-finite loss holds the same overflowing weights.
+    assert!(line.ends_with("no good checkpoint is left"), "{line}");
+    assert!((1..=20).all(|g| !dir.join(format!("ckpt/ckpt-{g}.index")).exists()));
+}
