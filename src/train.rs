@@ -574,12 +574,11 @@ impl Progress {
 
     /// After the step `step` of an epoch (global step `global_step` done) with loss `loss`.
     fn step(&mut self, step: u64, global_step: u64, loss: f32) {
-        let smoothed = match self.smoothed {
-            _ if !loss.is_finite() => self.smoothed.unwrap_or(f64::NAN), // a skipped step
-            Some(s) => 0.98 * s + 0.02 * loss as f64,
-            None => loss as f64,
-        };
-        self.smoothed = smoothed.is_finite().then_some(smoothed);
+        if loss.is_finite() {
+            // (A skipped float16 step's loss is not.)
+            self.smoothed = Some(self.smoothed.map_or(loss as f64, |s| 0.98 * s + 0.02 * loss as f64));
+        }
+        let smoothed = self.smoothed.unwrap_or(f64::NAN);
         match &self.bar {
             Some(bar) => {
                 bar.set_position(global_step);
